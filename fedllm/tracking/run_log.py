@@ -1,0 +1,85 @@
+"""Per-round results: ``metrics.jsonl`` (one JSON object per round), console progress, summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file, fsync, rename): a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Appends one record per round to ``metrics.jsonl`` and shows progress on the console."""
+
+    def __init__(self, run_dir: Path, num_rounds: int, show_progress: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.started = time.perf_counter()
+        self.rounds: list[dict[str, Any]] = []
+        self.bar = tqdm(total=num_rounds, desc="rounds", unit="round", disable=not show_progress,
+                        dynamic_ncols=True)
+
+    def log_round(self, server_round: int, *, train_loss: float | None, eval_loss: float,
+                  eval_accuracy: float | None, epsilons: dict[int, float] | None,
+                  num_clients: int) -> dict[str, Any]:
+        """Record one round (round 0 is the evaluation before any training)."""
+        record = {
+            "round": server_round,
+            "train_loss": _finite_or_none(train_loss),
+            "eval_loss": _finite_or_none(eval_loss),
+            "eval_accuracy": eval_accuracy,
+            "epsilon": {str(k): v for k, v in sorted(epsilons.items())} if epsilons is not None else None,
+            "max_epsilon": max(epsilons.values(), default=0.0) if epsilons is not None else None,
+            "num_clients": num_clients,
+            "wall_seconds": round(time.perf_counter() - self.started, 3),
+        }
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self.rounds.append(record)
+        self._show(record)
+        return record
+
+    def _show(self, record: dict[str, Any]) -> None:
+        parts = [f"round {record['round']}"]
+        if record["train_loss"] is not None:
+            parts.append(f"train loss {record['train_loss']:.4f}")
+        parts.append(f"eval loss {record['eval_loss']:.4f}")
+        if record["eval_accuracy"] is not None:
+            parts.append(f"accuracy {100 * record['eval_accuracy']:.1f}%")
+        if record["max_epsilon"] is not None:
+            parts.append(f"max epsilon {record['max_epsilon']:.3f}")
+        line = " | ".join(parts)
+        if record["round"] > 0:
+            self.bar.update(1)
+        self.bar.set_postfix_str(line.split(" | ", 1)[-1])
+        log.info(line)
+
+    def close(self) -> None:
+        """Close the progress display."""
+        self.bar.close()
+
+    def wall_seconds(self) -> float:
+        """Seconds since the log was opened."""
+        return time.perf_counter() - self.started

@@ -1,0 +1,161 @@
+"""Train the adapters for N local steps, with or without DP-SGD; knows nothing of Flower."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedllm.privacy import dpsgd
+from fedllm.privacy.accounting import History
+from fedllm.training.objectives import per_example_loss
+from fedllm.training.precision import autocast
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """How to train locally this round."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    objective: str
+    bf16: bool
+    seed: int
+    micro_batches: int = 1
+
+
+@dataclass(frozen=True)
+class DPSpec:
+    """DP-SGD settings for this round (the sample rate follows from the loader)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str
+    grad_sample_mode: str
+    secure_mode: bool
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What a round of local training produced."""
+
+    mean_loss: float
+    steps: int
+    examples_seen: int
+    seconds: float
+    history: History
+
+
+def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spec: LocalSpec,
+                choice_ids: list[int], dp: DPSpec | None = None,
+                history: History | None = None) -> LocalResult:
+    """Run ``spec.steps`` optimizer steps on the trainable (adapter) parameters.
+
+    Args:
+        model: PEFT model; only adapter parameters require grad.
+        dataset: the client's tokenized shard.
+        collate: batch builder for the objective.
+        spec: local hyper-parameters.
+        choice_ids: token ids of the fixed answers (``choices`` objective).
+        dp: DP-SGD settings, or None for non-private training.
+        history: the client's DP history before this round (DP only).
+
+    Returns:
+        The mean loss over steps, examples seen and the DP history after the round.
+    """
+    generator = torch.Generator().manual_seed(spec.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=dp is None,
+                        collate_fn=collate, generator=generator)
+    model.train()  # Opacus refuses a model in eval mode
+    started = time.perf_counter()
+    session = None
+    if dp is not None:
+        session = dpsgd.start_round(
+            model=model, optimizer=optimizer, loader=loader,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            history=list(history or []), accountant=dp.accountant,
+            grad_sample_mode=dp.grad_sample_mode, secure_mode=dp.secure_mode,
+            noise_generator=torch.Generator().manual_seed(spec.seed + 1),
+        )
+        optimizer, loader = session.optimizer, session.loader
+    try:
+        losses, seen = _run_steps(model, optimizer, loader, spec, choice_ids, session)
+        new_history = session.history() if session else list(history or [])
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        if session is not None:
+            session.close()  # last: the DP optimizer's zero_grad re-creates grad_sample attributes
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    return LocalResult(mean_loss=mean_loss, steps=spec.steps, examples_seen=seen,
+                       seconds=time.perf_counter() - started, history=new_history)
+
+
+def _batches(loader: DataLoader) -> Iterator:
+    """Batches forever: one Poisson draw (or shuffled pass) after another."""
+    while True:
+        yield from loader
+
+
+def split_by_length(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """Split a left-padded batch into up to ``parts`` chunks of similar length, each trimmed
+    of the padding columns it does not need (Poisson batches mix short and long records;
+    computing them in length-sorted chunks wastes far less compute on padding)."""
+    lengths = batch["attention_mask"].sum(dim=1)
+    order = torch.argsort(lengths)
+    chunks = []
+    for rows in torch.tensor_split(order, min(parts, len(order))):
+        width = int(lengths[rows].max())
+        chunks.append({k: v[rows][:, -width:] if v.dim() == 2 else v[rows] for k, v in batch.items()})
+    return chunks
+
+
+def _run_steps(model, optimizer, loader, spec: LocalSpec, choice_ids, session) -> tuple[list[float], int]:
+    losses: list[float] = []
+    seen = 0
+    batches = _batches(loader)
+    for _ in range(spec.steps):
+        batch = next(batches)
+        size = len(batch["input_ids"]) if isinstance(batch, dict) else 0
+        if size == 0:
+            # an empty Poisson batch is still a DP step: noise is added and accounted
+            session.empty_step()
+            continue
+        losses.append(_step(model, optimizer, split_by_length(batch, spec.micro_batches), spec,
+                            choice_ids, private=session is not None))
+        seen += size
+    return losses, seen
+
+
+def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, private: bool) -> float:
+    """One optimizer step over a batch given as length-sorted chunks.
+
+    Under DP every chunk's per-sample gradients are clipped and summed by Opacus
+    (``signal_skip_step`` defers the update); noise is added once and the sum divided by
+    the expected batch size, exactly as for the unsplit Poisson batch. Without DP the
+    chunk losses are weighted so the gradient is that of the whole batch's mean loss.
+    """
+    total = sum(len(c["input_ids"]) for c in chunks)
+    loss_sum = 0.0
+    for index, chunk in enumerate(chunks):
+        with autocast(spec.bf16):
+            per_example = per_example_loss(model, chunk, spec.objective, choice_ids)
+        last = index == len(chunks) - 1
+        if private:
+            per_example.mean().backward()
+            if not last:
+                optimizer.signal_skip_step(do_skip=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        else:
+            (per_example.sum() / total).backward()
+        loss_sum += float(per_example.detach().sum())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / total

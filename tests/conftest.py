@@ -1,0 +1,53 @@
+"""Shared fixtures: an offline, quiet environment and tiny configs built from code."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Never reach a hub, never phone home, never let Flower install anything.
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DISABLE_USAGE_STATS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from fedllm.config import (  # noqa: E402
+    DataConfig,
+    ExperimentConfig,
+    FederationConfig,
+    ModelConfig,
+    TrainConfig,
+)
+
+RT_PROMPT = "Review: {prompt}\nSentiment:"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _flower_home(tmp_path_factory):
+    os.environ.setdefault("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+
+
+def tiny_config(**overrides) -> ExperimentConfig:
+    """The smoke configuration (tiny random Llama, Rotten Tomatoes subset, 3 clients)."""
+    sections = {
+        "model": ModelConfig(source="tiny"),
+        "data": DataConfig(prompt_template=RT_PROMPT, choices=("positive", "negative"),
+                           max_records=600, test_size=100),
+        "federation": FederationConfig(num_clients=3, num_rounds=2),
+        "train": TrainConfig(local_steps=3),
+    }
+    sections.update(overrides)
+    return ExperimentConfig(**sections)
+
+
+@pytest.fixture
+def tiny_cfg() -> ExperimentConfig:
+    """See :func:`tiny_config`."""
+    return tiny_config()

