@@ -184,7 +184,7 @@ class FederationConfig:
     """The Flower federation: how many clients, rounds and resources."""
 
     num_clients: int = 10
-    num_rounds: int = 4
+    num_rounds: int = 3
     fraction_train: float = 1.0
     client_cpus: float = 1.0
 

@@ -70,7 +70,7 @@ def split_for(cfg: ExperimentConfig) -> Split:
     return data_split(cfg.data, cfg.federation.num_clients, cfg.train.batch_size, cfg.seed)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=128)  # one actor serves many clients in turn; shards are small
 def tokenized_shard(cfg: ExperimentConfig, partition_id: int) -> TokenizedDataset:
     """Client ``partition_id``'s tokenized training shard."""
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)

@@ -53,7 +53,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         min_train_nodes=max(1, round(cfg.federation.fraction_train * cfg.federation.num_clients)),
         min_available_nodes=cfg.federation.num_clients,
     )
-    ledger = PrivacyLedger(accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
+    ledger = PrivacyLedger(level=cfg.privacy.mode, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
                            target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.enabled else None)
     run_log = RunLog(run_dir, cfg.federation.num_rounds, cfg.tracking.progress)
 
@@ -62,8 +62,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         result = evaluate(bundle.model, test_set, bundle.pad_id, choice_ids,
                           cfg.train.eval_batch_size, bf16)
         reports = strategy.reports.get(server_round, [])
-        for report in reports:
-            ledger.record(report.partition_id, report.history, server_round)
+        if cfg.privacy.enabled:
+            for report in reports:
+                ledger.record(report.partition_id, report.history, server_round)
         train_loss = (sum(r.train_loss * r.num_examples for r in reports) / sum(r.num_examples for r in reports)
                       if reports else None)
         run_log.log_round(server_round, train_loss=train_loss, eval_loss=result.loss,

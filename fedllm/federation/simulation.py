@@ -28,6 +28,17 @@ def set_quiet_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def route_flower_logs() -> None:
+    """Send Flower's log records through the root logger (Hydra's console and run log file)
+    instead of Flower's own console handler, which would print every line twice."""
+    flwr_logger = logging.getLogger("flwr")
+    for handler in list(flwr_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            flwr_logger.removeHandler(handler)
+    flwr_logger.setLevel(logging.INFO)
+    flwr_logger.propagate = True
+
+
 def run_simulation(cfg: ExperimentConfig, run_dir: Path) -> None:
     """Start ``num_clients`` virtual nodes and the ServerApp, and wait for the run to end.
 
@@ -39,6 +50,8 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path) -> None:
 
     from fedllm.federation.client_app import app as client_app
     from fedllm.federation.server_app import build_server_app
+
+    route_flower_logs()
 
     backend_config = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},

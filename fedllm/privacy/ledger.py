@@ -24,7 +24,8 @@ class ClientLedger:
 class PrivacyLedger:
     """Per-client DP-SGD histories with epsilon by a real accountant."""
 
-    def __init__(self, *, accountant: str, delta: float, target_epsilon: float | None):
+    def __init__(self, *, accountant: str, delta: float, target_epsilon: float | None, level: str = "sample"):
+        self.level = level  # "sample" (DP-SGD on clients) or "none" (no DP: nothing is recorded)
         self.accountant = accountant
         self.delta = delta
         self.target_epsilon = target_epsilon
@@ -58,7 +59,7 @@ class PrivacyLedger:
                 "steps": sum(s for _, _, s in entry.history), "epsilon": self.epsilon(client),
                 "last_round": entry.last_round, "history": [list(h) for h in entry.history],
             }
-        return {"level": "sample", "accountant": self.accountant, "delta": self.delta,
+        return {"level": self.level, "accountant": self.accountant, "delta": self.delta,
                 "target_epsilon": self.target_epsilon, "max_epsilon": self.max_epsilon(), "clients": clients}
 
     def state_dict(self) -> dict[str, Any]:

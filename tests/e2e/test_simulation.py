@@ -1,0 +1,142 @@
+"""End to end: `fedllm simulate debug=smoke` through Flower's simulation engine, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from fedllm.config import ExperimentConfig
+from fedllm.privacy.accounting import epsilon
+
+FEDLLM = [sys.executable, "-m", "fedllm.cli.main", "simulate"]
+FLOWER_OR_RAY = ("raylet", "gcs_server", "flower-superlink", "flower-supernode", "ray::")
+
+
+def _stray_processes() -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        text = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
+        if any(marker in text for marker in FLOWER_OR_RAY):
+            found.append(f"{proc.pid}: {text[:80]}")
+    return found
+
+
+def _simulate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([*FEDLLM, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    _simulate(["debug=smoke", f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    return run_dir
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_every_output(smoke_run):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl",
+                 "privacy_ledger.json", "summary.json", "config.json", ".hydra/config.yaml"):
+        assert (smoke_run / name).is_file(), name
+
+
+def test_metrics_has_one_record_per_round_with_epsilon_per_client(smoke_run):
+    rounds = _rounds(smoke_run)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[0]["train_loss"] is None and 0 <= rounds[0]["eval_accuracy"] <= 1
+    for record in rounds[1:]:
+        assert set(record["epsilon"]) == {"0", "1", "2"}
+        assert record["max_epsilon"] == max(record["epsilon"].values())
+        assert record["train_loss"] > 0 and record["eval_loss"] > 0 and record["num_clients"] == 3
+    assert rounds[2]["max_epsilon"] > rounds[1]["max_epsilon"]
+
+
+def test_ledger_epsilon_is_the_one_shot_value_for_all_steps_and_under_target(smoke_run):
+    ledger = json.loads((smoke_run / "privacy_ledger.json").read_text())
+    cfg = ExperimentConfig.from_dict(json.loads((smoke_run / "config.json").read_text()))
+    total_steps = cfg.federation.num_rounds * cfg.train.local_steps
+    assert set(ledger["clients"]) == {"0", "1", "2"}
+    for client in ledger["clients"].values():
+        assert client["steps"] == total_steps
+        one_shot = epsilon([(client["noise_multiplier"], client["sample_rate"], total_steps)],
+                           delta=cfg.privacy.delta, accountant="rdp")
+        assert client["epsilon"] == pytest.approx(one_shot, rel=1e-12)
+        assert client["epsilon"] <= cfg.privacy.target_epsilon
+        assert client["epsilon"] > cfg.privacy.target_epsilon - 0.05  # the plan spends the budget
+    final = _rounds(smoke_run)[-1]["epsilon"]
+    assert {k: v["epsilon"] for k, v in ledger["clients"].items()} == pytest.approx(final)
+
+
+def test_summary_reports_accuracy_epsilon_and_time(smoke_run):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    rounds = _rounds(smoke_run)
+    assert summary["zero_shot_accuracy"] == rounds[0]["eval_accuracy"]
+    assert summary["final_accuracy"] == rounds[-1]["eval_accuracy"]
+    assert summary["final_max_epsilon"] == pytest.approx(rounds[-1]["max_epsilon"])
+    assert summary["target_epsilon"] == 8.0 and summary["rounds_completed"] == 2
+    assert summary["wall_seconds"] > summary["federation_seconds"] > 0
+
+
+def test_resolved_config_is_saved(smoke_run):
+    hydra_cfg = yaml.safe_load((smoke_run / ".hydra" / "config.yaml").read_text())
+    assert hydra_cfg["federation"]["num_clients"] == 3
+    assert json.loads((smoke_run / "config.json").read_text())["model"]["source"] == "tiny"
+
+
+def test_adapter_loads_with_stock_peft_and_matches_the_final_round(smoke_run):
+    cfg = ExperimentConfig.from_dict(json.loads((smoke_run / "config.json").read_text()))
+    from fedllm.model.base import load_model, load_tokenizer
+
+    base = load_model(cfg.model, vocab_size=len(load_tokenizer(cfg.model)), seed=cfg.seed)
+    model = PeftModel.from_pretrained(base, str(smoke_run / "adapter"))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained: B starts at zero
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_no_flower_or_ray_process_survives(smoke_run):
+    assert _stray_processes() == []
+
+
+def test_privacy_none_baseline_and_a_sweep(tmp_path):
+    run_dir = tmp_path / "baseline"
+    _simulate(["debug=smoke", "privacy=none", "federation.num_rounds=1", f"hydra.run.dir={run_dir}"], tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["privacy_mode"] == "none" and summary["final_max_epsilon"] is None
+    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
+    assert ledger["clients"] == {} and ledger["level"] == "none"
+
+    sweep = tmp_path / "sweep"
+    _simulate(["-m", "debug=smoke", "federation.num_rounds=1", "privacy.target_epsilon=3,8",
+               f"hydra.sweep.dir={sweep}"], tmp_path)
+    targets = sorted(json.loads((sweep / job / "summary.json").read_text())["target_epsilon"]
+                     for job in ("0", "1"))
+    assert targets == [3.0, 8.0]
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "summary.json").read_text())["final_max_epsilon"] <= float(
+            json.loads((sweep / job / "summary.json").read_text())["target_epsilon"])
+    assert _stray_processes() == []
+
+
+def test_impossible_privacy_plan_fails_fast_with_a_clear_message(tmp_path):
+    result = subprocess.run([*FEDLLM, "debug=smoke", "privacy.target_epsilon=0.0001",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert "raise privacy.target_epsilon" in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
