@@ -200,8 +200,6 @@ class TrackingConfig:
     """Where per-round results go."""
 
     progress: bool = True
-    wandb: bool = False
-    wandb_project: str = "fedllm"
 
 
 @dataclass(frozen=True)
@@ -287,8 +285,13 @@ def from_hydra(cfg: Any) -> ExperimentConfig:
         ConfigError: a key is unknown or a value is invalid.
     """
     from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
 
-    raw = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "a value"
+        raise ConfigError(f"{key}: required but not set; pass it as an override, e.g. {key}=...") from exc
     assert isinstance(raw, dict)
     raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug")}
     return ExperimentConfig.from_dict(raw)

@@ -18,16 +18,22 @@ from fedllm.data.formatting import PromptFormat, TokenizedDataset, choice_token_
 from fedllm.data.partition import Split, split_records
 from fedllm.data.sources import Record, load_records, load_rotten_tomatoes
 from fedllm.model.base import load_model, load_tokenizer
+from fedllm.model.adapters import adapter_state
 from fedllm.model.lora import apply_lora
 
 
 @dataclass
 class ModelBundle:
-    """The PEFT model with its tokenizer and the fixed answers' token ids."""
+    """The PEFT model, its tokenizer, and the adapter weights it was created with.
+
+    ``initial_adapter`` is what every run starts from: the cached model's live adapter
+    holds whatever the previous run (e.g. the previous job of a sweep) left in it.
+    """
 
     model: PeftModel
     tokenizer: object
     pad_id: int
+    initial_adapter: dict
 
 
 @lru_cache(maxsize=1)
@@ -36,7 +42,8 @@ def model_bundle(model_cfg: ModelConfig, lora_cfg: LoraSettings, seed: int) -> M
     tokenizer = load_tokenizer(model_cfg)
     base = load_model(model_cfg, vocab_size=len(tokenizer), seed=seed)
     model = apply_lora(base, lora_cfg)
-    return ModelBundle(model=model, tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id))
+    return ModelBundle(model=model, tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id),
+                       initial_adapter=adapter_state(model))
 
 
 def load_all_records(data_cfg: DataConfig) -> list[Record]:

@@ -86,4 +86,6 @@ def simulate(cfg, run_dir: Path) -> dict:
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json(run_dir / "summary.json", summary)
     log.info("run finished in %.0f s; outputs in %s", summary["wall_seconds"], run_dir)
+    if summary["rounds_completed"] and len(summary["rounds_without_updates"]) == summary["rounds_completed"]:
+        raise FedLLMError("no round produced a client update: every client failed (see the log above)")
     return summary

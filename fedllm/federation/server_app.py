@@ -15,7 +15,7 @@ from fedllm.config import ExperimentConfig
 from fedllm.evaluation.metrics import evaluate
 from fedllm.federation import records as keys
 from fedllm.federation.strategy import AdapterFedAvg
-from fedllm.model.adapters import adapter_state, load_adapter_state
+from fedllm.model.adapters import load_adapter_state
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.tracking.run_log import RunLog, write_json
 from fedllm.training.precision import use_bf16
@@ -46,7 +46,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     test_set = task.tokenized_test(cfg)
     choice_ids = task.choice_ids_for(cfg)
     bf16 = use_bf16(cfg.train.precision)
-    initial = adapter_state(bundle.model)
+    initial = bundle.initial_adapter
 
     strategy = AdapterFedAvg(
         fraction_train=cfg.federation.fraction_train,
@@ -62,6 +62,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         result = evaluate(bundle.model, test_set, bundle.pad_id, choice_ids,
                           cfg.train.eval_batch_size, bf16)
         reports = strategy.reports.get(server_round, [])
+        if server_round > 0 and not reports:
+            log.error("round %d: no client returned an update (their errors are logged above); "
+                      "the global adapter is unchanged", server_round)
         if cfg.privacy.enabled:
             for report in reports:
                 ledger.record(report.partition_id, report.history, server_round)
@@ -70,7 +73,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         run_log.log_round(server_round, train_loss=train_loss, eval_loss=result.loss,
                           eval_accuracy=result.accuracy,
                           epsilons=ledger.epsilons() if cfg.privacy.enabled else None,
-                          num_clients=len(reports))
+                          num_clients=len(reports),
+                          slowest_client_seconds=max((r.train_seconds for r in reports), default=None))
         metrics = {"eval-loss": result.loss}
         if result.accuracy is not None:
             metrics["eval-accuracy"] = result.accuracy
@@ -97,6 +101,7 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, final_state: dict
     rounds = run_log.rounds
     summary = {
         "rounds_completed": max((r["round"] for r in rounds), default=0),
+        "rounds_without_updates": [r["round"] for r in rounds[1:] if r["num_clients"] == 0],
         "num_clients": cfg.federation.num_clients,
         "privacy_mode": cfg.privacy.mode,
         "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,

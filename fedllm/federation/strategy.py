@@ -19,6 +19,7 @@ class ClientReport:
     partition_id: int
     num_examples: int
     train_loss: float
+    train_seconds: float
     history: History
     delta: float | None
 
@@ -29,7 +30,8 @@ class ClientReport:
         history = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         delta = metrics.get(keys.DELTA)
         return cls(partition_id=int(metrics[keys.PARTITION_ID]), num_examples=int(metrics[keys.NUM_EXAMPLES]),
-                   train_loss=float(metrics[keys.TRAIN_LOSS]), history=history,
+                   train_loss=float(metrics[keys.TRAIN_LOSS]),
+                   train_seconds=float(metrics[keys.TRAIN_SECONDS]), history=history,
                    delta=None if delta is None else float(delta))
 
 

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from fedllm.config import ModelConfig
 from fedllm.errors import ConfigError
+from fedllm.resources import packaged_file
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,7 @@ def embedded_gguf() -> Path:
 
     The package itself is never imported (its import pulls a C++ runtime we do not need).
     """
-    try:
-        dist = metadata.distribution(EMBEDDED_PACKAGE)
-    except metadata.PackageNotFoundError as exc:
-        raise ConfigError(
-            f"model.source=embedded needs the {EMBEDDED_PACKAGE!r} package: run `make install`"
-        ) from exc
-    path = Path(str(dist.locate_file(EMBEDDED_FILE)))
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing; reinstall {EMBEDDED_PACKAGE} with --no-deps")
-    return path
+    return packaged_file(EMBEDDED_PACKAGE, EMBEDDED_FILE, ConfigError)
 
 
 def _atomic_save(target: Path, save) -> Path:

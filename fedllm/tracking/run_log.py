@@ -43,7 +43,7 @@ class RunLog:
 
     def log_round(self, server_round: int, *, train_loss: float | None, eval_loss: float,
                   eval_accuracy: float | None, epsilons: dict[int, float] | None,
-                  num_clients: int) -> dict[str, Any]:
+                  num_clients: int, slowest_client_seconds: float | None = None) -> dict[str, Any]:
         """Record one round (round 0 is the evaluation before any training)."""
         record = {
             "round": server_round,
@@ -53,6 +53,8 @@ class RunLog:
             "epsilon": {str(k): v for k, v in sorted(epsilons.items())} if epsilons is not None else None,
             "max_epsilon": max(epsilons.values(), default=0.0) if epsilons is not None else None,
             "num_clients": num_clients,
+            # local training time of the slowest client: the rest of a round is framework and evaluation
+            "slowest_client_seconds": _finite_or_none(slowest_client_seconds),
             "wall_seconds": round(time.perf_counter() - self.started, 3),
         }
         with self.path.open("a", encoding="utf-8") as handle:

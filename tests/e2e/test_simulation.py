@@ -88,6 +88,7 @@ def test_summary_reports_accuracy_epsilon_and_time(smoke_run):
     assert summary["final_accuracy"] == rounds[-1]["eval_accuracy"]
     assert summary["final_max_epsilon"] == pytest.approx(rounds[-1]["max_epsilon"])
     assert summary["target_epsilon"] == 8.0 and summary["rounds_completed"] == 2
+    assert summary["rounds_without_updates"] == []
     assert summary["wall_seconds"] > summary["federation_seconds"] > 0
 
 
@@ -127,6 +128,9 @@ def test_privacy_none_baseline_and_a_sweep(tmp_path):
     targets = sorted(json.loads((sweep / job / "summary.json").read_text())["target_epsilon"]
                      for job in ("0", "1"))
     assert targets == [3.0, 8.0]
+    # both jobs run in one process: the second must start from the same initial adapter
+    zero_shot = [_rounds(sweep / job)[0]["eval_loss"] for job in ("0", "1")]
+    assert zero_shot[0] == zero_shot[1]
     for job in ("0", "1"):
         assert json.loads((sweep / job / "summary.json").read_text())["final_max_epsilon"] <= float(
             json.loads((sweep / job / "summary.json").read_text())["target_epsilon"])

@@ -95,3 +95,12 @@ def test_config_sections_are_frozen():
     cfg = ExperimentConfig(data=DataConfig(choices=("a", "b")))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.privacy.target_epsilon = 100  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["model=pretrained"], "model.name_or_path"),
+    (["data=jsonl", "train.objective=token"], "data.path"),
+])
+def test_required_values_left_unset_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: required"):
+        _compose(overrides)

