@@ -197,9 +197,11 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Where per-round results go."""
+    """Where per-round results go (``metrics.jsonl`` and the PNG plots are always written)."""
 
     progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "fedllm"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ USAGE = """usage: fedllm <command> [hydra overrides]
 commands:
   simulate   run a federated DP fine-tuning job on this machine (Flower simulation engine);
              e.g. `fedllm simulate privacy.target_epsilon=3`, or sweep with `-m`
+  plan       print the DP-SGD plan (noise per client under RDP and PRV, epsilon per round)
+             for the same overrides, before any training
+  report     summarise a run or sweep directory: table (CSV/Markdown), privacy-utility plot
 """
 
 
@@ -23,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
         from fedllm.cli.simulate import simulate_cli
 
         return simulate_cli(rest)
+    if command == "plan":
+        from fedllm.cli.plan import plan_cli
+
+        return plan_cli(rest)
+    if command == "report":
+        from fedllm.cli.report import report_cli
+
+        return report_cli(rest)
     print(f"fedllm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -17,7 +17,9 @@ from fedllm.federation import records as keys
 from fedllm.federation.strategy import AdapterFedAvg
 from fedllm.model.adapters import load_adapter_state
 from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.tracking.plots import plot_run
 from fedllm.tracking.run_log import RunLog, write_json
+from fedllm.tracking.wandb_sink import WandbSink
 from fedllm.training.precision import use_bf16
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,44 @@ def build_server_app(cfg: ExperimentConfig, run_dir: Path) -> ServerApp:
     return app
 
 
+class RoundEvaluator:
+    """Flower's ``evaluate_fn``: after each round, evaluate the global adapter on the held-out
+    split, update the privacy ledger from the clients' reports, and log the round."""
+
+    def __init__(self, cfg: ExperimentConfig, strategy: AdapterFedAvg, ledger: PrivacyLedger,
+                 run_log: RunLog, sink: WandbSink | None):
+        self.cfg, self.strategy, self.ledger, self.run_log, self.sink = cfg, strategy, ledger, run_log, sink
+        self.bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
+        self.test_set = task.tokenized_test(cfg)
+        self.choice_ids = task.choice_ids_for(cfg)
+        self.bf16 = use_bf16(cfg.train.precision)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_adapter_state(self.bundle.model, arrays.to_torch_state_dict())
+        result = evaluate(self.bundle.model, self.test_set, self.bundle.pad_id, self.choice_ids,
+                          self.cfg.train.eval_batch_size, self.bf16)
+        reports = self.strategy.reports.get(server_round, [])
+        if server_round > 0 and not reports:
+            log.error("round %d: no client returned an update (their errors are logged above); "
+                      "the global adapter is unchanged", server_round)
+        if self.cfg.privacy.enabled:
+            for report in reports:
+                self.ledger.record(report.partition_id, report.history, server_round)
+        examples = sum(r.num_examples for r in reports)
+        record = self.run_log.log_round(
+            server_round, eval_loss=result.loss, eval_accuracy=result.accuracy, num_clients=len(reports),
+            train_loss=sum(r.train_loss * r.num_examples for r in reports) / examples if reports else None,
+            epsilons=self.ledger.epsilons() if self.cfg.privacy.enabled else None,
+            slowest_client_seconds=max((r.train_seconds for r in reports), default=None),
+        )
+        if self.sink:
+            self.sink.log_round(record)
+        metrics = {"eval-loss": result.loss}
+        if result.accuracy is not None:
+            metrics["eval-accuracy"] = result.accuracy
+        return MetricRecord(metrics)
+
+
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     """Run every round, evaluate after each, and write adapter, ledger, metrics and summary.
 
@@ -42,12 +82,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     """
     torch.set_num_threads(os.cpu_count() or 1)
     run_dir.mkdir(parents=True, exist_ok=True)
-    bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
-    test_set = task.tokenized_test(cfg)
-    choice_ids = task.choice_ids_for(cfg)
-    bf16 = use_bf16(cfg.train.precision)
-    initial = bundle.initial_adapter
-
+    initial = task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter
     strategy = AdapterFedAvg(
         fraction_train=cfg.federation.fraction_train,
         min_train_nodes=max(1, round(cfg.federation.fraction_train * cfg.federation.num_clients)),
@@ -56,40 +91,22 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     ledger = PrivacyLedger(level=cfg.privacy.mode, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
                            target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.enabled else None)
     run_log = RunLog(run_dir, cfg.federation.num_rounds, cfg.tracking.progress)
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_adapter_state(bundle.model, arrays.to_torch_state_dict())
-        result = evaluate(bundle.model, test_set, bundle.pad_id, choice_ids,
-                          cfg.train.eval_batch_size, bf16)
-        reports = strategy.reports.get(server_round, [])
-        if server_round > 0 and not reports:
-            log.error("round %d: no client returned an update (their errors are logged above); "
-                      "the global adapter is unchanged", server_round)
-        if cfg.privacy.enabled:
-            for report in reports:
-                ledger.record(report.partition_id, report.history, server_round)
-        train_loss = (sum(r.train_loss * r.num_examples for r in reports) / sum(r.num_examples for r in reports)
-                      if reports else None)
-        run_log.log_round(server_round, train_loss=train_loss, eval_loss=result.loss,
-                          eval_accuracy=result.accuracy,
-                          epsilons=ledger.epsilons() if cfg.privacy.enabled else None,
-                          num_clients=len(reports),
-                          slowest_client_seconds=max((r.train_seconds for r in reports), default=None))
-        metrics = {"eval-loss": result.loss}
-        if result.accuracy is not None:
-            metrics["eval-accuracy"] = result.accuracy
-        return MetricRecord(metrics)
-
+    sink = (WandbSink(project=cfg.tracking.wandb_project, run_dir=run_dir, config=cfg.to_dict())
+            if cfg.tracking.wandb else None)
+    evaluator = RoundEvaluator(cfg, strategy, ledger, run_log, sink)
     try:
         result = strategy.start(
             grid=grid, initial_arrays=ArrayRecord(torch_state_dict=initial),
             num_rounds=cfg.federation.num_rounds,
-            train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json()}), evaluate_fn=evaluate_fn,
+            train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json()}), evaluate_fn=evaluator,
         )
     finally:
         run_log.close()
     final = result.arrays.to_torch_state_dict() if result.arrays else initial
-    return write_outputs(cfg, run_dir, bundle.model, final, ledger, run_log)
+    summary = write_outputs(cfg, run_dir, evaluator.bundle.model, final, ledger, run_log)
+    if sink:
+        sink.finish(summary)
+    return summary
 
 
 def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, final_state: dict,
@@ -116,4 +133,5 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, final_state: dict
         "federation_seconds": round(run_log.wall_seconds(), 1),
     }
     write_json(run_dir / "summary.json", summary)
+    plot_run(run_dir, rounds, summary["target_epsilon"])
     return summary

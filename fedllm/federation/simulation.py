@@ -64,5 +64,22 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path) -> None:
             num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
         )
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
+        stop_ray(ray)
+
+
+def stop_ray(ray, timeout: float = 20.0) -> None:
+    """Shut Ray down and wait until every process it started has exited.
+
+    ``ray.shutdown()`` returns while actor processes are still exiting; a command that
+    returns must leave none behind, so wait for them and kill any that linger.
+    """
+    import psutil
+
+    started = psutil.Process().children(recursive=True)
+    if ray.is_initialized():
+        ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=timeout)
+    for proc in alive:
+        log.warning("killing leftover Ray process %d", proc.pid)
+        proc.kill()
+    psutil.wait_procs(alive, timeout=5)

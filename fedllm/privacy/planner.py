@@ -114,3 +114,18 @@ def format_plans(plans: list[DPPlan]) -> str:
         lines.append(f"{client:>6}  {plan.sample_rate:>11.5f}  {plan.noise_multiplier:>5.3f}  "
                      f"{plan.total_steps:>5}  {plan.planned_epsilon:>7.3f}")
     return "\n".join(lines)
+
+
+def epsilon_by_round(*, noise_multiplier: float, sample_rate: float, local_steps: int, rounds: int,
+                     delta: float, accountant: str) -> list[float]:
+    """Epsilon after each of ``rounds`` rounds of ``local_steps`` DP-SGD steps (index 0 = round 1)."""
+    return [epsilon([(noise_multiplier, sample_rate, r * local_steps)], delta=delta, accountant=accountant)
+            for r in range(1, rounds + 1)]
+
+
+def rounds_within_cap(*, noise_multiplier: float, sample_rate: float, local_steps: int, max_rounds: int,
+                      cap: float, delta: float, accountant: str) -> int:
+    """How many rounds a node can join before its epsilon would pass its own ``cap``."""
+    curve = epsilon_by_round(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                             local_steps=local_steps, rounds=max_rounds, delta=delta, accountant=accountant)
+    return sum(1 for value in curve if value <= cap)

@@ -11,7 +11,13 @@ from dp_accounting import rdp
 from fedllm.errors import PrivacyPlanError
 from fedllm.privacy.accounting import epsilon, extend_history
 from fedllm.privacy.ledger import PrivacyLedger
-from fedllm.privacy.planner import plan_client, plan_federation, sample_rate_for
+from fedllm.privacy.planner import (
+    epsilon_by_round,
+    plan_client,
+    plan_federation,
+    rounds_within_cap,
+    sample_rate_for,
+)
 
 
 def _dp_accounting_rdp(noise: float, rate: float, steps: int, delta: float) -> float:
@@ -120,3 +126,20 @@ def test_ledger_recomputes_epsilon_and_round_trips():
     with pytest.raises(ValueError, match="prv"):
         PrivacyLedger(accountant="prv", delta=1e-5, target_epsilon=8.0).load_state_dict(ledger.state_dict())
     assert math.isfinite(report["epsilon"])
+
+
+def test_epsilon_by_round_grows_and_ends_at_the_plan():
+    plan = plan_client(shard_size=1000, batch_size=16, rounds=4, local_steps=5, target_epsilon=4,
+                       delta=1e-5, accountant="rdp")
+    curve = epsilon_by_round(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                             local_steps=5, rounds=4, delta=1e-5, accountant="rdp")
+    assert curve == sorted(curve) and len(set(curve)) == 4
+    assert curve[-1] == pytest.approx(plan.planned_epsilon)
+
+
+def test_a_lower_cap_allows_fewer_rounds():
+    kwargs = dict(noise_multiplier=1.0, sample_rate=0.02, local_steps=10, delta=1e-5, accountant="rdp")
+    curve = epsilon_by_round(rounds=6, **kwargs)
+    assert rounds_within_cap(max_rounds=6, cap=curve[1], **kwargs) == 2
+    assert rounds_within_cap(max_rounds=6, cap=curve[1] - 1e-9, **kwargs) == 1
+    assert rounds_within_cap(max_rounds=6, cap=100.0, **kwargs) == 6

@@ -1,0 +1,1 @@
+"""Reading finished runs and sweeps: used by `fedllm report` and the notebooks."""

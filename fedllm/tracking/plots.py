@@ -1,0 +1,87 @@
+"""PNG plots of a run: epsilon per client by round; held-out accuracy and loss by round.
+
+Also the privacy-utility plot of a sweep. Uses matplotlib's non-interactive backend only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+EPSILON_PNG = "epsilon_per_client.png"
+EVAL_PNG = "eval_accuracy_loss.png"
+PRIVACY_UTILITY_PNG = "privacy_utility.png"
+
+
+def plot_epsilon(rounds: list[dict[str, Any]], target: float | None, path: Path) -> Path | None:
+    """Each client's epsilon after each round, with the target; None when the run had no DP."""
+    with_eps = [r for r in rounds if r.get("epsilon")]
+    if not with_eps:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    clients = sorted({c for r in with_eps for c in r["epsilon"]}, key=int)
+    for client in clients:
+        points = [(r["round"], r["epsilon"][client]) for r in with_eps if client in r["epsilon"]]
+        ax.plot(*zip(*points, strict=True), marker="o", label=f"client {client}")
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", label=f"target {target:g}")
+    ax.set(xlabel="round", ylabel="epsilon (sample level)", title="Privacy spent per client")
+    if len(clients) <= 12:
+        ax.legend(fontsize="small", ncol=2)
+    return _save(fig, path)
+
+
+def plot_eval(rounds: list[dict[str, Any]], path: Path) -> Path:
+    """Held-out accuracy (if the task has fixed answers) and loss by round; round 0 is zero-shot."""
+    fig, loss_ax = plt.subplots(figsize=(6, 4))
+    xs = [r["round"] for r in rounds]
+    loss_ax.plot(xs, [r["eval_loss"] for r in rounds], color="tab:red", marker="s", label="eval loss")
+    loss_ax.set(xlabel="round", ylabel="held-out loss", title="Held-out evaluation of the global adapter")
+    if any(r.get("eval_accuracy") is not None for r in rounds):
+        acc_ax = loss_ax.twinx()
+        acc_ax.plot(xs, [100 * r["eval_accuracy"] for r in rounds], color="tab:blue", marker="o",
+                    label="accuracy")
+        acc_ax.set_ylabel("held-out accuracy (%)")
+        acc_ax.legend(loc="lower right")
+    loss_ax.legend(loc="upper right")
+    return _save(fig, path)
+
+
+def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
+    """Final accuracy against spent epsilon for a sweep; non-private runs as a horizontal line.
+
+    Args:
+        points: one dict per run with ``epsilon`` (None without DP) and ``accuracy``.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    private = sorted((p["epsilon"], 100 * p["accuracy"]) for p in points if p["epsilon"] is not None)
+    if private:
+        ax.plot(*zip(*private, strict=True), marker="o", label="DP-SGD (sample level)")
+    for baseline in (p for p in points if p["epsilon"] is None):
+        ax.axhline(100 * baseline["accuracy"], color="gray", linestyle="--", label="non-private")
+    zero_shot = [p["zero_shot"] for p in points if p.get("zero_shot") is not None]
+    if zero_shot:
+        ax.axhline(100 * zero_shot[0], color="black", linestyle=":", label="zero-shot")
+    ax.set(xlabel="epsilon spent (max over clients)", ylabel="final held-out accuracy (%)",
+           title="Privacy-utility trade-off")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_run(run_dir: Path, rounds: list[dict[str, Any]], target: float | None) -> list[Path]:
+    """All of a run's plots into ``run_dir``; returns the files written."""
+    written = [plot_eval(rounds, run_dir / EVAL_PNG)]
+    eps = plot_epsilon(rounds, target, run_dir / EPSILON_PNG)
+    return written + ([eps] if eps else [])
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

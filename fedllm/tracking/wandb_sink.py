@@ -1,0 +1,40 @@
+"""Weights & Biases logging of the per-round metrics, per-client epsilon and resolved config.
+
+Offline by default (``WANDB_MODE`` is respected when set), so a run with no network is
+never blocked: the wandb run directory is written under the run directory and can be
+synced later with ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+class WandbSink:
+    """One wandb run per fedllm run."""
+
+    def __init__(self, *, project: str, run_dir: Path, config: dict[str, Any]):
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=project, dir=str(run_dir), config=config, name=run_dir.name,
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        """Log one ``metrics.jsonl`` record at step = round."""
+        flat = {k: v for k, v in record.items() if k not in ("epsilon", "round") and v is not None}
+        for client, value in (record.get("epsilon") or {}).items():
+            flat[f"epsilon/client_{client}"] = value
+        self.run.log(flat, step=int(record["round"]))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Attach the run summary and close the wandb run."""
+        for key, value in summary.items():
+            if isinstance(value, (int, float, str)) and value is not None:
+                self.run.summary[key] = value
+        self.run.finish()
