@@ -58,6 +58,11 @@ def build_plan(cfg: ExperimentConfig) -> list[PlanRow]:
     return rows
 
 
+def binding_row(rows: list[PlanRow]) -> PlanRow:
+    """The client that needs the most noise: highest sampling rate, then smallest shard."""
+    return max(rows, key=lambda row: (row.sample_rate, -row.shard_size))
+
+
 def format_plan(cfg: ExperimentConfig, rows: list[PlanRow]) -> str:
     """The table ``fedllm plan`` prints."""
     lines = [
@@ -70,7 +75,7 @@ def format_plan(cfg: ExperimentConfig, rows: list[PlanRow]) -> str:
         curve = " ".join(f"{value:.3f}" for value in row.epsilon_by_round)
         lines.append(f"{row.client:>6}  {row.shard_size:>7}  {row.sample_rate:>11.5f}  {row.noise_rdp:>10.4f}  "
                      f"{row.noise_prv:>10.4f}  {curve}")
-    binding = max(rows, key=lambda r: r.sample_rate)
+    binding = binding_row(rows)
     lines.append(f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest "
                  f"sampling rate) needs the most noise; the target epsilon is met after the last round")
     return "\n".join(lines)

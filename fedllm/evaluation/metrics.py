@@ -15,7 +15,7 @@ from fedllm.training.precision import autocast
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean answer loss (nats per answer token), its perplexity, and accuracy if the task has fixed answers."""
+    """Mean held-out loss (nats), its exp, and accuracy if the task has fixed answers."""
 
     loss: float
     accuracy: float | None
@@ -32,9 +32,10 @@ def evaluate(model: torch.nn.Module, dataset: TokenizedDataset, pad_id: int, cho
              batch_size: int, bf16: bool) -> EvalResult:
     """Evaluate on ``dataset``.
 
-    With fixed answers (``choice_ids``): the loss is the full-vocabulary NLL of the correct
-    answer token after the prompt, and accuracy compares the answers' scores (the answer
-    with the highest log-likelihood wins). Without: the mean NLL of the answer tokens.
+    With fixed answers (``choice_ids``): the loss is the cross-entropy of the correct answer
+    among the answers' scores after the prompt (the classification loss; 0.693 = chance for
+    two answers), and accuracy compares those scores (the most likely answer wins).
+    Without: the mean NLL of the answer tokens.
     """
     was_training = model.training
     model.eval()
@@ -46,10 +47,9 @@ def evaluate(model: torch.nn.Module, dataset: TokenizedDataset, pad_id: int, cho
         batch = collate([dataset[i] for i in order[start:start + batch_size]])
         with autocast(bf16):
             if choice_ids:
-                logits = last_logits(model, batch)
-                total_loss += float(F.cross_entropy(logits, torch.tensor(choice_ids)[batch["choice"]],
-                                                    reduction="sum"))
-                predicted = logits[:, choice_ids].argmax(dim=1)
+                scores = last_logits(model, batch)[:, choice_ids]
+                total_loss += float(F.cross_entropy(scores, batch["choice"], reduction="sum"))
+                predicted = scores.argmax(dim=1)
                 correct += int((predicted == batch["choice"]).sum())
             else:
                 total_loss += float(token_loss(model, batch).sum())

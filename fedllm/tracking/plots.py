@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 EPSILON_PNG = "epsilon_per_client.png"
 EVAL_PNG = "eval_accuracy_loss.png"
@@ -31,6 +32,7 @@ def plot_epsilon(rounds: list[dict[str, Any]], target: float | None, path: Path)
     if target is not None:
         ax.axhline(target, color="black", linestyle="--", label=f"target {target:g}")
     ax.set(xlabel="round", ylabel="epsilon (sample level)", title="Privacy spent per client")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(clients) <= 12:
         ax.legend(fontsize="small", ncol=2)
     return _save(fig, path)
@@ -42,6 +44,7 @@ def plot_eval(rounds: list[dict[str, Any]], path: Path) -> Path:
     xs = [r["round"] for r in rounds]
     loss_ax.plot(xs, [r["eval_loss"] for r in rounds], color="tab:red", marker="s", label="eval loss")
     loss_ax.set(xlabel="round", ylabel="held-out loss", title="Held-out evaluation of the global adapter")
+    loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if any(r.get("eval_accuracy") is not None for r in rounds):
         acc_ax = loss_ax.twinx()
         acc_ax.plot(xs, [100 * r["eval_accuracy"] for r in rounds], color="tab:blue", marker="o",
