@@ -42,24 +42,8 @@ def train(msg: Message, context: Context) -> Message:
     load_adapter_state(bundle.model, msg.content[keys.ARRAYS].to_torch_state_dict())
 
     history = _load_history(context)
-    dp = None
-    if cfg.privacy.enabled:
-        plan = plan_client(
-            shard_size=len(shard), batch_size=cfg.train.batch_size, rounds=cfg.federation.num_rounds,
-            local_steps=cfg.train.local_steps, target_epsilon=cfg.privacy.target_epsilon,
-            delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-            noise_multiplier=cfg.privacy.noise_multiplier,
-        )
-        dp = DPSpec(noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
-                    accountant=cfg.privacy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode,
-                    secure_mode=cfg.privacy.secure_mode)
-    spec = LocalSpec(
-        steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay, objective=cfg.train.objective,
-        bf16=use_bf16(cfg.train.precision), micro_batches=cfg.train.micro_batches,
-        # distinct, reproducible sampling and noise per (run seed, client, round)
-        seed=cfg.seed * 1_000_003 + partition_id * 1_009 + server_round,
-    )
+    dp = _dp_spec(cfg, len(shard)) if cfg.privacy.enabled else None
+    spec = _local_spec(cfg, partition_id, server_round)
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
     result = train_local(bundle.model, shard, collate, spec, task.choice_ids_for(cfg), dp, history)
     _save_history(context, result.history)
@@ -72,6 +56,29 @@ def train(msg: Message, context: Context) -> Message:
         keys.METRICS: MetricRecord(metrics),
     })
     return Message(content=reply, reply_to=msg)
+
+
+def _dp_spec(cfg: ExperimentConfig, shard_size: int) -> DPSpec:
+    """This node's DP-SGD settings: noise planned from its own shard size and the whole schedule."""
+    plan = plan_client(
+        shard_size=shard_size, batch_size=cfg.train.batch_size, rounds=cfg.federation.num_rounds,
+        local_steps=cfg.train.local_steps, target_epsilon=cfg.privacy.target_epsilon,
+        delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
+        noise_multiplier=cfg.privacy.noise_multiplier,
+    )
+    return DPSpec(noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
+                  accountant=cfg.privacy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode,
+                  secure_mode=cfg.privacy.secure_mode)
+
+
+def _local_spec(cfg: ExperimentConfig, partition_id: int, server_round: int) -> LocalSpec:
+    return LocalSpec(
+        steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay, objective=cfg.train.objective,
+        bf16=use_bf16(cfg.train.precision), micro_batches=cfg.train.micro_batches,
+        # distinct, reproducible sampling and noise per (run seed, client, round)
+        seed=cfg.seed * 1_000_003 + partition_id * 1_009 + server_round,
+    )
 
 
 def _metrics(cfg: ExperimentConfig, partition_id: int, shard_size: int, result, dp: DPSpec | None) -> dict:
