@@ -5,20 +5,40 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 FEDLLM = [sys.executable, "-m", "fedllm.cli.main"]
+# Every process our commands start (Ray's included) inherits this tag, so leftover checks
+# see only this session's processes, not another Ray on the same machine.
+SESSION_TAG = ("FEDLLM_TEST_SESSION", uuid.uuid4().hex)
 
 
 def fedllm(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run the `fedllm` command as a user would; fail with its output when it fails."""
     result = subprocess.run([*FEDLLM, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning", **(env or {})})
+                            env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning",
+                                 SESSION_TAG[0]: SESSION_TAG[1], **(env or {})})
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+def stray_processes() -> list[str]:
+    """Live (non-zombie) processes started by this test session's commands."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # already exited; only waiting for the init process to reap it
+        try:
+            if proc.environ().get(SESSION_TAG[0]) == SESSION_TAG[1]:
+                found.append(f"{proc.pid}: {' '.join(proc.cmdline())[:80]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -14,21 +13,7 @@ from peft import PeftModel
 from fedllm.config import ExperimentConfig
 from fedllm.privacy.accounting import epsilon
 
-from .conftest import fedllm
-
-FLOWER_OR_RAY = ("raylet", "gcs_server", "flower-superlink", "flower-supernode", "ray::")
-
-
-def _stray_processes() -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "name", "status"]):
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue  # already exited; only waiting for the init process to reap it
-        text = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
-        if any(marker in text for marker in FLOWER_OR_RAY):
-            found.append(f"{proc.pid}: {text[:80]}")
-    return found
-
+from .conftest import fedllm, stray_processes
 
 def _rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -97,7 +82,7 @@ def test_adapter_loads_with_stock_peft_and_matches_the_final_round(smoke_run):
 
 
 def test_no_flower_or_ray_process_survives(smoke_run):
-    assert _stray_processes() == []
+    assert stray_processes() == []
 
 
 def test_privacy_none_baseline(smoke_sweep):
@@ -117,7 +102,7 @@ def test_a_sweep_writes_one_run_directory_per_job(smoke_sweep):
     # both jobs run in one process: the second must start from the same initial adapter
     zero_shot = [_rounds(smoke_sweep / job)[0]["eval_loss"] for job in ("0", "1")]
     assert zero_shot[0] == zero_shot[1]
-    assert _stray_processes() == []
+    assert stray_processes() == []
 
 
 def test_impossible_privacy_plan_fails_fast_with_a_clear_message(tmp_path):
