@@ -14,7 +14,7 @@ from fedllm import task
 from fedllm.config import ExperimentConfig
 from fedllm.evaluation.metrics import evaluate
 from fedllm.federation import records as keys
-from fedllm.federation.strategy import AdapterFedAvg
+from fedllm.federation.strategy import AdapterFedAvg, mean_train_loss
 from fedllm.model.adapters import load_adapter_state
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.tracking.plots import plot_run
@@ -59,10 +59,9 @@ class RoundEvaluator:
         if self.cfg.privacy.enabled:
             for report in reports:
                 self.ledger.record(report.partition_id, report.history, server_round)
-        examples = sum(r.num_examples for r in reports)
         record = self.run_log.log_round(
             server_round, eval_loss=result.loss, eval_accuracy=result.accuracy, num_clients=len(reports),
-            train_loss=sum(r.train_loss * r.num_examples for r in reports) / examples if reports else None,
+            train_loss=mean_train_loss(reports),
             epsilons=self.ledger.epsilons() if self.cfg.privacy.enabled else None,
             slowest_client_seconds=max((r.train_seconds for r in reports), default=None),
         )

@@ -35,12 +35,21 @@ class ClientReport:
                    delta=None if delta is None else float(delta))
 
 
+def mean_train_loss(reports: list[ClientReport]) -> float | None:
+    """Example-weighted mean of the clients' train losses (None when no client reported)."""
+    examples = sum(r.num_examples for r in reports)
+    return sum(r.train_loss * r.num_examples for r in reports) / examples if reports else None
+
+
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean train loss and total examples (histories are not averaged)."""
-    metrics = [next(iter(r.metric_records.values())) for r in replies]
-    total = sum(float(m[weight_key]) for m in metrics)
-    loss = sum(float(m[keys.TRAIN_LOSS]) * float(m[weight_key]) for m in metrics) / total
-    return MetricRecord({keys.TRAIN_LOSS: loss, keys.NUM_EXAMPLES: int(total)})
+    """Example-weighted mean train loss and total examples (histories are not averaged).
+
+    ``weight_key`` is Flower's argument; :class:`AdapterFedAvg` always weights by
+    ``num-examples``, the field :class:`ClientReport` reads.
+    """
+    reports = [ClientReport.from_metrics(next(iter(r.metric_records.values()))) for r in replies]
+    return MetricRecord({keys.TRAIN_LOSS: mean_train_loss(reports),
+                         keys.NUM_EXAMPLES: sum(r.num_examples for r in reports)})
 
 
 class AdapterFedAvg(FedAvg):
