@@ -19,7 +19,9 @@ DATASETS = ("rotten_tomatoes", "jsonl")
 PARTITIONERS = ("iid", "dirichlet")
 OBJECTIVES = ("choices", "token")
 PRECISIONS = ("auto", "fp32", "bf16")
-PRIVACY_MODES = ("sample", "none")
+PRIVACY_MODES = ("sample", "client", "both", "none")
+LEDGER_SCOPES = ("node", "run")
+CLIENT_CLIPPING = ("server", "client")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
 
@@ -147,11 +149,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
-    """Sample-level DP-SGD on every client (``mode=sample``) or none (``mode=none``).
+class ClientCap:
+    """A simulated node's own budget: what an institution sets in its node config."""
 
-    ``noise_multiplier`` left empty means: plan it so that ``target_epsilon`` is met
-    at ``delta`` after every planned round.
+    client: int
+    max_epsilon: float | None = None
+    delta: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.client >= 0, "privacy.client_caps.client", "must be a client index >= 0")
+        _require(self.max_epsilon is None or self.max_epsilon > 0, "privacy.client_caps.max_epsilon",
+                 "must be positive")
+        _require(self.delta is None or 0 < self.delta < 1, "privacy.client_caps.delta", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Which differential privacy runs, and its budgets.
+
+    ``mode``: ``sample`` (DP-SGD on every node: protects each record), ``client``
+    (DP-FedAvg on the server: clip each client's update, noise the aggregate; protects a
+    client's whole dataset), ``both``, or ``none``.
+
+    ``noise_multiplier`` left empty means: plan it so that ``target_epsilon`` is met at
+    ``delta`` after every planned round. Every node keeps a persisted ledger in its state
+    directory (``state_dir``; in simulation ``<run dir>/nodes`` by default) and refuses a
+    round that would take it past its cap: the target, or lower where the node says so
+    (``client_caps`` in simulation, ``max-epsilon`` / ``delta`` in a node config).
+    ``ledger_scope=node`` composes everything a node's data was used for across runs;
+    ``run`` counts this run only (for research sweeps).
     """
 
     mode: str = "sample"
@@ -162,21 +188,49 @@ class PrivacyConfig:
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
     secure_mode: bool = False
+    ledger_scope: str = "node"
+    state_dir: str | None = None
+    client_caps: tuple[ClientCap, ...] = ()
+    client_noise_multiplier: float = 1.0
+    client_clip_norm: float = 0.5
+    client_clipping: str = "server"
+    client_delta: float = 1e-3
 
     def __post_init__(self) -> None:
         _one_of(self.mode, PRIVACY_MODES, "privacy.mode")
         _one_of(self.accountant, ACCOUNTANTS, "privacy.accountant")
         _one_of(self.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode")
+        _one_of(self.ledger_scope, LEDGER_SCOPES, "privacy.ledger_scope")
+        _one_of(self.client_clipping, CLIENT_CLIPPING, "privacy.client_clipping")
         _require(self.target_epsilon > 0, "privacy.target_epsilon", "must be positive")
         _require(0 < self.delta < 1, "privacy.delta", "must be in (0, 1); 1e-5 is usual")
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be positive")
         _require(self.noise_multiplier is None or self.noise_multiplier > 0,
                  "privacy.noise_multiplier", "must be positive, or empty to plan it from the target")
+        _require(self.client_noise_multiplier > 0, "privacy.client_noise_multiplier", "must be positive")
+        _require(self.client_clip_norm > 0, "privacy.client_clip_norm", "must be positive")
+        _require(0 < self.client_delta < 1, "privacy.client_delta", "must be in (0, 1)")
+        clients = [cap.client for cap in self.client_caps]
+        _require(len(clients) == len(set(clients)), "privacy.client_caps", "one entry per client")
 
     @property
     def enabled(self) -> bool:
-        """Whether clients run DP-SGD."""
+        """Whether any differential privacy runs."""
         return self.mode != "none"
+
+    @property
+    def sample_level(self) -> bool:
+        """Whether nodes run DP-SGD (record-level DP)."""
+        return self.mode in ("sample", "both")
+
+    @property
+    def client_level(self) -> bool:
+        """Whether the server clips and noises whole client updates (DP-FedAvg)."""
+        return self.mode in ("client", "both")
+
+    def cap_for(self, client: int) -> ClientCap | None:
+        """The simulated node's own cap, if ``client_caps`` sets one."""
+        return next((cap for cap in self.client_caps if cap.client == client), None)
 
 
 @dataclass(frozen=True)
@@ -186,9 +240,15 @@ class FederationConfig:
     num_clients: int = 10
     num_rounds: int = 3
     fraction_train: float = 1.0
+    min_train_clients: int = 1
     client_cpus: float = 1.0
+    round_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
+        _require(self.min_train_clients > 0, "federation.min_train_clients", "must be a positive integer")
+        _require(self.min_train_clients <= self.num_clients, "federation.min_train_clients",
+                 f"must not exceed federation.num_clients ({self.num_clients})")
+        _require(self.round_timeout > 0, "federation.round_timeout", "must be positive (seconds)")
         _require(self.num_clients > 0, "federation.num_clients", "must be a positive integer")
         _require(self.num_rounds > 0, "federation.num_rounds", "must be a positive integer")
         _require(0 < self.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
@@ -218,6 +278,13 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.privacy.client_level:
+            _require(self.privacy.client_delta < 1.0 / self.federation.num_clients, "privacy.client_delta",
+                     f"must be below 1/num_clients = {1.0 / self.federation.num_clients:.3g} for "
+                     "client-level DP to mean anything")
+        for cap in self.privacy.client_caps:
+            _require(cap.client < self.federation.num_clients, "privacy.client_caps",
+                     f"client {cap.client} does not exist (federation.num_clients={self.federation.num_clients})")
         if self.train.objective == "choices":
             _require(len(self.data.choices) >= 2, "train.objective",
                      "objective=choices needs data.choices (the fixed answers); use train.objective=token")
@@ -271,6 +338,9 @@ def _build_section(section_type: type, prefix: str, raw: dict[str, Any]) -> Any:
         known = ", ".join(sorted(names))
         raise ConfigError(f"{prefix}: unknown key(s) {', '.join(unknown)}; known keys: {known}")
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
+    if section_type is PrivacyConfig and values.get("client_caps"):
+        values["client_caps"] = tuple(_build_section(ClientCap, f"{prefix}.client_caps", dict(cap))
+                                      for cap in values["client_caps"])
     try:
         return section_type(**values)
     except TypeError as exc:  # wrong value types surface here
@@ -295,5 +365,5 @@ def from_hydra(cfg: Any) -> ExperimentConfig:
         key = exc.full_key or "a value"
         raise ConfigError(f"{key}: required but not set; pass it as an override, e.g. {key}=...") from exc
     assert isinstance(raw, dict)
-    raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug")}
+    raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug", "resume")}
     return ExperimentConfig.from_dict(raw)

@@ -23,3 +23,7 @@ class BudgetExhausted(FedLLMError):
 
 class UpdateRejected(FedLLMError):
     """A client reply failed validation and was excluded from aggregation."""
+
+
+class LedgerError(FedLLMError):
+    """A persisted privacy ledger or checkpoint cannot be read; it is never reset silently."""

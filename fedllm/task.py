@@ -20,6 +20,7 @@ from fedllm.data.sources import Record, load_records, load_rotten_tomatoes
 from fedllm.model.base import load_model, load_tokenizer
 from fedllm.model.adapters import adapter_state
 from fedllm.model.lora import apply_lora
+from fedllm.privacy.node_ledger import fingerprint
 
 
 @dataclass
@@ -96,3 +97,9 @@ def choice_ids_for(cfg: ExperimentConfig) -> list[int]:
     if not cfg.data.choices:
         return []
     return choice_token_ids(model_bundle(cfg.model, cfg.lora, cfg.seed).tokenizer, prompt_format(cfg.data))
+
+
+@lru_cache(maxsize=128)
+def shard_fingerprint(cfg: ExperimentConfig, partition_id: int) -> str:
+    """The dataset fingerprint of client ``partition_id``'s training records (its ledger key)."""
+    return fingerprint((r.prompt, r.response) for r in split_for(cfg).shards[partition_id])

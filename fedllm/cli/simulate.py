@@ -46,46 +46,73 @@ def _hydra_entry(dict_cfg) -> None:
 
     from fedllm.config import from_hydra
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        cfg = from_hydra(dict_cfg)
-        simulate(cfg, run_dir)
+        if dict_cfg.get("resume"):
+            overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+            cfg, run_dir = resume_target(Path(str(dict_cfg.resume)), overrides)
+            simulate(cfg, run_dir, resume=True)
+        else:
+            cfg = with_state_dir(from_hydra(dict_cfg), Path(HydraConfig.get().runtime.output_dir))
+            simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
     except FedLLMError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from exc
 
 
-def simulate(cfg, run_dir: Path) -> dict:
-    """Plan, then run the federation described by ``cfg``; outputs go to ``run_dir``.
+def with_state_dir(cfg, run_dir: Path):
+    """``cfg`` with the node state folder resolved: ``privacy.state_dir`` or ``<run dir>/nodes``."""
+    import dataclasses
+
+    state_dir = Path(cfg.privacy.state_dir) if cfg.privacy.state_dir else run_dir / "nodes"
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(state_dir.resolve())))
+
+
+def resume_target(run_dir: Path, overrides: list[str]):
+    """The saved config and folder of an interrupted run.
+
+    Raises:
+        FedLLMError: other overrides were given, or the folder holds no resumable run.
+    """
+    from fedllm.config import ExperimentConfig
+
+    if overrides:
+        raise FedLLMError(f"resume continues a run with its saved config; drop the other overrides: {overrides}")
+    config_file = run_dir / "config.json"
+    if not (config_file.is_file() and (run_dir / "checkpoint" / "state.json").is_file()):
+        raise FedLLMError(f"{run_dir} is not a resumable run: it needs config.json and checkpoint/state.json")
+    return ExperimentConfig.from_json(config_file.read_text(encoding="utf-8")), run_dir.resolve()
+
+
+def simulate(cfg, run_dir: Path, resume: bool = False) -> dict:
+    """Plan, then run (or continue) the federation described by ``cfg``; outputs go to ``run_dir``.
 
     Returns:
         The run summary.
     """
     from fedllm import task
     from fedllm.federation.simulation import run_simulation
-    from fedllm.privacy.planner import format_plans, plan_federation
-    from fedllm.tracking.run_log import write_json
+    from fedllm.planning import build_plan, format_plan
+    from fedllm.storage import write_json
 
     started = time.perf_counter()
     if cfg.model.kind != "pretrained":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default run never touches a hub
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", cfg.to_dict())
+    if not resume:
+        write_json(run_dir / "config.json", cfg.to_dict())
     # build caches (dequantised model, tokenizer) once here, before actors race for them
     task.model_bundle(cfg.model, cfg.lora, cfg.seed)
-    shard_sizes = [len(s) for s in task.split_for(cfg).shards]
-    if cfg.privacy.enabled:
-        plans = plan_federation(shard_sizes=shard_sizes, batch_size=cfg.train.batch_size,
-                                rounds=cfg.federation.num_rounds, local_steps=cfg.train.local_steps,
-                                target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.delta,
-                                accountant=cfg.privacy.accountant,
-                                noise_multiplier=cfg.privacy.noise_multiplier)
-        log.info("privacy plan (every client in every round):\n%s", format_plans(plans))
-    run_simulation(cfg, run_dir)
+    if cfg.privacy.sample_level:
+        plan = format_plan(cfg, build_plan(cfg, accountants=(cfg.privacy.accountant,)))
+        log.info("privacy plan (every client in every round):\n%s", plan)
+    run_simulation(cfg, run_dir, resume=resume)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json(run_dir / "summary.json", summary)
     log.info("run finished in %.0f s; outputs in %s", summary["wall_seconds"], run_dir)
-    if summary["rounds_completed"] and len(summary["rounds_without_updates"]) == summary["rounds_completed"]:
+    if summary["stop_reason"]:
+        log.warning("the run ended after round %d of %d: %s", summary["rounds_completed"],
+                    summary["rounds_planned"], summary["stop_reason"])
+    elif summary["rounds_completed"] and len(summary["rounds_without_updates"]) == summary["rounds_completed"]:
         raise FedLLMError("no round produced a client update: every client failed (see the log above)")
     return summary

@@ -1,129 +1,167 @@
-"""The Flower ServerApp: FedAvg of adapters, held-out evaluation each round, run outputs."""
+"""The Flower ServerApp: FedAvg of adapters (optionally client-level DP), held-out evaluation
+each round, a checkpoint after every round, and the run's outputs."""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
+import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm import task
 from fedllm.config import ExperimentConfig
 from fedllm.evaluation.metrics import evaluate
 from fedllm.federation import records as keys
-from fedllm.federation.strategy import AdapterFedAvg, mean_train_loss
+from fedllm.federation.checkpoint import Checkpointer, ServerState, restore_rng
+from fedllm.federation.rounds import LoopSettings, RoundReplies, run_rounds
+from fedllm.federation.strategy import build_strategy, mean_train_loss
 from fedllm.model.adapters import load_adapter_state
+from fedllm.privacy.client_level import ClientLevelAccountant
 from fedllm.privacy.ledger import PrivacyLedger
+from fedllm.storage import write_json
 from fedllm.tracking.plots import plot_run
-from fedllm.tracking.run_log import RunLog, write_json
+from fedllm.tracking.run_log import RunLog
 from fedllm.tracking.wandb_sink import WandbSink
 from fedllm.training.precision import use_bf16
 
 log = logging.getLogger(__name__)
 
 
-def build_server_app(cfg: ExperimentConfig, run_dir: Path) -> ServerApp:
-    """A ServerApp that runs ``cfg`` and writes its outputs into ``run_dir``."""
+def build_server_app(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> ServerApp:
+    """A ServerApp that runs ``cfg`` (or continues it from its checkpoint) into ``run_dir``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run_dir)
+        run_federation(grid, cfg, run_dir, resume=resume)
 
     return app
 
 
 class RoundEvaluator:
-    """Flower's ``evaluate_fn``: after each round, evaluate the global adapter on the held-out
-    split, update the privacy ledger from the clients' reports, and log the round."""
+    """After each round: evaluate the global adapter on the held-out split and log the round."""
 
-    def __init__(self, cfg: ExperimentConfig, strategy: AdapterFedAvg, ledger: PrivacyLedger,
-                 run_log: RunLog, sink: WandbSink | None):
-        self.cfg, self.strategy, self.ledger, self.run_log, self.sink = cfg, strategy, ledger, run_log, sink
+    def __init__(self, cfg: ExperimentConfig, ledger: PrivacyLedger, run_log: RunLog, sink: WandbSink | None):
+        self.cfg, self.ledger, self.run_log, self.sink = cfg, ledger, run_log, sink
         self.bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
         self.test_set = task.tokenized_test(cfg)
         self.choice_ids = task.choice_ids_for(cfg)
         self.bf16 = use_bf16(cfg.train.precision)
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def __call__(self, server_round: int, arrays: ArrayRecord, replies: RoundReplies | None) -> None:
         load_adapter_state(self.bundle.model, arrays.to_torch_state_dict())
         result = evaluate(self.bundle.model, self.test_set, self.bundle.pad_id, self.choice_ids,
                           self.cfg.train.eval_batch_size, self.bf16)
-        reports = self.strategy.reports.get(server_round, [])
-        if server_round > 0 and not reports:
-            log.error("round %d: no client returned an update (their errors are logged above); "
-                      "the global adapter is unchanged", server_round)
-        if self.cfg.privacy.enabled:
-            for report in reports:
-                self.ledger.record(report.partition_id, report.history, server_round)
+        replies = replies or RoundReplies()
+        if server_round > 0 and not replies.updates:
+            log.error("round %d: no client returned an update (see above); the global adapter is unchanged",
+                      server_round)
+        client_level = self.ledger.client_level
         record = self.run_log.log_round(
-            server_round, eval_loss=result.loss, eval_accuracy=result.accuracy, num_clients=len(reports),
-            train_loss=mean_train_loss(reports),
-            epsilons=self.ledger.epsilons() if self.cfg.privacy.enabled else None,
-            slowest_client_seconds=max((r.train_seconds for r in reports), default=None),
+            server_round, eval_loss=result.loss, eval_accuracy=result.accuracy, num_clients=len(replies.updates),
+            train_loss=mean_train_loss(replies.reports),
+            epsilons=self.ledger.epsilons() if self.cfg.privacy.sample_level else None,
+            slowest_client_seconds=max((r.train_seconds for r in replies.reports), default=None),
+            refused=[r.partition_id for r in replies.refusals], failed=len(replies.failures),
+            client_level_epsilon=client_level.epsilon() if client_level else None,
         )
         if self.sink:
             self.sink.log_round(record)
-        metrics = {"eval-loss": result.loss}
-        if result.accuracy is not None:
-            metrics["eval-accuracy"] = result.accuracy
-        return MetricRecord(metrics)
 
 
-def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
-    """Run every round, evaluate after each, and write adapter, ledger, metrics and summary.
+def new_ledger(cfg: ExperimentConfig) -> PrivacyLedger:
+    """An empty server ledger for ``cfg`` (with a client-level accountant when that mode runs)."""
+    client_level = None
+    if cfg.privacy.client_level:
+        client_level = ClientLevelAccountant(
+            noise_multiplier=cfg.privacy.client_noise_multiplier, clip_norm=cfg.privacy.client_clip_norm,
+            delta=cfg.privacy.client_delta, sampled_uniformly=cfg.federation.fraction_train < 1.0)
+    return PrivacyLedger(level=cfg.privacy.mode, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
+                         target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.sample_level else None,
+                         scope=cfg.privacy.ledger_scope, client_level=client_level)
+
+
+def start_state(cfg: ExperimentConfig, checkpoints: Checkpointer, ledger: PrivacyLedger,
+                resume: bool) -> ServerState:
+    """A fresh run's state (seeded), or the checkpointed state of an interrupted one."""
+    if resume:
+        state = checkpoints.load()
+        ledger.load_state_dict(state.ledger)
+        restore_rng(state.rng)
+        log.info("resuming run %s after round %d", state.run_id, state.server_round)
+        return state
+    random.seed(cfg.seed)  # Flower samples clients with `random`; client-level noise uses NumPy
+    np.random.seed(cfg.seed)
+    initial = task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    return ServerState(run_id=uuid.uuid4().hex, server_round=-1, arrays=initial, ledger={}, rounds=[],
+                       config=cfg.to_dict())
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run (or continue) every round, and write adapter, ledger, metrics and summary.
 
     Returns:
         The summary (also written to ``summary.json``).
     """
     torch.set_num_threads(os.cpu_count() or 1)
     run_dir.mkdir(parents=True, exist_ok=True)
-    initial = task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter
-    strategy = AdapterFedAvg(
-        fraction_train=cfg.federation.fraction_train,
-        min_train_nodes=max(1, round(cfg.federation.fraction_train * cfg.federation.num_clients)),
-        min_available_nodes=cfg.federation.num_clients,
-    )
-    ledger = PrivacyLedger(level=cfg.privacy.mode, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
-                           target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.enabled else None)
-    run_log = RunLog(run_dir, cfg.federation.num_rounds, cfg.tracking.progress)
+    checkpoints = Checkpointer(run_dir / "checkpoint")
+    ledger = new_ledger(cfg)
+    state = start_state(cfg, checkpoints, ledger, resume)
+    run_log = RunLog(run_dir, cfg.federation.num_rounds, cfg.tracking.progress, previous=state.rounds)
     sink = (WandbSink(project=cfg.tracking.wandb_project, run_dir=run_dir, config=cfg.to_dict())
             if cfg.tracking.wandb else None)
-    evaluator = RoundEvaluator(cfg, strategy, ledger, run_log, sink)
+    evaluator = RoundEvaluator(cfg, ledger, run_log, sink)
+
+    def end_round(server_round: int, arrays: ArrayRecord, replies: RoundReplies | None, reason: str | None) -> None:
+        evaluator(server_round, arrays, replies)
+        state.server_round, state.arrays, state.stop_reason = server_round, arrays.to_torch_state_dict(), reason
+        state.ledger, state.rounds = ledger.state_dict(), run_log.rounds
+        checkpoints.save(state)
+
     try:
-        result = strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(torch_state_dict=initial),
-            num_rounds=cfg.federation.num_rounds,
-            train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json()}), evaluate_fn=evaluator,
-        )
+        if state.server_round < 0:
+            end_round(0, ArrayRecord(torch_state_dict=state.arrays), None, None)  # zero-shot
+        if state.stop_reason is None and state.server_round < cfg.federation.num_rounds:
+            settings = LoopSettings(
+                num_rounds=cfg.federation.num_rounds, num_clients=cfg.federation.num_clients,
+                min_train_clients=cfg.federation.min_train_clients, timeout=cfg.federation.round_timeout,
+                train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: state.run_id}))
+            run_rounds(grid, build_strategy(cfg.federation.fraction_train, cfg.federation.num_clients,
+                                            cfg.privacy.client_level, cfg.privacy.client_clipping,
+                                            cfg.privacy.client_noise_multiplier, cfg.privacy.client_clip_norm),
+                       ledger, settings, ArrayRecord(torch_state_dict=state.arrays), state.server_round + 1,
+                       end_round)
     finally:
         run_log.close()
-    final = result.arrays.to_torch_state_dict() if result.arrays else initial
-    summary = write_outputs(cfg, run_dir, evaluator.bundle.model, final, ledger, run_log)
+    summary = write_outputs(cfg, run_dir, evaluator.bundle.model, state, ledger, run_log)
     if sink:
         sink.finish(summary)
     return summary
 
 
-def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, final_state: dict,
+def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, state: ServerState,
                   ledger: PrivacyLedger, run_log: RunLog) -> dict:
     """Save the final adapter (PEFT format), the privacy ledger and the summary."""
-    load_adapter_state(model, final_state)
+    load_adapter_state(model, state.arrays)
     model.save_pretrained(str(run_dir / "adapter"))
     write_json(run_dir / "privacy_ledger.json", ledger.to_report())
     rounds = run_log.rounds
     summary = {
+        "run_id": state.run_id,
         "rounds_completed": max((r["round"] for r in rounds), default=0),
+        "rounds_planned": cfg.federation.num_rounds,
+        "stop_reason": state.stop_reason,
         "rounds_without_updates": [r["round"] for r in rounds[1:] if r["num_clients"] == 0],
         "num_clients": cfg.federation.num_clients,
         "privacy_mode": cfg.privacy.mode,
-        "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
-        "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
-        "accountant": cfg.privacy.accountant if cfg.privacy.enabled else None,
-        "final_max_epsilon": ledger.max_epsilon() if cfg.privacy.enabled else None,
+        **privacy_summary(cfg, ledger),
         "zero_shot_accuracy": rounds[0]["eval_accuracy"] if rounds else None,
         "final_accuracy": rounds[-1]["eval_accuracy"] if rounds else None,
         "zero_shot_eval_loss": rounds[0]["eval_loss"] if rounds else None,
@@ -133,4 +171,32 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, final_state: dict
     }
     write_json(run_dir / "summary.json", summary)
     plot_run(run_dir, rounds, summary["target_epsilon"])
+    return summary
+
+
+def privacy_summary(cfg: ExperimentConfig, ledger: PrivacyLedger) -> dict:
+    """Each guarantee that ran: what it protects, its epsilon and delta, and the ledger scope."""
+    sample = cfg.privacy.sample_level
+    summary = {
+        "target_epsilon": cfg.privacy.target_epsilon if sample else None,
+        "delta": cfg.privacy.delta if sample else None,
+        "accountant": cfg.privacy.accountant if sample else None,
+        "ledger_scope": cfg.privacy.ledger_scope if sample else None,
+        "final_max_epsilon": ledger.max_epsilon() if sample else None,
+        "client_epsilons": {str(c): e for c, e in ledger.epsilons().items()} if sample else None,
+        "guarantees": [],
+    }
+    if sample:
+        scope = ("every use of the node's records, across runs" if cfg.privacy.ledger_scope == "node"
+                 else "this run only")
+        summary["guarantees"].append({
+            "level": "sample", "protects": "any single training record of a client",
+            "epsilon": ledger.max_epsilon(), "delta": cfg.privacy.delta, "accounts": scope})
+    if ledger.client_level is not None:
+        accountant = ledger.client_level
+        summary["client_level_epsilon"] = accountant.epsilon()
+        summary["guarantees"].append({
+            "level": "client", "protects": "a client's whole dataset (all its records together)",
+            "epsilon": accountant.epsilon(), "delta": accountant.delta, "adjacency": accountant.adjacency,
+            "noise_multiplier": accountant.noise_multiplier, "clip_norm": accountant.clip_norm})
     return summary

@@ -39,7 +39,7 @@ def route_flower_logs() -> None:
     flwr_logger.propagate = True
 
 
-def run_simulation(cfg: ExperimentConfig, run_dir: Path) -> None:
+def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
     """Start ``num_clients`` virtual nodes and the ServerApp, and wait for the run to end.
 
     Ray is shut down afterwards, so no Flower or Ray process outlives the call.
@@ -60,7 +60,7 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path) -> None:
     }
     try:
         flwr_run_simulation(
-            server_app=build_server_app(cfg, run_dir), client_app=client_app,
+            server_app=build_server_app(cfg, run_dir, resume=resume), client_app=client_app,
             num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
         )
     finally:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 
 from fedllm.federation import records as keys
 from fedllm.privacy.accounting import History
@@ -14,7 +18,7 @@ from fedllm.privacy.accounting import History
 
 @dataclass(frozen=True)
 class ClientReport:
-    """What one client said about its round (metrics only; adapters go to FedAvg)."""
+    """What one client said about its round (metrics only; adapters go to the strategy)."""
 
     partition_id: int
     num_examples: int
@@ -22,17 +26,27 @@ class ClientReport:
     train_seconds: float
     history: History
     delta: float | None
+    cap: float | None = None
+    can_continue: bool = True
+    replayed: bool = False
 
     @classmethod
     def from_metrics(cls, metrics: MetricRecord) -> ClientReport:
         """Parse a client's MetricRecord (keys from :mod:`fedllm.federation.records`)."""
-        flat = [float(v) for v in metrics.get(keys.DP_HISTORY, [])]
-        history = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
-        delta = metrics.get(keys.DELTA)
+        optional = {key: metrics.get(key) for key in (keys.DELTA, keys.EPSILON_CAP)}
         return cls(partition_id=int(metrics[keys.PARTITION_ID]), num_examples=int(metrics[keys.NUM_EXAMPLES]),
-                   train_loss=float(metrics[keys.TRAIN_LOSS]),
-                   train_seconds=float(metrics[keys.TRAIN_SECONDS]), history=history,
-                   delta=None if delta is None else float(delta))
+                   train_loss=float(metrics.get(keys.TRAIN_LOSS, float("nan"))),
+                   train_seconds=float(metrics.get(keys.TRAIN_SECONDS, 0.0)), history=parse_history(metrics),
+                   delta=None if optional[keys.DELTA] is None else float(optional[keys.DELTA]),
+                   cap=None if optional[keys.EPSILON_CAP] is None else float(optional[keys.EPSILON_CAP]),
+                   can_continue=bool(metrics.get(keys.CAN_CONTINUE, 1)),
+                   replayed=bool(metrics.get(keys.REPLAYED, 0)))
+
+
+def parse_history(metrics: MetricRecord) -> History:
+    """The flat ``dp-history`` list as ``(noise, rate, steps)`` entries (empty without DP)."""
+    flat = [float(v) for v in metrics.get(keys.DP_HISTORY, [])]
+    return [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat) - 2, 3)]
 
 
 def mean_train_loss(reports: list[ClientReport]) -> float | None:
@@ -53,27 +67,36 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
 
 
 class AdapterFedAvg(FedAvg):
-    """Flower's FedAvg (weighted by shard size) that also records every client's report.
+    """Flower's FedAvg over adapter arrays, weighted by shard size (or uniformly, as
+    client-level DP requires) with our wire keys.
 
     Evaluation is centralised on the server's held-out split, so no evaluate messages
     are sent to clients.
     """
 
-    def __init__(self, *, fraction_train: float, min_train_nodes: int, min_available_nodes: int):
+    def __init__(self, *, fraction_train: float, min_train_nodes: int, min_available_nodes: int,
+                 weighted_by_key: str = keys.NUM_EXAMPLES):
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
             min_evaluate_nodes=0, min_available_nodes=min_available_nodes,
-            weighted_by_key=keys.NUM_EXAMPLES, arrayrecord_key=keys.ARRAYS,
+            weighted_by_key=weighted_by_key, arrayrecord_key=keys.ARRAYS,
             configrecord_key=keys.CONFIG, train_metrics_aggr_fn=aggregate_train_metrics,
         )
-        self.reports: dict[int, list[ClientReport]] = {}
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record each successful client's report, then aggregate with FedAvg."""
-        replies = list(replies)
-        self.reports[server_round] = [
-            ClientReport.from_metrics(next(iter(m.content.metric_records.values())))
-            for m in replies if not m.has_error()
-        ]
-        return super().aggregate_train(server_round, replies)
+
+def build_strategy(fraction_train: float, num_clients: int, client_level: bool, client_clipping: str,
+                   client_noise_multiplier: float, client_clip_norm: float) -> Strategy:
+    """FedAvg of adapters; with client-level DP, wrapped in Flower's fixed-clipping DP strategy.
+
+    Client-level DP clips each client's whole update (on the server, or on the node with
+    Flower's ``fixedclipping_mod``) and adds Gaussian noise to the uniform mean.
+    """
+    sampled = max(1, round(fraction_train * num_clients))
+    fedavg = AdapterFedAvg(fraction_train=fraction_train, min_train_nodes=sampled, min_available_nodes=num_clients,
+                           weighted_by_key=keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES)
+    if not client_level:
+        return fedavg
+    wrapper = (DifferentialPrivacyServerSideFixedClipping if client_clipping == "server"
+               else DifferentialPrivacyClientSideFixedClipping)
+    return wrapper(fedavg, noise_multiplier=client_noise_multiplier, clipping_norm=client_clip_norm,
+                   num_sampled_clients=sampled)

@@ -7,38 +7,63 @@ mechanism that ran, not copied from a client's claim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedllm.privacy.accounting import History, epsilon, normalise_history
+from fedllm.privacy.client_level import ClientLevelAccountant
 
 
 @dataclass
 class ClientLedger:
-    """One client's DP-SGD history and the round it was last updated."""
+    """One client's DP-SGD history (within the ledger scope), its cap and delta, and refusals."""
 
     history: History = field(default_factory=list)
     last_round: int = 0
+    delta: float | None = None
+    cap: float | None = None
+    can_continue: bool = True
+    refusals: list[dict[str, Any]] = field(default_factory=list)
 
 
 class PrivacyLedger:
-    """Per-client DP-SGD histories with epsilon by a real accountant."""
+    """Per-client DP-SGD histories with epsilon by a real accountant, plus client-level DP."""
 
-    def __init__(self, *, accountant: str, delta: float, target_epsilon: float | None, level: str = "sample"):
-        self.level = level  # "sample" (DP-SGD on clients) or "none" (no DP: nothing is recorded)
+    def __init__(self, *, accountant: str, delta: float, target_epsilon: float | None, level: str = "sample",
+                 scope: str = "node", client_level: ClientLevelAccountant | None = None):
+        self.level = level  # the privacy mode: sample, client, both or none
         self.accountant = accountant
         self.delta = delta
         self.target_epsilon = target_epsilon
+        self.scope = scope
+        self.client_level = client_level
         self.clients: dict[int, ClientLedger] = {}
 
-    def record(self, client: int, history: History, server_round: int) -> None:
+    def _entry(self, client: int) -> ClientLedger:
+        return self.clients.setdefault(client, ClientLedger())
+
+    def record(self, client: int, history: History, server_round: int, *, delta: float | None = None,
+               cap: float | None = None, can_continue: bool = True) -> None:
         """Replace a client's history with the one it reported after ``server_round``."""
-        self.clients[client] = ClientLedger(history=normalise_history(history), last_round=server_round)
+        entry = self._entry(client)
+        entry.history, entry.last_round = normalise_history(history), server_round
+        entry.delta, entry.cap, entry.can_continue = delta, cap, can_continue
+
+    def record_refusal(self, client: int, server_round: int, reason: str, *, cap: float | None,
+                       history: History | None = None, delta: float | None = None) -> None:
+        """Note that a client refused ``server_round`` (it trained nothing) and why."""
+        entry = self._entry(client)
+        entry.refusals.append({"round": server_round, "reason": reason})
+        entry.cap, entry.can_continue = cap, False
+        if history is not None:
+            entry.history, entry.delta = normalise_history(history), delta
 
     def epsilon(self, client: int) -> float:
-        """The client's epsilon at the ledger's delta (0 for a client that never trained)."""
+        """The client's epsilon at its delta (0 for a client that never trained)."""
         entry = self.clients.get(client)
-        return epsilon(entry.history, delta=self.delta, accountant=self.accountant) if entry else 0.0
+        if entry is None:
+            return 0.0
+        return epsilon(entry.history, delta=entry.delta or self.delta, accountant=self.accountant)
 
     def epsilons(self) -> dict[int, float]:
         """Epsilon of every client seen so far."""
@@ -48,25 +73,36 @@ class PrivacyLedger:
         """The largest epsilon of any client (0 before any DP step)."""
         return max(self.epsilons().values(), default=0.0)
 
+    def exhausted(self) -> list[int]:
+        """Clients that refused a round or said one more round would pass their cap."""
+        return sorted(c for c, e in self.clients.items() if not e.can_continue)
+
     def to_report(self) -> dict[str, Any]:
         """The ``privacy_ledger.json`` content: per client, the mechanism and its epsilon."""
         clients = {}
         for client, entry in sorted(self.clients.items()):
             last = entry.history[-1] if entry.history else (0.0, 0.0, 0)
             clients[str(client)] = {
-                "accountant": self.accountant, "delta": self.delta,
+                "accountant": self.accountant, "delta": entry.delta or self.delta, "cap": entry.cap,
                 "noise_multiplier": last[0], "sample_rate": last[1],
                 "steps": sum(s for _, _, s in entry.history), "epsilon": self.epsilon(client),
                 "last_round": entry.last_round, "history": [list(h) for h in entry.history],
+                "refusals": entry.refusals,
             }
-        return {"level": self.level, "accountant": self.accountant, "delta": self.delta,
-                "target_epsilon": self.target_epsilon, "max_epsilon": self.max_epsilon(), "clients": clients}
+        report = {"level": self.level, "accountant": self.accountant, "delta": self.delta,
+                  "target_epsilon": self.target_epsilon, "ledger_scope": self.scope,
+                  "max_epsilon": self.max_epsilon(), "clients": clients}
+        if self.client_level is not None:
+            report["client_level"] = self.client_level.to_report()
+        return report
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the ledger after a restart."""
         return {"accountant": self.accountant, "delta": self.delta, "target_epsilon": self.target_epsilon,
-                "clients": {str(c): {"history": [list(h) for h in e.history], "last_round": e.last_round}
-                            for c, e in self.clients.items()}}
+                "scope": self.scope,
+                "clients": {str(c): {**asdict(e), "history": [list(h) for h in e.history]}
+                            for c, e in self.clients.items()},
+                "client_level": self.client_level.state_dict() if self.client_level else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; refuses a ledger kept with another accountant.
@@ -78,5 +114,8 @@ class PrivacyLedger:
             raise ValueError(f"ledger was kept with {state['accountant']!r}, not {self.accountant!r}")
         self.delta = float(state["delta"])
         self.target_epsilon = state["target_epsilon"]
-        self.clients = {int(c): ClientLedger(history=normalise_history(e["history"]), last_round=int(e["last_round"]))
+        self.scope = state.get("scope", self.scope)
+        self.clients = {int(c): ClientLedger(**{**e, "history": normalise_history(e["history"])})
                         for c, e in state["clients"].items()}
+        if self.client_level is not None and state.get("client_level"):
+            self.client_level.load_state_dict(state["client_level"])

@@ -91,31 +91,6 @@ def plan_client(*, shard_size: int, batch_size: int, rounds: int, local_steps: i
                   delta=delta, accountant=accountant, planned_epsilon=reached)
 
 
-def plan_federation(*, shard_sizes: list[int], batch_size: int, rounds: int, local_steps: int,
-                    target_epsilon: float, delta: float, accountant: str,
-                    noise_multiplier: float | None = None) -> list[DPPlan]:
-    """:func:`plan_client` for every shard: the same plans the clients will compute themselves.
-
-    Raises:
-        PrivacyPlanError: any client's plan is impossible (fail before training starts).
-    """
-    return [
-        plan_client(shard_size=n, batch_size=batch_size, rounds=rounds, local_steps=local_steps,
-                    target_epsilon=target_epsilon, delta=delta, accountant=accountant,
-                    noise_multiplier=noise_multiplier)
-        for n in shard_sizes
-    ]
-
-
-def format_plans(plans: list[DPPlan]) -> str:
-    """A small table: one row per client."""
-    lines = ["client  sample_rate  noise   steps  epsilon"]
-    for client, plan in enumerate(plans):
-        lines.append(f"{client:>6}  {plan.sample_rate:>11.5f}  {plan.noise_multiplier:>5.3f}  "
-                     f"{plan.total_steps:>5}  {plan.planned_epsilon:>7.3f}")
-    return "\n".join(lines)
-
-
 def epsilon_by_round(*, noise_multiplier: float, sample_rate: float, local_steps: int, rounds: int,
                      delta: float, accountant: str) -> list[float]:
     """Epsilon after each of ``rounds`` rounds of ``local_steps`` DP-SGD steps (index 0 = round 1)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,31 +18,26 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file, fsync, rename): a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 class RunLog:
     """Appends one record per round to ``metrics.jsonl`` and shows progress on the console."""
 
-    def __init__(self, run_dir: Path, num_rounds: int, show_progress: bool):
+    def __init__(self, run_dir: Path, num_rounds: int, show_progress: bool,
+                 previous: list[dict[str, Any]] | None = None):
+        """Start ``metrics.jsonl`` afresh, or (resuming) with the rounds a checkpoint holds."""
         self.path = run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-        self.started = time.perf_counter()
-        self.rounds: list[dict[str, Any]] = []
+        self.rounds: list[dict[str, Any]] = list(previous or [])
+        # a resumed run drops any round logged after its last checkpoint: it runs again
+        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds))
+        self.started = time.perf_counter() - (self.rounds[-1]["wall_seconds"] if self.rounds else 0.0)
         self.bar = tqdm(total=num_rounds, desc="rounds", unit="round", disable=not show_progress,
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, initial=max(0, len(self.rounds) - 1))
 
     def log_round(self, server_round: int, *, train_loss: float | None, eval_loss: float,
                   eval_accuracy: float | None, epsilons: dict[int, float] | None,
-                  num_clients: int, slowest_client_seconds: float | None = None) -> dict[str, Any]:
+                  num_clients: int, slowest_client_seconds: float | None = None,
+                  refused: list[int] | None = None, failed: int = 0,
+                  client_level_epsilon: float | None = None) -> dict[str, Any]:
         """Record one round (round 0 is the evaluation before any training)."""
         record = {
             "round": server_round,
@@ -53,6 +47,9 @@ class RunLog:
             "epsilon": {str(k): v for k, v in sorted(epsilons.items())} if epsilons is not None else None,
             "max_epsilon": max(epsilons.values(), default=0.0) if epsilons is not None else None,
             "num_clients": num_clients,
+            "refused": sorted(refused or []),
+            "failed": failed,
+            "client_level_epsilon": client_level_epsilon,
             # local training time of the slowest client: the rest of a round is framework and evaluation
             "slowest_client_seconds": _finite_or_none(slowest_client_seconds),
             "wall_seconds": round(time.perf_counter() - self.started, 3),
@@ -72,6 +69,10 @@ class RunLog:
             parts.append(f"accuracy {100 * record['eval_accuracy']:.1f}%")
         if record["max_epsilon"] is not None:
             parts.append(f"max epsilon {record['max_epsilon']:.3f}")
+        if record["client_level_epsilon"] is not None:
+            parts.append(f"client-level epsilon {record['client_level_epsilon']:.3f}")
+        if record["refused"]:
+            parts.append(f"refused {record['refused']}")
         line = " | ".join(parts)
         if record["round"] > 0:
             self.bar.update(1)

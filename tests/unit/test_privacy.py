@@ -14,7 +14,6 @@ from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.planner import (
     epsilon_by_round,
     plan_client,
-    plan_federation,
     rounds_within_cap,
     sample_rate_for,
 )
@@ -105,11 +104,11 @@ def test_fixed_noise_reports_the_epsilon_it_reaches():
     assert plan.planned_epsilon == epsilon([(1.0, 0.01, 10)], delta=1e-5, accountant="rdp")
 
 
-def test_federation_plan_covers_every_shard():
-    plans = plan_federation(shard_sizes=[500, 1000], batch_size=16, rounds=3, local_steps=5,
-                            target_epsilon=8, delta=1e-5, accountant="rdp")
+def test_higher_sampling_rate_needs_more_noise():
+    plans = [plan_client(shard_size=n, batch_size=16, rounds=3, local_steps=5, target_epsilon=8, delta=1e-5,
+                         accountant="rdp") for n in (500, 1000)]
     assert [p.sample_rate for p in plans] == [1 / 32, 1 / 63]
-    assert plans[0].noise_multiplier > plans[1].noise_multiplier  # higher rate needs more noise
+    assert plans[0].noise_multiplier > plans[1].noise_multiplier
 
 
 def test_ledger_recomputes_epsilon_and_round_trips():

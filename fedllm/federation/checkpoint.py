@@ -1,0 +1,99 @@
+"""The server's checkpoint after every round: enough to continue an interrupted run exactly.
+
+``<run dir>/checkpoint/`` holds the global adapter of the last finished round
+(safetensors) and ``state.json``: round number, run id, server privacy ledger, per-round
+metrics, the random states that drive client sampling and client-level noise, and the
+resolved config. The adapter is written first and ``state.json`` (which names it) last,
+both atomically, so a crash at any point leaves the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from fedllm.errors import LedgerError
+from fedllm.storage import atomic_write_bytes, write_json
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class ServerState:
+    """Everything the server carries from one round to the next."""
+
+    run_id: str
+    server_round: int
+    arrays: dict[str, torch.Tensor]
+    ledger: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    config: dict[str, Any]
+    stop_reason: str | None = None
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python's (Flower samples clients with it) and NumPy's (client-level noise) random states."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class Checkpointer:
+    """Writes and reads the checkpoint folder of one run."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def exists(self) -> bool:
+        """Whether a complete checkpoint is present."""
+        return (self.folder / STATE_FILE).is_file()
+
+    def save(self, state: ServerState) -> None:
+        """Persist ``state`` (adapter first, then the state file that names it)."""
+        adapter_name = f"adapter-round-{state.server_round}.safetensors"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.arrays.items()}
+        atomic_write_bytes(self.folder / adapter_name, save(tensors))
+        write_json(self.folder / STATE_FILE, {
+            "run_id": state.run_id, "server_round": state.server_round, "adapter": adapter_name,
+            "ledger": state.ledger, "rounds": state.rounds, "config": state.config,
+            "stop_reason": state.stop_reason, "rng": capture_rng(),
+        })
+        for old in self.folder.glob("adapter-round-*.safetensors"):
+            if old.name != adapter_name:
+                old.unlink()
+
+    def load(self) -> ServerState:
+        """The last complete checkpoint.
+
+        Raises:
+            LedgerError: no checkpoint, or one that cannot be read.
+        """
+        path = self.folder / STATE_FILE
+        if not path.is_file():
+            raise LedgerError(f"no checkpoint in {self.folder}: this run cannot be resumed")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            arrays = load((self.folder / raw["adapter"]).read_bytes())
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise LedgerError(f"{self.folder}: the checkpoint cannot be read ({exc})") from exc
+        return ServerState(run_id=raw["run_id"], server_round=int(raw["server_round"]), arrays=arrays,
+                           ledger=raw["ledger"], rounds=raw["rounds"], config=raw["config"],
+                           stop_reason=raw.get("stop_reason"), rng=raw["rng"])

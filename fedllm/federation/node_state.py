@@ -1,0 +1,104 @@
+"""What a node keeps for itself: its own settings and its last reply.
+
+Node settings come from the node config (``flower-supernode --node-config``) where the
+operator sets them; in simulation, where there is no operator, from the experiment's
+defaults (``<state_dir>/client-<id>`` and ``privacy.client_caps``). Whatever the server
+sends can lower a node's budget, never raise it (:mod:`fedllm.privacy.budget`).
+
+The reply cache makes a repeated round free of privacy cost: a server that crashed after
+a node replied resends the same round with the same global adapter, and the node answers
+with the update it already released instead of touching its data again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from fedllm.config import ExperimentConfig
+from fedllm.storage import atomic_write_bytes
+
+# node_config keys an operator may set
+NODE_STATE_DIR = "state-dir"
+NODE_MAX_EPSILON = "max-epsilon"
+NODE_DELTA = "delta"
+REPLY_FILE = "last_reply.safetensors"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Where a node keeps its state and the budget it set for itself."""
+
+    partition_id: int
+    state_dir: Path
+    max_epsilon: float | None
+    delta: float | None
+
+
+def node_settings(node_config: Mapping, partition_id: int, cfg: ExperimentConfig) -> NodeSettings:
+    """Settings from the node config, falling back to the simulation defaults in ``cfg``."""
+    cap = cfg.privacy.cap_for(partition_id)
+    state_dir = node_config.get(NODE_STATE_DIR)
+    if state_dir is None:
+        root = Path(cfg.privacy.state_dir or "fedllm-node-state")
+        state_dir = root / f"client-{partition_id}"
+    max_epsilon = node_config.get(NODE_MAX_EPSILON, cap.max_epsilon if cap else None)
+    delta = node_config.get(NODE_DELTA, cap.delta if cap else None)
+    return NodeSettings(partition_id=partition_id, state_dir=Path(str(state_dir)),
+                        max_epsilon=None if max_epsilon is None else float(max_epsilon),
+                        delta=None if delta is None else float(delta))
+
+
+def arrays_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes of an adapter state (order-independent)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedReply:
+    """An update this node already released, and the metrics sent with it."""
+
+    arrays: dict[str, torch.Tensor]
+    metrics: dict
+
+
+class ReplyCache:
+    """The node's last reply, keyed by run, round and the global adapter it answered."""
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / REPLY_FILE
+
+    def save(self, key: tuple[str, int, str], arrays: Mapping[str, torch.Tensor], metrics: dict) -> None:
+        """Persist the reply (atomically) before it is sent."""
+        run_id, server_round, digest = key
+        meta = {"run_id": run_id, "server_round": str(server_round), "input_digest": digest,
+                "metrics": json.dumps(metrics)}
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in arrays.items()}
+        atomic_write_bytes(self.path, save(tensors, metadata=meta))
+
+    def find(self, key: tuple[str, int, str]) -> CachedReply | None:
+        """The cached reply for exactly ``key``; None when absent, different or unreadable."""
+        if not self.path.exists():
+            return None
+        try:
+            data = self.path.read_bytes()
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+            if (meta.get("run_id"), meta.get("server_round"), meta.get("input_digest")) != (
+                    key[0], str(key[1]), key[2]):
+                return None
+            return CachedReply(arrays=load(data), metrics=json.loads(meta["metrics"]))
+        except (OSError, ValueError, KeyError, SafetensorError):
+            return None  # an unreadable cache only costs a retrain, which the ledger accounts

@@ -1,0 +1,141 @@
+"""The server's round loop: Flower strategies configure and aggregate; this loop adds what a
+private federation needs around them.
+
+Per round: send the strategy's train messages, sort the replies into updates, refusals
+(a node that would pass its privacy cap trains nothing) and failures, aggregate the
+updates, evaluate, checkpoint. The run ends cleanly, before the planned last round if
+need be, once fewer than ``min_train_clients`` clients can still train. It starts at any
+round, which is how an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
+
+from fedllm.federation import records as keys
+from fedllm.federation.strategy import ClientReport, parse_history
+from fedllm.privacy.client_level import ClientLevelRound
+from fedllm.privacy.ledger import PrivacyLedger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Refusal:
+    """A node that declined a round, and why."""
+
+    partition_id: int
+    reason: str
+
+
+@dataclass
+class RoundReplies:
+    """One round's replies, sorted."""
+
+    updates: list[Message] = field(default_factory=list)
+    reports: list[ClientReport] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    sampled: int = 0
+
+
+def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: int) -> RoundReplies:
+    """Split replies into updates, refusals (recorded in the ledger) and failures."""
+    sorted_replies = RoundReplies(sampled=len(replies))
+    for reply in replies:
+        if reply.has_error():
+            sorted_replies.failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            continue
+        metrics = reply.content[keys.METRICS]
+        if int(metrics.get(keys.REFUSED, 0)) != 1:
+            sorted_replies.updates.append(reply)
+            sorted_replies.reports.append(ClientReport.from_metrics(metrics))
+            continue
+        client = int(metrics[keys.PARTITION_ID])
+        reason = str(reply.content[keys.STATUS][keys.REASON]) if keys.STATUS in reply.content else "refused"
+        history = parse_history(metrics) if keys.DP_HISTORY in metrics else None
+        delta = metrics.get(keys.DELTA)
+        ledger.record_refusal(client, server_round, reason, cap=metrics.get(keys.EPSILON_CAP),
+                              history=history, delta=None if delta is None else float(delta))
+        sorted_replies.refusals.append(Refusal(client, reason))
+        log.warning("round %d: client %d %s", server_round, client, reason)
+    for failure in sorted_replies.failures:
+        log.error("round %d: %s", server_round, failure)
+    return sorted_replies
+
+
+def record_updates(ledger: PrivacyLedger, reports: list[ClientReport], server_round: int) -> None:
+    """Put each client's reported DP-SGD history into the server ledger (epsilon is recomputed)."""
+    for report in reports:
+        if report.history:
+            ledger.record(report.partition_id, report.history, server_round, delta=report.delta,
+                          cap=report.cap, can_continue=report.can_continue)
+
+
+def stop_reason(*, ledger: PrivacyLedger, num_clients: int, min_train_clients: int, trained: int,
+                server_round: int, num_rounds: int) -> str | None:
+    """Why the run must end after ``server_round``, or None to go on."""
+    if trained < min_train_clients:
+        return (f"round {server_round}: {trained} client(s) trained, fewer than "
+                f"federation.min_train_clients={min_train_clients}")
+    exhausted = ledger.exhausted()
+    able = num_clients - len(exhausted)
+    if server_round < num_rounds and able < min_train_clients:
+        return (f"after round {server_round} only {able} of {num_clients} clients can train another round "
+                f"within their privacy caps (exhausted: {exhausted}); federation.min_train_clients="
+                f"{min_train_clients}")
+    return None
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs from the experiment config."""
+
+    num_rounds: int
+    num_clients: int
+    min_train_clients: int
+    timeout: float
+    train_config: ConfigRecord
+
+
+def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord, first_round: int,
+               on_round_end: Callable[[int, ArrayRecord, RoundReplies, str | None], None]
+               ) -> tuple[ArrayRecord, str | None]:
+    """Rounds ``first_round`` .. ``num_rounds``; returns the final arrays and why it stopped early.
+
+    ``on_round_end(round, arrays, replies, stop_reason)`` evaluates, logs and checkpoints.
+    """
+    for server_round in range(first_round, settings.num_rounds + 1):
+        messages = list(strategy.configure_train(server_round, arrays, settings.train_config, grid))
+        replies = sort_replies(list(grid.send_and_receive(messages, timeout=settings.timeout)), ledger,
+                               server_round)
+        if len(replies.updates) >= settings.min_train_clients:
+            arrays = _aggregate(strategy, ledger, server_round, replies, settings.num_clients) or arrays
+        record_updates(ledger, replies.reports, server_round)  # trained means spent, aggregated or not
+        reason = stop_reason(ledger=ledger, num_clients=settings.num_clients,
+                             min_train_clients=settings.min_train_clients, trained=len(replies.updates),
+                             server_round=server_round, num_rounds=settings.num_rounds)
+        on_round_end(server_round, arrays, replies, reason)
+        if reason:
+            log.warning("stopping: %s", reason)
+            return arrays, reason
+    return arrays, None
+
+
+def _aggregate(strategy: Strategy, ledger: PrivacyLedger, server_round: int, replies: RoundReplies,
+               num_clients: int) -> ArrayRecord | None:
+    if isinstance(strategy, DifferentialPrivacyFixedClippingBase):
+        # noise std is z * C / k for the mean of the k updates that arrived: the sum always gets z * C
+        strategy.num_sampled_clients = len(replies.updates)
+    aggregated, _ = strategy.aggregate_train(server_round, replies.updates)
+    if aggregated is not None and ledger.client_level is not None:
+        ledger.client_level.record(ClientLevelRound(server_round=server_round, population=num_clients,
+                                                    sampled=replies.sampled, contributed=len(replies.updates)))
+    return aggregated

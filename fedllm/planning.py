@@ -1,0 +1,94 @@
+"""The DP-SGD plan of an experiment: per client, the noise for the target under each accountant,
+the epsilon after each round, and which client binds. ``fedllm plan``, ``fedllm simulate`` and
+the planning notebook all print this same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedllm.config import ExperimentConfig
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One client's plan under both accountants."""
+
+    client: int
+    shard_size: int
+    sample_rate: float
+    noise: dict[str, float]  # accountant -> noise multiplier meeting the target under it
+    epsilon_by_round: list[float]
+    cap: float  # the node's effective cap (its own, where lower than the target)
+    rounds_within_cap: int  # rounds it can join before the next would pass its cap
+
+
+def build_plan(cfg: ExperimentConfig, accountants: tuple[str, ...] = ACCOUNTANTS) -> list[PlanRow]:
+    """Plan every client of ``cfg`` (shard sizes come from the real split of the data) under
+    ``accountants``; the epsilon curve is the one the configured accountant will report.
+
+    Raises:
+        PrivacyPlanError: the target cannot be met for some client.
+    """
+    from fedllm import task
+    from fedllm.privacy.budget import effective_budget
+    from fedllm.privacy.planner import epsilon_by_round, plan_client, rounds_within_cap
+
+    shards = task.split_for(cfg).shards
+    rows = []
+    for client, shard in enumerate(shards):
+        plans = {
+            name: plan_client(shard_size=len(shard), batch_size=cfg.train.batch_size,
+                              rounds=cfg.federation.num_rounds, local_steps=cfg.train.local_steps,
+                              target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.delta,
+                              accountant=name, noise_multiplier=cfg.privacy.noise_multiplier)
+            for name in dict.fromkeys((*accountants, cfg.privacy.accountant))
+        }
+        chosen = plans[cfg.privacy.accountant]
+        curve = epsilon_by_round(noise_multiplier=chosen.noise_multiplier, sample_rate=chosen.sample_rate,
+                                 local_steps=cfg.train.local_steps, rounds=cfg.federation.num_rounds,
+                                 delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        own = cfg.privacy.cap_for(client)
+        budget = effective_budget(run_target=cfg.privacy.target_epsilon, run_delta=cfg.privacy.delta,
+                                  node_max_epsilon=own.max_epsilon if own else None,
+                                  node_delta=own.delta if own else None)
+        joinable = rounds_within_cap(noise_multiplier=chosen.noise_multiplier, sample_rate=chosen.sample_rate,
+                                     local_steps=cfg.train.local_steps, max_rounds=cfg.federation.num_rounds,
+                                     cap=budget.max_epsilon, delta=budget.delta, accountant=cfg.privacy.accountant)
+        rows.append(PlanRow(client=client, shard_size=len(shard), sample_rate=chosen.sample_rate,
+                            noise={name: plan.noise_multiplier for name, plan in plans.items()},
+                            epsilon_by_round=curve, cap=budget.max_epsilon, rounds_within_cap=joinable))
+    return rows
+
+
+def binding_row(rows: list[PlanRow]) -> PlanRow:
+    """The client that needs the most noise: highest sampling rate, then smallest shard."""
+    return max(rows, key=lambda row: (row.sample_rate, -row.shard_size))
+
+
+def format_plan(cfg: ExperimentConfig, rows: list[PlanRow]) -> str:
+    """The table ``fedllm plan`` prints."""
+    lines = [
+        f"target epsilon {cfg.privacy.target_epsilon} at delta {cfg.privacy.delta}, "
+        f"{cfg.federation.num_rounds} rounds x {cfg.train.local_steps} local steps, expected batch "
+        f"{cfg.train.batch_size}, accountant used for training: {cfg.privacy.accountant}",
+        "client  records  sample_rate  " + "  ".join(f"noise({name})" for name in rows[0].noise)
+        + "    cap  rounds  epsilon after each round",
+    ]
+    for row in rows:
+        curve = " ".join(f"{value:.3f}" for value in row.epsilon_by_round)
+        noise = "  ".join(f"{value:>10.4f}" for value in row.noise.values())
+        lines.append(f"{row.client:>6}  {row.shard_size:>7}  {row.sample_rate:>11.5f}  {noise}  "
+                     f"{row.cap:>5g}  {row.rounds_within_cap:>6}  {curve}")
+    binding = binding_row(rows)
+    lines.append(f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest "
+                 f"sampling rate) needs the most noise; the target epsilon is met after the last round")
+    for row in rows:
+        if row.rounds_within_cap < cfg.federation.num_rounds:
+            lines.append(f"binding: client {row.client}'s own cap {row.cap:g} lets it join {row.rounds_within_cap} "
+                         f"of {cfg.federation.num_rounds} rounds; it refuses the rest")
+    return "\n".join(lines)
+
+
