@@ -100,7 +100,7 @@ def _private_round(msg: Message, cfg: ExperimentConfig, node: NodeSettings, run_
     if not decision.allowed:
         log.info("client %d round %d: %s", node.partition_id, server_round, decision.reason)
         return _refusal(msg, node, spent=decision.spent, cap=budget.max_epsilon, reason=decision.reason,
-                        history=history)
+                        history=history, delta=budget.delta)
     outcome = _train(cfg, node, server_round, received, dp, history)
     expected = extend_history(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate,
                               steps=outcome.result.steps)
@@ -190,13 +190,14 @@ def _reply(msg: Message, arrays: dict, metrics: dict) -> Message:
 
 
 def _refusal(msg: Message, node: NodeSettings, *, spent: float, cap: float, reason: str,
-             history: History | None = None) -> Message:
+             history: History | None = None, delta: float | None = None) -> Message:
     """A reply with no update: why the node did not train, and what it has spent."""
     metrics = {keys.PARTITION_ID: node.partition_id, keys.NUM_EXAMPLES: 0, keys.REFUSED: 1,
                keys.CAN_CONTINUE: 0, keys.EPSILON_CAP: float(cap)}
     if history is not None:
         metrics[keys.EPSILON] = float(spent)
         metrics[keys.DP_HISTORY] = [float(v) for entry in history for v in entry]
+        metrics[keys.DELTA] = float(delta)
     content = RecordDict({keys.METRICS: MetricRecord(metrics),
                           keys.STATUS: ConfigRecord({keys.REASON: reason})})
     return Message(content=content, reply_to=msg)

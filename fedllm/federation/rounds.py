@@ -79,12 +79,9 @@ def record_updates(ledger: PrivacyLedger, reports: list[ClientReport], server_ro
                           cap=report.cap, can_continue=report.can_continue)
 
 
-def stop_reason(*, ledger: PrivacyLedger, num_clients: int, min_train_clients: int, trained: int,
+def stop_reason(*, ledger: PrivacyLedger, num_clients: int, min_train_clients: int,
                 server_round: int, num_rounds: int) -> str | None:
-    """Why the run must end after ``server_round``, or None to go on."""
-    if trained < min_train_clients:
-        return (f"round {server_round}: {trained} client(s) trained, fewer than "
-                f"federation.min_train_clients={min_train_clients}")
+    """Why the run must end after ``server_round`` (too few clients can still train), or None."""
     exhausted = ledger.exhausted()
     able = num_clients - len(exhausted)
     if server_round < num_rounds and able < min_train_clients:
@@ -118,10 +115,12 @@ def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: 
                                server_round)
         if len(replies.updates) >= settings.min_train_clients:
             arrays = _aggregate(strategy, ledger, server_round, replies, settings.num_clients) or arrays
+        else:
+            log.warning("round %d: %d update(s), fewer than federation.min_train_clients=%d: not aggregated",
+                        server_round, len(replies.updates), settings.min_train_clients)
         record_updates(ledger, replies.reports, server_round)  # trained means spent, aggregated or not
         reason = stop_reason(ledger=ledger, num_clients=settings.num_clients,
-                             min_train_clients=settings.min_train_clients, trained=len(replies.updates),
-                             server_round=server_round, num_rounds=settings.num_rounds)
+                             min_train_clients=settings.min_train_clients, server_round=server_round, num_rounds=settings.num_rounds)
         on_round_end(server_round, arrays, replies, reason)
         if reason:
             log.warning("stopping: %s", reason)

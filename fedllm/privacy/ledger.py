@@ -1,8 +1,11 @@
-"""The server's view of every client's sample-level privacy spend.
+"""The server's view of the run's privacy: every client's sample-level spend, caps and
+refusals, and the client-level DP accountant.
 
-Epsilon is recomputed here from the DP-SGD history each client reports (noise, sample
-rate, steps), by the configured accountant: the number we print is computed over the
-mechanism that ran, not copied from a client's claim.
+Sample-level epsilon is recomputed here from the DP-SGD history each client reports
+(noise, sample rate, steps) at the client's delta, by the configured accountant: the number
+we print is computed over the mechanism that ran, not copied from a client's claim. The
+authoritative sample-level record is each node's own persisted ledger
+(:mod:`fedllm.privacy.node_ledger`); this one is checkpointed with the server.
 """
 
 from __future__ import annotations
