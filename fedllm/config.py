@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 PRIVACY_MODES = ("sample", "client", "both", "none")
 LEDGER_SCOPES = ("node", "run")
 CLIENT_CLIPPING = ("server", "client")
+AGGREGATIONS = ("fedavg", "trimmed_mean", "median")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
 
@@ -243,8 +244,20 @@ class FederationConfig:
     min_train_clients: int = 1
     client_cpus: float = 1.0
     round_timeout: float = 3600.0
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+    update_norm_ratio: float = 10.0
+    max_update_norm: float | None = None
+    client_app: str = "fedllm.federation.client_app:app"
 
     def __post_init__(self) -> None:
+        _one_of(self.aggregation, AGGREGATIONS, "federation.aggregation")
+        _require(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
+        _require(self.update_norm_ratio > 1, "federation.update_norm_ratio",
+                 "must be above 1 (an update this many times the round's median norm is rejected)")
+        _require(self.max_update_norm is None or self.max_update_norm > 0, "federation.max_update_norm",
+                 "must be positive, or empty for no absolute bound")
+        _require(":" in self.client_app, "federation.client_app", "must be 'module:attribute'")
         _require(self.min_train_clients > 0, "federation.min_train_clients", "must be a positive integer")
         _require(self.min_train_clients <= self.num_clients, "federation.min_train_clients",
                  f"must not exceed federation.num_clients ({self.num_clients})")
@@ -279,6 +292,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         if self.privacy.client_level:
+            _require(self.federation.aggregation == "fedavg", "federation.aggregation",
+                     "client-level DP is calibrated for the mean of clipped updates: use federation.aggregation=fedavg")
             _require(self.privacy.client_delta < 1.0 / self.federation.num_clients, "privacy.client_delta",
                      f"must be below 1/num_clients = {1.0 / self.federation.num_clients:.3g} for "
                      "client-level DP to mean anything")

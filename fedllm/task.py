@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import torch
 from peft import PeftModel
 
 from fedllm.config import DataConfig, ExperimentConfig, LoraSettings, ModelConfig
@@ -42,7 +43,9 @@ def model_bundle(model_cfg: ModelConfig, lora_cfg: LoraSettings, seed: int) -> M
     """Base model + LoRA adapters (cached: loading the base model costs seconds)."""
     tokenizer = load_tokenizer(model_cfg)
     base = load_model(model_cfg, vocab_size=len(tokenizer), seed=seed)
-    model = apply_lora(base, lora_cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the same initial adapter in every process and every run of a seed
+        model = apply_lora(base, lora_cfg)
     return ModelBundle(model=model, tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id),
                        initial_adapter=adapter_state(model))
 

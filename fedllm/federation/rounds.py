@@ -1,9 +1,10 @@
 """The server's round loop: Flower strategies configure and aggregate; this loop adds what a
 private federation needs around them.
 
-Per round: send the strategy's train messages, sort the replies into updates, refusals
-(a node that would pass its privacy cap trains nothing) and failures, aggregate the
-updates, evaluate, checkpoint. The run ends cleanly, before the planned last round if
+Per round: send the strategy's train messages, validate every reply and sort them into
+updates, refusals (a node that would pass its privacy cap trains nothing), rejected replies
+(malformed, non-finite, or far larger than the round's others) and failures (errors, no
+reply in time), aggregate the valid updates, evaluate, checkpoint. The run ends cleanly, before the planned last round if
 need be, once fewer than ``min_train_clients`` clients can still train. It starts at any
 round, which is how an interrupted run resumes.
 """
@@ -20,7 +21,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
 from fedllm.federation import records as keys
+from fedllm.errors import UpdateRejected
 from fedllm.federation.strategy import ClientReport, parse_history
+from fedllm.federation.validation import expected_update, norm_outliers, update_norm, validate_reply
 from fedllm.privacy.client_level import ClientLevelRound
 from fedllm.privacy.ledger import PrivacyLedger
 
@@ -42,33 +45,76 @@ class RoundReplies:
     updates: list[Message] = field(default_factory=list)
     reports: list[ClientReport] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     sampled: int = 0
 
 
-def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: int) -> RoundReplies:
-    """Split replies into updates, refusals (recorded in the ledger) and failures."""
-    sorted_replies = RoundReplies(sampled=len(replies))
+@dataclass(frozen=True)
+class ReplyPolicy:
+    """What the server accepts from clients."""
+
+    num_clients: int
+    update_norm_ratio: float
+    max_update_norm: float | None
+
+
+def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: int, sent: ArrayRecord,
+                 policy: ReplyPolicy, node_partitions: dict[int, int]) -> RoundReplies:
+    """Split replies into valid updates, refusals (recorded in the ledger), rejected replies
+    and failures; every reply is validated first (:mod:`fedllm.federation.validation`).
+
+    ``node_partitions`` remembers which client each node said it was, so a node cannot
+    speak for another client later.
+    """
+    result = RoundReplies(sampled=len(replies))
+    expected = expected_update(sent)
+    candidates: list[tuple[Message, ClientReport]] = []
+    seen: set[int] = set()
     for reply in replies:
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            sorted_replies.failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            result.failures.append(f"node {node}: {reply.error.reason}")
             continue
-        metrics = reply.content[keys.METRICS]
-        if int(metrics.get(keys.REFUSED, 0)) != 1:
-            sorted_replies.updates.append(reply)
-            sorted_replies.reports.append(ClientReport.from_metrics(metrics))
+        try:
+            metrics = validate_reply(reply.content, expected, policy.num_clients)
+            client = int(metrics[keys.PARTITION_ID])
+            if node_partitions.setdefault(node, client) != client or client in seen:
+                raise UpdateRejected(f"claims to be client {client}, which another reply or node already is")
+        except UpdateRejected as exc:
+            result.rejected.append(f"node {node}: {exc}")
             continue
-        client = int(metrics[keys.PARTITION_ID])
-        reason = str(reply.content[keys.STATUS][keys.REASON]) if keys.STATUS in reply.content else "refused"
-        history = parse_history(metrics) if keys.DP_HISTORY in metrics else None
-        delta = metrics.get(keys.DELTA)
-        ledger.record_refusal(client, server_round, reason, cap=metrics.get(keys.EPSILON_CAP),
-                              history=history, delta=None if delta is None else float(delta))
-        sorted_replies.refusals.append(Refusal(client, reason))
-        log.warning("round %d: client %d %s", server_round, client, reason)
-    for failure in sorted_replies.failures:
+        seen.add(client)
+        if metrics[keys.REFUSED] == 1:
+            _record_refusal(reply, metrics, ledger, server_round, result)
+        else:
+            candidates.append((reply, ClientReport.from_metrics(metrics)))
+    norms = {i: update_norm(reply.content[keys.ARRAYS], sent) for i, (reply, _) in enumerate(candidates)}
+    outliers = norm_outliers(norms, policy.update_norm_ratio, policy.max_update_norm)
+    for index, (reply, report) in enumerate(candidates):
+        result.reports.append(report)  # trained means spent, whether or not the update is used
+        if index in outliers:
+            result.rejected.append(f"client {report.partition_id}: {outliers[index]}")
+        else:
+            result.updates.append(reply)
+    for problem in result.rejected:
+        log.warning("round %d: rejected %s", server_round, problem)
+    for failure in result.failures:
         log.error("round %d: %s", server_round, failure)
-    return sorted_replies
+    return result
+
+
+def _record_refusal(reply: Message, metrics, ledger: PrivacyLedger, server_round: int,
+                    result: RoundReplies) -> None:
+    client = int(metrics[keys.PARTITION_ID])
+    status = reply.content.config_records.get(keys.STATUS)
+    reason = str(status.get(keys.REASON, "refused"))[:500] if status else "refused"
+    history = parse_history(metrics) if keys.DP_HISTORY in metrics else None
+    delta = metrics.get(keys.DELTA)
+    ledger.record_refusal(client, server_round, reason, cap=metrics.get(keys.EPSILON_CAP),
+                          history=history, delta=None if delta is None else float(delta))
+    result.refusals.append(Refusal(client, reason))
+    log.warning("round %d: client %d %s", server_round, client, reason)
 
 
 def record_updates(ledger: PrivacyLedger, reports: list[ClientReport], server_round: int) -> None:
@@ -100,6 +146,7 @@ class LoopSettings:
     min_train_clients: int
     timeout: float
     train_config: ConfigRecord
+    policy: ReplyPolicy
 
 
 def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord, first_round: int,
@@ -109,10 +156,13 @@ def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: 
 
     ``on_round_end(round, arrays, replies, stop_reason)`` evaluates, logs and checkpoints.
     """
+    node_partitions: dict[int, int] = {}
     for server_round in range(first_round, settings.num_rounds + 1):
         messages = list(strategy.configure_train(server_round, arrays, settings.train_config, grid))
-        replies = sort_replies(list(grid.send_and_receive(messages, timeout=settings.timeout)), ledger,
-                               server_round)
+        received = list(grid.send_and_receive(messages, timeout=settings.timeout))
+        replies = sort_replies(received, ledger, server_round, arrays, settings.policy, node_partitions)
+        replies.failures += [f"node {m.metadata.dst_node_id}: no reply within {settings.timeout:g} s"
+                             for m in _unanswered(messages, received)]
         if len(replies.updates) >= settings.min_train_clients:
             arrays = _aggregate(strategy, ledger, server_round, replies, settings.num_clients) or arrays
         else:
@@ -126,6 +176,11 @@ def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: 
             log.warning("stopping: %s", reason)
             return arrays, reason
     return arrays, None
+
+
+def _unanswered(messages: list[Message], replies: list[Message]) -> list[Message]:
+    answered = {reply.metadata.src_node_id for reply in replies}
+    return [message for message in messages if message.metadata.dst_node_id not in answered]
 
 
 def _aggregate(strategy: Strategy, ledger: PrivacyLedger, server_round: int, replies: RoundReplies,

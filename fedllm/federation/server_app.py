@@ -19,7 +19,7 @@ from fedllm.config import ExperimentConfig
 from fedllm.evaluation.metrics import evaluate
 from fedllm.federation import records as keys
 from fedllm.federation.checkpoint import Checkpointer, ServerState, restore_rng
-from fedllm.federation.rounds import LoopSettings, RoundReplies, run_rounds
+from fedllm.federation.rounds import LoopSettings, ReplyPolicy, RoundReplies, run_rounds
 from fedllm.federation.strategy import build_strategy, mean_train_loss
 from fedllm.model.adapters import load_adapter_state
 from fedllm.privacy.client_level import ClientLevelAccountant
@@ -68,7 +68,7 @@ class RoundEvaluator:
             train_loss=mean_train_loss(replies.reports),
             epsilons=self.ledger.epsilons() if self.cfg.privacy.sample_level else None,
             slowest_client_seconds=max((r.train_seconds for r in replies.reports), default=None),
-            refused=[r.partition_id for r in replies.refusals], failed=len(replies.failures),
+            refused=[r.partition_id for r in replies.refusals], failed=replies.failures, rejected=replies.rejected,
             client_level_epsilon=client_level.epsilon() if client_level else None,
         )
         if self.sink:
@@ -103,6 +103,27 @@ def start_state(cfg: ExperimentConfig, checkpoints: Checkpointer, ledger: Privac
                        config=cfg.to_dict())
 
 
+def strategy_for(cfg: ExperimentConfig):
+    """The Flower strategy ``cfg`` asks for."""
+    fed, privacy = cfg.federation, cfg.privacy
+    return build_strategy(aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,
+                          fraction_train=fed.fraction_train, num_clients=fed.num_clients,
+                          client_level=privacy.client_level, client_clipping=privacy.client_clipping,
+                          client_noise_multiplier=privacy.client_noise_multiplier,
+                          client_clip_norm=privacy.client_clip_norm)
+
+
+def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
+    """The round loop's settings and reply policy from ``cfg``."""
+    fed = cfg.federation
+    return LoopSettings(
+        num_rounds=fed.num_rounds, num_clients=fed.num_clients, min_train_clients=fed.min_train_clients,
+        timeout=fed.round_timeout,
+        train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id}),
+        policy=ReplyPolicy(num_clients=fed.num_clients, update_norm_ratio=fed.update_norm_ratio,
+                           max_update_norm=fed.max_update_norm))
+
+
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run (or continue) every round, and write adapter, ledger, metrics and summary.
 
@@ -129,15 +150,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
         if state.server_round < 0:
             end_round(0, ArrayRecord(torch_state_dict=state.arrays), None, None)  # zero-shot
         if state.stop_reason is None and state.server_round < cfg.federation.num_rounds:
-            settings = LoopSettings(
-                num_rounds=cfg.federation.num_rounds, num_clients=cfg.federation.num_clients,
-                min_train_clients=cfg.federation.min_train_clients, timeout=cfg.federation.round_timeout,
-                train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: state.run_id}))
-            run_rounds(grid, build_strategy(cfg.federation.fraction_train, cfg.federation.num_clients,
-                                            cfg.privacy.client_level, cfg.privacy.client_clipping,
-                                            cfg.privacy.client_noise_multiplier, cfg.privacy.client_clip_norm),
-                       ledger, settings, ArrayRecord(torch_state_dict=state.arrays), state.server_round + 1,
-                       end_round)
+            run_rounds(grid, strategy_for(cfg), ledger, loop_settings(cfg, state.run_id),
+                       ArrayRecord(torch_state_dict=state.arrays), state.server_round + 1, end_round)
     finally:
         run_log.close()
     summary = write_outputs(cfg, run_dir, evaluator.bundle.model, state, ledger, run_log)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fedllm.config import ExperimentConfig
+from fedllm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from fedllm.federation.client_app import app as client_app
     from fedllm.federation.server_app import build_server_app
 
     route_flower_logs()
+    client_app = load_object(cfg.federation.client_app)
 
     backend_config = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
@@ -65,6 +66,21 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
         )
     finally:
         stop_ray(ray)
+
+
+def load_object(spec: str):
+    """The object a ``module:attribute`` string names (Flower's own notation for apps).
+
+    Raises:
+        ConfigError: the module or attribute does not exist.
+    """
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"federation.client_app={spec!r} cannot be loaded: {exc}") from exc
 
 
 def stop_ray(ray, timeout: float = 20.0) -> None:

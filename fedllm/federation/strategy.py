@@ -1,4 +1,4 @@
-"""FedAvg over adapter arrays, keeping each client's per-round report for the ledger and metrics."""
+"""The aggregation strategy (Flower's, over adapter arrays) and the client reports it reads."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
     Strategy,
 )
 
@@ -66,37 +68,38 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
                          keys.NUM_EXAMPLES: sum(r.num_examples for r in reports)})
 
 
-class AdapterFedAvg(FedAvg):
-    """Flower's FedAvg over adapter arrays, weighted by shard size (or uniformly, as
-    client-level DP requires) with our wire keys.
+def adapter_strategy(*, aggregation: str, trim_fraction: float, fraction_train: float, min_train_nodes: int,
+                     min_available_nodes: int, weighted_by_key: str) -> FedAvg:
+    """Flower's FedAvg, FedTrimmedAvg or FedMedian over adapter arrays with our wire keys.
 
-    Evaluation is centralised on the server's held-out split, so no evaluate messages
-    are sent to clients.
+    Evaluation is centralised on the server's held-out split, so no evaluate messages are sent.
     """
+    common = dict(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
+                  min_evaluate_nodes=0, min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
+                  arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG,
+                  train_metrics_aggr_fn=aggregate_train_metrics)
+    if aggregation == "trimmed_mean":
+        return FedTrimmedAvg(beta=trim_fraction, **common)
+    if aggregation == "median":
+        return FedMedian(**common)
+    return FedAvg(**common)
 
-    def __init__(self, *, fraction_train: float, min_train_nodes: int, min_available_nodes: int,
-                 weighted_by_key: str = keys.NUM_EXAMPLES):
-        super().__init__(
-            fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=0, min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key, arrayrecord_key=keys.ARRAYS,
-            configrecord_key=keys.CONFIG, train_metrics_aggr_fn=aggregate_train_metrics,
-        )
 
-
-def build_strategy(fraction_train: float, num_clients: int, client_level: bool, client_clipping: str,
-                   client_noise_multiplier: float, client_clip_norm: float) -> Strategy:
-    """FedAvg of adapters; with client-level DP, wrapped in Flower's fixed-clipping DP strategy.
+def build_strategy(*, aggregation: str, trim_fraction: float, fraction_train: float, num_clients: int,
+                   client_level: bool, client_clipping: str, client_noise_multiplier: float,
+                   client_clip_norm: float) -> Strategy:
+    """The run's strategy; with client-level DP, wrapped in Flower's fixed-clipping DP strategy.
 
     Client-level DP clips each client's whole update (on the server, or on the node with
     Flower's ``fixedclipping_mod``) and adds Gaussian noise to the uniform mean.
     """
     sampled = max(1, round(fraction_train * num_clients))
-    fedavg = AdapterFedAvg(fraction_train=fraction_train, min_train_nodes=sampled, min_available_nodes=num_clients,
-                           weighted_by_key=keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES)
+    inner = adapter_strategy(aggregation=aggregation, trim_fraction=trim_fraction, fraction_train=fraction_train,
+                             min_train_nodes=sampled, min_available_nodes=num_clients,
+                             weighted_by_key=keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES)
     if not client_level:
-        return fedavg
+        return inner
     wrapper = (DifferentialPrivacyServerSideFixedClipping if client_clipping == "server"
                else DifferentialPrivacyClientSideFixedClipping)
-    return wrapper(fedavg, noise_multiplier=client_noise_multiplier, clipping_norm=client_clip_norm,
+    return wrapper(inner, noise_multiplier=client_noise_multiplier, clipping_norm=client_clip_norm,
                    num_sampled_clients=sampled)

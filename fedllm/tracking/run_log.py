@@ -36,7 +36,8 @@ class RunLog:
     def log_round(self, server_round: int, *, train_loss: float | None, eval_loss: float,
                   eval_accuracy: float | None, epsilons: dict[int, float] | None,
                   num_clients: int, slowest_client_seconds: float | None = None,
-                  refused: list[int] | None = None, failed: int = 0,
+                  refused: list[int] | None = None, failed: list[str] | None = None,
+                  rejected: list[str] | None = None,
                   client_level_epsilon: float | None = None) -> dict[str, Any]:
         """Record one round (round 0 is the evaluation before any training)."""
         record = {
@@ -48,7 +49,9 @@ class RunLog:
             "max_epsilon": max(epsilons.values(), default=0.0) if epsilons is not None else None,
             "num_clients": num_clients,
             "refused": sorted(refused or []),
-            "failed": failed,
+            "failed": list(failed or []),
+            "rejected_updates": len(rejected or []),
+            "rejections": list(rejected or []),
             "client_level_epsilon": client_level_epsilon,
             # local training time of the slowest client: the rest of a round is framework and evaluation
             "slowest_client_seconds": _finite_or_none(slowest_client_seconds),
@@ -73,6 +76,10 @@ class RunLog:
             parts.append(f"client-level epsilon {record['client_level_epsilon']:.3f}")
         if record["refused"]:
             parts.append(f"refused {record['refused']}")
+        if record["rejected_updates"]:
+            parts.append(f"rejected {record['rejected_updates']}")
+        if record["failed"]:
+            parts.append(f"failed {len(record['failed'])}")
         line = " | ".join(parts)
         if record["round"] > 0:
             self.bar.update(1)

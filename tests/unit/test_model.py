@@ -89,3 +89,22 @@ def test_embedded_smollm2_is_dequantised_once_into_the_user_cache():
     assert embedded_model_dir() == folder  # second call reuses the cache
     peft_model = apply_lora(model, LoraSettings())
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == 460_800
+
+
+def test_the_initial_adapter_depends_only_on_the_seed():
+    # every process (server, each simulated node) and every run of a seed starts from the same
+    # adapter, whatever else has used the global random generator before
+    from fedllm import task
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config()
+    task.model_bundle.cache_clear()
+    first = task.model_bundle(cfg.model, cfg.lora, 0).initial_adapter
+    torch.rand(1000)
+    task.model_bundle.cache_clear()
+    again = task.model_bundle(cfg.model, cfg.lora, 0).initial_adapter
+    task.model_bundle.cache_clear()
+    other = task.model_bundle(cfg.model, cfg.lora, 1).initial_adapter
+    task.model_bundle.cache_clear()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
