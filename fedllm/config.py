@@ -104,11 +104,13 @@ class DataConfig:
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
     max_length: int = 96
+    overlong: str = "truncate"
 
     def __post_init__(self) -> None:
         _one_of(self.name, DATASETS, "data.name")
         _one_of(self.format, ("auto", "jsonl", "csv"), "data.format")
         _one_of(self.partition, PARTITIONERS, "data.partition")
+        _one_of(self.overlong, ("truncate", "refuse"), "data.overlong")
         if self.name == "jsonl":
             _require(bool(self.path), "data.path", "data=jsonl needs data.path=<file.jsonl or .csv>")
         _require("{prompt}" in self.prompt_template, "data.prompt_template",

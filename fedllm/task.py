@@ -8,6 +8,7 @@ and each round overwrites the adapter weights from the global state.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,6 +23,8 @@ from fedllm.model.base import load_model, load_tokenizer
 from fedllm.model.adapters import adapter_state
 from fedllm.model.lora import apply_lora
 from fedllm.privacy.node_ledger import fingerprint
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,7 +76,7 @@ def prompt_format(data_cfg: DataConfig) -> PromptFormat:
     """The prompt/answer layout of ``data_cfg``."""
     return PromptFormat(prompt_template=data_cfg.prompt_template,
                         response_template=data_cfg.response_template,
-                        max_length=data_cfg.max_length, choices=data_cfg.choices)
+                        max_length=data_cfg.max_length, choices=data_cfg.choices, overlong=data_cfg.overlong)
 
 
 def split_for(cfg: ExperimentConfig) -> Split:
@@ -85,7 +88,12 @@ def split_for(cfg: ExperimentConfig) -> Split:
 def tokenized_shard(cfg: ExperimentConfig, partition_id: int) -> TokenizedDataset:
     """Client ``partition_id``'s tokenized training shard."""
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
-    return tokenize_records(split_for(cfg).shards[partition_id], bundle.tokenizer, prompt_format(cfg.data))
+    shard = tokenize_records(split_for(cfg).shards[partition_id], bundle.tokenizer, prompt_format(cfg.data))
+    if shard.truncated:
+        log.warning("client %d: %d of %d records are longer than data.max_length=%d; their prompts were "
+                    "left-truncated (data.overlong=refuse stops instead)", partition_id, shard.truncated,
+                    len(shard), cfg.data.max_length)
+    return shard
 
 
 @lru_cache(maxsize=1)

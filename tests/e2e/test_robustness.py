@@ -44,3 +44,26 @@ def test_malicious_and_crashing_clients_are_rejected_and_the_run_matches_honest_
     for name, tensor in final.items():
         assert torch.isfinite(tensor).all()
         assert torch.allclose(tensor, reference[name], atol=1e-6), name
+
+
+CANARY = "CANARY-7f3a9c-do-not-leak"
+
+
+def test_no_client_text_reaches_anything_the_server_writes(tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    with data.open("w", encoding="utf-8") as handle:
+        for i in range(400):
+            prompt = f"review {i}: {'a moving film' if i % 2 else 'a dull film'}"
+            if i % 10 == 0:
+                prompt += f" {CANARY}"  # planted in records that land in clients' shards and the test split
+            handle.write(json.dumps({"text": prompt, "label": "positive" if i % 2 else "negative", "id": i}) + "\n")
+    run_dir = tmp_path / "run"
+    result = fedllm(["simulate", "debug=smoke", "data=jsonl", f"data.path={data}", "data.prompt_field=text",
+                     "data.response_field=label", "data.choices=[positive,negative]",
+                     "data.prompt_template='Review: {prompt}\\nSentiment:'", "data.test_size=50", "tracking=wandb",
+                     f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert CANARY not in result.stdout + result.stderr
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in written) and (run_dir / "checkpoint" / "state.json").is_file()
+    for path in written:
+        assert CANARY.encode() not in path.read_bytes(), path
