@@ -280,6 +280,17 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Data at rest: checksums always; AES-256-GCM encryption of adapters and checkpoints on
+    request, with a 256-bit key (64 hex characters) from ``key_file`` or the ``key_env``
+    environment variable. The key itself never enters a config or output file."""
+
+    encrypt: bool = False
+    key_file: str | None = None
+    key_env: str = "FEDLLM_ENCRYPTION_KEY"
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The whole resolved experiment."""
 
@@ -290,6 +301,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -345,6 +357,7 @@ _SECTION_TYPES: dict[str, type] = {
     "privacy": PrivacyConfig,
     "federation": FederationConfig,
     "tracking": TrackingConfig,
+    "storage": StorageConfig,
 }
 
 

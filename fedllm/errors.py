@@ -27,3 +27,7 @@ class UpdateRejected(FedLLMError):
 
 class LedgerError(FedLLMError):
     """A persisted privacy ledger or checkpoint cannot be read; it is never reset silently."""
+
+
+class IntegrityError(LedgerError):
+    """A saved file failed its checksum, or cannot be decrypted with the given key."""

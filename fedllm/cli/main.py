@@ -12,6 +12,8 @@ commands:
   plan       print the DP-SGD plan (noise per client under RDP and PRV, epsilon per round)
              for the same overrides, before any training
   report     summarise a run or sweep directory: table (CSV/Markdown), privacy-utility plot
+  verify     check the checksums of a run directory (adapter, checkpoint, node ledgers)
+  decrypt    write the plain file of an encrypted (sealed) adapter or checkpoint file
 """
 
 
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedllm.cli.report import report_cli
 
         return report_cli(rest)
+    if command in ("verify", "decrypt"):
+        from fedllm.cli import at_rest
+
+        return (at_rest.verify_cli if command == "verify" else at_rest.decrypt_cli)(rest)
     print(f"fedllm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

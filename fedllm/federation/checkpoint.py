@@ -1,7 +1,7 @@
 """The server's checkpoint after every round: enough to continue an interrupted run exactly.
 
-``<run dir>/checkpoint/`` holds the global adapter of the last finished round
-(safetensors) and ``state.json``: round number, run id, server privacy ledger, per-round
+``<run dir>/checkpoint/`` holds the global adapter of the last finished round (safetensors,
+sealed: checksummed and, with a key, AES-256-GCM encrypted) and ``state.json`` (checksummed): round number, run id, server privacy ledger, per-round
 metrics, the random states that drive client sampling and client-level noise, and the
 resolved config. The adapter is written first and ``state.json`` (which names it) last,
 both atomically, so a crash at any point leaves the previous complete checkpoint.
@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from fedllm.errors import LedgerError
-from fedllm.storage import atomic_write_bytes, write_json
+from fedllm.storage import atomic_write_bytes, seal, unseal, verify_checksum, with_checksum, write_json
 
 STATE_FILE = "state.json"
 
@@ -57,10 +57,11 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    """Writes and reads the checkpoint folder of one run."""
+    """Writes and reads the checkpoint folder of one run (``key``: encrypt the adapter)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, key: bytes | None = None):
         self.folder = Path(folder)
+        self.key = key
 
     def exists(self) -> bool:
         """Whether a complete checkpoint is present."""
@@ -68,15 +69,15 @@ class Checkpointer:
 
     def save(self, state: ServerState) -> None:
         """Persist ``state`` (adapter first, then the state file that names it)."""
-        adapter_name = f"adapter-round-{state.server_round}.safetensors"
+        adapter_name = f"adapter-round-{state.server_round}.sealed"
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.arrays.items()}
-        atomic_write_bytes(self.folder / adapter_name, save(tensors))
-        write_json(self.folder / STATE_FILE, {
+        atomic_write_bytes(self.folder / adapter_name, seal(save(tensors), self.key))
+        write_json(self.folder / STATE_FILE, with_checksum({
             "run_id": state.run_id, "server_round": state.server_round, "adapter": adapter_name,
             "ledger": state.ledger, "rounds": state.rounds, "config": state.config,
             "stop_reason": state.stop_reason, "rng": capture_rng(),
-        })
-        for old in self.folder.glob("adapter-round-*.safetensors"):
+        }))
+        for old in self.folder.glob("adapter-round-*.sealed"):
             if old.name != adapter_name:
                 old.unlink()
 
@@ -85,13 +86,15 @@ class Checkpointer:
 
         Raises:
             LedgerError: no checkpoint, or one that cannot be read.
+            IntegrityError: a checksum does not match, or the key is missing or wrong.
         """
         path = self.folder / STATE_FILE
         if not path.is_file():
             raise LedgerError(f"no checkpoint in {self.folder}: this run cannot be resumed")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            arrays = load((self.folder / raw["adapter"]).read_bytes())
+            raw = verify_checksum(json.loads(path.read_text(encoding="utf-8")), str(path))
+            adapter = self.folder / raw["adapter"]
+            arrays = load(unseal(adapter.read_bytes(), self.key, str(adapter)))
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise LedgerError(f"{self.folder}: the checkpoint cannot be read ({exc})") from exc
         return ServerState(run_id=raw["run_id"], server_round=int(raw["server_round"]), arrays=arrays,

@@ -23,13 +23,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from fedllm.config import ExperimentConfig
-from fedllm.storage import atomic_write_bytes
+from fedllm.errors import IntegrityError
+from fedllm.storage import atomic_write_bytes, seal, unseal
 
 # node_config keys an operator may set
 NODE_STATE_DIR = "state-dir"
 NODE_MAX_EPSILON = "max-epsilon"
 NODE_DELTA = "delta"
-REPLY_FILE = "last_reply.safetensors"
+REPLY_FILE = "last_reply.sealed"
 
 
 @dataclass(frozen=True)
@@ -86,19 +87,19 @@ class ReplyCache:
         meta = {"run_id": run_id, "server_round": str(server_round), "input_digest": digest,
                 "metrics": json.dumps(metrics)}
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in arrays.items()}
-        atomic_write_bytes(self.path, save(tensors, metadata=meta))
+        atomic_write_bytes(self.path, seal(save(tensors, metadata=meta), None))
 
     def find(self, key: tuple[str, int, str]) -> CachedReply | None:
         """The cached reply for exactly ``key``; None when absent, different or unreadable."""
         if not self.path.exists():
             return None
         try:
-            data = self.path.read_bytes()
+            data = unseal(self.path.read_bytes(), None, str(self.path))
             header_len = int.from_bytes(data[:8], "little")
             meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
             if (meta.get("run_id"), meta.get("server_round"), meta.get("input_digest")) != (
                     key[0], str(key[1]), key[2]):
                 return None
             return CachedReply(arrays=load(data), metrics=json.loads(meta["metrics"]))
-        except (OSError, ValueError, KeyError, SafetensorError):
+        except (OSError, ValueError, KeyError, SafetensorError, IntegrityError):
             return None  # an unreadable cache only costs a retrain, which the ledger accounts

@@ -24,7 +24,7 @@ from fedllm.federation.strategy import build_strategy, mean_train_loss
 from fedllm.model.adapters import load_adapter_state
 from fedllm.privacy.client_level import ClientLevelAccountant
 from fedllm.privacy.ledger import PrivacyLedger
-from fedllm.storage import write_json
+from fedllm.storage import load_key, protect_adapter, write_json
 from fedllm.tracking.plots import plot_run
 from fedllm.tracking.run_log import RunLog
 from fedllm.tracking.wandb_sink import WandbSink
@@ -132,7 +132,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
     """
     torch.set_num_threads(os.cpu_count() or 1)
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpointer(run_dir / "checkpoint")
+    key = load_key(cfg.storage.key_file, cfg.storage.key_env) if cfg.storage.encrypt else None
+    checkpoints = Checkpointer(run_dir / "checkpoint", key)
     ledger = new_ledger(cfg)
     state = start_state(cfg, checkpoints, ledger, resume)
     run_log = RunLog(run_dir, cfg.federation.num_rounds, cfg.tracking.progress, previous=state.rounds)
@@ -154,17 +155,18 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
                        ArrayRecord(torch_state_dict=state.arrays), state.server_round + 1, end_round)
     finally:
         run_log.close()
-    summary = write_outputs(cfg, run_dir, evaluator.bundle.model, state, ledger, run_log)
+    summary = write_outputs(cfg, run_dir, evaluator.bundle.model, state, ledger, run_log, key)
     if sink:
         sink.finish(summary)
     return summary
 
 
 def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, state: ServerState,
-                  ledger: PrivacyLedger, run_log: RunLog) -> dict:
-    """Save the final adapter (PEFT format), the privacy ledger and the summary."""
+                  ledger: PrivacyLedger, run_log: RunLog, key: bytes | None = None) -> dict:
+    """Save the final adapter (PEFT format; sealed when encrypting), the privacy ledger and the summary."""
     load_adapter_state(model, state.arrays)
     model.save_pretrained(str(run_dir / "adapter"))
+    protect_adapter(run_dir / "adapter", key)
     write_json(run_dir / "privacy_ledger.json", ledger.to_report())
     rounds = run_log.rounds
     summary = {

@@ -4,8 +4,9 @@ One JSON file per node state directory holds, per dataset fingerprint (a hash of
 node's training records), every release: noise multiplier, sample rate, steps, run id and
 round. Epsilon is always recomputed from this history by a real accountant, so a node that
 crashes, restarts, or joins a second run on the same records continues from what it has
-spent; it never starts again at zero. Writes are atomic (temp file, fsync, rename) and a
-file that cannot be read is an error, never a silent reset.
+spent; it never starts again at zero. Writes are atomic (temp file, fsync, rename), the
+file carries a checksum verified on load, and a file that cannot be read is an error,
+never a silent reset.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedllm.errors import LedgerError
+from fedllm.errors import IntegrityError, LedgerError
 from fedllm.privacy.accounting import History, epsilon, extend_history
-from fedllm.storage import write_json
+from fedllm.storage import verify_checksum, with_checksum, write_json
 
 LEDGER_FILE = "privacy_ledger.json"
 FORMAT_VERSION = 1
@@ -62,10 +63,13 @@ class NodeLedger:
         if not self.path.exists():
             return {}
         try:
-            payload = json.loads(self.path.read_text(encoding="utf-8"))
+            payload = verify_checksum(json.loads(self.path.read_text(encoding="utf-8")), str(self.path))
             if payload.get("format") != FORMAT_VERSION:
                 raise ValueError(f"format {payload.get('format')!r}, expected {FORMAT_VERSION}")
             return dict(payload["datasets"])
+        except IntegrityError as exc:
+            raise LedgerError(f"{exc}; the privacy ledger is never reset automatically: restore it from a "
+                              "backup or, knowing the privacy it recorded is lost, move it away") from exc
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LedgerError(
                 f"{self.path}: the privacy ledger cannot be read ({exc}); it is never reset "
@@ -94,7 +98,7 @@ class NodeLedger:
         """Append ``release`` and persist the ledger before anything leaves the node."""
         self.releases.append(release)
         self._datasets[self.fingerprint] = {"releases": [asdict(r) for r in self.releases]}
-        write_json(self.path, {"format": FORMAT_VERSION, "datasets": self._datasets})
+        write_json(self.path, with_checksum({"format": FORMAT_VERSION, "datasets": self._datasets}))
 
     def state_dict(self) -> dict[str, Any]:
         """The releases of this fingerprint, JSON-able."""

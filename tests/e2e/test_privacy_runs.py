@@ -83,12 +83,16 @@ def _reap_tagged_processes(timeout: float = 30.0) -> None:
             continue
 
 
+KEY = {"FEDLLM_ENCRYPTION_KEY": "11" * 32}
+
+
 @pytest.mark.timeout(600)
-def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_epsilons(tmp_path, smoke_run):
+def test_a_killed_encrypted_server_resumes_and_ends_with_the_uninterrupted_epsilons(tmp_path, smoke_run):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning", SESSION_TAG[0]: SESSION_TAG[1]}
-    proc = subprocess.Popen([*FEDLLM, "simulate", "debug=smoke", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning", SESSION_TAG[0]: SESSION_TAG[1], **KEY}
+    proc = subprocess.Popen([*FEDLLM, "simulate", "debug=smoke", "storage.encrypt=true", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         _wait_for_checkpoint(run_dir, 1, proc)
     finally:
@@ -97,7 +101,11 @@ def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_epsilons(tmp_pa
         _reap_tagged_processes()
     assert not (run_dir / "summary.json").exists()  # it really was interrupted
 
-    fedllm(["simulate", f"resume={run_dir}"], cwd=tmp_path)
+    wrong = fedllm(["simulate", f"resume={run_dir}"], cwd=tmp_path, check=False,
+                   env={"FEDLLM_ENCRYPTION_KEY": "22" * 32})
+    assert wrong.returncode == 1 and "wrong encryption key" in wrong.stdout + wrong.stderr
+    _reap_tagged_processes()
+    fedllm(["simulate", f"resume={run_dir}"], cwd=tmp_path, env=KEY)
     resumed, reference = _json(run_dir / "privacy_ledger.json"), _json(smoke_run / "privacy_ledger.json")
     assert {c: e["epsilon"] for c, e in resumed["clients"].items()} == {
         c: e["epsilon"] for c, e in reference["clients"].items()}
@@ -109,6 +117,8 @@ def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_epsilons(tmp_pa
         releases = next(iter(node["datasets"].values()))["releases"]
         assert [r["server_round"] for r in releases] == [1, 2]
         assert {r["run_id"] for r in releases} == {summary["run_id"]}
+    assert not (run_dir / "adapter" / "adapter_model.safetensors").exists()  # only the encrypted form
+    assert fedllm(["verify", str(run_dir)], cwd=tmp_path, env=KEY).stdout.startswith("ok: adapter, checkpoint")
 
 
 def test_resume_refuses_other_overrides_and_non_runs(tmp_path):

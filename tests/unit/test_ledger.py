@@ -183,7 +183,7 @@ def test_checkpoint_round_trips_state_and_random_generators(tmp_path):
     assert torch.equal(loaded.arrays["a"], state.arrays["a"]) and loaded.server_round == 3
     state.server_round = 4
     checkpoints.save(state)
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["adapter-round-4.safetensors",
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["adapter-round-4.sealed",
                                                                           "state.json"]
 
 
@@ -193,6 +193,6 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
         checkpoints.load()
     checkpoints.save(ServerState(run_id="r", server_round=1, arrays={"a": torch.ones(2)}, ledger={}, rounds=[],
                                  config={}))
-    (tmp_path / "adapter-round-1.safetensors").write_bytes(b"garbage")
-    with pytest.raises(LedgerError, match="cannot be read"):
+    (tmp_path / "adapter-round-1.sealed").write_bytes(b"garbage")
+    with pytest.raises(LedgerError, match="not a fedllm sealed file"):
         checkpoints.load()
