@@ -114,3 +114,25 @@ def choice_ids_for(cfg: ExperimentConfig) -> list[int]:
 def shard_fingerprint(cfg: ExperimentConfig, partition_id: int) -> str:
     """The dataset fingerprint of client ``partition_id``'s training records (its ledger key)."""
     return fingerprint((r.prompt, r.response) for r in split_for(cfg).shards[partition_id])
+
+
+@lru_cache(maxsize=4)
+def local_records(path: str, fmt: str, prompt_field: str, response_field: str) -> list[Record]:
+    """A deployed node's own training records (its whole file is its shard)."""
+    return load_records(path, fmt, prompt_field, response_field)
+
+
+def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, data_format: str
+               ) -> tuple[TokenizedDataset, str]:
+    """The node's tokenized training data and its fingerprint: its own file when the node config
+    names one (deployment), else its shard of the experiment's data (simulation).
+
+    Raises:
+        DataError: the file is missing or malformed (the message names file and line).
+    """
+    if data_path is None:
+        return tokenized_shard(cfg, partition_id), shard_fingerprint(cfg, partition_id)
+    records = local_records(data_path, data_format, cfg.data.prompt_field, cfg.data.response_field)
+    bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
+    return (tokenize_records(records, bundle.tokenizer, prompt_format(cfg.data)),
+            fingerprint((r.prompt, r.response) for r in records))

@@ -89,22 +89,19 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> dict:
     Returns:
         The run summary.
     """
-    from fedllm import task
+    from fedllm.federation.server_app import prepare_run
     from fedllm.federation.simulation import run_simulation
-    from fedllm.planning import build_plan, format_plan
     from fedllm.storage import write_json
 
     started = time.perf_counter()
     if cfg.model.kind != "pretrained":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default run never touches a hub
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_json(run_dir / "config.json", cfg.to_dict())
-    # build caches (dequantised model, tokenizer) once here, before actors race for them
-    task.model_bundle(cfg.model, cfg.lora, cfg.seed)
-    if cfg.privacy.sample_level:
-        plan = format_plan(cfg, build_plan(cfg, accountants=(cfg.privacy.accountant,)))
-        log.info("privacy plan (every client in every round):\n%s", plan)
+    if resume:
+        from fedllm import task
+
+        task.model_bundle(cfg.model, cfg.lora, cfg.seed)  # build caches once, before actors race for them
+    else:
+        prepare_run(cfg, run_dir)
     run_simulation(cfg, run_dir, resume=resume)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -21,7 +21,7 @@ from fedllm.config import ExperimentConfig
 from fedllm.data.formatting import make_collate
 from fedllm.errors import DataError, LedgerError, PrivacyPlanError
 from fedllm.federation import records as keys
-from fedllm.federation.node_state import NodeSettings, ReplyCache, arrays_digest, node_settings
+from fedllm.federation.node_state import NodeSettings, ReplyCache, arrays_digest, audit_round, node_settings
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.privacy.accounting import History, epsilon, extend_history
 from fedllm.privacy.budget import Budget, check_round, effective_budget
@@ -63,17 +63,23 @@ app = ClientApp(mods=[client_clipping_mod])
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round on this node: refuse, replay an update already released, or train."""
+    """One round on this node: decline, refuse, replay an update already released, or train;
+    every round is written to the node's audit log."""
     cfg = ExperimentConfig.from_json(str(msg.content[keys.CONFIG][keys.TASK_CONFIG]))
-    server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
-    run_id = str(msg.content[keys.CONFIG][keys.RUN_ID])
     node = node_settings(context.node_config, int(context.node_config[keys.NODE_PARTITION_ID]), cfg)
     torch.set_num_threads(cfg.train.threads_per_client)
+    reply = _answer(msg, cfg, node)
+    audit_round(node.state_dir, msg.content[keys.CONFIG], reply.content)
+    return reply
+
+
+def _answer(msg: Message, cfg: ExperimentConfig, node: NodeSettings) -> Message:
+    server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
     received = msg.content[keys.ARRAYS].to_torch_state_dict()
-    try:
-        task.tokenized_shard(cfg, node.partition_id)  # unusable local data: decline, do not crash the run
+    try:  # unusable local data: decline, do not crash the run
+        shard, fingerprint = task.node_shard(cfg, node.partition_id, node.data_path, node.data_format)
         if cfg.privacy.sample_level:
-            _dp_spec(cfg, len(task.tokenized_shard(cfg, node.partition_id)))
+            _dp_spec(cfg, len(shard))
     except (DataError, PrivacyPlanError) as exc:
         log.error("client %d: declining round %d: %s", node.partition_id, server_round, exc)
         return _refusal(msg, node, spent=float("nan"), cap=float(node.max_epsilon or cfg.privacy.target_epsilon),
@@ -83,15 +89,16 @@ def train(msg: Message, context: Context) -> Message:
             return _refusal(msg, node, spent=float("inf"), cap=node.max_epsilon, reason=(
                 f"refused: this node caps epsilon at {node.max_epsilon:g} but the run trains without "
                 f"DP-SGD (privacy.mode={cfg.privacy.mode}): its records would have no sample-level guarantee"))
-        outcome = _train(cfg, node, server_round, received, None, [])
+        outcome = _train(cfg, node, shard, server_round, received, None, [])
         return _reply(msg, outcome.arrays, outcome.result_metrics)
-    return _private_round(msg, cfg, node, run_id, server_round, received)
+    run_id = str(msg.content[keys.CONFIG][keys.RUN_ID])
+    return _private_round(msg, cfg, node, (shard, fingerprint), run_id, server_round, received)
 
 
-def _private_round(msg: Message, cfg: ExperimentConfig, node: NodeSettings, run_id: str,
+def _private_round(msg: Message, cfg: ExperimentConfig, node: NodeSettings, data: tuple, run_id: str,
                    server_round: int, received: dict) -> Message:
-    shard = task.tokenized_shard(cfg, node.partition_id)
-    ledger = NodeLedger(node.state_dir, task.shard_fingerprint(cfg, node.partition_id))
+    shard, fingerprint = data
+    ledger = NodeLedger(node.state_dir, fingerprint)
     cache = ReplyCache(node.state_dir)
     cache_key = (run_id, server_round, arrays_digest(received))
     if ledger.find(run_id, server_round) and (cached := cache.find(cache_key)):
@@ -109,7 +116,7 @@ def _private_round(msg: Message, cfg: ExperimentConfig, node: NodeSettings, run_
         log.info("client %d round %d: %s", node.partition_id, server_round, decision.reason)
         return _refusal(msg, node, spent=decision.spent, cap=budget.max_epsilon, reason=decision.reason,
                         history=history, delta=budget.delta)
-    outcome = _train(cfg, node, server_round, received, dp, history)
+    outcome = _train(cfg, node, shard, server_round, received, dp, history)
     expected = extend_history(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate,
                               steps=outcome.result.steps)
     if outcome.result.history != expected:  # the ledger must hold exactly what Opacus accounted
@@ -132,10 +139,9 @@ class _Outcome:
         self.result, self.arrays, self.result_metrics = result, arrays, result_metrics
 
 
-def _train(cfg: ExperimentConfig, node: NodeSettings, server_round: int, received: dict,
+def _train(cfg: ExperimentConfig, node: NodeSettings, shard, server_round: int, received: dict,
            dp: DPSpec | None, history: History) -> _Outcome:
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
-    shard = task.tokenized_shard(cfg, node.partition_id)
     load_adapter_state(bundle.model, received)
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
     result = train_local(bundle.model, shard, collate, _local_spec(cfg, node.partition_id, server_round),

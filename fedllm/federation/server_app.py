@@ -75,6 +75,23 @@ class RoundEvaluator:
             self.sink.log_round(record)
 
 
+def prepare_run(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Before the first round: save the resolved config, build the model caches once (before
+    parallel clients race for them) and log the DP-SGD plan; impossible plans fail here.
+
+    Raises:
+        PrivacyPlanError: the target cannot be met.
+    """
+    from fedllm.planning import build_plan, format_plan
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    task.model_bundle(cfg.model, cfg.lora, cfg.seed)
+    if cfg.privacy.sample_level:
+        plan = format_plan(cfg, build_plan(cfg, accountants=(cfg.privacy.accountant,)))
+        log.info("privacy plan (every client in every round):\n%s", plan)
+
+
 def new_ledger(cfg: ExperimentConfig) -> PrivacyLedger:
     """An empty server ledger for ``cfg`` (with a client-level accountant when that mode runs)."""
     client_level = None

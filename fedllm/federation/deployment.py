@@ -1,0 +1,49 @@
+"""The ServerApp for Flower's Deployment Engine (``flwr run . <connection>``).
+
+The server composes the same Hydra config as ``fedllm simulate``: its overrides come in
+through the run config (``--run-config 'overrides="privacy.target_epsilon=3"'``), so one
+config system serves both engines. Node-side settings (data, caps, state) come only from
+each SuperNode's own node config; nothing here can point a node at other data or raise its cap.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedllm.config import ExperimentConfig
+
+app = ServerApp()
+
+
+def compose_config(overrides: str) -> ExperimentConfig:
+    """The experiment config for a space-separated string of Hydra overrides.
+
+    Raises:
+        ConfigError: an override is unknown or invalid.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from fedllm.cli.simulate import conf_dir
+    from fedllm.config import from_hydra
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return from_hydra(compose(config_name="config", overrides=shlex.split(overrides)))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation the run config describes; outputs go to ``output-dir``."""
+    from fedllm.federation.server_app import prepare_run, run_federation
+    from fedllm.federation.simulation import route_flower_logs
+
+    route_flower_logs()
+    cfg = compose_config(str(context.run_config.get("overrides", "")))
+    output = str(context.run_config.get("output-dir", "")) or f"outputs/deployment/{time.strftime('%Y-%m-%d/%H-%M-%S')}"
+    run_dir = Path(output).resolve()
+    prepare_run(cfg, run_dir)
+    run_federation(grid, cfg, run_dir)

@@ -1,0 +1,103 @@
+"""Flower's Deployment Engine on 127.0.0.1: SuperLink with TLS and node authentication, registered
+SuperNodes with their own data and caps, an unregistered one, `flwr run`; and the compose file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from .conftest import SESSION_TAG, stray_processes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("demo")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo_federation.py"), "--workdir", str(workdir), "--nodes", "2",
+         "--unregistered", "1", "--broken-node", "--caps", "8,7.5", "--timeout", "600"],
+        cwd=ROOT, capture_output=True, text=True, timeout=800,
+        env={**os.environ, SESSION_TAG[0]: SESSION_TAG[1], "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir, json.loads(result.stdout.split("\noutputs:")[0])
+
+
+def test_the_run_finishes_over_tls_with_an_adapter_and_a_ledger(demo):
+    workdir, report = demo
+    outputs = Path(report["output_dir"])
+    summary = json.loads((outputs / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["stop_reason"] is None
+    assert (outputs / "adapter" / "adapter_model.safetensors").is_file()
+    ledger = json.loads((outputs / "privacy_ledger.json").read_text())
+    assert ledger["clients"]["0"]["cap"] == 8.0 and ledger["clients"]["1"]["cap"] == 7.5  # the nodes' own caps
+    assert all(c["epsilon"] <= c["cap"] for c in ledger["clients"].values())
+    # nodes verified the SuperLink against the federation's own CA (no --insecure anywhere)
+    assert "--insecure" not in (workdir / "flwr-home" / "config.toml").read_text()
+    assert "root-certificates" in (workdir / "flwr-home" / "config.toml").read_text()
+
+
+def test_an_unregistered_node_is_refused(demo):
+    workdir, report = demo
+    log = (workdir / "unregistered0.log").read_text()
+    assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log
+    assert report["unregistered"][0]["returncode"] not in (None, 0)
+
+
+def test_a_node_with_a_wrong_data_path_declines_and_the_run_goes_on(demo):
+    _, report = demo
+    ledger = json.loads((Path(report["output_dir"]) / "privacy_ledger.json").read_text())
+    refusals = ledger["clients"]["2"]["refusals"]
+    assert refusals and "missing/data.jsonl: no such data file" in refusals[0]["reason"]
+
+
+def test_nodes_send_only_the_adapter_tensors_and_scalar_metrics(demo):
+    workdir, report = demo
+    adapter = load_file(Path(report["output_dir"]) / "adapter" / "adapter_model.safetensors")
+    # PEFT saves without the adapter name; on the wire the names carry PEFT's full keys
+    expected = {name.replace(".weight", "") for name in adapter}
+    for node in ("node0", "node1"):
+        entries = [json.loads(line) for line in (workdir / node / "state" / "audit.jsonl").read_text().splitlines()]
+        assert [e["received"]["round"] for e in entries] == [1, 2]
+        for entry in entries:
+            assert entry["sent"]["record_types"] in (["arrays", "metrics"], ["metrics", "status"])
+            sent = {t["name"].replace(".weight", "").replace(".default", "") for t in entry["sent"]["tensors"]}
+            assert not entry["sent"]["tensors"] or sent == expected
+            assert all(isinstance(v, int | float) for v in entry["sent"]["metrics"].values())
+
+
+def test_every_flower_process_is_gone(demo):
+    assert stray_processes() == []
+
+
+def test_the_compose_file_references_only_files_that_exist(tmp_path):
+    docker = ROOT / "docker"
+    compose = yaml.safe_load((docker / "compose.yaml").read_text())
+    subprocess.run([sys.executable, str(docker / "prepare.py"), str(tmp_path)], check=True, cwd=ROOT,
+                   capture_output=True, timeout=120)
+    services = compose["services"]
+    assert {"superlink", "serverapp", "supernode-1", "supernode-2"} <= set(services)
+    for name, service in services.items():
+        context = (docker / service["build"]["context"]).resolve()
+        assert (context / service["build"]["dockerfile"]).is_file(), name
+        base = service["build"].get("args", {}).get("BASE_IMAGE", "")
+        assert base.endswith(":1.42.0") or "Dockerfile.superlink" in service["build"]["dockerfile"]
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (tmp_path / source).exists(), f"{name}: {source}"
+            else:
+                assert source in compose["volumes"], f"{name}: undeclared volume {source}"
+        if name.startswith("supernode"):
+            assert any(v.endswith(":/data:ro") for v in service["volumes"])  # data read-only
+    dockerfiles = [(docker / f).read_text() for f in ("Dockerfile.app", "Dockerfile.superlink")]
+    assert "FROM flwr/superlink:1.42.0" in dockerfiles[1]
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in dockerfiles[0]
+    assert "--disable-runtime-dependency-installation" in services["superlink"]["command"]
