@@ -24,7 +24,7 @@ LEDGER_SCOPES = ("node", "run")
 CLIENT_CLIPPING = ("server", "client")
 AGGREGATIONS = ("fedavg", "trimmed_mean", "median")
 ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")  # per-sample gradient modes that work with our wiring
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -78,6 +78,7 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    freeze_a: bool = False  # FFA-LoRA: train (and send) only B
 
     def __post_init__(self) -> None:
         _require(self.r > 0, "lora.r", "must be a positive integer")

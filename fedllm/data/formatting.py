@@ -20,8 +20,8 @@ class PromptFormat:
     prompt_template: str
     response_template: str
     max_length: int
-    overlong: str = "truncate"  # or "refuse"
     choices: tuple[str, ...] = ()
+    overlong: str = "truncate"  # or "refuse"
 
 
 class TokenizedDataset(Dataset):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedllm.errors import DataError
@@ -30,7 +30,9 @@ class Record:
 
     prompt: str
     response: str
-    origin: str = ""  # "file:line" for records read from a user's file (never the text itself)
+    # "file:line" for records read from a user's file (never the text itself); not part of a
+    # record's identity, so the same text from another file is the same record
+    origin: str = field(default="", compare=False)
 
 
 def load_rotten_tomatoes() -> list[Record]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 import uuid
 from pathlib import Path
 
@@ -55,9 +56,11 @@ class RoundEvaluator:
         self.bf16 = use_bf16(cfg.train.precision)
 
     def __call__(self, server_round: int, arrays: ArrayRecord, replies: RoundReplies | None) -> None:
+        started = time.perf_counter()
         load_adapter_state(self.bundle.model, arrays.to_torch_state_dict())
         result = evaluate(self.bundle.model, self.test_set, self.bundle.pad_id, self.choice_ids,
                           self.cfg.train.eval_batch_size, self.bf16)
+        eval_seconds = time.perf_counter() - started
         replies = replies or RoundReplies()
         if server_round > 0 and not replies.updates:
             log.error("round %d: no client returned an update (see above); the global adapter is unchanged",
@@ -69,7 +72,7 @@ class RoundEvaluator:
             epsilons=self.ledger.epsilons() if self.cfg.privacy.sample_level else None,
             slowest_client_seconds=max((r.train_seconds for r in replies.reports), default=None),
             refused=[r.partition_id for r in replies.refusals], failed=replies.failures, rejected=replies.rejected,
-            client_level_epsilon=client_level.epsilon() if client_level else None,
+            client_level_epsilon=client_level.epsilon() if client_level else None, eval_seconds=eval_seconds,
         )
         if self.sink:
             self.sink.log_round(record)

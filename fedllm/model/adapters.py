@@ -7,8 +7,14 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the adapter weights, keyed by PEFT parameter names."""
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    """A detached CPU copy of the trainable adapter weights, keyed by PEFT parameter names.
+
+    With standard LoRA that is every adapter tensor; with ``lora.freeze_a`` (FFA-LoRA) only the
+    B matrices: the frozen A matrices are the same seeded initialisation on every node.
+    """
+    suffix = f".{model.active_adapter}"
+    trainable = {name.replace(suffix, "") for name, param in model.named_parameters() if param.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items() if k in trainable}
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
@@ -17,7 +23,7 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
     Raises:
         ValueError: names or shapes differ from the model's adapters.
     """
-    expected = get_peft_model_state_dict(model)
+    expected = adapter_state(model)
     if set(state) != set(expected):
         missing = sorted(set(expected) - set(state))[:3]
         extra = sorted(set(state) - set(expected))[:3]

@@ -27,6 +27,12 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
         target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
+    if settings.freeze_a:
+        # FFA-LoRA: A stays at its (seeded, hence identical on every node) initialisation and only
+        # B trains, so averaging B averages the product BA exactly and halves what is sent and noised
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
     assert_only_adapters_trainable(peft_model)
     return peft_model
 

@@ -38,7 +38,7 @@ class RunLog:
                   num_clients: int, slowest_client_seconds: float | None = None,
                   refused: list[int] | None = None, failed: list[str] | None = None,
                   rejected: list[str] | None = None,
-                  client_level_epsilon: float | None = None) -> dict[str, Any]:
+                  client_level_epsilon: float | None = None, eval_seconds: float | None = None) -> dict[str, Any]:
         """Record one round (round 0 is the evaluation before any training)."""
         record = {
             "round": server_round,
@@ -55,6 +55,7 @@ class RunLog:
             "client_level_epsilon": client_level_epsilon,
             # local training time of the slowest client: the rest of a round is framework and evaluation
             "slowest_client_seconds": _finite_or_none(slowest_client_seconds),
+            "eval_seconds": _finite_or_none(eval_seconds),
             "wall_seconds": round(time.perf_counter() - self.started, 3),
         }
         with self.path.open("a", encoding="utf-8") as handle:

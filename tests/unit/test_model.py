@@ -108,3 +108,13 @@ def test_the_initial_adapter_depends_only_on_the_seed():
     task.model_bundle.cache_clear()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_ffa_lora_trains_and_sends_only_b(tokenizer):
+    model = apply_lora(load_model(TINY, vocab_size=len(tokenizer), seed=0), LoraSettings(freeze_a=True))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_B" in n for n in trainable)
+    state = adapter_state(model)
+    assert state and all("lora_B" in k for k in state)  # half of what standard LoRA sends
+    load_adapter_state(model, {k: v + 1 for k, v in state.items()})
+    assert all(torch.equal(adapter_state(model)[k], v + 1) for k, v in state.items())

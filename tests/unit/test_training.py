@@ -151,6 +151,8 @@ def test_length_sorted_micro_batches_give_the_same_update(bundle, private):
     assert r1.examples_seen == r3.examples_seen > 0
     assert r1.mean_loss == pytest.approx(r3.mean_loss, rel=1e-5)
     for key in one:
-        torch.testing.assert_close(one[key], three[key], rtol=1e-4, atol=1e-6)
+        # AdamW turns float-rounding differences in near-zero gradients into visible steps (its
+        # update is ~lr * sign(g) there): allow 5% of lr on those few elements
+        torch.testing.assert_close(one[key], three[key], rtol=1e-4, atol=5e-5)
     if private:
         assert r3.history == [(0.0, 0.25, 1)]  # one logical step accounted, not three

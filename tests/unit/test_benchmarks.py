@@ -1,0 +1,38 @@
+"""The benchmark scripts run (tiny, fast settings); their numbers live in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_bench_dp_step_tiny_mode(tmp_path):
+    out = tmp_path / "dp.json"
+    result = _script("bench_dp_step.py", "--models", "tiny", "--batches", "4", "--seqs", "16", "--modes",
+                     "none,hooks", "--repeats", "1", "--steps", "1", "--threads", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["none", "hooks"] and rows[0]["step_seconds_ratio"] == 1.0
+    assert rows[1]["step_seconds"] > 0 and rows[1]["peak_mb"] is not None
+    assert "| tiny | 4 | 16 | hooks |" in result.stdout
+
+
+def test_bench_federation_tiny_mode(tmp_path):
+    out = tmp_path / "fed.json"
+    _script("bench_federation.py", "--models", "tiny", "--clients", "3", "--fraction", "1.0", "--rounds", "1",
+            "--workdir", str(tmp_path / "runs"), "--out", str(out))
+    result = json.loads(out.read_text())
+    standard, ffa = result["bytes_per_client_per_round"]
+    assert ffa["bytes_fp32"] * 2 == standard["bytes_fp32"]  # FFA-LoRA halves communication
+    assert result["scale"][0]["returncode"] == 0 and result["scale"][0]["peak_rss_mb"] > 0
