@@ -8,6 +8,7 @@ back into the plain file, with the key from ``$FEDLLM_ENCRYPTION_KEY`` or ``--ke
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -41,13 +42,15 @@ def verify_run(run_dir: Path, key: bytes | None) -> list[str]:
 
 
 def _key(key_file: str | None, need: bool) -> bytes | None:
+    """The key from ``--key-file`` or the storage config's environment variable; None when
+    neither is set and the command can do without one."""
+    from fedllm.config import StorageConfig
     from fedllm.storage import load_key
 
-    if key_file or need:
-        return load_key(key_file, "FEDLLM_ENCRYPTION_KEY")
-    import os
-
-    return load_key(None, "FEDLLM_ENCRYPTION_KEY") if os.environ.get("FEDLLM_ENCRYPTION_KEY") else None
+    key_env = StorageConfig().key_env
+    if not (key_file or need or os.environ.get(key_env)):
+        return None
+    return load_key(key_file, key_env)
 
 
 def verify_cli(argv: list[str]) -> int:

@@ -23,10 +23,10 @@ from fedllm.errors import DataError, LedgerError, PrivacyPlanError
 from fedllm.federation import records as keys
 from fedllm.federation.node_state import NodeSettings, ReplyCache, arrays_digest, audit_round, node_settings
 from fedllm.model.adapters import adapter_state, load_adapter_state
-from fedllm.privacy.accounting import History, epsilon, extend_history
-from fedllm.privacy.budget import Budget, check_round, effective_budget
+from fedllm.privacy.accounting import History, extend_history
+from fedllm.privacy.budget import Budget, BudgetDecision, check_round, effective_budget
 from fedllm.privacy.node_ledger import NodeLedger, Release
-from fedllm.privacy.planner import plan_client, sample_rate_for
+from fedllm.privacy.planner import DPPlan, plan_client
 from fedllm.training.local import DPSpec, LocalResult, LocalSpec, train_local
 from fedllm.training.precision import use_bf16
 
@@ -79,7 +79,7 @@ def _answer(msg: Message, cfg: ExperimentConfig, node: NodeSettings) -> Message:
     try:  # unusable local data: decline, do not crash the run
         shard, fingerprint = task.node_shard(cfg, node.partition_id, node.data_path, node.data_format)
         if cfg.privacy.sample_level:
-            _dp_spec(cfg, len(shard))
+            _plan(cfg, len(shard))
     except (DataError, PrivacyPlanError) as exc:
         log.error("client %d: declining round %d: %s", node.partition_id, server_round, exc)
         return _refusal(msg, node, spent=float("nan"), cap=float(node.max_epsilon or cfg.privacy.target_epsilon),
@@ -107,8 +107,8 @@ def _private_round(msg: Message, cfg: ExperimentConfig, node: NodeSettings, data
         return _reply(msg, cached.arrays, {**cached.metrics, keys.REPLAYED: 1})
     budget = effective_budget(run_target=cfg.privacy.target_epsilon, run_delta=cfg.privacy.delta,
                               node_max_epsilon=node.max_epsilon, node_delta=node.delta)
-    dp = _dp_spec(cfg, len(shard))
-    rate = sample_rate_for(cfg.train.batch_size, len(shard))
+    plan = _plan(cfg, len(shard))
+    dp, rate = _dp_spec(cfg, plan), plan.sample_rate
     history = ledger.history(cfg.privacy.ledger_scope, run_id)
     decision = check_round(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate,
                            steps=cfg.train.local_steps, budget=budget, accountant=dp.accountant)
@@ -121,9 +121,10 @@ def _private_round(msg: Message, cfg: ExperimentConfig, node: NodeSettings, data
                               steps=outcome.result.steps)
     if outcome.result.history != expected:  # the ledger must hold exactly what Opacus accounted
         raise LedgerError(f"Opacus accounted {outcome.result.history}, the ledger expected {expected}")
-    one_more = extend_history(expected, noise_multiplier=dp.noise_multiplier, sample_rate=rate,
-                              steps=cfg.train.local_steps)
-    metrics = {**outcome.result_metrics, **_privacy_metrics(expected, one_more, dp, budget)}
+    # the same budget check, one round ahead: its `spent` is the epsilon this round reached
+    next_round = check_round(expected, noise_multiplier=dp.noise_multiplier, sample_rate=rate,
+                             steps=cfg.train.local_steps, budget=budget, accountant=dp.accountant)
+    metrics = {**outcome.result_metrics, **_privacy_metrics(expected, next_round, dp, budget)}
     cache.save(cache_key, outcome.arrays, metrics)
     ledger.record(Release(run_id=run_id, server_round=server_round, noise_multiplier=dp.noise_multiplier,
                           sample_rate=rate, steps=outcome.result.steps))
@@ -158,14 +159,23 @@ def _train(cfg: ExperimentConfig, node: NodeSettings, shard, server_round: int, 
     return _Outcome(result, adapter_state(bundle.model), metrics)
 
 
-def _dp_spec(cfg: ExperimentConfig, shard_size: int) -> DPSpec:
-    """This node's DP-SGD settings: noise planned from its own shard size and the whole schedule."""
-    plan = plan_client(
+def _plan(cfg: ExperimentConfig, shard_size: int) -> DPPlan:
+    """This node's plan: noise from its own shard size and the whole schedule, and the sample
+    rate Opacus will run.
+
+    Raises:
+        PrivacyPlanError: the target cannot be met for this shard.
+    """
+    return plan_client(
         shard_size=shard_size, batch_size=cfg.train.batch_size, rounds=cfg.federation.num_rounds,
         local_steps=cfg.train.local_steps, target_epsilon=cfg.privacy.target_epsilon,
         delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
         noise_multiplier=cfg.privacy.noise_multiplier,
     )
+
+
+def _dp_spec(cfg: ExperimentConfig, plan: DPPlan) -> DPSpec:
+    """This node's DP-SGD settings for ``plan``."""
     return DPSpec(noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
                   accountant=cfg.privacy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode,
                   secure_mode=cfg.privacy.secure_mode)
@@ -181,19 +191,18 @@ def _local_spec(cfg: ExperimentConfig, partition_id: int, server_round: int) -> 
     )
 
 
-def _privacy_metrics(history: History, one_more: History, dp: DPSpec, budget: Budget) -> dict:
+def _privacy_metrics(history: History, next_round: BudgetDecision, dp: DPSpec, budget: Budget) -> dict:
     """Spent epsilon, the history it comes from, and whether one more round fits the cap."""
     last = history[-1]
     return {
-        keys.EPSILON: epsilon(history, delta=budget.delta, accountant=dp.accountant),
+        keys.EPSILON: next_round.spent,
         keys.EPSILON_CAP: budget.max_epsilon,
         keys.DELTA: budget.delta,
         keys.NOISE_MULTIPLIER: float(dp.noise_multiplier),
         keys.SAMPLE_RATE: float(last[1]),
         keys.TOTAL_STEPS: int(sum(steps for _, _, steps in history)),
         keys.DP_HISTORY: [float(v) for entry in history for v in entry],
-        keys.CAN_CONTINUE: int(epsilon(one_more, delta=budget.delta, accountant=dp.accountant)
-                               <= budget.max_epsilon),
+        keys.CAN_CONTINUE: int(next_round.allowed),
         keys.REFUSED: 0,
     }
 
