@@ -5,23 +5,19 @@ file (a slice of the embedded Rotten Tomatoes reviews; point it at real data ins
     .venv/bin/python docker/prepare.py [DOCKER_DIR]
 """
 
-import json
 import sys
 from pathlib import Path
 
-from fedllm.data.sources import load_rotten_tomatoes
+from fedllm.deployment.demo_data import write_node_files
 from fedllm.deployment.pki import make_node_keys, make_tls
 
 
 def prepare(folder: Path, records: int = 500) -> None:
     make_tls(folder / "certs", ["superlink", "localhost", "127.0.0.1"])
-    pool = load_rotten_tomatoes()[-2 * records:]
-    for index, name in enumerate(("node1", "node2")):
+    names = ("node1", "node2")
+    for name in names:
         make_node_keys(folder / "keys", name)
-        data = folder / "node-data" / name / "data.jsonl"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        rows = pool[index * records:(index + 1) * records]
-        data.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in rows))
+    write_node_files([folder / "node-data" / name / "data.jsonl" for name in names], records)
 
 
 if __name__ == "__main__":

@@ -67,21 +67,6 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> Non
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
-def write_node_data(workdir: Path, nodes: int, records: int) -> list[Path]:
-    """Each node's own JSONL file (disjoint slices of the embedded reviews, past the test split)."""
-    from fedllm.data.sources import load_rotten_tomatoes
-
-    pool = load_rotten_tomatoes()[-nodes * records:]
-    paths = []
-    for node in range(nodes):
-        path = workdir / f"node{node}" / "data.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = pool[node * records:(node + 1) * records]
-        path.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in rows))
-        paths.append(path)
-    return paths
-
-
 class Processes:
     """Every process the demo starts, stopped (terminate, then kill) on exit.
 
@@ -140,6 +125,7 @@ def node_config(index: int, data: Path, state: Path, cap: str) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
+    from fedllm.deployment.demo_data import write_node_files
     from fedllm.deployment.pki import make_node_keys, make_tls
 
     workdir = args.workdir.resolve()
@@ -153,7 +139,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         f'root-certificates = "{tls.ca_cert}"\n')
     env = {**os.environ, **ENV, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     caps = args.caps.split(",") if args.caps else [""] * args.nodes
-    data = write_node_data(workdir, args.nodes, args.records)
+    data = write_node_files([workdir / f"node{n}" / "data.jsonl" for n in range(args.nodes)], args.records)
     output_dir = workdir / "outputs"
     procs = Processes(workdir, env)
     report: dict = {"superlink": f"127.0.0.1:{port}", "output_dir": str(output_dir), "unregistered": []}
