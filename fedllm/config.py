@@ -25,6 +25,8 @@ CLIENT_CLIPPING = ("server", "client")
 AGGREGATIONS = ("fedavg", "trimmed_mean", "median")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch")  # per-sample gradient modes that work with our wiring
+MODEL_DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -44,6 +46,11 @@ class ModelConfig:
     package), ``tiny`` (random small Llama built from the fields below) or
     ``pretrained`` (``name_or_path``: a hub id or a local ``save_pretrained`` folder).
     Setting ``name_or_path`` always selects ``pretrained``.
+
+    ``dtype`` is how the frozen base weights are stored (the LoRA adapters stay fp32, so the
+    DP noise and what is sent do not change); ``quantization`` loads them 4- or 8-bit with
+    bitsandbytes (QLoRA; needs a CUDA GPU and the ``gpu`` extra); ``device`` is ``auto``
+    (accelerate picks the GPU this process may use, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
     source: str = "embedded"
@@ -53,9 +60,20 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 128
     trust_remote_code: bool = False
+    dtype: str = "fp32"
+    quantization: str = "none"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of(self.source, MODEL_SOURCES, "model.source")
+        _one_of(self.dtype, MODEL_DTYPES, "model.dtype")
+        _one_of(self.quantization, QUANTIZATIONS, "model.quantization")
+        _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
+                 and self.device[5:].isdigit()), "model.device", f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
+        _require(self.quantization == "none" or self.kind != "tiny", "model.quantization",
+                 "quantization applies to loaded weights (the embedded or a pretrained model), not model=tiny")
+        _require(self.quantization == "none" or self.device != "cpu", "model.quantization",
+                 "bitsandbytes quantization runs on a CUDA GPU; drop model.device=cpu")
         if self.source == "pretrained":
             _require(bool(self.name_or_path), "model.name_or_path",
                      "model.source=pretrained needs a hub id or a local model folder")
@@ -246,6 +264,7 @@ class FederationConfig:
     fraction_train: float = 1.0
     min_train_clients: int = 1
     client_cpus: float = 1.0
+    client_gpus: float = 0.0   # simulation: GPU share per virtual client (e.g. 0.5 = two per GPU)
     round_timeout: float = 3600.0
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
@@ -269,6 +288,7 @@ class FederationConfig:
         _require(self.num_rounds > 0, "federation.num_rounds", "must be a positive integer")
         _require(0 < self.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
         _require(self.client_cpus > 0, "federation.client_cpus", "must be positive")
+        _require(self.client_gpus >= 0, "federation.client_gpus", "must be 0 (CPU) or a positive GPU share")
 
 
 @dataclass(frozen=True)
@@ -396,5 +416,5 @@ def from_hydra(cfg: Any) -> ExperimentConfig:
         key = exc.full_key or "a value"
         raise ConfigError(f"{key}: required but not set; pass it as an override, e.g. {key}=...") from exc
     assert isinstance(raw, dict)
-    raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug", "resume")}
+    raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug", "gpu", "resume")}
     return ExperimentConfig.from_dict(raw)

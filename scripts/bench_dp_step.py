@@ -6,6 +6,7 @@ in a fresh process (the process's peak RSS above its level after loading the mod
 
     .venv/bin/python scripts/bench_dp_step.py [--models embedded,tiny] [--batches 8,16]
         [--seqs 64,128] [--modes none,hooks,ew,functorch] [--repeats 3] [--steps 3] [--out FILE]
+        [--device cuda --dtype bf16 | --quantization 4bit]     # on a GPU (peak = CUDA memory)
 
 Prints a table (seconds per step, peak MB, and the DP / non-DP ratio of each) and writes JSON.
 The step is fedllm's real training path (`train_local`: Poisson sampling, per-sample
@@ -47,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timing")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/dp_step.json"))
+    parser.add_argument("--device", default="cpu", help="model.device: cpu, cuda, cuda:N, auto")
+    parser.add_argument("--dtype", default="fp32", help="model.dtype of the frozen base (bf16 also autocasts)")
+    parser.add_argument("--quantization", default="none", help="model.quantization: none, 4bit, 8bit")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # model,batch,seq,mode: memory only
     return parser.parse_args(argv)
 
@@ -61,11 +65,21 @@ def dataset(vocab: int, seq: int) -> TokenizedDataset:
     return TokenizedDataset(items, truncated=0)
 
 
+# where and how the base model runs (--device, --dtype, --quantization), the same for every configuration
+PLACEMENT: dict[str, str] = {"device": "cpu", "dtype": "fp32", "quantization": "none"}
+
+
+def model_config(model_name: str) -> ModelConfig:
+    """The benchmarked model with this run's placement."""
+    return ModelConfig(source=model_name, **PLACEMENT)
+
+
 def step_seconds(model_name: str, batch: int, seq: int, mode: str, steps: int, seed: int) -> float:
     """Seconds per optimizer step of ``steps`` steps (after the caches are warm)."""
-    bundle = model_bundle(ModelConfig(source=model_name), LoraSettings(), 0)
+    bundle = model_bundle(model_config(model_name), LoraSettings(), 0)
     data = dataset(len(bundle.tokenizer), seq)
-    spec = LocalSpec(steps=steps, batch_size=batch, lr=1e-3, weight_decay=0.0, objective="choices", bf16=False,
+    bf16 = PLACEMENT["dtype"] == "bf16" or PLACEMENT["quantization"] != "none"
+    spec = LocalSpec(steps=steps, batch_size=batch, lr=1e-3, weight_decay=0.0, objective="choices", bf16=bf16,
                      seed=seed, micro_batches=2)
     dp = None if mode == "none" else DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp",
                                             grad_sample_mode=mode, secure_mode=False)
@@ -73,8 +87,10 @@ def step_seconds(model_name: str, batch: int, seq: int, mode: str, steps: int, s
     return result.seconds / steps
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux VmHWM), in MB."""
+def peak_mb() -> float:
+    """Peak memory so far, in MB: CUDA memory allocated on a GPU, else the process's peak RSS."""
+    if PLACEMENT["device"] != "cpu" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -84,15 +100,16 @@ def peak_rss_mb() -> float:
 def probe(spec: str, steps: int) -> dict:
     """Memory of one configuration, in this (fresh) process."""
     model_name, batch, seq, mode = spec.split(",")
-    model_bundle(ModelConfig(source=model_name), LoraSettings(), 0)
-    base = peak_rss_mb()
+    model_bundle(model_config(model_name), LoraSettings(), 0)
+    base = peak_mb()
     step_seconds(model_name, int(batch), int(seq), mode, steps, seed=0)
-    return {"peak_mb": peak_rss_mb() - base}
+    return {"peak_mb": peak_mb() - base}
 
 
 def measure_memory(config: tuple, steps: int) -> float | None:
-    result = subprocess.run([sys.executable, __file__, "--probe", ",".join(map(str, config)), "--steps", str(steps)],
-                            capture_output=True, text=True, timeout=900)
+    placement = [f"--{key}={value}" for key, value in PLACEMENT.items()]
+    result = subprocess.run([sys.executable, __file__, "--probe", ",".join(map(str, config)), "--steps", str(steps),
+                             *placement], capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         return None
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
@@ -145,6 +162,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    PLACEMENT.update(device=args.device, dtype=args.dtype, quantization=args.quantization)
     if args.probe:
         print(json.dumps(probe(args.probe, args.steps)))
         return
@@ -154,6 +172,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
+        "placement": PLACEMENT, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "repeats": args.repeats, "steps_per_timing": args.steps, "seconds": round(time.time() - started),
         "rows": rows}, indent=2))
     print(table(rows))

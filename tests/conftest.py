@@ -29,6 +29,18 @@ from fedllm.config import (  # noqa: E402
 RT_PROMPT = "Review: {prompt}\nSentiment:"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, with the reason, on CPU-only machines (and in CI)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _flower_home(tmp_path_factory):
     os.environ.setdefault("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.formatting import TokenizedDataset, make_collate
+from fedllm.model.device import model_device, to_device
 from fedllm.training.objectives import last_logits, token_loss
 from fedllm.training.precision import autocast
 
@@ -43,9 +44,10 @@ def evaluate(model: torch.nn.Module, dataset: TokenizedDataset, pad_id: int, cho
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
     collate = make_collate(pad_id, prompt_only=bool(choice_ids))
     total_loss, correct = 0.0, 0
+    device = model_device(model)
     for start in range(0, len(order), batch_size):
-        batch = collate([dataset[i] for i in order[start:start + batch_size]])
-        with autocast(bf16):
+        batch = to_device(collate([dataset[i] for i in order[start:start + batch_size]]), device)
+        with autocast(bf16, device.type):
             if choice_ids:
                 scores = last_logits(model, batch)[:, choice_ids]
                 total_loss += float(F.cross_entropy(scores, batch["choice"], reduction="sum"))

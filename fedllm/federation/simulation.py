@@ -55,7 +55,7 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     client_app = load_object(cfg.federation.client_app)
 
     backend_config = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpu_share(cfg.federation.client_gpus)},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": logging.WARNING},
     }
@@ -66,6 +66,21 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
         )
     finally:
         stop_ray(ray)
+
+
+def gpu_share(client_gpus: float) -> float:
+    """Each virtual client's GPU share for Ray; refused when no GPU is visible, because Ray would
+    then wait forever for a resource that does not exist.
+
+    Raises:
+        ConfigError: a GPU share was asked for on a machine without CUDA.
+    """
+    if client_gpus > 0:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise ConfigError(f"federation.client_gpus={client_gpus}: no CUDA GPU is visible; set it to 0 on CPU")
+    return client_gpus
 
 
 def load_object(spec: str):

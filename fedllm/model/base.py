@@ -7,6 +7,8 @@ Three sources (see :class:`fedllm.config.ModelConfig`):
   once and load that afterwards (~4 s).
 * ``tiny``: a random small Llama built from config, with the embedded tokenizer, for tests.
 * ``pretrained``: any hub id or local ``save_pretrained`` folder, loaded the normal way.
+
+Any of them can be placed on a GPU, stored in bf16/fp16, or (loaded ones) quantised 4/8-bit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from fedllm.config import ModelConfig
 from fedllm.errors import ConfigError
+from fedllm.model.device import DTYPES, quantization_config, resolve_device
 from fedllm.resources import packaged_file
 
 log = logging.getLogger(__name__)
@@ -110,13 +113,18 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
-    """The base causal LM in fp32 on CPU.
+    """The base causal LM on ``model.device``, its weights in ``model.dtype`` (or quantised).
 
     Args:
-        cfg: which model.
+        cfg: which model, where and in what precision.
         vocab_size: tokenizer size (used to build the tiny model).
         seed: initialises the tiny model's random weights.
+
+    Raises:
+        ConfigError: the device or quantisation is not available here.
     """
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
     if cfg.kind == "tiny":
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=cfg.hidden_size,
@@ -126,8 +134,16 @@ def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return LlamaForCausalLM(config)
+            return LlamaForCausalLM(config).to(device=device, dtype=dtype)
     source = cfg.name_or_path if cfg.kind == "pretrained" else str(embedded_model_dir())
-    return AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
+    quantization = quantization_config(cfg, device)
+    if quantization is None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        return model.to(device)
+    from peft import prepare_model_for_kbit_training
+
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.bfloat16, quantization_config=quantization, device_map={"": device},
+        trust_remote_code=cfg.trust_remote_code)
+    # no gradient checkpointing: its recomputed forward would run Opacus's hooks twice
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

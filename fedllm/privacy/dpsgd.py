@@ -36,7 +36,7 @@ class DPRound:
     def empty_step(self) -> None:
         """Take a DP step on an empty Poisson batch: zero gradient plus noise, still accounted."""
         for param in self.optimizer.params:
-            param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+            param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -71,6 +71,7 @@ def plan_client(*, shard_size: int, batch_size: int, rounds: int, local_steps: i
     rate = sample_rate_for(batch_size, shard_size)
     steps = rounds * local_steps
     if noise_multiplier is None:
+        _check_reachable(target_epsilon, delta, rate, steps, accountant)
         try:
             with warnings.catch_warnings():
                 # the bisection probes noise levels far from the answer, where Opacus warns that
@@ -89,6 +90,23 @@ def plan_client(*, shard_size: int, batch_size: int, rounds: int, local_steps: i
     reached = epsilon([(noise_multiplier, rate, steps)], delta=delta, accountant=accountant)
     return DPPlan(sample_rate=rate, noise_multiplier=float(noise_multiplier), total_steps=steps,
                   delta=delta, accountant=accountant, planned_epsilon=reached)
+
+
+# Noise beyond this leaves no useful model; an epsilon the accountant cannot certify even here
+# is refused at once instead of after Opacus's doubling search up to noise 1e6 (tens of seconds).
+MAX_USEFUL_NOISE = 1000.0
+
+
+def _check_reachable(target_epsilon: float, delta: float, rate: float, steps: int, accountant: str) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        floor = epsilon([(MAX_USEFUL_NOISE, rate, steps)], delta=delta, accountant=accountant)
+    if floor > target_epsilon:
+        raise PrivacyPlanError(
+            f"no noise level reaches epsilon {target_epsilon} after {steps} steps at sample rate {rate:.4f}: even "
+            f"noise multiplier {MAX_USEFUL_NOISE:g} gives epsilon {floor:.3g} with the {accountant} accountant at "
+            f"delta {delta:g}; raise privacy.target_epsilon, or lower federation.num_rounds / train.local_steps / "
+            "train.batch_size")
 
 
 def epsilon_by_round(*, noise_multiplier: float, sample_rate: float, local_steps: int, rounds: int,

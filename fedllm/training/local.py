@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fedllm.model.device import model_device, to_device
 from fedllm.privacy import dpsgd
 from fedllm.privacy.accounting import History
 from fedllm.training.objectives import per_example_loss
@@ -82,7 +83,7 @@ def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spe
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             history=list(history or []), accountant=dp.accountant,
             grad_sample_mode=dp.grad_sample_mode, secure_mode=dp.secure_mode,
-            noise_generator=torch.Generator().manual_seed(spec.seed + 1),
+            noise_generator=torch.Generator(device=model_device(model)).manual_seed(spec.seed + 1),
         )
         optimizer, loader = session.optimizer, session.loader
     try:
@@ -143,8 +144,10 @@ def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, private: bool) 
     """
     total = sum(len(c["input_ids"]) for c in chunks)
     loss_sum = 0.0
+    device = model_device(model)
     for index, chunk in enumerate(chunks):
-        with autocast(spec.bf16):
+        chunk = to_device(chunk, device)
+        with autocast(spec.bf16, device.type):
             per_example = per_example_loss(model, chunk, spec.objective, choice_ids)
         last = index == len(chunks) - 1
         if private:

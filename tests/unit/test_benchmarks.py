@@ -36,3 +36,16 @@ def test_bench_federation_tiny_mode(tmp_path):
     standard, ffa = result["bytes_per_client_per_round"]
     assert ffa["bytes_fp32"] * 2 == standard["bytes_fp32"]  # FFA-LoRA halves communication
     assert result["scale"][0]["returncode"] == 0 and result["scale"][0]["peak_rss_mb"] > 0
+
+
+def test_bench_utility_tiny_mode(tmp_path):
+    out = tmp_path / "utility.json"
+    result = _script("bench_utility.py", "--model", "tiny", "--presets", "ffa_dp_eps1,centralised", "--rounds", "1",
+                     "--workdir", str(tmp_path / "runs"), "--out", str(out))
+    rows = {r["preset"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["zero_shot", "ffa_dp_eps1", "centralised"]
+    assert rows["ffa_dp_eps1"]["spent_epsilon"] <= 1.0 and rows["centralised"]["spent_epsilon"] is None
+    # the centralised reference takes every client's steps on one node (3 clients x 3 steps)
+    assert "federation.num_clients=1 train.local_steps=9" in rows["centralised"]["command"]
+    assert rows["zero_shot"]["final_accuracy"] == rows["ffa_dp_eps1"]["zero_shot_accuracy"]
+    assert "| zero-shot (base model) |" in result.stdout

@@ -1,0 +1,75 @@
+"""Where the model runs and in what precision its frozen weights are stored.
+
+Device selection goes through accelerate, so ``auto`` follows what this process is allowed to
+see (a Ray actor given a GPU share sees exactly that GPU; ``CUDA_VISIBLE_DEVICES`` is honoured).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedllm.config import ModelConfig
+from fedllm.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``model.device``.
+
+    Raises:
+        ConfigError: a CUDA device was asked for and this process sees none (or not that one).
+    """
+    if name == "auto":
+        from accelerate import PartialState
+
+        return PartialState().device
+    device = torch.device(name)
+    if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        if visible == 0:
+            raise ConfigError(f"model.device={name}: no CUDA GPU is visible to this process (install a CUDA "
+                              "build of torch, check CUDA_VISIBLE_DEVICES, or use model.device=auto)")
+        if device.index is not None and device.index >= visible:
+            raise ConfigError(f"model.device={name}: only {visible} CUDA device(s) visible")
+    return device
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's trainable (adapter) parameters: where batches must go."""
+    for param in model.parameters():
+        if param.requires_grad:
+            return param.device
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (a no-op on the CPU)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def quantization_config(cfg: ModelConfig, device: torch.device):
+    """The bitsandbytes config for ``model.quantization`` (None when not quantising).
+
+    4-bit is QLoRA's recipe: NF4 weights, double quantisation, bf16 compute.
+
+    Raises:
+        ConfigError: no CUDA device, or bitsandbytes is not installed (the ``gpu`` extra).
+    """
+    if cfg.quantization == "none":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"model.quantization={cfg.quantization} needs a CUDA GPU; this process runs on {device}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"model.quantization={cfg.quantization} needs bitsandbytes: "
+                          "pip install -e '.[gpu]'") from exc
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
