@@ -132,6 +132,11 @@ def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, 
     """
     if data_path is None:
         return tokenized_shard(cfg, partition_id), shard_fingerprint(cfg, partition_id)
+    return _local_shard(cfg, data_path, data_format)
+
+
+@lru_cache(maxsize=4)  # a node answers every round of a run with the same file: tokenize it once
+def _local_shard(cfg: ExperimentConfig, data_path: str, data_format: str) -> tuple[TokenizedDataset, str]:
     records = local_records(data_path, data_format, cfg.data.prompt_field, cfg.data.response_field)
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
     return (tokenize_records(records, bundle.tokenizer, prompt_format(cfg.data)),
