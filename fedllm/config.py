@@ -74,6 +74,9 @@ class ModelConfig:
                  "quantization applies to loaded weights (the embedded or a pretrained model), not model=tiny")
         _require(self.quantization == "none" or self.device != "cpu", "model.quantization",
                  "bitsandbytes quantization runs on a CUDA GPU; drop model.device=cpu")
+        _require(self.quantization == "none" or self.dtype == "fp32", "model.dtype",
+                 "with model.quantization the quantised weights compute in bf16 and PEFT keeps the others fp32; "
+                 "leave model.dtype=fp32")
         if self.source == "pretrained":
             _require(bool(self.name_or_path), "model.name_or_path",
                      "model.source=pretrained needs a hub id or a local model folder")

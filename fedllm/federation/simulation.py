@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from fedllm.config import ExperimentConfig
+from fedllm.config import ExperimentConfig, ModelConfig
 from fedllm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     client_app = load_object(cfg.federation.client_app)
 
     backend_config = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpu_share(cfg.federation.client_gpus)},
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpu_share(cfg.federation.client_gpus, cfg.model)},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": logging.WARNING},
     }
@@ -68,18 +68,28 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
         stop_ray(ray)
 
 
-def gpu_share(client_gpus: float) -> float:
-    """Each virtual client's GPU share for Ray; refused when no GPU is visible, because Ray would
-    then wait forever for a resource that does not exist.
+def gpu_share(client_gpus: float, model: ModelConfig) -> float:
+    """Each virtual client's GPU share for Ray.
+
+    Ray hides every GPU from an actor that asks for none, so a GPU setting without a share
+    would fail on every client (or, with ``model.device=auto``, train them on the CPU while the
+    server uses the GPU); a share without a GPU would make Ray wait forever.
 
     Raises:
-        ConfigError: a GPU share was asked for on a machine without CUDA.
+        ConfigError: a share without CUDA, or a GPU-only model setting without a share.
     """
-    if client_gpus > 0:
-        import torch
+    import torch
 
-        if torch.cuda.device_count() == 0:
-            raise ConfigError(f"federation.client_gpus={client_gpus}: no CUDA GPU is visible; set it to 0 on CPU")
+    gpus = torch.cuda.device_count()
+    if client_gpus > 0 and gpus == 0:
+        raise ConfigError(f"federation.client_gpus={client_gpus}: no CUDA GPU is visible; set it to 0 on CPU")
+    if client_gpus == 0 and (model.device.startswith("cuda") or model.quantization != "none"):
+        raise ConfigError("federation.client_gpus=0 hides the GPU from simulated clients, but model.device="
+                          f"{model.device} / model.quantization={model.quantization} needs it: set "
+                          "federation.client_gpus (e.g. 0.5), or use the presets gpu=bf16 / gpu=qlora")
+    if client_gpus == 0 and gpus > 0 and model.device == "auto":
+        log.warning("a GPU is visible but federation.client_gpus=0: simulated clients train on the CPU "
+                    "(set federation.client_gpus, e.g. 0.5, to train them on the GPU)")
     return client_gpus
 
 

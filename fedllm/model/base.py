@@ -134,7 +134,10 @@ def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+            model = LlamaForCausalLM(config).to(device)
+        for param in model.parameters():  # parameters only: RoPE's inv_freq buffer must stay fp32
+            param.data = param.data.to(dtype)
+        return model
     source = cfg.name_or_path if cfg.kind == "pretrained" else str(embedded_model_dir())
     quantization = quantization_config(cfg, device)
     if quantization is None:

@@ -1,7 +1,8 @@
 """Where the model runs and in what precision its frozen weights are stored.
 
-Device selection goes through accelerate, so ``auto`` follows what this process is allowed to
-see (a Ray actor given a GPU share sees exactly that GPU; ``CUDA_VISIBLE_DEVICES`` is honoured).
+``auto`` is the CPU where CUDA is absent; with CUDA, accelerate picks the device, so it follows
+what this process may see (a Ray actor given a GPU share sees exactly that GPU,
+``CUDA_VISIBLE_DEVICES`` and a launcher's ``LOCAL_RANK`` are honoured).
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ def resolve_device(name: str) -> torch.device:
         ConfigError: a CUDA device was asked for and this process sees none (or not that one).
     """
     if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")  # never MPS or another backend Opacus is not tested on
         from accelerate import PartialState
 
+        # accelerate: cuda:LOCAL_RANK under `accelerate launch` / torchrun, else the first visible GPU
         return PartialState().device
     device = torch.device(name)
     if device.type == "cuda":

@@ -17,7 +17,13 @@ from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
+from fedllm.errors import ConfigError
 from fedllm.privacy.accounting import History, normalise_history
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter the optimizer updates."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 @dataclass
@@ -39,6 +45,20 @@ class DPRound:
             param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def fp32_grad_samples(self) -> None:
+        """Per-sample gradients in fp32 before Opacus clips them.
+
+        Under bf16 autocast Opacus computes them in bf16, and a norm taken in bf16 can be ~0.4%
+        low: the clipped gradient could then exceed ``max_grad_norm``, the sensitivity the
+        accountant assumes. In fp32 the clipping bound holds for the values that were computed.
+        """
+        for param in self.optimizer.params:
+            samples = getattr(param, "grad_sample", None)
+            if isinstance(samples, list):
+                param.grad_sample = [s.float() for s in samples]
+            elif samples is not None and samples.dtype != torch.float32:
+                param.grad_sample = samples.float()
 
     def close(self) -> None:
         """Remove Opacus hooks and per-sample gradient attributes from the model."""
@@ -63,6 +83,9 @@ def start_round(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loa
         secure_mode: use a cryptographically secure RNG for noise and sampling.
         noise_generator: seeded generator for reproducible noise (ignored in secure mode).
     """
+    if secure_mode and any(p.device.type != "cpu" for p in optimizer_params(optimizer)):
+        # Opacus's secure generator (torchcsprng) lives on the CPU and cannot draw CUDA noise
+        raise ConfigError("privacy.secure_mode=true runs on the CPU only; use model.device=cpu for it")
     engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
     engine.accountant.history = list(history)
     hooks, dp_optimizer, dp_loader = engine.make_private(

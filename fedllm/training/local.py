@@ -129,12 +129,12 @@ def _run_steps(model, optimizer, loader, spec: LocalSpec, choice_ids, session) -
             session.empty_step()
             continue
         losses.append(_step(model, optimizer, split_by_length(batch, spec.micro_batches), spec,
-                            choice_ids, private=session is not None))
+                            choice_ids, session))
         seen += size
     return losses, seen
 
 
-def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, private: bool) -> float:
+def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, session: dpsgd.DPRound | None) -> float:
     """One optimizer step over a batch given as length-sorted chunks.
 
     Under DP every chunk's per-sample gradients are clipped and summed by Opacus
@@ -150,8 +150,9 @@ def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, private: bool) 
         with autocast(spec.bf16, device.type):
             per_example = per_example_loss(model, chunk, spec.objective, choice_ids)
         last = index == len(chunks) - 1
-        if private:
+        if session is not None:
             per_example.mean().backward()
+            session.fp32_grad_samples()
             if not last:
                 optimizer.signal_skip_step(do_skip=True)
                 optimizer.step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from fedllm import task
 from fedllm.config import LoraSettings, ModelConfig
@@ -12,7 +13,10 @@ from fedllm.errors import ConfigError
 from fedllm.federation.simulation import gpu_share
 from fedllm.model.adapters import adapter_state
 from fedllm.model.device import quantization_config, resolve_device
+from fedllm.privacy.dpsgd import start_round
 from fedllm.training.local import DPSpec, LocalSpec, train_local
+from fedllm.training.objectives import per_example_loss
+from fedllm.training.precision import autocast
 from tests.unit.test_training import FMT, _choice_ids, _easy_records
 
 NO_CUDA = not torch.cuda.is_available()
@@ -26,6 +30,7 @@ DP = DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", grad_samp
     ({"device": "cuda:x"}, "model.device"),
     ({"source": "tiny", "quantization": "4bit"}, "model.quantization"),
     ({"quantization": "4bit", "device": "cpu"}, "model.quantization"),
+    ({"quantization": "4bit", "dtype": "bf16"}, "model.dtype"),
 ])
 def test_bad_device_settings_name_the_key(fields, key):
     with pytest.raises(ConfigError, match=key):
@@ -41,8 +46,15 @@ def test_cpu_machine_resolves_auto_to_cpu_and_refuses_cuda_and_quantisation():
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         quantization_config(ModelConfig(quantization="4bit"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="client_gpus"):
-        gpu_share(0.5)  # Ray would otherwise wait forever for a GPU
-    assert gpu_share(0.0) == 0.0
+        gpu_share(0.5, ModelConfig())  # Ray would otherwise wait forever for a GPU
+    assert gpu_share(0.0, ModelConfig()) == 0.0
+
+
+@pytest.mark.parametrize("fields", [{"device": "cuda"}, {"quantization": "4bit"}])
+def test_gpu_model_settings_need_a_gpu_share_in_simulation(fields):
+    # Ray hides the GPU from actors that ask for none: every client would fail at round time
+    with pytest.raises(ConfigError, match="federation.client_gpus=0"):
+        gpu_share(0.0, ModelConfig(**fields))
 
 
 def _dp_round(model_cfg: ModelConfig) -> tuple[dict, dict]:
@@ -61,12 +73,39 @@ def test_bf16_base_weights_keep_fp32_adapters_and_train_under_dp():
     bundle = task.model_bundle(cfg, LoraSettings(), 0)
     frozen = {p.dtype for n, p in bundle.model.named_parameters() if "lora_" not in n}
     assert frozen == {torch.bfloat16}
+    # RoPE's frequency table is a buffer: in bf16 its rounding would shift every position's angle
+    assert {b.dtype for n, b in bundle.model.named_buffers() if "inv_freq" in n} == {torch.float32}
     before, after = _dp_round(cfg)
     # what is noised, sent and aggregated is unchanged: fp32 adapters of the same shapes
     assert {v.dtype for v in after.values()} == {torch.float32}
     assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_bf16_per_sample_gradients_are_clipped_in_fp32():
+    bundle = task.model_bundle(ModelConfig(source="tiny"), LoraSettings(), 0)
+    data = tokenize_records(_easy_records(64, 6), bundle.tokenizer, FMT)
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    loader = DataLoader(data, batch_size=16, collate_fn=make_collate(bundle.pad_id, True))
+    bundle.model.train()
+    clip = 1e-3  # far below every gradient's norm: every sample is clipped
+    session = start_round(model=bundle.model, optimizer=torch.optim.SGD(params, lr=0.0), loader=loader,
+                          noise_multiplier=0.0, max_grad_norm=clip, history=[], accountant="rdp",
+                          grad_sample_mode="hooks", secure_mode=False, noise_generator=None)
+    try:
+        batch = next(b for b in session.loader if len(b["input_ids"]) > 0)
+        with autocast(True):
+            per_example_loss(bundle.model, batch, "choices", _choice_ids(bundle)).mean().backward()
+        assert {p.grad_sample.dtype for p in params} == {torch.bfloat16}  # what Opacus computes under autocast
+        session.fp32_grad_samples()
+        assert {p.grad_sample.dtype for p in params} == {torch.float32}
+        session.optimizer.clip_and_accumulate()
+        total = torch.sqrt(sum(p.summed_grad.pow(2).sum() for p in params))
+        assert total <= len(batch["input_ids"]) * clip * (1 + 1e-6)
+    finally:
+        session.optimizer.zero_grad(set_to_none=True)
+        session.close()
 
 
 @pytest.mark.gpu
