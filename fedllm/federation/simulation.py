@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from fedllm.config import ExperimentConfig, ModelConfig
 from fedllm.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+RAY_TAG = "FEDLLM_RAY_TAG"
 
 # Set before Flower / Ray start: no telemetry, no update checks, and never let Flower
 # install dependencies at run time (it would resolve torch to a multi-GB CUDA build).
@@ -59,6 +62,8 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": logging.WARNING},
     }
+    # every process Ray starts inherits this tag: how stop_ray finds workers it has orphaned
+    os.environ[RAY_TAG] = uuid.uuid4().hex
     try:
         flwr_run_simulation(
             server_app=build_server_app(cfg, run_dir, resume=resume), client_app=client_app,
@@ -108,18 +113,37 @@ def load_object(spec: str):
         raise ConfigError(f"federation.client_app={spec!r} cannot be loaded: {exc}") from exc
 
 
+def _tagged(tag: str) -> list:
+    """Live processes whose environment carries ``RAY_TAG=tag``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get(RAY_TAG) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
 def stop_ray(ray, timeout: float = 20.0) -> None:
     """Shut Ray down and wait until every process it started has exited.
 
-    ``ray.shutdown()`` returns while actor processes are still exiting; a command that
-    returns must leave none behind, so wait for them and kill any that linger.
+    ``ray.shutdown()`` returns while actor processes are still exiting, and a worker started
+    late may already have been re-parented away from us: wait for our children and for every
+    process carrying this run's tag, and kill any that linger. A command that returns must
+    leave none behind.
     """
     import psutil
 
-    started = psutil.Process().children(recursive=True)
+    me = psutil.Process()
+    started = me.children(recursive=True)
     if ray.is_initialized():
         ray.shutdown()
-    _, alive = psutil.wait_procs(started, timeout=timeout)
+    tag = os.environ.get(RAY_TAG)
+    procs = {p.pid: p for p in [*started, *(_tagged(tag) if tag else [])] if p.pid != me.pid}
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
     for proc in alive:
         log.warning("killing leftover Ray process %d", proc.pid)
         proc.kill()
