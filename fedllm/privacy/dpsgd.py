@@ -18,12 +18,8 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from fedllm.errors import ConfigError
+from fedllm.model.device import model_device
 from fedllm.privacy.accounting import History, normalise_history
-
-
-def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every parameter the optimizer updates."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 @dataclass
@@ -83,7 +79,7 @@ def start_round(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loa
         secure_mode: use a cryptographically secure RNG for noise and sampling.
         noise_generator: seeded generator for reproducible noise (ignored in secure mode).
     """
-    if secure_mode and any(p.device.type != "cpu" for p in optimizer_params(optimizer)):
+    if secure_mode and model_device(model).type != "cpu":
         # Opacus's secure generator (torchcsprng) lives on the CPU and cannot draw CUDA noise
         raise ConfigError("privacy.secure_mode=true runs on the CPU only; use model.device=cpu for it")
     engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
