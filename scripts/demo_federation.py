@@ -88,14 +88,9 @@ class Processes:
     def stop(self) -> None:
         import psutil
 
-        family = {}
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get("FEDLLM_DEMO_TAG") == self.tag:
-                    family[proc.pid] = proc
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        family = list(family.values())
+        from fedllm.processes import tagged_processes
+
+        family = tagged_processes("FEDLLM_DEMO_TAG", self.tag)
         for proc in family:
             try:
                 proc.terminate()

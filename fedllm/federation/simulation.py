@@ -58,7 +58,8 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     client_app = load_object(cfg.federation.client_app)
 
     backend_config = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpu_share(cfg.federation.client_gpus, cfg.model)},
+        "client_resources": {"num_cpus": cfg.federation.client_cpus,
+                             "num_gpus": gpu_share(cfg.federation.client_gpus, cfg.model)},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": logging.WARNING},
     }
@@ -113,20 +114,6 @@ def load_object(spec: str):
         raise ConfigError(f"federation.client_app={spec!r} cannot be loaded: {exc}") from exc
 
 
-def _tagged(tag: str) -> list:
-    """Live processes whose environment carries ``RAY_TAG=tag``."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get(RAY_TAG) == tag:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
 def stop_ray(ray, timeout: float = 20.0) -> None:
     """Shut Ray down and wait until every process it started has exited.
 
@@ -137,12 +124,14 @@ def stop_ray(ray, timeout: float = 20.0) -> None:
     """
     import psutil
 
+    from fedllm.processes import tagged_processes
+
     me = psutil.Process()
     started = me.children(recursive=True)
     if ray.is_initialized():
         ray.shutdown()
     tag = os.environ.get(RAY_TAG)
-    procs = {p.pid: p for p in [*started, *(_tagged(tag) if tag else [])] if p.pid != me.pid}
+    procs = {p.pid: p for p in [*started, *(tagged_processes(RAY_TAG, tag) if tag else [])] if p.pid != me.pid}
     _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
     for proc in alive:
         log.warning("killing leftover Ray process %d", proc.pid)

@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fedllm.processes import tagged_processes
+
 FEDLLM = [sys.executable, "-m", "fedllm.cli.main"]
 # Every process our commands start (Ray's included) inherits this tag, so leftover checks
 # see only this session's processes, not another Ray on the same machine.
@@ -30,12 +32,9 @@ def fedllm(args: list[str], cwd: Path, env: dict | None = None, check: bool = Tr
 def stray_processes() -> list[str]:
     """Live (non-zombie) processes started by this test session's commands."""
     found = []
-    for proc in psutil.process_iter(["status"]):
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue  # already exited; only waiting for the init process to reap it
+    for proc in tagged_processes(*SESSION_TAG):
         try:
-            if proc.environ().get(SESSION_TAG[0]) == SESSION_TAG[1]:
-                found.append(f"{proc.pid}: {' '.join(proc.cmdline())[:80]}")
+            found.append(f"{proc.pid}: {' '.join(proc.cmdline())[:80]}")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from fedllm.privacy.accounting import epsilon
+from fedllm.processes import tagged_processes
 
 from .conftest import FEDLLM, SESSION_TAG, fedllm, stray_processes
 
@@ -75,11 +76,10 @@ def _reap_tagged_processes(timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while stray_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
-    for proc in psutil.process_iter():
+    for proc in tagged_processes(*SESSION_TAG):
         try:
-            if proc.environ().get(SESSION_TAG[0]) == SESSION_TAG[1]:
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
+        except psutil.NoSuchProcess:
             continue
 
 
