@@ -20,7 +20,7 @@ PARTITIONERS = ("iid", "dirichlet")
 OBJECTIVES = ("choices", "token")
 PRECISIONS = ("auto", "fp32", "bf16")
 PRIVACY_MODES = ("sample", "client", "both", "none")
-LEDGER_SCOPES = ("node", "run")
+NOISE_SOURCES = ("secure", "seeded")
 CLIENT_CLIPPING = ("server", "client")
 AGGREGATIONS = ("fedavg", "trimmed_mean", "median")
 ACCOUNTANTS = ("rdp", "prv")
@@ -201,8 +201,13 @@ class PrivacyConfig:
     directory (``state_dir``; in simulation ``<run dir>/nodes`` by default) and refuses a
     round that would take it past its cap: the target, or lower where the node says so
     (``client_caps`` in simulation, ``max-epsilon`` / ``delta`` in a node config).
-    ``ledger_scope=node`` composes everything a node's data was used for across runs;
-    ``run`` counts this run only (for research sweeps).
+    A node's ledger always composes everything its data was used for, across runs.
+
+    ``noise``: ``secure`` (default) draws every node's DP noise and Poisson batches from fresh
+    OS entropy, which nobody else can reproduce; ``seeded`` derives them from ``seed`` for
+    reproducible research simulations, and its guarantee does not hold against anyone who
+    knows the seed (simulation only: a deployed node refuses it). ``public_metrics`` lets
+    simulated nodes also report train loss, timings and shard size, which no DP covers.
     """
 
     mode: str = "sample"
@@ -210,10 +215,10 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
-    accountant: str = "rdp"
+    accountant: str = "prv"
     grad_sample_mode: str = "hooks"
-    secure_mode: bool = False
-    ledger_scope: str = "node"
+    noise: str = "secure"
+    public_metrics: bool = False
     state_dir: str | None = None
     client_caps: tuple[ClientCap, ...] = ()
     client_noise_multiplier: float = 1.0
@@ -225,7 +230,7 @@ class PrivacyConfig:
         _one_of(self.mode, PRIVACY_MODES, "privacy.mode")
         _one_of(self.accountant, ACCOUNTANTS, "privacy.accountant")
         _one_of(self.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode")
-        _one_of(self.ledger_scope, LEDGER_SCOPES, "privacy.ledger_scope")
+        _one_of(self.noise, NOISE_SOURCES, "privacy.noise")
         _one_of(self.client_clipping, CLIENT_CLIPPING, "privacy.client_clipping")
         _require(self.target_epsilon > 0, "privacy.target_epsilon", "must be positive")
         _require(0 < self.delta < 1, "privacy.delta", "must be in (0, 1); 1e-5 is usual")
@@ -329,6 +334,7 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _require(self.seed >= 0, "seed", "must be a non-negative integer")
         if self.privacy.client_level:
             _require(self.federation.aggregation == "fedavg", "federation.aggregation",
                      "client-level DP is calibrated for the mean of clipped updates: use federation.aggregation=fedavg")

@@ -9,6 +9,7 @@ and each round overwrites the adapter weights from the global state.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,6 +20,7 @@ from fedllm.config import DataConfig, ExperimentConfig, LoraSettings, ModelConfi
 from fedllm.data.formatting import PromptFormat, TokenizedDataset, choice_token_ids, tokenize_records
 from fedllm.data.partition import Split, split_records
 from fedllm.data.sources import Record, load_records, load_rotten_tomatoes
+from fedllm.errors import DataError
 from fedllm.model.base import load_model, load_tokenizer
 from fedllm.model.adapters import adapter_state
 from fedllm.model.lora import apply_lora
@@ -116,12 +118,6 @@ def shard_fingerprint(cfg: ExperimentConfig, partition_id: int) -> str:
     return fingerprint((r.prompt, r.response) for r in split_for(cfg).shards[partition_id])
 
 
-@lru_cache(maxsize=4)
-def local_records(path: str, fmt: str, prompt_field: str, response_field: str) -> list[Record]:
-    """A deployed node's own training records (its whole file is its shard)."""
-    return load_records(path, fmt, prompt_field, response_field)
-
-
 def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, data_format: str
                ) -> tuple[TokenizedDataset, str]:
     """The node's tokenized training data and its fingerprint: its own file when the node config
@@ -132,12 +128,18 @@ def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, 
     """
     if data_path is None:
         return tokenized_shard(cfg, partition_id), shard_fingerprint(cfg, partition_id)
-    return _local_shard(cfg, data_path, data_format)
+    try:
+        stat = os.stat(data_path)
+    except OSError as exc:
+        raise DataError(f"{data_path}: cannot read the node's data file ({exc.strerror})") from exc
+    return _local_shard(cfg, data_path, data_format, (stat.st_mtime_ns, stat.st_size))
 
 
 @lru_cache(maxsize=4)  # a node answers every round of a run with the same file: tokenize it once
-def _local_shard(cfg: ExperimentConfig, data_path: str, data_format: str) -> tuple[TokenizedDataset, str]:
-    records = local_records(data_path, data_format, cfg.data.prompt_field, cfg.data.response_field)
+def _local_shard(cfg: ExperimentConfig, data_path: str, data_format: str, version: tuple[int, int]
+                 ) -> tuple[TokenizedDataset, str]:
+    """``version`` (mtime, size) keys the cache: an edited file is read again, never served stale."""
+    records = load_records(data_path, data_format, cfg.data.prompt_field, cfg.data.response_field)
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
     return (tokenize_records(records, bundle.tokenizer, prompt_format(cfg.data)),
             fingerprint((r.prompt, r.response) for r in records))

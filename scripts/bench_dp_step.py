@@ -79,10 +79,11 @@ def step_seconds(model_name: str, batch: int, seq: int, mode: str, steps: int, s
     bundle = model_bundle(model_config(model_name), LoraSettings(), 0)
     data = dataset(len(bundle.tokenizer), seq)
     bf16 = PLACEMENT["dtype"] == "bf16" or PLACEMENT["quantization"] != "none"
+    # the seeded research mode: every configuration of one repeat draws the same Poisson batches
     spec = LocalSpec(steps=steps, batch_size=batch, lr=1e-3, weight_decay=0.0, objective="choices", bf16=bf16,
                      seed=seed, micro_batches=2)
     dp = None if mode == "none" else DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp",
-                                            grad_sample_mode=mode, secure_mode=False)
+                                            grad_sample_mode=mode)
     result = train_local(bundle.model, data, make_collate(bundle.pad_id, prompt_only=True), spec, CHOICE_IDS, dp, [])
     return result.seconds / steps
 

@@ -12,7 +12,8 @@ What it does, as an operator would:
   4. `flower-superlink` (TLS, --enable-supernode-auth, no runtime dependency installation) and
      one `flower-supernode` per node; with --unregistered, nodes whose key was never registered
      (the SuperLink must refuse them);
-  5. `flwr run . demo` with the Hydra overrides as run config, and waits for the run to finish.
+  5. `flwr run . demo` with the Hydra overrides as run config, and waits for the run to finish;
+     with --hostile-overrides, a second run whose settings every node must refuse.
 It prints a JSON report: where the outputs are, and how each unregistered node ended.
 """
 
@@ -42,7 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--broken-node", action="store_true",
                         help="one more registered node whose data path does not exist (it declines)")
     parser.add_argument("--overrides", default="debug=smoke federation.num_rounds=2")
-    parser.add_argument("--caps", default="", help="comma-separated max-epsilon per node (empty: none)")
+    parser.add_argument("--caps", default="", help="comma-separated max-epsilon per node (empty: 8 each)")
+    parser.add_argument("--hostile-overrides", default="",
+                        help="after the run, a second run with these overrides (e.g. privacy.noise=seeded): "
+                             "settings a node must refuse; its outputs go to <workdir>/outputs-hostile")
     parser.add_argument("--records", type=int, default=200, help="records in each node's data file")
     parser.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=900)
@@ -113,10 +117,9 @@ def flwr(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProc
 
 
 def node_config(index: int, data: Path, state: Path, cap: str) -> str:
-    parts = [f"partition-id={index}", f'data-path="{data}"', f'state-dir="{state}"']
-    if cap:
-        parts.append(f"max-epsilon={float(cap)}")
-    return " ".join(parts)
+    """A node's own rules: its data, its state, its cap and delta (the server can only lower them)."""
+    return " ".join([f"partition-id={index}", f'data-path="{data}"', f'state-dir="{state}"',
+                     f"max-epsilon={float(cap or 8)}", "delta=1e-5"])
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -171,6 +174,12 @@ def run_demo(args: argparse.Namespace) -> dict:
         run_config = f'overrides="{args.overrides} federation.num_clients={clients}" output-dir="{output_dir}"'
         result = flwr(["run", str(ROOT), "demo", "--run-config", run_config, "--stream"], env, timeout=args.timeout)
         (workdir / "flwr-run.log").write_text(result.stdout + result.stderr)
+        if args.hostile_overrides:
+            hostile = (f'overrides="{args.overrides} {args.hostile_overrides} federation.num_clients={clients}" '
+                       f'output-dir="{workdir / "outputs-hostile"}"')
+            result = flwr(["run", str(ROOT), "demo", "--run-config", hostile, "--stream"], env, timeout=args.timeout)
+            (workdir / "flwr-run-hostile.log").write_text(result.stdout + result.stderr)
+            report["hostile_output_dir"] = str(workdir / "outputs-hostile")
         for rogue in rogues:
             try:
                 rogue.wait(timeout=30)

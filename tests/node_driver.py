@@ -17,6 +17,7 @@ from fedllm import task
 from fedllm.config import ExperimentConfig
 from fedllm.federation import records as keys
 from fedllm.federation.client_app import app
+from fedllm.node.policy import simulated_node_config
 
 
 def train_message(cfg: ExperimentConfig, run_id: str, server_round: int, arrays: dict[str, torch.Tensor]) -> Message:
@@ -32,17 +33,27 @@ def train_message(cfg: ExperimentConfig, run_id: str, server_round: int, arrays:
     return Message(content=content, metadata=metadata)
 
 
-def node_context(partition_id: int, node_config: dict | None = None) -> Context:
-    """A fresh node context, as a (re)started SuperNode would have."""
-    config = {keys.NODE_PARTITION_ID: partition_id, keys.NODE_NUM_PARTITIONS: 1, **(node_config or {})}
-    return Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
+def node_context(node_config: dict) -> Context:
+    """A fresh node context, as a (re)started SuperNode with ``node_config`` would have."""
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def simulated_node(cfg: ExperimentConfig, partition_id: int = 0, **overrides) -> dict:
+    """The node config the simulation driver would give node ``partition_id`` of ``cfg``, with
+    ``overrides`` (keys with ``_`` for ``-``; a value of None removes the key)."""
+    config = {**simulated_node_config(cfg, partition_id), keys.NODE_NUM_PARTITIONS: cfg.federation.num_clients}
+    for key, value in overrides.items():
+        config.pop(key.replace("_", "-"), None) if value is None else config.update({key.replace("_", "-"): value})
+    return config
 
 
 def run_round(cfg: ExperimentConfig, run_id: str, server_round: int, partition_id: int = 0,
-              node_config: dict | None = None) -> Message:
-    """One round on a node, starting from the initial adapter (the server's global state)."""
-    initial = task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter
-    return app(train_message(cfg, run_id, server_round, initial), node_context(partition_id, node_config))
+              node_config: dict | None = None, arrays: dict | None = None) -> Message:
+    """One round on a node (by default the simulated node ``partition_id`` of ``cfg``), starting
+    from ``arrays`` (default: the initial adapter, the server's global state)."""
+    initial = arrays if arrays is not None else task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    config = node_config if node_config is not None else simulated_node(cfg, partition_id)
+    return app(train_message(cfg, run_id, server_round, initial), node_context(config))
 
 
 if __name__ == "__main__":  # python -m tests.node_driver <config.json> <run_id> <round> [<round> ...]

@@ -1,21 +1,24 @@
 """The server's checkpoint after every round: enough to continue an interrupted run exactly.
 
 ``<run dir>/checkpoint/`` holds the global adapter of the last finished round (safetensors,
-sealed: checksummed and, with a key, AES-256-GCM encrypted) and ``state.json`` (checksummed): round number, run id, server privacy ledger, per-round
-metrics, the random states that drive client sampling and client-level noise, and the
-resolved config. The adapter is written first and ``state.json`` (which names it) last,
-both atomically, so a crash at any point leaves the previous complete checkpoint.
+sealed: checksummed and, with a key, AES-256-GCM encrypted) and ``state.json`` (checksummed):
+round number, run id, server privacy ledger, per-round metrics and the resolved config. The
+adapter is written first and ``state.json`` (which names it) last, both atomically, so a crash
+at any point leaves the previous complete checkpoint.
+
+No random state is saved: client sampling and client-level noise draw fresh OS entropy, or in
+the seeded research mode derive each round's draws from the seed and the round number
+(:mod:`fedllm.privacy.server_noise`), so a resumed run needs none. Checkpoints written before
+that carry an ``rng`` field, which is read past.
 """
 
 from __future__ import annotations
 
 import json
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -37,23 +40,6 @@ class ServerState:
     rounds: list[dict[str, Any]]
     config: dict[str, Any]
     stop_reason: str | None = None
-    rng: dict[str, Any] = field(default_factory=dict)
-
-
-def capture_rng() -> dict[str, Any]:
-    """Python's (Flower samples clients with it) and NumPy's (client-level noise) random states."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 class Checkpointer:
@@ -75,7 +61,7 @@ class Checkpointer:
         write_json(self.folder / STATE_FILE, with_checksum({
             "run_id": state.run_id, "server_round": state.server_round, "adapter": adapter_name,
             "ledger": state.ledger, "rounds": state.rounds, "config": state.config,
-            "stop_reason": state.stop_reason, "rng": capture_rng(),
+            "stop_reason": state.stop_reason,
         }))
         for old in self.folder.glob("adapter-round-*.sealed"):
             if old.name != adapter_name:
@@ -99,4 +85,4 @@ class Checkpointer:
             raise LedgerError(f"{self.folder}: the checkpoint cannot be read ({exc})") from exc
         return ServerState(run_id=raw["run_id"], server_round=int(raw["server_round"]), arrays=arrays,
                            ledger=raw["ledger"], rounds=raw["rounds"], config=raw["config"],
-                           stop_reason=raw.get("stop_reason"), rng=raw["rng"])
+                           stop_reason=raw.get("stop_reason"))

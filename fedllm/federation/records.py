@@ -4,17 +4,17 @@
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
-STATUS = "status"  # ConfigRecord with a refusal's reason (strings cannot go in a MetricRecord)
+STATUS = "status"  # ConfigRecord with a refusal's category (strings cannot go in a MetricRecord)
 
 # ConfigRecord keys (server -> client)
 TASK_CONFIG = "task-config"
 RUN_ID = "run-id"
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 
-# MetricRecord keys (client -> server)
-NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key (sample-level DP and no DP)
-UNIT_WEIGHT = "unit-weight"  # always 1: the uniform weighting client-level DP is calibrated for
+# MetricRecord keys (client -> server); the format is owned by fedllm.federation.protocol
 PARTITION_ID = "partition-id"
+# sent only when the node's config declares them public (no DP covers them)
+NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 EXAMPLES_SEEN = "examples-seen"
 TRAIN_SECONDS = "train-seconds"
@@ -30,7 +30,10 @@ CAN_CONTINUE = "can-continue"  # 1: one more round at these settings stays withi
 REPLAYED = "replayed"  # 1: the node resent the update it had already released for this round
 
 # STATUS keys
-REASON = "reason"
+CATEGORY = "category"  # budget, data or policy: all a refusal says besides epsilon numbers
+
+# server-internal: the one metric the server leaves in a validated update for Flower's FedAvg
+FEDAVG_WEIGHT = "fedavg-weight"
 
 # node_config keys set by the simulation engine
 NODE_PARTITION_ID = "partition-id"

@@ -15,15 +15,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
 from fedllm.federation import records as keys
 from fedllm.errors import UpdateRejected
-from fedllm.federation.strategy import ClientReport, parse_history
-from fedllm.federation.validation import expected_update, norm_outliers, update_norm, validate_reply
+from fedllm.federation.protocol import Refusal, TrainReport, parse_reply
+from fedllm.federation.validation import expected_update, norm_outliers, update_norm
 from fedllm.privacy.client_level import ClientLevelRound
 from fedllm.privacy.ledger import PrivacyLedger
 
@@ -31,19 +31,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Refusal:
-    """A node that declined a round, and why."""
-
-    partition_id: int
-    reason: str
-
-
-@dataclass
 class RoundReplies:
     """One round's replies, sorted."""
 
     updates: list[Message] = field(default_factory=list)
-    reports: list[ClientReport] = field(default_factory=list)
+    reports: list[TrainReport] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -57,19 +49,22 @@ class ReplyPolicy:
     num_clients: int
     update_norm_ratio: float
     max_update_norm: float | None
+    require_accounting: bool = True  # sample-level DP: an update must carry its DP-SGD accounting
+    uniform_weights: bool = True  # client-level DP is calibrated for the uniform mean
 
 
 def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: int, sent: ArrayRecord,
                  policy: ReplyPolicy, node_partitions: dict[int, int]) -> RoundReplies:
     """Split replies into valid updates, refusals (recorded in the ledger), rejected replies
-    and failures; every reply is validated first (:mod:`fedllm.federation.validation`).
+    and failures; every reply is parsed and validated first (:mod:`fedllm.federation.protocol`).
 
     ``node_partitions`` remembers which client each node said it was, so a node cannot
-    speak for another client later.
+    speak for another client later. A valid update keeps only its adapter tensors and the
+    FedAvg weight the server sets (:func:`fedavg_weights`), so Flower aggregates a fixed schema.
     """
     result = RoundReplies(sampled=len(replies))
     expected = expected_update(sent)
-    candidates: list[tuple[Message, ClientReport]] = []
+    candidates: list[tuple[Message, TrainReport]] = []
     seen: set[int] = set()
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -77,18 +72,19 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
             result.failures.append(f"node {node}: {reply.error.reason}")
             continue
         try:
-            metrics = validate_reply(reply.content, expected, policy.num_clients)
-            client = int(metrics[keys.PARTITION_ID])
+            parsed = parse_reply(reply.content, expected, policy.num_clients,
+                                 require_accounting=policy.require_accounting)
+            client = parsed.partition_id
             if node_partitions.setdefault(node, client) != client or client in seen:
                 raise UpdateRejected(f"claims to be client {client}, which another reply or node already is")
         except UpdateRejected as exc:
             result.rejected.append(f"node {node}: {exc}")
             continue
         seen.add(client)
-        if metrics[keys.REFUSED] == 1:
-            _record_refusal(reply, metrics, ledger, server_round, result)
+        if isinstance(parsed, Refusal):
+            _record_refusal(parsed, ledger, server_round, result)
         else:
-            candidates.append((reply, ClientReport.from_metrics(metrics)))
+            candidates.append((reply, parsed))
     norms = {i: update_norm(reply.content[keys.ARRAYS], sent) for i, (reply, _) in enumerate(candidates)}
     outliers = norm_outliers(norms, policy.update_norm_ratio, policy.max_update_norm)
     for index, (reply, report) in enumerate(candidates):
@@ -97,6 +93,7 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
             result.rejected.append(f"client {report.partition_id}: {outliers[index]}")
         else:
             result.updates.append(reply)
+    _set_weights(result, policy.uniform_weights)
     for problem in result.rejected:
         log.warning("round %d: rejected %s", server_round, problem)
     for failure in result.failures:
@@ -104,25 +101,41 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
     return result
 
 
-def _record_refusal(reply: Message, metrics, ledger: PrivacyLedger, server_round: int,
-                    result: RoundReplies) -> None:
-    client = int(metrics[keys.PARTITION_ID])
-    status = reply.content.config_records.get(keys.STATUS)
-    reason = str(status.get(keys.REASON, "refused"))[:500] if status else "refused"
-    history = parse_history(metrics) if keys.DP_HISTORY in metrics else None
-    delta = metrics.get(keys.DELTA)
-    ledger.record_refusal(client, server_round, reason, cap=metrics.get(keys.EPSILON_CAP),
-                          history=history, delta=None if delta is None else float(delta))
-    result.refusals.append(Refusal(client, reason))
-    log.warning("round %d: client %d %s", server_round, client, reason)
+def fedavg_weights(reports: list[TrainReport], uniform: bool) -> list[float]:
+    """FedAvg weights: shard sizes when every update declared its size public (and the run
+    does not need uniform weights), else 1 each: a size no DP covers is never assumed."""
+    sizes = [r.public.num_examples for r in reports]
+    if uniform or not reports or any(size is None for size in sizes):
+        return [1.0] * len(reports)
+    return [float(size) for size in sizes]
 
 
-def record_updates(ledger: PrivacyLedger, reports: list[ClientReport], server_round: int) -> None:
+def _set_weights(result: RoundReplies, uniform: bool) -> None:
+    by_client = {r.partition_id: r for r in result.reports}
+    used = [by_client[_client_of(reply)] for reply in result.updates]
+    for reply, report, weight in zip(result.updates, used, fedavg_weights(used, uniform), strict=True):
+        reply.content = RecordDict({keys.ARRAYS: reply.content[keys.ARRAYS],
+                                    keys.METRICS: MetricRecord({keys.FEDAVG_WEIGHT: weight})})
+
+
+def _client_of(reply: Message) -> int:
+    return int(reply.content[keys.METRICS][keys.PARTITION_ID])
+
+
+def _record_refusal(refusal: Refusal, ledger: PrivacyLedger, server_round: int, result: RoundReplies) -> None:
+    ledger.record_refusal(refusal.partition_id, server_round, refusal.reason, cap=refusal.cap,
+                          history=refusal.history, delta=refusal.delta)
+    result.refusals.append(refusal)
+    log.warning("round %d: client %d %s", server_round, refusal.partition_id, refusal.reason)
+
+
+def record_updates(ledger: PrivacyLedger, reports: list[TrainReport], server_round: int) -> None:
     """Put each client's reported DP-SGD history into the server ledger (epsilon is recomputed)."""
     for report in reports:
-        if report.history:
-            ledger.record(report.partition_id, report.history, server_round, delta=report.delta,
-                          cap=report.cap, can_continue=report.can_continue)
+        if report.accounting is not None:
+            acct = report.accounting
+            ledger.record(report.partition_id, acct.history, server_round, delta=acct.delta, cap=acct.cap,
+                          can_continue=acct.can_continue)
 
 
 def stop_reason(*, ledger: PrivacyLedger, num_clients: int, min_train_clients: int,

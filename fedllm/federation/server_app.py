@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -19,9 +17,10 @@ from fedllm import task
 from fedllm.config import ExperimentConfig
 from fedllm.evaluation.metrics import evaluate
 from fedllm.federation import records as keys
-from fedllm.federation.checkpoint import Checkpointer, ServerState, restore_rng
+from fedllm.federation.checkpoint import Checkpointer, ServerState
 from fedllm.federation.rounds import LoopSettings, ReplyPolicy, RoundReplies, run_rounds
-from fedllm.federation.strategy import build_strategy, mean_train_loss
+from fedllm.federation.protocol import TrainReport
+from fedllm.federation.strategy import build_strategy
 from fedllm.model.adapters import load_adapter_state
 from fedllm.privacy.client_level import ClientLevelAccountant
 from fedllm.privacy.ledger import PrivacyLedger
@@ -70,12 +69,20 @@ class RoundEvaluator:
             server_round, eval_loss=result.loss, eval_accuracy=result.accuracy, num_clients=len(replies.updates),
             train_loss=mean_train_loss(replies.reports),
             epsilons=self.ledger.epsilons() if self.cfg.privacy.sample_level else None,
-            slowest_client_seconds=max((r.train_seconds for r in replies.reports), default=None),
+            slowest_client_seconds=max((r.public.train_seconds for r in replies.reports
+                                        if r.public.train_seconds is not None), default=None),
             refused=[r.partition_id for r in replies.refusals], failed=replies.failures, rejected=replies.rejected,
             client_level_epsilon=client_level.epsilon() if client_level else None, eval_seconds=eval_seconds,
         )
         if self.sink:
             self.sink.log_round(record)
+
+
+def mean_train_loss(reports: list[TrainReport]) -> float | None:
+    """Mean train loss over the nodes that declared theirs public (None when none did:
+    a loss is computed from private records and no DP covers it)."""
+    losses = [r.public.train_loss for r in reports if r.public.train_loss is not None]
+    return sum(losses) / len(losses) if losses else None
 
 
 def prepare_run(cfg: ExperimentConfig, run_dir: Path) -> None:
@@ -90,6 +97,8 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", cfg.to_dict())
     task.model_bundle(cfg.model, cfg.lora, cfg.seed)
+    if cfg.privacy.noise == "seeded":
+        log.warning(SEEDED_WARNING)
     if cfg.privacy.sample_level:
         plan = format_plan(cfg, build_plan(cfg, accountants=(cfg.privacy.accountant,)))
         log.info("privacy plan (every client in every round):\n%s", plan)
@@ -104,20 +113,21 @@ def new_ledger(cfg: ExperimentConfig) -> PrivacyLedger:
             delta=cfg.privacy.client_delta, sampled_uniformly=cfg.federation.fraction_train < 1.0)
     return PrivacyLedger(level=cfg.privacy.mode, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
                          target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.sample_level else None,
-                         scope=cfg.privacy.ledger_scope, client_level=client_level)
+                         client_level=client_level)
 
 
 def start_state(cfg: ExperimentConfig, checkpoints: Checkpointer, ledger: PrivacyLedger,
                 resume: bool) -> ServerState:
-    """A fresh run's state (seeded), or the checkpointed state of an interrupted one."""
+    """A fresh run's state, or the checkpointed state of an interrupted one.
+
+    No global random generator is seeded or restored: client sampling and client-level noise
+    come from the strategy's own :class:`~fedllm.privacy.server_noise.ServerRandomness`.
+    """
     if resume:
         state = checkpoints.load()
         ledger.load_state_dict(state.ledger)
-        restore_rng(state.rng)
         log.info("resuming run %s after round %d", state.run_id, state.server_round)
         return state
-    random.seed(cfg.seed)  # Flower samples clients with `random`; client-level noise uses NumPy
-    np.random.seed(cfg.seed)
     initial = task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter
     return ServerState(run_id=uuid.uuid4().hex, server_round=-1, arrays=initial, ledger={}, rounds=[],
                        config=cfg.to_dict())
@@ -130,7 +140,7 @@ def strategy_for(cfg: ExperimentConfig):
                           fraction_train=fed.fraction_train, num_clients=fed.num_clients,
                           client_level=privacy.client_level, client_clipping=privacy.client_clipping,
                           client_noise_multiplier=privacy.client_noise_multiplier,
-                          client_clip_norm=privacy.client_clip_norm)
+                          client_clip_norm=privacy.client_clip_norm, noise=privacy.noise, seed=cfg.seed)
 
 
 def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
@@ -141,7 +151,8 @@ def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
         timeout=fed.round_timeout,
         train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id}),
         policy=ReplyPolicy(num_clients=fed.num_clients, update_norm_ratio=fed.update_norm_ratio,
-                           max_update_norm=fed.max_update_norm))
+                           max_update_norm=fed.max_update_norm, require_accounting=cfg.privacy.sample_level,
+                           uniform_weights=cfg.privacy.client_level))
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -210,29 +221,41 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, state: ServerStat
     return summary
 
 
+SEEDED_WARNING = ("privacy.noise=seeded: DP noise and sampling were derived from the run's seed; the epsilons "
+                  "below do not hold against anyone who knows the seed (research simulations only)")
+
+
 def privacy_summary(cfg: ExperimentConfig, ledger: PrivacyLedger) -> dict:
-    """Each guarantee that ran: what it protects, its epsilon and delta, and the ledger scope."""
+    """Each guarantee that ran: what it protects, against whom, its epsilon and delta."""
     sample = cfg.privacy.sample_level
+    seeded = cfg.privacy.noise == "seeded"
     summary = {
         "target_epsilon": cfg.privacy.target_epsilon if sample else None,
         "delta": cfg.privacy.delta if sample else None,
         "accountant": cfg.privacy.accountant if sample else None,
-        "ledger_scope": cfg.privacy.ledger_scope if sample else None,
+        "noise": cfg.privacy.noise,
         "final_max_epsilon": ledger.max_epsilon() if sample else None,
         "client_epsilons": {str(c): e for c, e in ledger.epsilons().items()} if sample else None,
         "guarantees": [],
     }
+    if seeded:
+        summary["warning"] = SEEDED_WARNING
     if sample:
-        scope = ("every use of the node's records, across runs" if cfg.privacy.ledger_scope == "node"
-                 else "this run only")
         summary["guarantees"].append({
-            "level": "sample", "protects": "any single training record of a client",
-            "epsilon": ledger.max_epsilon(), "delta": cfg.privacy.delta, "accounts": scope})
+            "level": "sample", "protects": "any single training record of a node",
+            "against": ("no one who knows the run's seed" if seeded else
+                        "the coordinator, the other nodes and every reader of the outputs (see docs/threat-model.md)"),
+            "epsilon": ledger.max_epsilon(), "delta": cfg.privacy.delta,
+            "accounts": "every use of the node's records, across runs (the node's lifetime ledger)"})
     if ledger.client_level is not None:
         accountant = ledger.client_level
         summary["client_level_epsilon"] = accountant.epsilon()
         summary["guarantees"].append({
             "level": "client", "protects": "a client's whole dataset (all its records together)",
+            "against": ("the other nodes and every reader of the outputs, not the coordinator, who adds the noise"
+                        if cfg.privacy.client_clipping == "server" else
+                        "the other nodes and every reader of the outputs; the coordinator adds the noise and sees "
+                        "the clipped updates"),
             "epsilon": accountant.epsilon(), "delta": accountant.delta, "adjacency": accountant.adjacency,
             "noise_multiplier": accountant.noise_multiplier, "clip_norm": accountant.clip_norm})
     return summary

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedllm.config import ExperimentConfig, ModelConfig
 from fedllm.errors import ConfigError
+from fedllm.node.policy import SIMULATED_NODES_ENV, write_simulated_nodes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     }
     # every process Ray starts inherits this tag: how stop_ray finds workers it has orphaned
     os.environ[RAY_TAG] = uuid.uuid4().hex
+    # each virtual node's own config (state, cap, policy), from the researcher's experiment; Ray's
+    # workers inherit the variable naming it, and nothing of it travels in a server message
+    write_simulated_nodes(cfg, run_dir / "simulated_nodes.json")
     try:
         flwr_run_simulation(
             server_app=build_server_app(cfg, run_dir, resume=resume), client_app=client_app,
@@ -72,6 +76,7 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
         )
     finally:
         stop_ray(ray)
+        os.environ.pop(SIMULATED_NODES_ENV, None)
 
 
 def gpu_share(client_gpus: float, model: ModelConfig) -> float:

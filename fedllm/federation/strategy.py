@@ -1,105 +1,250 @@
-"""The aggregation strategy (Flower's, over adapter arrays) and the client reports it reads."""
+"""The aggregation strategy: Flower's, over adapter arrays, weighted by the one weight the server sets
+(:data:`~fedllm.federation.records.FEDAVG_WEIGHT`) on each validated update.
+
+Flower draws the train sample from the global ``random`` module and client-level DP noise from
+the global ``np.random``; the subclasses here draw both from a
+:class:`~fedllm.privacy.server_noise.ServerRandomness` instead (OS entropy unless the run is a
+seeded research simulation), and otherwise leave Flower's logic as it is.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import math
+import time
+from collections.abc import Iterable
 
-from flwr.app import MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     FedMedian,
     FedTrimmedAvg,
     Strategy,
 )
+from flwr.supercore.differential_privacy import compute_stdv
 
 from fedllm.federation import records as keys
-from fedllm.privacy.accounting import History
+from fedllm.privacy.server_noise import ServerRandomness
+
+log = logging.getLogger(__name__)
+
+NODE_POLL_SECONDS = 1.0
 
 
-@dataclass(frozen=True)
-class ClientReport:
-    """What one client said about its round (metrics only; adapters go to the strategy)."""
+def connected_nodes(grid: Grid, minimum: int, poll_seconds: float = NODE_POLL_SECONDS) -> list[int]:
+    """The ids of the nodes connected to ``grid``, once at least ``minimum`` are.
 
-    partition_id: int
-    num_examples: int
-    train_loss: float
-    train_seconds: float
-    history: History
-    delta: float | None
-    cap: float | None = None
-    can_continue: bool = True
-    replayed: bool = False
+    Args:
+        grid: the Flower grid.
+        minimum: how many nodes to wait for.
+        poll_seconds: how long to wait between two looks.
 
-    @classmethod
-    def from_metrics(cls, metrics: MetricRecord) -> ClientReport:
-        """Parse a client's MetricRecord (keys from :mod:`fedllm.federation.records`)."""
-        optional = {key: metrics.get(key) for key in (keys.DELTA, keys.EPSILON_CAP)}
-        return cls(partition_id=int(metrics[keys.PARTITION_ID]), num_examples=int(metrics[keys.NUM_EXAMPLES]),
-                   train_loss=float(metrics.get(keys.TRAIN_LOSS, float("nan"))),
-                   train_seconds=float(metrics.get(keys.TRAIN_SECONDS, 0.0)), history=parse_history(metrics),
-                   delta=None if optional[keys.DELTA] is None else float(optional[keys.DELTA]),
-                   cap=None if optional[keys.EPSILON_CAP] is None else float(optional[keys.EPSILON_CAP]),
-                   can_continue=bool(metrics.get(keys.CAN_CONTINUE, 1)),
-                   replayed=bool(metrics.get(keys.REPLAYED, 0)))
-
-
-def parse_history(metrics: MetricRecord) -> History:
-    """The flat ``dp-history`` list as ``(noise, rate, steps)`` entries (empty without DP)."""
-    flat = [float(v) for v in metrics.get(keys.DP_HISTORY, [])]
-    return [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat) - 2, 3)]
-
-
-def mean_train_loss(reports: list[ClientReport]) -> float | None:
-    """Example-weighted mean of the clients' train losses (None when no client reported)."""
-    examples = sum(r.num_examples for r in reports)
-    return sum(r.train_loss * r.num_examples for r in reports) / examples if reports else None
-
-
-def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean train loss and total examples (histories are not averaged).
-
-    ``weight_key`` is Flower's argument; :class:`AdapterFedAvg` always weights by
-    ``num-examples``, the field :class:`ClientReport` reads.
+    Returns:
+        Every connected node id.
     """
-    reports = [ClientReport.from_metrics(next(iter(r.metric_records.values()))) for r in replies]
-    return MetricRecord({keys.TRAIN_LOSS: mean_train_loss(reports),
-                         keys.NUM_EXAMPLES: sum(r.num_examples for r in reports)})
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        log.info("waiting for nodes to connect: %d connected, %d needed", len(nodes), minimum)
+        time.sleep(poll_seconds)
+    return nodes
+
+
+class _ServerSampling:
+    """Mixin for Flower's FedAvg family: the train sample comes from :attr:`randomness`.
+
+    This is ``FedAvg.configure_train`` (same sample size, same wait for nodes, same messages)
+    with our draw in place of Flower's ``random.sample``. Evaluation messages are never sent
+    (``fraction_evaluate=0``), so evaluation sampling is left to Flower.
+    """
+
+    def __init__(self, *, randomness: ServerRandomness, **kwargs):
+        super().__init__(**kwargs)
+        self.randomness = randomness
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """One train message for each node sampled for ``server_round``."""
+        if self.fraction_train == 0.0:
+            return []
+        nodes = connected_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
+        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        sampled = self.randomness.sample(nodes, size, server_round)
+        log.info("round %d: sampled %d of %d nodes", server_round, len(sampled), len(nodes))
+        config["server-round"] = server_round  # as Flower does: clients read the round from it
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, sampled, MessageType.TRAIN)
+
+
+class AdapterFedAvg(_ServerSampling, FedAvg):
+    """Flower's FedAvg with the train sample drawn from a :class:`ServerRandomness`."""
+
+
+class AdapterFedTrimmedAvg(_ServerSampling, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg with the train sample drawn from a :class:`ServerRandomness`."""
+
+
+class AdapterFedMedian(_ServerSampling, FedMedian):
+    """Flower's FedMedian with the train sample drawn from a :class:`ServerRandomness`."""
+
+
+class ClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping (nodes run ``fixedclipping_mod``), with the Gaussian
+    noise on the aggregate drawn from :attr:`randomness` (Flower's ``add_gaussian_noise_inplace``
+    uses the global ``np.random``).
+
+    The standard deviation is Flower's (``compute_stdv``: ``z * C / k``); only the source changes.
+    No Flower accountant is attached: :class:`~fedllm.privacy.client_level.ClientLevelAccountant`
+    accounts each released aggregate.
+    """
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
+                 num_sampled_clients: int, *, randomness: ServerRandomness):
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        self.randomness = randomness
+        self._noise_round: int | None = None
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's aggregation and noise, remembering the round the noise is drawn for."""
+        self._noise_round = server_round
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self._noise_round = None
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        # overrides Flower's (same name, same contract), which draws from the global np.random
+        if self._noise_round is None:
+            raise RuntimeError("client-level noise is only added inside aggregate_train")
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        noised = self.randomness.add_noise(aggregated_arrays.to_numpy_ndarrays(), std, self._noise_round)
+        log.info("round %d: client-level DP noise with standard deviation %.4g added", self._noise_round, std)
+        return ArrayRecord({name: Array(value) for name, value in zip(aggregated_arrays.keys(), noised,
+                                                                       strict=True)})
+
+
+class ServerSideClipping(ClientSideClipping):
+    """Server-side fixed clipping: each update is clipped here as it arrives, then aggregated and
+    noised exactly as with client-side clipping.
+
+    Not Flower's ``DifferentialPrivacyServerSideFixedClipping``: its clip divides by the norm of
+    each update, so one node that returned the global adapter unchanged (norm 0) raised
+    ``ZeroDivisionError`` in ``aggregate_train`` and ended the run. Here a zero update stays zero.
+    """
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
+                 num_sampled_clients: int, *, randomness: ServerRandomness):
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients, randomness=randomness)
+        self.current_arrays = ArrayRecord()
+
+    def __repr__(self) -> str:
+        return "Differential Privacy Strategy Wrapper (Server-Side Fixed Clipping, OS-entropy noise)"
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The wrapped strategy's messages; remembers the global adapter updates are measured from."""
+        self.current_arrays = arrays
+        return self._prepare_accounting(server_round,
+                                        self.strategy.configure_train(server_round, arrays, config, grid))
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip every update to :attr:`clipping_norm`, then aggregate and add the noise."""
+        reference = self.current_arrays.to_numpy_ndarrays()
+        clipped = [clip_reply(reply, reference, self.clipping_norm) for reply in replies]
+        log.info("round %d: updates clipped to norm %g", server_round, self.clipping_norm)
+        return super().aggregate_train(server_round, clipped)
+
+
+def clip_reply(reply: Message, reference: list[np.ndarray], clip_norm: float) -> Message:
+    """``reply`` with each of its array records moved to within ``clip_norm`` (L2, over all its
+    arrays together) of ``reference``; an update of norm 0 is left as it is.
+
+    Args:
+        reply: a node's reply (one with an error is returned unchanged, for Flower to count).
+        reference: the global arrays the update is measured from, in the record's order.
+        clip_norm: C, the largest update norm kept.
+
+    Returns:
+        The same message, its array records replaced.
+    """
+    if reply.has_error():
+        return reply
+    for name, record in list(reply.content.array_records.items()):
+        arrays = record.to_numpy_ndarrays()
+        updates = [a.astype(np.float64) - r for a, r in zip(arrays, reference, strict=True)]
+        norm = math.sqrt(sum(float(np.vdot(u, u)) for u in updates))
+        scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+        reply.content[name] = ArrayRecord({
+            key: Array((r + u * scale).astype(a.dtype))
+            for key, a, r, u in zip(record.keys(), arrays, reference, updates, strict=True)})
+    return reply
 
 
 def adapter_strategy(*, aggregation: str, trim_fraction: float, fraction_train: float, min_train_nodes: int,
-                     min_available_nodes: int, weighted_by_key: str) -> FedAvg:
+                     min_available_nodes: int, weighted_by_key: str,
+                     randomness: ServerRandomness | None = None) -> FedAvg:
     """Flower's FedAvg, FedTrimmedAvg or FedMedian over adapter arrays with our wire keys.
 
     Evaluation is centralised on the server's held-out split, so no evaluate messages are sent.
+
+    Args:
+        aggregation: ``fedavg``, ``trimmed_mean`` or ``median``.
+        trim_fraction: the fraction trimmed at each end (``trimmed_mean`` only).
+        fraction_train: the fraction of connected nodes sampled each round.
+        min_train_nodes: the fewest nodes sampled each round.
+        min_available_nodes: the nodes to wait for before sampling.
+        weighted_by_key: the metric FedAvg weights updates by.
+        randomness: where the train sample comes from (default: OS entropy).
+
+    Returns:
+        The strategy.
     """
     common = dict(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
                   min_evaluate_nodes=0, min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
                   arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG,
-                  train_metrics_aggr_fn=aggregate_train_metrics)
+                  randomness=randomness or ServerRandomness())
     if aggregation == "trimmed_mean":
-        return FedTrimmedAvg(beta=trim_fraction, **common)
+        return AdapterFedTrimmedAvg(beta=trim_fraction, **common)
     if aggregation == "median":
-        return FedMedian(**common)
-    return FedAvg(**common)
+        return AdapterFedMedian(**common)
+    return AdapterFedAvg(**common)
 
 
 def build_strategy(*, aggregation: str, trim_fraction: float, fraction_train: float, num_clients: int,
                    client_level: bool, client_clipping: str, client_noise_multiplier: float,
-                   client_clip_norm: float) -> Strategy:
-    """The run's strategy; with client-level DP, wrapped in Flower's fixed-clipping DP strategy.
+                   client_clip_norm: float, noise: str = "secure", seed: int = 0) -> Strategy:
+    """The run's strategy; with client-level DP, wrapped in a fixed-clipping DP strategy.
 
     Client-level DP clips each client's whole update (on the server, or on the node with
     Flower's ``fixedclipping_mod``) and adds Gaussian noise to the uniform mean.
+
+    Args:
+        aggregation, trim_fraction, fraction_train: as in :func:`adapter_strategy`.
+        num_clients: the federation's size (all are waited for).
+        client_level: whether client-level DP runs.
+        client_clipping: ``server`` or ``client``: who clips each update.
+        client_noise_multiplier: z, the noise multiplier of the sum of clipped updates.
+        client_clip_norm: C, the clipping bound of one client's update.
+        noise: ``privacy.noise``: ``secure`` draws client sampling and noise from OS entropy;
+            ``seeded`` derives them from ``seed`` (research simulations only).
+        seed: the run's seed (used only by ``seeded``).
+
+    Returns:
+        The strategy.
+
+    Raises:
+        ConfigError: ``noise`` is unknown.
     """
+    randomness = ServerRandomness.from_noise(noise, seed)
     sampled = max(1, round(fraction_train * num_clients))
     inner = adapter_strategy(aggregation=aggregation, trim_fraction=trim_fraction, fraction_train=fraction_train,
                              min_train_nodes=sampled, min_available_nodes=num_clients,
-                             weighted_by_key=keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES)
+                             weighted_by_key=keys.FEDAVG_WEIGHT, randomness=randomness)
     if not client_level:
         return inner
-    wrapper = (DifferentialPrivacyServerSideFixedClipping if client_clipping == "server"
-               else DifferentialPrivacyClientSideFixedClipping)
+    wrapper = ServerSideClipping if client_clipping == "server" else ClientSideClipping
     return wrapper(inner, noise_multiplier=client_noise_multiplier, clipping_norm=client_clip_norm,
-                   num_sampled_clients=sampled)
+                   num_sampled_clients=sampled, randomness=randomness)

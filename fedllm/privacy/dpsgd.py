@@ -6,20 +6,69 @@ would report one round's epsilon only). The model is not wrapped
 (``wrap_model=False``): adapter names stay as PEFT writes them, and ``close()`` removes
 every hook and per-sample attribute Opacus attached, so nothing leaks into the next round
 or the next client served by the same process.
+
+Opacus clips, scales and accounts; the node's own randomness (:mod:`fedllm.privacy.randomness`)
+decides the Poisson batches and draws the noise. Opacus's ``DPDataLoader`` is not used: it
+sizes its sampler as ``int(1 / sample_rate)``, which is ``k - 1`` for ``k`` = 93, 99, 105, ...
+batches (the accounted rate then disagrees with the planned one), and it samples on float32
+uniforms. Our loader has exactly ``ceil(n / b)`` batches, so Opacus's accountant records
+``1 / len(loader)``, the planner's rate, and its optimizer divides by its expected batch size
+``int(n / ceil(n / b))`` as it does for its own Poisson batches.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
-from torch.utils.data import DataLoader
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch.utils.data import DataLoader, Dataset
 
 from fedllm.errors import ConfigError
-from fedllm.model.device import model_device
 from fedllm.privacy.accounting import History, normalise_history
+from fedllm.privacy.randomness import DPRandomness, GaussianNoise, PoissonBatchSampler
+
+
+class NodeNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer with the Gaussian noise drawn from the node's noise stream.
+
+    Why a subclass: Opacus draws its noise from a ``torch.Generator`` (reproducible by anyone
+    who learns its seed) or, in its secure mode, from ``torchcsprng`` (no wheel for torch 2.13).
+    Only the draw changes; per-sample clipping, the division by the expected batch size and
+    the accountant's step hook are Opacus's own, taken over from the optimizer
+    ``make_private`` built.
+    """
+
+    def __init__(self, built: DPOptimizer, noise: GaussianNoise):
+        """
+        Args:
+            built: the optimizer ``make_private`` returned (flat clipping, one process).
+            noise: the node's noise source.
+
+        Raises:
+            ConfigError: ``built`` is another Opacus optimizer (per-layer, ghost, distributed),
+                whose noise this class would not reproduce faithfully.
+        """
+        if type(built) is not DPOptimizer:
+            raise ConfigError(f"node-side noise supports Opacus's DPOptimizer only, got {type(built).__name__}; "
+                              "use privacy.grad_sample_mode=hooks or functorch")
+        super().__init__(built.original_optimizer, noise_multiplier=built.noise_multiplier,
+                         max_grad_norm=built.max_grad_norm, expected_batch_size=built.expected_batch_size,
+                         loss_reduction=built.loss_reduction)
+        self.attach_step_hook(built.step_hook)  # the accountant: one step per (possibly empty) batch
+        self.noise = noise
+
+    def add_noise(self) -> None:
+        """Add the node's noise to the clipped sum, as Opacus does with its own draw."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)  # Opacus's guard: no clipped sum is noised twice
+            p.grad = (p.summed_grad + self.noise.like(p.summed_grad, std)).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 @dataclass
@@ -28,7 +77,7 @@ class DPRound:
 
     engine: PrivacyEngine
     hooks: object
-    optimizer: DPOptimizer
+    optimizer: NodeNoiseDPOptimizer
     loader: DataLoader
 
     def history(self) -> History:
@@ -61,33 +110,54 @@ class DPRound:
         self.hooks.cleanup()
 
 
-def start_round(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                noise_multiplier: float, max_grad_norm: float, history: History,
-                accountant: str, grad_sample_mode: str, secure_mode: bool,
-                noise_generator: torch.Generator | None) -> DPRound:
+def poisson_loader(dataset: Dataset, batch_size: int, collate: Callable,
+                   randomness: DPRandomness) -> DataLoader:
+    """A loader of ``ceil(n / b)`` Poisson batches drawn from the node's sampling stream.
+
+    Args:
+        dataset: the client's shard.
+        batch_size: the expected batch size.
+        collate: batch builder; it must accept an empty list (an empty Poisson batch).
+        randomness: the round's streams (only ``sampling`` is used).
+    """
+    sampler = PoissonBatchSampler(len(dataset), batch_size, randomness.sampling)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
+def start_round(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
+                batch_size: int, collate: Callable, noise_multiplier: float, max_grad_norm: float,
+                history: History, accountant: str, grad_sample_mode: str,
+                randomness: DPRandomness) -> DPRound:
     """Attach DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise) for one round.
 
     Args:
         model: the PEFT model in training mode; only adapters require grad.
         optimizer: a fresh optimizer over the adapter parameters.
-        loader: a data loader over the client's shard with the expected batch size.
+        dataset: the client's tokenized shard.
+        batch_size: the expected Poisson batch size.
+        collate: batch builder (must accept an empty batch).
         noise_multiplier: Gaussian noise std relative to ``max_grad_norm``.
         max_grad_norm: per-sample clipping bound.
         history: the client's accountant history before this round.
         accountant: ``rdp`` or ``prv``.
         grad_sample_mode: Opacus per-sample gradient mode.
-        secure_mode: use a cryptographically secure RNG for noise and sampling.
-        noise_generator: seeded generator for reproducible noise (ignored in secure mode).
+        randomness: the round's sampling and noise streams (:func:`~fedllm.privacy.randomness.dp_randomness`).
+
+    Returns:
+        The round's engine, hooks, DP optimizer and Poisson loader.
     """
-    if secure_mode and model_device(model).type != "cpu":
-        # Opacus's secure generator (torchcsprng) lives on the CPU and cannot draw CUDA noise
-        raise ConfigError("privacy.secure_mode=true runs on the CPU only; use model.device=cpu for it")
-    engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
+    with warnings.catch_warnings():
+        # Opacus warns that its own RNG is not secure; neither its noise nor its sampler runs here
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = list(history)
-    hooks, dp_optimizer, dp_loader = engine.make_private(
+    loader = poisson_loader(dataset, batch_size, collate, randomness)
+    # poisson_sampling=False: Opacus keeps our loader (already Poisson) and accounts 1 / len(loader)
+    hooks, built, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        poisson_sampling=True, grad_sample_mode=grad_sample_mode, wrap_model=False,
-        noise_generator=None if secure_mode else noise_generator,
+        poisson_sampling=False, grad_sample_mode=grad_sample_mode, wrap_model=False,
     )
-    return DPRound(engine=engine, hooks=hooks, optimizer=dp_optimizer, loader=dp_loader)
+    hooks.forbid_grad_accumulation()  # what Opacus sets for its own Poisson loader
+    dp_optimizer = NodeNoiseDPOptimizer(built, GaussianNoise(randomness.noise))
+    return DPRound(engine=engine, hooks=hooks, optimizer=dp_optimizer, loader=loader)

@@ -19,7 +19,7 @@ from fedllm.privacy.client_level import ClientLevelAccountant
 
 @dataclass
 class ClientLedger:
-    """One client's DP-SGD history (within the ledger scope), its cap and delta, and refusals."""
+    """One client's DP-SGD history, its cap and delta, and refusals."""
 
     history: History = field(default_factory=list)
     last_round: int = 0
@@ -33,12 +33,11 @@ class PrivacyLedger:
     """Per-client DP-SGD histories with epsilon by a real accountant, plus client-level DP."""
 
     def __init__(self, *, accountant: str, delta: float, target_epsilon: float | None, level: str = "sample",
-                 scope: str = "node", client_level: ClientLevelAccountant | None = None):
+                 client_level: ClientLevelAccountant | None = None):
         self.level = level  # the privacy mode: sample, client, both or none
         self.accountant = accountant
         self.delta = delta
         self.target_epsilon = target_epsilon
-        self.scope = scope
         self.client_level = client_level
         self.clients: dict[int, ClientLedger] = {}
 
@@ -93,7 +92,7 @@ class PrivacyLedger:
                 "refusals": entry.refusals,
             }
         report = {"level": self.level, "accountant": self.accountant, "delta": self.delta,
-                  "target_epsilon": self.target_epsilon, "ledger_scope": self.scope,
+                  "target_epsilon": self.target_epsilon,
                   "max_epsilon": self.max_epsilon(), "clients": clients}
         if self.client_level is not None:
             report["client_level"] = self.client_level.to_report()
@@ -102,7 +101,6 @@ class PrivacyLedger:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the ledger after a restart."""
         return {"accountant": self.accountant, "delta": self.delta, "target_epsilon": self.target_epsilon,
-                "scope": self.scope,
                 "clients": {str(c): {**asdict(e), "history": [list(h) for h in e.history]}
                             for c, e in self.clients.items()},
                 "client_level": self.client_level.state_dict() if self.client_level else None}
@@ -117,7 +115,6 @@ class PrivacyLedger:
             raise ValueError(f"ledger was kept with {state['accountant']!r}, not {self.accountant!r}")
         self.delta = float(state["delta"])
         self.target_epsilon = state["target_epsilon"]
-        self.scope = state.get("scope", self.scope)
         self.clients = {int(c): ClientLedger(**{**e, "history": normalise_history(e["history"])})
                         for c, e in state["clients"].items()}
         if self.client_level is not None and state.get("client_level"):

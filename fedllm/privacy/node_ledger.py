@@ -1,29 +1,51 @@
 """A node's own, persisted record of every DP-SGD mechanism that touched its data.
 
-One JSON file per node state directory holds, per dataset fingerprint (a hash of the
-node's training records), every release: noise multiplier, sample rate, steps, run id and
-round. Epsilon is always recomputed from this history by a real accountant, so a node that
-crashes, restarts, or joins a second run on the same records continues from what it has
-spent; it never starts again at zero. Writes are atomic (temp file, fsync, rename), the
-file carries a checksum verified on load, and a file that cannot be read is an error,
-never a silent reset.
+One JSON file per node state directory holds, per dataset as the node names it (its
+``dataset-id``), every release: noise multiplier, sample rate, steps, run id, round and the
+content fingerprint of the records it trained on. The budget belongs to the dataset id, not
+to the fingerprint: appending or reordering records keeps the history (the new fingerprint is
+recorded for information). Epsilon is always recomputed from this history by a real
+accountant, so a node that crashes, restarts, or joins a second run continues from what it
+has spent over its whole lifetime; it never starts again at zero.
+
+Check and record are atomic against other processes: :meth:`NodeLedger.locked` takes an
+exclusive ``flock`` on a sidecar lock file and re-reads the ledger, so two runs on one node
+cannot both spend the last of its budget. Writes are atomic (temp file, fsync, rename), the
+file carries a checksum verified on load, and a file that cannot be read is an error, never
+a silent reset.
+
+Format 1 (before issue 12) keyed histories by fingerprint. Its histories are kept, never
+dropped, in a ``legacy`` section: until a release of a dataset presents the same fingerprint
+(and so claims that history for its dataset id), a legacy history is composed into the budget
+of every dataset of the state directory, because nothing says whose records it spent.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedllm.errors import IntegrityError, LedgerError
+from fedllm.errors import ConfigError, IntegrityError, LedgerError
 from fedllm.privacy.accounting import History, epsilon, extend_history
-from fedllm.storage import verify_checksum, with_checksum, write_json
+from fedllm.storage import atomic_write_bytes, verify_checksum, with_checksum, write_json
 
 LEDGER_FILE = "privacy_ledger.json"
-FORMAT_VERSION = 1
+LOCK_FILE = f"{LEDGER_FILE}.lock"
+V1_BACKUP_FILE = "privacy_ledger.v1.json"  # the format-1 file as it was, kept when it is first rewritten
+FORMAT_VERSION = 2
+LOCK_TIMEOUT_S = 600.0
+_LOCK_POLL_S = 0.05
+
+_NEVER_RESET = ("it is never reset automatically: restore it from a backup or, knowing the privacy it "
+                "recorded is lost, move it away")
 
 
 @dataclass(frozen=True)
@@ -35,6 +57,28 @@ class Release:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    fingerprint: str  # content of the records it trained on: information only, not the budget's key
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> Release:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: a field is missing, unknown or of the wrong type.
+        """
+        expected = {f.name: f.type for f in fields(cls)}
+        if set(entry) != set(expected):
+            raise ValueError(f"a release has fields {sorted(entry)}, expected {sorted(expected)}")
+        types = {"str": (str,), "int": (int,), "float": (int, float)}
+        for name, kind in expected.items():
+            value = entry[name]
+            if isinstance(value, bool) or not isinstance(value, types[kind]):
+                raise ValueError(f"release field {name!r} is {value!r}, expected {kind}")
+        return cls(**entry)
 
 
 def fingerprint(records: Iterable[tuple[str, str]]) -> str:
@@ -48,46 +92,78 @@ def fingerprint(records: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
+Books = dict[str, list[Release]]  # key (dataset id, or a format-1 fingerprint) -> releases, oldest first
+
+
 class NodeLedger:
-    """The releases recorded for one dataset fingerprint in a node's state directory."""
+    """The releases of one dataset (as the node names it) in a node's state directory.
 
-    def __init__(self, state_dir: Path, dataset_fingerprint: str):
-        self.path = Path(state_dir) / LEDGER_FILE
-        self.fingerprint = dataset_fingerprint
-        self._datasets = self._read()
-        self.releases: list[Release] = [
-            Release(**entry) for entry in self._datasets.get(dataset_fingerprint, {}).get("releases", [])
-        ]
+    A new object is a read-only view of the file as it was then. To check a budget and
+    record a release, do both inside ``with ledger.locked() as book:``, which re-reads the
+    file under an exclusive lock. There is no ``load_state_dict``: the file is the state, and
+    loading another one into it would be a way to rewrite a node's history.
+    One object serves one thread.
+    """
 
-    def _read(self) -> dict[str, Any]:
-        if not self.path.exists():
-            return {}
+    def __init__(self, state_dir: Path, dataset_id: str):
+        """Read the ledger of ``dataset_id`` in ``state_dir`` (no lock taken).
+
+        Raises:
+            ConfigError: ``dataset_id`` is empty.
+            LedgerError: the ledger file exists but cannot be read or fails its checksum.
+        """
+        if not isinstance(dataset_id, str) or not dataset_id:
+            raise ConfigError(f"a node's dataset id must be a non-empty string, got {dataset_id!r}")
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / LEDGER_FILE
+        self.dataset_id = dataset_id
+        self._lock_fd: int | None = None
+        self._datasets, self._legacy, self._v1_raw = _load(self.path)
+
+    @property
+    def releases(self) -> tuple[Release, ...]:
+        """Every release this dataset's budget composes, oldest first: the format-1 histories no
+        dataset has claimed (they may be this dataset's), then its own."""
+        unclaimed = [r for key in sorted(self._legacy) for r in self._legacy[key]]
+        return tuple(unclaimed + self._datasets.get(self.dataset_id, []))
+
+    @contextmanager
+    def locked(self, timeout: float = LOCK_TIMEOUT_S) -> Iterator[NodeLedger]:
+        """Hold this state directory's ledger lock, with the ledger re-read from disk.
+
+        Args:
+            timeout: seconds to wait for another process's lock before giving up.
+
+        Returns:
+            A context manager yielding this ledger, current and writable until the block ends.
+
+        Raises:
+            LedgerError: the lock is already held by this object, another process held it for
+                ``timeout`` seconds, the lock file cannot be opened, or the ledger cannot be read.
+        """
+        if self._lock_fd is not None:
+            raise LedgerError(f"{self.path}: this ledger is already locked by this object (locked() is not re-entrant)")
+        fd = _acquire(self.state_dir / LOCK_FILE, timeout)
         try:
-            payload = verify_checksum(json.loads(self.path.read_text(encoding="utf-8")), str(self.path))
-            if payload.get("format") != FORMAT_VERSION:
-                raise ValueError(f"format {payload.get('format')!r}, expected {FORMAT_VERSION}")
-            return dict(payload["datasets"])
-        except IntegrityError as exc:
-            raise LedgerError(f"{exc}; the privacy ledger is never reset automatically: restore it from a "
-                              "backup or, knowing the privacy it recorded is lost, move it away") from exc
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise LedgerError(
-                f"{self.path}: the privacy ledger cannot be read ({exc}); it is never reset "
-                "automatically: restore it from a backup or, knowing the privacy it recorded is lost, move it away"
-            ) from exc
+            # another run may have recorded since this view was read: check against the file as it is now
+            self._datasets, self._legacy, self._v1_raw = _load(self.path)
+            self._lock_fd = fd
+            yield self
+        finally:
+            self._lock_fd = None
+            _release(fd)
 
-    def history(self, scope: str, run_id: str) -> History:
-        """The DP-SGD history to account: every release (``node``) or this run's (``run``)."""
+    def history(self) -> History:
+        """The DP-SGD history of every release this dataset's budget composes."""
         history: History = []
         for release in self.releases:
-            if scope == "node" or release.run_id == run_id:
-                history = extend_history(history, noise_multiplier=release.noise_multiplier,
-                                         sample_rate=release.sample_rate, steps=release.steps)
+            history = extend_history(history, noise_multiplier=release.noise_multiplier,
+                                     sample_rate=release.sample_rate, steps=release.steps)
         return history
 
-    def epsilon(self, *, scope: str, run_id: str, delta: float, accountant: str) -> float:
-        """Epsilon spent so far within ``scope``."""
-        return epsilon(self.history(scope, run_id), delta=delta, accountant=accountant)
+    def epsilon(self, *, delta: float, accountant: str) -> float:
+        """Epsilon at ``delta`` spent by this dataset over the node's lifetime."""
+        return epsilon(self.history(), delta=delta, accountant=accountant)
 
     def find(self, run_id: str, server_round: int) -> Release | None:
         """The last release recorded for ``(run_id, server_round)``, if any."""
@@ -95,11 +171,107 @@ class NodeLedger:
         return matches[-1] if matches else None
 
     def record(self, release: Release) -> None:
-        """Append ``release`` and persist the ledger before anything leaves the node."""
-        self.releases.append(release)
-        self._datasets[self.fingerprint] = {"releases": [asdict(r) for r in self.releases]}
-        write_json(self.path, with_checksum({"format": FORMAT_VERSION, "datasets": self._datasets}))
+        """Append ``release`` to this dataset and persist the ledger before returning.
+
+        A format-1 history with the release's fingerprint is claimed for this dataset (moved,
+        never dropped); a format-1 file is kept as ``privacy_ledger.v1.json`` when first rewritten.
+
+        Raises:
+            LedgerError: called outside ``locked()`` (check and record must share one lock), or
+                the ledger cannot be written.
+        """
+        if self._lock_fd is None:
+            raise LedgerError("NodeLedger.record outside `with ledger.locked()`: the budget check and the "
+                              "record must be made under one lock, or two runs can both spend the last of it")
+        legacy = dict(self._legacy)
+        claimed = legacy.pop(release.fingerprint, [])
+        datasets = {**self._datasets, self.dataset_id: claimed + self._datasets.get(self.dataset_id, []) + [release]}
+        try:
+            if self._v1_raw is not None and not (self.state_dir / V1_BACKUP_FILE).exists():
+                atomic_write_bytes(self.state_dir / V1_BACKUP_FILE, self._v1_raw)
+            write_json(self.path, with_checksum({"format": FORMAT_VERSION, "datasets": _dump(datasets),
+                                                 "legacy": _dump(legacy)}))
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot write the privacy ledger ({exc}); the release is not "
+                              "recorded, so nothing may leave the node") from exc
+        self._datasets, self._legacy, self._v1_raw = datasets, legacy, None
 
     def state_dict(self) -> dict[str, Any]:
-        """The releases of this fingerprint, JSON-able."""
-        return {"fingerprint": self.fingerprint, "releases": [asdict(r) for r in self.releases]}
+        """This dataset's id and every release its budget composes (``releases``), JSON-able."""
+        return {"format": FORMAT_VERSION, "dataset_id": self.dataset_id,
+                "releases": [r.to_dict() for r in self.releases]}
+
+
+def _acquire(path: Path, timeout: float) -> int:
+    """An open descriptor of ``path`` holding its exclusive ``flock``.
+
+    The kernel drops a flock when its process dies, so a crashed run never leaves a stale
+    lock: the lock file is never deleted (deleting it would let two processes lock two files).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot open the ledger lock file ({exc}); the node's state directory "
+                          "must be writable") from exc
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # polled: flock itself cannot time out
+            return fd
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.close(fd)
+                raise LedgerError(
+                    f"another run on this node holds its ledger lock ({path}) and did not release it within "
+                    f"{timeout:g} s; try again when it has finished (the lock belongs to a live process: a "
+                    "crashed one releases it)") from None
+            time.sleep(min(_LOCK_POLL_S, remaining))
+        except OSError as exc:
+            os.close(fd)
+            raise LedgerError(f"{path}: cannot lock the privacy ledger ({exc})") from exc
+
+
+def _release(fd: int) -> None:
+    # unlock explicitly: a child forked while the lock was held shares the descriptor and would keep it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _load(path: Path) -> tuple[Books, Books, bytes | None]:
+    """(datasets, legacy, raw bytes of a format-1 file or None) from the ledger at ``path``.
+
+    Raises:
+        LedgerError: unreadable, fails its checksum, malformed, or of an unknown format.
+    """
+    if not path.exists():
+        return {}, {}, None
+    try:
+        raw = path.read_bytes()
+        payload = verify_checksum(json.loads(raw), str(path))
+        version = payload.get("format")
+        if version == 1:
+            # format 1 keyed histories by content fingerprint, and its releases had no fingerprint field
+            legacy = {key: [{**entry, "fingerprint": key} for entry in book["releases"]]
+                      for key, book in payload["datasets"].items()}
+            return {}, _books(legacy), raw
+        if version == FORMAT_VERSION:
+            datasets = {key: book["releases"] for key, book in payload["datasets"].items()}
+            legacy = {key: book["releases"] for key, book in payload["legacy"].items()}
+            return _books(datasets), _books(legacy), None
+        raise ValueError(f"format {version!r}; this fedllm reads formats 1 and {FORMAT_VERSION}")
+    except IntegrityError as exc:
+        raise LedgerError(f"{exc}; the privacy ledger {_NEVER_RESET}") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LedgerError(f"{path}: the privacy ledger cannot be read ({exc}); {_NEVER_RESET}") from exc
+
+
+def _books(entries: Mapping[str, list[Mapping[str, Any]]]) -> Books:
+    return {str(key): [Release.from_dict(entry) for entry in releases] for key, releases in entries.items()}
+
+
+def _dump(books: Books) -> dict[str, Any]:
+    return {key: {"releases": [r.to_dict() for r in releases]} for key, releases in books.items()}

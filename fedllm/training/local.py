@@ -12,13 +12,19 @@ from torch.utils.data import DataLoader, Dataset
 from fedllm.model.device import model_device, to_device
 from fedllm.privacy import dpsgd
 from fedllm.privacy.accounting import History
+from fedllm.privacy.randomness import dp_randomness, torch_generator
 from fedllm.training.objectives import per_example_loss
 from fedllm.training.precision import autocast
 
 
 @dataclass(frozen=True)
 class LocalSpec:
-    """How to train locally this round."""
+    """How to train locally this round.
+
+    ``seed``: None (the default, what a node uses) draws the Poisson batches and the DP noise
+    from fresh OS entropy on every call, which nobody can reproduce; an int reproduces them bit
+    for bit, for research simulations only (no guarantee against anyone who knows it).
+    """
 
     steps: int
     batch_size: int
@@ -26,7 +32,7 @@ class LocalSpec:
     weight_decay: float
     objective: str
     bf16: bool
-    seed: int
+    seed: int | None = None
     micro_batches: int = 1
 
 
@@ -38,7 +44,6 @@ class DPSpec:
     max_grad_norm: float
     accountant: str
     grad_sample_mode: str
-    secure_mode: bool
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spe
     Args:
         model: PEFT model; only adapter parameters require grad.
         dataset: the client's tokenized shard.
-        collate: batch builder for the objective.
+        collate: batch builder for the objective (under DP it must accept an empty list).
         spec: local hyper-parameters.
         choice_ids: token ids of the fixed answers (``choices`` objective).
         dp: DP-SGD settings, or None for non-private training.
@@ -69,21 +74,21 @@ def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spe
     Returns:
         The mean loss over steps, examples seen and the DP history after the round.
     """
-    generator = torch.Generator().manual_seed(spec.seed)
+    randomness = dp_randomness(spec.seed)  # fresh OS entropy unless seeded (research only)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=dp is None,
-                        collate_fn=collate, generator=generator)
     model.train()  # Opacus refuses a model in eval mode
     started = time.perf_counter()
     session = None
-    if dp is not None:
+    if dp is None:
+        loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, collate_fn=collate,
+                            generator=torch_generator(randomness.sampling))
+    else:
         session = dpsgd.start_round(
-            model=model, optimizer=optimizer, loader=loader,
-            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            model=model, optimizer=optimizer, dataset=dataset, batch_size=spec.batch_size,
+            collate=collate, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             history=list(history or []), accountant=dp.accountant,
-            grad_sample_mode=dp.grad_sample_mode, secure_mode=dp.secure_mode,
-            noise_generator=torch.Generator(device=model_device(model)).manual_seed(spec.seed + 1),
+            grad_sample_mode=dp.grad_sample_mode, randomness=randomness,
         )
         optimizer, loader = session.optimizer, session.loader
     try:

@@ -49,7 +49,7 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
     if attack == "decline" or (attack == "crash-reference" and server_round == 1):
         content = RecordDict({keys.METRICS: MetricRecord({keys.PARTITION_ID: partition, keys.REFUSED: 1}),
-                              keys.STATUS: ConfigRecord({keys.REASON: "honest-only reference"})})
+                              keys.STATUS: ConfigRecord({keys.CATEGORY: "policy"})})
         return Message(content=content, reply_to=msg)
     if attack == "crash" and server_round == 1:
         raise RuntimeError("simulated node crash mid-round")

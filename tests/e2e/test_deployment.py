@@ -23,7 +23,11 @@ def demo(tmp_path_factory) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("demo")
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo_federation.py"), "--workdir", str(workdir), "--nodes", "2",
-         "--unregistered", "1", "--broken-node", "--caps", "8,7.5", "--timeout", "600"],
+         "--unregistered", "1", "--broken-node", "--caps", "8,7.5", "--timeout", "600",
+         # settings only the nodes may decide, sent by the coordinator: ignored (state dir) ...
+         "--overrides", f"debug=smoke federation.num_rounds=2 privacy.state_dir={workdir / 'server-says'}",
+         # ... or refused (reproducible noise, remote code)
+         "--hostile-overrides", "privacy.noise=seeded model.trust_remote_code=true"],
         cwd=ROOT, capture_output=True, text=True, timeout=800,
         env={**os.environ, SESSION_TAG[0]: SESSION_TAG[1], "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -52,13 +56,31 @@ def test_an_unregistered_node_is_refused(demo):
 
 
 def test_a_node_with_a_wrong_data_path_declines_and_the_run_goes_on(demo):
-    _, report = demo
+    workdir, report = demo
     ledger = json.loads((Path(report["output_dir"]) / "privacy_ledger.json").read_text())
     refusals = ledger["clients"]["2"]["refusals"]
-    assert refusals and "missing/data.jsonl: no such data file" in refusals[0]["reason"]
+    assert refusals and "(data)" in refusals[0]["reason"]
+    assert "missing" not in refusals[0]["reason"]  # the server learns the category, not the path
+    assert (workdir / "broken" / "audit.jsonl").is_file()  # the detail is on the node
 
 
-def test_nodes_send_only_the_adapter_tensors_and_scalar_metrics(demo):
+def test_the_nodes_ignore_or_refuse_what_only_they_may_decide(demo):
+    workdir, report = demo
+    assert not (workdir / "server-says").exists()  # privacy.state_dir from the server: ignored
+    assert (workdir / "node0" / "state" / "privacy_ledger.json").is_file()
+    hostile = Path(report["hostile_output_dir"])
+    ledger = json.loads((hostile / "privacy_ledger.json").read_text())
+    for client in ("0", "1"):  # seeded noise and remote code: refused, nothing trained, nothing spent
+        assert [r["reason"].split(";")[0] for r in ledger["clients"][client]["refusals"]] == ["refused (policy)"]
+    summary = json.loads((hostile / "summary.json").read_text())
+    assert summary["stop_reason"] and "warning" in summary  # the seeded run says what it is worth
+
+
+ACCOUNTING = {"partition-id", "refused", "epsilon", "epsilon-cap", "delta", "noise-multiplier", "sample-rate",
+              "total-steps", "dp-history", "can-continue"}
+
+
+def test_nodes_send_only_the_adapter_tensors_and_the_accounting(demo):
     workdir, report = demo
     adapter = load_file(Path(report["output_dir"]) / "adapter" / "adapter_model.safetensors")
     # PEFT saves without the adapter name; on the wire the names carry PEFT's full keys
@@ -70,7 +92,7 @@ def test_nodes_send_only_the_adapter_tensors_and_scalar_metrics(demo):
             assert entry["sent"]["record_types"] in (["arrays", "metrics"], ["metrics", "status"])
             sent = {t["name"].replace(".weight", "").replace(".default", "") for t in entry["sent"]["tensors"]}
             assert not entry["sent"]["tensors"] or sent == expected
-            assert all(isinstance(v, int | float) for v in entry["sent"]["metrics"].values())
+            assert set(entry["sent"]["metrics"]) <= ACCOUNTING  # no loss, size, count or timing
 
 
 def test_every_flower_process_is_gone(demo):

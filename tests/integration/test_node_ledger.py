@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fedllm import task
 from fedllm.config import ExperimentConfig, FederationConfig, PrivacyConfig
 from fedllm.federation import records as keys
 from fedllm.privacy.node_ledger import NodeLedger
 from tests.conftest import tiny_config
-from tests.node_driver import run_round
+from tests.node_driver import run_round, simulated_node
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +27,7 @@ def _cfg(state_dir: Path, rounds: int = 2, **privacy) -> ExperimentConfig:
 
 
 def _ledger(cfg: ExperimentConfig, client: int = 0) -> NodeLedger:
-    return NodeLedger(Path(cfg.privacy.state_dir) / f"client-{client}", task.shard_fingerprint(cfg, client))
+    return NodeLedger(Path(cfg.privacy.state_dir) / f"client-{client}", f"simulated-shard-{client}")
 
 
 def test_a_repeated_round_resends_the_released_update_at_no_privacy_cost(tmp_path):
@@ -49,29 +48,20 @@ def test_a_second_run_on_the_same_data_continues_from_the_node_ledger(tmp_path):
         assert run_round(cfg, "run-a", server_round).content[keys.METRICS][keys.REFUSED] == 0
     reply = run_round(cfg, "run-b", 1)  # the plan spent the whole budget in run-a
     assert reply.content[keys.METRICS][keys.REFUSED] == 1
-    assert "above this node's cap 8" in reply.content[keys.STATUS][keys.REASON]
+    assert reply.content[keys.STATUS][keys.CATEGORY] == "budget"
     assert keys.ARRAYS not in reply.content.array_records  # a refusal sends no update
-    per_run = _cfg(tmp_path, ledger_scope="run")  # research sweeps: count this run only
-    assert run_round(per_run, "run-b", 1).content[keys.METRICS][keys.REFUSED] == 0
-    assert [r.run_id for r in _ledger(cfg).releases] == ["run-a", "run-a", "run-b"]
+    assert [r.run_id for r in _ledger(cfg).releases] == ["run-a", "run-a"]
 
 
 def test_the_node_config_cap_wins_over_the_server_target(tmp_path):
     cfg = _cfg(tmp_path, target_epsilon=8.0)
-    own = {"max-epsilon": 7.0, "state-dir": str(tmp_path / "own")}
+    own = simulated_node(cfg, max_epsilon=7.0, state_dir=str(tmp_path / "own"))
     assert run_round(cfg, "run", 1, node_config=own).content[keys.METRICS][keys.EPSILON_CAP] == 7.0
     reply = run_round(cfg, "run", 2, node_config=own)  # round 2 would reach ~8.0 > 7
     assert reply.content[keys.METRICS][keys.REFUSED] == 1
     assert (tmp_path / "own" / "privacy_ledger.json").is_file()
-    lenient = {"max-epsilon": 50.0, "state-dir": str(tmp_path / "lenient")}
+    lenient = simulated_node(cfg, max_epsilon=50.0, state_dir=str(tmp_path / "lenient"))
     assert run_round(cfg, "run", 1, node_config=lenient).content[keys.METRICS][keys.EPSILON_CAP] == 8.0
-
-
-def test_a_capped_node_refuses_to_train_without_dp_sgd(tmp_path):
-    cfg = _cfg(tmp_path, mode="client")
-    reply = run_round(cfg, "run", 1, node_config={"max-epsilon": 4.0})
-    assert reply.content[keys.METRICS][keys.REFUSED] == 1
-    assert "without DP-SGD" in reply.content[keys.STATUS][keys.REASON]
 
 
 def _node_process(config: Path, run_id: str, rounds: list[int]) -> subprocess.Popen:
@@ -101,6 +91,6 @@ def test_a_node_killed_mid_run_ends_with_the_epsilon_of_an_uninterrupted_one(tmp
     # restarted, the node gets round 2 again (the server never saw its reply) and round 3
     restarted = _node_process(config, "run", [2, 3])
     assert restarted.wait(timeout=240) == 0
-    assert _ledger(cfg).history("node", "run") == _ledger(reference).history("node", "run")
+    assert _ledger(cfg).history() == _ledger(reference).history()
     assert [r.server_round for r in _ledger(cfg).releases] == rounds
-    assert _ledger(cfg).epsilon(scope="node", run_id="run", delta=1e-5, accountant="rdp") <= cfg.privacy.target_epsilon
+    assert _ledger(cfg).epsilon(delta=1e-5, accountant="prv") <= cfg.privacy.target_epsilon

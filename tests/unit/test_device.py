@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from fedllm import task
 from fedllm.config import LoraSettings, ModelConfig
@@ -14,13 +13,14 @@ from fedllm.federation.simulation import gpu_share
 from fedllm.model.adapters import adapter_state
 from fedllm.model.device import quantization_config, resolve_device
 from fedllm.privacy.dpsgd import start_round
+from fedllm.privacy.randomness import GaussianNoise, dp_randomness
 from fedllm.training.local import DPSpec, LocalSpec, train_local
 from fedllm.training.objectives import per_example_loss
 from fedllm.training.precision import autocast
 from tests.unit.test_training import FMT, _choice_ids, _easy_records
 
 NO_CUDA = not torch.cuda.is_available()
-DP = DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks", secure_mode=False)
+DP = DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
 
 
 @pytest.mark.parametrize(("fields", "key"), [
@@ -87,12 +87,12 @@ def test_bf16_per_sample_gradients_are_clipped_in_fp32():
     bundle = task.model_bundle(ModelConfig(source="tiny"), LoraSettings(), 0)
     data = tokenize_records(_easy_records(64, 6), bundle.tokenizer, FMT)
     params = [p for p in bundle.model.parameters() if p.requires_grad]
-    loader = DataLoader(data, batch_size=16, collate_fn=make_collate(bundle.pad_id, True))
     bundle.model.train()
     clip = 1e-3  # far below every gradient's norm: every sample is clipped
-    session = start_round(model=bundle.model, optimizer=torch.optim.SGD(params, lr=0.0), loader=loader,
-                          noise_multiplier=0.0, max_grad_norm=clip, history=[], accountant="rdp",
-                          grad_sample_mode="hooks", secure_mode=False, noise_generator=None)
+    session = start_round(model=bundle.model, optimizer=torch.optim.SGD(params, lr=0.0), dataset=data,
+                          batch_size=16, collate=make_collate(bundle.pad_id, True), noise_multiplier=0.0,
+                          max_grad_norm=clip, history=[], accountant="rdp", grad_sample_mode="hooks",
+                          randomness=dp_randomness(0))
     try:
         batch = next(b for b in session.loader if len(b["input_ids"]) > 0)
         with autocast(True):
@@ -117,3 +117,13 @@ def test_gpu_dp_round_on_the_embedded_model(fields):
     assert next(p for p in bundle.model.parameters() if p.requires_grad).device.type == "cuda"
     assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_noise_is_drawn_on_the_cpu_and_lands_on_the_parameter_device(dtype):
+    reference = torch.zeros(64, 48, dtype=dtype, device="cuda")
+    noise = GaussianNoise(dp_randomness(3).noise).like(reference, 1.5)
+    assert noise.device == reference.device and noise.dtype == dtype
+    cpu = GaussianNoise(dp_randomness(3).noise).like(reference.cpu(), 1.5)
+    assert torch.equal(noise.cpu(), cpu)  # the same float64 draws, whatever the device

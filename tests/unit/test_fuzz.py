@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from fedllm.data.sources import Record, load_records
 from fedllm.errors import DataError, UpdateRejected
 from fedllm.federation import records as keys
-from fedllm.federation.validation import expected_update, validate_reply
+from fedllm.federation.protocol import Refusal, parse_reply
+from fedllm.federation.validation import expected_update
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -75,19 +76,19 @@ arrays = st.dictionaries(
 @FUZZ
 @given(metrics=st.dictionaries(st.sampled_from([*keys.__dict__.values(), "other"]).filter(
            lambda k: isinstance(k, str) and not k.startswith("_")), metric_values, max_size=12),
-       tensors=st.none() | arrays, extra_config=st.booleans(), metric_key=st.sampled_from([keys.METRICS, "m2"]))
-def test_the_reply_validator_raises_only_update_rejected(metrics, tensors, extra_config, metric_key):
+       tensors=st.none() | arrays, extra_config=st.booleans(), metric_key=st.sampled_from([keys.METRICS, "m2"]),
+       require=st.booleans())
+def test_the_reply_validator_raises_only_update_rejected(metrics, tensors, extra_config, metric_key, require):
     content = RecordDict({metric_key: MetricRecord(metrics)})
     if tensors is not None:
         content[keys.ARRAYS] = ArrayRecord({k: Array(v) for k, v in tensors.items()})
     if extra_config:
-        content[keys.STATUS] = ConfigRecord({keys.REASON: "text"})
+        content[keys.STATUS] = ConfigRecord({keys.CATEGORY: "budget"})
     try:
-        accepted = validate_reply(content, expected_update(SENT), num_clients=10)
+        accepted = parse_reply(content, expected_update(SENT), num_clients=10, require_accounting=require)
     except UpdateRejected:
         return
-    assert accepted[keys.REFUSED] in (0, 1)
-    if accepted[keys.REFUSED] == 0:  # an accepted update is exactly what was sent, and finite
+    if not isinstance(accepted, Refusal):  # an accepted update is exactly what was sent, and finite
         received = content[keys.ARRAYS]
         assert set(received) == {"a", "b"}
         assert all(np.isfinite(received[k].numpy()).all() for k in received)

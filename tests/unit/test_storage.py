@@ -68,7 +68,8 @@ def test_an_edited_checkpoint_state_is_detected(tmp_path):
 
 
 def test_an_edited_node_ledger_is_detected_and_kept(tmp_path):
-    NodeLedger(tmp_path, "fp").record(Release("r", 1, 0.8, 0.02, 5))
+    with NodeLedger(tmp_path, "fp").locked() as ledger:
+        ledger.record(Release("r", 1, 0.8, 0.02, 5, "fp"))
     payload = json.loads((tmp_path / LEDGER_FILE).read_text())
     payload["datasets"]["fp"]["releases"][0]["steps"] = 1  # someone tries to shrink the spend
     (tmp_path / LEDGER_FILE).write_text(json.dumps(payload))

@@ -15,6 +15,7 @@ from fedllm.evaluation.metrics import evaluate
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.privacy.accounting import epsilon
 from fedllm.privacy.dpsgd import start_round
+from fedllm.privacy.randomness import dp_randomness
 from fedllm.training.local import DPSpec, LocalSpec, train_local
 
 CHOICES = ("positive", "negative")
@@ -44,8 +45,7 @@ def _spec(steps=5, seed=0, lr=1e-2, batch_size=16):
                      bf16=False, seed=seed)
 
 
-DP = DPSpec(noise_multiplier=0.8, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks",
-            secure_mode=False)
+DP = DPSpec(noise_multiplier=0.8, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
 
 
 def _choice_ids(bundle):
@@ -97,8 +97,7 @@ def test_a_dp_run_really_learns(bundle):
     load_adapter_state(bundle.model, {k: torch.zeros_like(v) if "lora_B" in k else v
                                       for k, v in adapter_state(bundle.model).items()})
     before = evaluate(bundle.model, test, bundle.pad_id, ids, 64, bf16=False)
-    dp = DPSpec(noise_multiplier=0.6, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks",
-                secure_mode=False)
+    dp = DPSpec(noise_multiplier=0.6, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
     train_local(bundle.model, train, make_collate(bundle.pad_id, True), _spec(steps=40, lr=2e-2, batch_size=32),
                 ids, dp, [])
     after = evaluate(bundle.model, test, bundle.pad_id, ids, 64, bf16=False)
@@ -118,11 +117,9 @@ def test_empty_poisson_batch_is_a_noised_accounted_step(bundle):
     model = bundle.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    loader = torch.utils.data.DataLoader(data, batch_size=16, collate_fn=make_collate(bundle.pad_id, True))
-    session = start_round(model=model, optimizer=torch.optim.SGD(params, lr=0.1), loader=loader,
-                          noise_multiplier=1.0, max_grad_norm=1.0, history=[], accountant="rdp",
-                          grad_sample_mode="hooks", secure_mode=False,
-                          noise_generator=torch.Generator().manual_seed(0))
+    session = start_round(model=model, optimizer=torch.optim.SGD(params, lr=0.1), dataset=data, batch_size=16,
+                          collate=make_collate(bundle.pad_id, True), noise_multiplier=1.0, max_grad_norm=1.0,
+                          history=[], accountant="rdp", grad_sample_mode="hooks", randomness=dp_randomness(0))
     before = adapter_state(model)
     try:
         session.empty_step()
@@ -138,8 +135,8 @@ def test_length_sorted_micro_batches_give_the_same_update(bundle, private):
     data = tokenize_records(_easy_records(64, 6), bundle.tokenizer, FMT)
     collate = make_collate(bundle.pad_id, prompt_only=True)
     start = adapter_state(bundle.model)
-    dp = DPSpec(noise_multiplier=0.0, max_grad_norm=0.05, accountant="rdp", grad_sample_mode="hooks",
-                secure_mode=False) if private else None
+    dp = DPSpec(noise_multiplier=0.0, max_grad_norm=0.05, accountant="rdp",
+                grad_sample_mode="hooks") if private else None
     results = {}
     for parts in (1, 3):
         load_adapter_state(bundle.model, start)

@@ -1,0 +1,49 @@
+"""The node's audit log: what the server asked and exactly what left the node, per round."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from flwr.app import RecordDict
+
+from fedllm.federation import records as keys
+
+log = logging.getLogger(__name__)
+
+AUDIT_FILE = "audit.jsonl"
+
+
+def audit_round(state_dir: Path, received: Mapping, sent: RecordDict) -> dict:
+    """Log and append to ``<state dir>/audit.jsonl`` what the server asked and exactly what left
+    the node: the round's config (the task config as its SHA-256 and its privacy section), every
+    tensor sent (name, shape, dtype, bytes), every metric (the DP history included) and every
+    config record (a refusal's category), for a security team."""
+    task_json = str(received.get(keys.TASK_CONFIG, ""))
+    privacy = json.loads(task_json).get("privacy", {}) if task_json else {}
+    arrays = sent.array_records.get(keys.ARRAYS)
+    tensors = [{"name": name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(array.data)}
+               for name, array in (arrays.items() if arrays else [])]
+    metrics = sent.metric_records.get(keys.METRICS)
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "received": {"run_id": received.get(keys.RUN_ID), "round": received.get(keys.SERVER_ROUND),
+                     "task_config_sha256": hashlib.sha256(task_json.encode()).hexdigest(),
+                     "privacy": {k: privacy.get(k) for k in ("mode", "target_epsilon", "delta", "max_grad_norm",
+                                                              "noise_multiplier", "accountant", "noise")}},
+        "sent": {"tensors": tensors, "tensor_bytes": sum(t["bytes"] for t in tensors),
+                 "metrics": dict(metrics.items()) if metrics else {},
+                 "config": {name: dict(record.items()) for name, record in sent.config_records.items()},
+                 "record_types": sorted(sent.keys())},
+    }
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    with (Path(state_dir) / AUDIT_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    log.info("audit: round %s of run %s: sent %d tensors (%d bytes), epsilon %s", entry["received"]["round"],
+             entry["received"]["run_id"], len(tensors), entry["sent"]["tensor_bytes"],
+             entry["sent"]["metrics"].get(keys.EPSILON, "n/a"))
+    return entry

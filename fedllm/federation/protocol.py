@@ -1,0 +1,265 @@
+"""The reply format, in one place: what a node may send, built and validated here.
+
+A node's reply is a release. By default it carries the adapter tensors and the accounting
+metadata the server needs to recompute the node's epsilon (noise multiplier, sample rate,
+steps: the DP history; the node's cap and delta; whether one more round fits), nothing
+else. Data-dependent values no DP covers (shard size, train loss, examples seen, timings)
+leave only when the node's own config declares them public. A refusal says only its
+category (budget, data, policy) and the epsilon numbers; the detail stays in the node's log.
+
+The server parses every reply with :func:`parse_reply` into a typed :class:`TrainReport` or
+:class:`Refusal`, or rejects it with :class:`~fedllm.errors.UpdateRejected`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedllm.errors import UpdateRejected
+from fedllm.federation import records as keys
+from fedllm.federation.validation import TensorSpec, validate_arrays
+from fedllm.node.policy import REFUSAL_CATEGORIES
+from fedllm.privacy.accounting import History
+
+MAX_HISTORY_ENTRIES = 1000  # a node's lifetime of (noise, rate, steps) changes; bounds the server's work
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """What the server needs to recompute a node's sample-level epsilon, and the node's answer."""
+
+    epsilon: float
+    cap: float
+    delta: float
+    history: History
+    can_continue: bool
+
+    def to_metrics(self) -> dict:
+        """The accounting fields as wire metrics."""
+        last = self.history[-1] if self.history else (0.0, 0.0, 0)
+        return {keys.EPSILON: float(self.epsilon), keys.EPSILON_CAP: float(self.cap), keys.DELTA: float(self.delta),
+                keys.NOISE_MULTIPLIER: float(last[0]), keys.SAMPLE_RATE: float(last[1]),
+                keys.TOTAL_STEPS: int(sum(s for _, _, s in self.history)),
+                keys.DP_HISTORY: [float(v) for entry in self.history for v in entry],
+                keys.CAN_CONTINUE: int(self.can_continue)}
+
+
+@dataclass(frozen=True)
+class PublicStats:
+    """Values no DP covers; sent only when the node's config declares them public."""
+
+    num_examples: int | None = None
+    train_loss: float | None = None
+    train_seconds: float | None = None
+    examples_seen: int | None = None
+
+    def to_metrics(self) -> dict:
+        """The declared-public fields as wire metrics (absent ones are not sent)."""
+        values = {keys.NUM_EXAMPLES: self.num_examples, keys.TRAIN_LOSS: self.train_loss,
+                  keys.TRAIN_SECONDS: self.train_seconds, keys.EXAMPLES_SEEN: self.examples_seen}
+        return {k: v for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """A node's reply with an update (the adapter tensors travel beside it)."""
+
+    partition_id: int
+    accounting: Accounting | None  # None: the node trained without DP-SGD (its policy allowed it)
+    public: PublicStats = PublicStats()
+    replayed: bool = False
+
+    @property
+    def history(self) -> History:
+        """The node's DP history (empty without DP-SGD)."""
+        return self.accounting.history if self.accounting else []
+
+    def to_metrics(self) -> dict:
+        """The whole MetricRecord content of this report."""
+        metrics = {keys.PARTITION_ID: self.partition_id, keys.REFUSED: 0, **self.public.to_metrics()}
+        if self.accounting is not None:
+            metrics.update(self.accounting.to_metrics())
+        if self.replayed:
+            metrics[keys.REPLAYED] = 1
+        return metrics
+
+    @staticmethod
+    def replay_metrics(metrics: dict) -> dict:
+        """The metrics of an update already released, marked as resent (no new privacy cost)."""
+        return {**metrics, keys.REPLAYED: 1}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A node that trained nothing this round: the category, and its epsilon where known."""
+
+    partition_id: int
+    category: str
+    cap: float | None = None
+    spent: float | None = None
+    delta: float | None = None
+    history: History | None = None
+
+    def to_metrics(self) -> dict:
+        """The MetricRecord content of this refusal."""
+        metrics: dict = {keys.PARTITION_ID: self.partition_id, keys.REFUSED: 1, keys.CAN_CONTINUE: 0}
+        if self.cap is not None:
+            metrics[keys.EPSILON_CAP] = float(self.cap)
+        if self.history is not None and self.spent is not None and self.delta is not None:
+            metrics[keys.EPSILON] = float(self.spent)
+            metrics[keys.DELTA] = float(self.delta)
+            metrics[keys.DP_HISTORY] = [float(v) for entry in self.history for v in entry]
+        return metrics
+
+    @property
+    def reason(self) -> str:
+        """A one-line description for the server's logs."""
+        text = f"refused ({self.category})"
+        if self.spent is not None and self.cap is not None:
+            text += f": epsilon spent {self.spent:.4f}, cap {self.cap:g}"
+        return text + "; the node's own log has the detail"
+
+
+def update_reply(msg: Message, arrays: dict, metrics: dict) -> Message:
+    """The reply message carrying an update and its metrics (from :meth:`TrainReport.to_metrics`)."""
+    content = RecordDict({keys.ARRAYS: ArrayRecord(torch_state_dict=arrays), keys.METRICS: MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def refusal_reply(msg: Message, refusal: Refusal) -> Message:
+    """The reply message of a refusal (no tensors)."""
+    if refusal.category not in REFUSAL_CATEGORIES:
+        raise ValueError(f"unknown refusal category {refusal.category!r}")
+    content = RecordDict({keys.METRICS: MetricRecord(refusal.to_metrics()),
+                          keys.STATUS: ConfigRecord({keys.CATEGORY: refusal.category})})
+    return Message(content=content, reply_to=msg)
+
+
+# ---- the server side: parse and validate --------------------------------------------------------
+
+# metric -> (type, minimum, maximum); None = unbounded. Type int accepts only whole numbers.
+_SCHEMA: dict[str, tuple[type, float | None, float | None]] = {
+    keys.PARTITION_ID: (int, 0, None),
+    keys.REFUSED: (int, 0, 1),
+    keys.EPSILON: (float, 0, None),
+    keys.EPSILON_CAP: (float, 0, None),
+    keys.DELTA: (float, 0, 1),
+    keys.NOISE_MULTIPLIER: (float, 0, None),
+    keys.SAMPLE_RATE: (float, 0, 1),
+    keys.TOTAL_STEPS: (int, 0, None),
+    keys.CAN_CONTINUE: (int, 0, 1),
+    keys.REPLAYED: (int, 1, 1),
+    keys.NUM_EXAMPLES: (int, 1, 1e9),
+    keys.TRAIN_LOSS: (float, 0, None),
+    keys.TRAIN_SECONDS: (float, 0, None),
+    keys.EXAMPLES_SEEN: (int, 0, None),
+}
+_ACCOUNTING = (keys.EPSILON, keys.EPSILON_CAP, keys.DELTA, keys.DP_HISTORY, keys.CAN_CONTINUE)
+
+
+def _number(name: str, value: object, num_clients: int) -> float:
+    kind, low, high = _SCHEMA[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UpdateRejected(f"metric {name!r} is not a number ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise UpdateRejected(f"metric {name!r} is not finite ({value})")
+    if kind is int and float(value) != int(value):
+        raise UpdateRejected(f"metric {name!r} must be a whole number, got {value}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise UpdateRejected(f"metric {name!r}={value} out of range [{low}, {high}]")
+    if name == keys.PARTITION_ID and value >= num_clients:
+        raise UpdateRejected(f"metric {name!r}={value}: there are only {num_clients} clients")
+    return float(value)
+
+
+def parse_history(flat: object) -> History:
+    """A flat ``[noise, rate, steps, ...]`` list as checked ``(noise, rate, steps)`` entries.
+
+    Raises:
+        UpdateRejected: not a bounded list of finite, possible mechanisms.
+    """
+    if not isinstance(flat, list) or len(flat) % 3 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in flat):
+        raise UpdateRejected("metric 'dp-history' must be a flat list of finite (noise, rate, steps) triples")
+    if len(flat) > 3 * MAX_HISTORY_ENTRIES:
+        raise UpdateRejected(f"metric 'dp-history' holds more than {MAX_HISTORY_ENTRIES} entries")
+    history = [(float(n), float(r), int(s)) for n, r, s in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)]
+    for noise, rate, steps in history:
+        if noise <= 0 or not 0 < rate <= 1 or steps < 0:
+            raise UpdateRejected(f"metric 'dp-history' holds an impossible mechanism ({noise}, {rate}, {steps})")
+    return history
+
+
+def _metrics(content: RecordDict, num_clients: int) -> dict:
+    if list(content.metric_records) != [keys.METRICS]:
+        raise UpdateRejected(f"expected exactly one metric record {keys.METRICS!r}, got {list(content.metric_records)}")
+    metrics = dict(content.metric_records[keys.METRICS])
+    unknown = sorted(set(metrics) - set(_SCHEMA) - {keys.DP_HISTORY})
+    if unknown:
+        raise UpdateRejected(f"unexpected metric(s) {unknown[:3]}")
+    for name in (keys.PARTITION_ID, keys.REFUSED):
+        if name not in metrics:
+            raise UpdateRejected(f"metric {name!r} is missing")
+    for name, value in metrics.items():
+        if name != keys.DP_HISTORY:
+            metrics[name] = _number(name, value, num_clients)
+    return metrics
+
+
+def _accounting(metrics: dict) -> Accounting | None:
+    present = [name for name in _ACCOUNTING if name in metrics]
+    if not present:
+        return None
+    if len(present) != len(_ACCOUNTING):
+        raise UpdateRejected(f"incomplete accounting: missing {sorted(set(_ACCOUNTING) - set(present))}")
+    history = parse_history(metrics[keys.DP_HISTORY])
+    if not history:
+        raise UpdateRejected("an update under DP-SGD with an empty DP history")
+    return Accounting(epsilon=metrics[keys.EPSILON], cap=metrics[keys.EPSILON_CAP], delta=metrics[keys.DELTA],
+                      history=history, can_continue=bool(metrics[keys.CAN_CONTINUE]))
+
+
+def _refusal(content: RecordDict, metrics: dict) -> Refusal:
+    if content.array_records:
+        raise UpdateRejected("a refusal must not carry tensors")
+    status = content.config_records.get(keys.STATUS)
+    category = str(status.get(keys.CATEGORY, "")) if status else ""
+    if category not in REFUSAL_CATEGORIES:
+        raise UpdateRejected(f"a refusal needs a category ({', '.join(REFUSAL_CATEGORIES)})")
+    history = parse_history(metrics[keys.DP_HISTORY]) if keys.DP_HISTORY in metrics else None
+    return Refusal(partition_id=int(metrics[keys.PARTITION_ID]), category=category,
+                   cap=metrics.get(keys.EPSILON_CAP), spent=metrics.get(keys.EPSILON),
+                   delta=metrics.get(keys.DELTA), history=history)
+
+
+def parse_reply(content: RecordDict, expected: dict[str, TensorSpec], num_clients: int, *,
+                require_accounting: bool) -> TrainReport | Refusal:
+    """Validate a reply and read it as a typed report or refusal.
+
+    Args:
+        content: the reply's records, untrusted.
+        expected: the adapter tensors the server sent (names, shapes, dtypes).
+        num_clients: partition ids must be below this.
+        require_accounting: the run trains with DP-SGD: an update must carry its accounting.
+
+    Raises:
+        UpdateRejected: anything outside the format (the reply must not be used).
+    """
+    metrics = _metrics(content, num_clients)
+    if metrics[keys.REFUSED] == 1:
+        return _refusal(content, metrics)
+    if content.config_records:
+        raise UpdateRejected("an update must not carry config records")
+    validate_arrays(content, expected)
+    accounting = _accounting(metrics)
+    if require_accounting and accounting is None:
+        raise UpdateRejected("an update without DP-SGD accounting in a sample-level DP run")
+    public = PublicStats(
+        num_examples=None if keys.NUM_EXAMPLES not in metrics else int(metrics[keys.NUM_EXAMPLES]),
+        train_loss=metrics.get(keys.TRAIN_LOSS), train_seconds=metrics.get(keys.TRAIN_SECONDS),
+        examples_seen=None if keys.EXAMPLES_SEEN not in metrics else int(metrics[keys.EXAMPLES_SEEN]))
+    return TrainReport(partition_id=int(metrics[keys.PARTITION_ID]), accounting=accounting, public=public,
+                       replayed=bool(metrics.get(keys.REPLAYED, 0)))

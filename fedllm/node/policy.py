@@ -1,0 +1,238 @@
+"""A node's own rules, from its own node config: the server's message can only tighten them.
+
+An institution starts its SuperNode with ``--node-config 'state-dir=... data-path=...
+max-epsilon=... delta=...'``. Everything that decides the node's privacy comes from there:
+where its ledger and state live, which records it trains on and under which dataset name
+its budget is kept, its cap, whether it may train without DP-SGD, which base models it may
+load (and whether remote code may run), and what besides the adapter it reveals. Nothing
+the server sends can change any of these; :func:`check_request` refuses requests that
+would need more than the node allows.
+
+In simulation there is no operator: the simulation driver (the researcher's own process)
+builds each virtual node's config from the experiment (``privacy.client_caps``,
+``privacy.state_dir``, ...) with :func:`simulated_node_config` and marks it ``simulated``,
+which alone permits a missing data path (the node trains on its shard of the experiment's
+data) and the reproducible ``privacy.noise=seeded`` research mode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedllm.config import ACCOUNTANTS, ExperimentConfig
+from fedllm.errors import ConfigError
+
+# node_config keys an operator may set (``flower-supernode --node-config``)
+PARTITION_ID = "partition-id"
+STATE_DIR = "state-dir"
+DATA_PATH = "data-path"
+DATA_FORMAT = "data-format"
+DATASET_ID = "dataset-id"
+MAX_EPSILON = "max-epsilon"
+DELTA = "delta"
+ACCOUNTANT = "accountant"
+ALLOW_NONPRIVATE = "allow-nonprivate"
+ALLOWED_MODELS = "allowed-models"
+TRUST_REMOTE_CODE = "trust-remote-code"
+PUBLIC_SIZE = "public-size"
+PUBLIC_METRICS = "public-metrics"
+OVERLONG = "overlong"
+SIMULATED = "simulated"
+KNOWN_KEYS = (PARTITION_ID, "num-partitions", STATE_DIR, DATA_PATH, DATA_FORMAT, DATASET_ID, MAX_EPSILON, DELTA,
+              ACCOUNTANT, ALLOW_NONPRIVATE, ALLOWED_MODELS, TRUST_REMOTE_CODE, PUBLIC_SIZE, PUBLIC_METRICS,
+              OVERLONG, SIMULATED)
+DEFAULT_ALLOWED_MODELS = ("embedded", "tiny")  # the packaged SmolLM2 and the random test model
+
+# How the simulation driver hands each virtual node its config: a JSON file named by this
+# environment variable (set in the driver's process, inherited by Ray's workers; never sent).
+SIMULATED_NODES_ENV = "FEDLLM_SIMULATED_NODES"
+
+# refusal categories: the only thing a refusal tells the server besides epsilon numbers
+BUDGET, DATA, POLICY = "budget", "data", "policy"
+REFUSAL_CATEGORIES = (BUDGET, DATA, POLICY)
+
+
+class PolicyViolation(Exception):
+    """The server asked for something this node's policy does not allow (detail stays local)."""
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """Everything a node decides for itself (see the module docstring)."""
+
+    partition_id: int
+    state_dir: Path
+    max_epsilon: float
+    delta: float
+    dataset_id: str
+    data_path: str | None = None  # None only in simulation: the node's shard of the experiment's data
+    data_format: str = "auto"
+    accountant: str = "prv"
+    allow_nonprivate: bool = False
+    allowed_models: tuple[str, ...] = DEFAULT_ALLOWED_MODELS
+    trust_remote_code: bool = False
+    public_size: bool = False
+    public_metrics: bool = False
+    overlong: str = "truncate"
+    simulated: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ConfigError(f"node config {MAX_EPSILON}: must be a positive number, got {self.max_epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"node config {DELTA}: must be in (0, 1), got {self.delta}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"node config {ACCOUNTANT}: got {self.accountant!r}; choose one of "
+                              f"{', '.join(ACCOUNTANTS)}")
+        if self.overlong not in ("truncate", "refuse"):
+            raise ConfigError(f"node config {OVERLONG}: got {self.overlong!r}; choose truncate or refuse")
+        if self.data_path is None and not self.simulated:
+            raise ConfigError(f"node config {DATA_PATH}: required: the node's own training file (JSONL or CSV)")
+
+
+def _flag(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"node config {key}: expected true or false, got {value!r}")
+
+
+def _required(node_config: Mapping, key: str, example: str) -> object:
+    value = node_config.get(key)
+    if value is None or str(value) == "":
+        raise ConfigError(f"node config {key}: required; set it in --node-config, e.g. {key}={example}")
+    return value
+
+
+def _number(node_config: Mapping, key: str, example: str) -> float:
+    value = _required(node_config, key, example)
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"node config {key}: expected a number, got {value!r}") from exc
+
+
+def policy_from_node_config(node_config: Mapping) -> NodePolicy:
+    """The node's policy from its node config; every value is the operator's.
+
+    Raises:
+        ConfigError: a required key is missing or a value is malformed (names the key).
+    """
+    unknown = sorted(set(node_config) - set(KNOWN_KEYS))
+    if unknown:
+        raise ConfigError(f"node config: unknown key(s) {', '.join(unknown)}; known: {', '.join(KNOWN_KEYS)}")
+    simulated = _flag(node_config.get(SIMULATED, False), SIMULATED)
+    data_path = node_config.get(DATA_PATH)
+    data_path = None if data_path in (None, "") else str(data_path)
+    models = str(node_config.get(ALLOWED_MODELS, ",".join(DEFAULT_ALLOWED_MODELS)))
+    return NodePolicy(
+        partition_id=int(_number(node_config, PARTITION_ID, "0")),
+        state_dir=Path(str(_required(node_config, STATE_DIR, '"/var/lib/fedllm"'))).expanduser(),
+        max_epsilon=_number(node_config, MAX_EPSILON, "8"),
+        delta=_number(node_config, DELTA, "1e-5"),
+        dataset_id=str(node_config.get(DATASET_ID) or _default_dataset_id(data_path, node_config)),
+        data_path=data_path,
+        data_format=str(node_config.get(DATA_FORMAT, "auto")),
+        accountant=str(node_config.get(ACCOUNTANT, "prv")),
+        allow_nonprivate=_flag(node_config.get(ALLOW_NONPRIVATE, False), ALLOW_NONPRIVATE),
+        allowed_models=tuple(m.strip() for m in models.split(",") if m.strip()),
+        trust_remote_code=_flag(node_config.get(TRUST_REMOTE_CODE, False), TRUST_REMOTE_CODE),
+        public_size=_flag(node_config.get(PUBLIC_SIZE, False), PUBLIC_SIZE),
+        public_metrics=_flag(node_config.get(PUBLIC_METRICS, False), PUBLIC_METRICS),
+        overlong=str(node_config.get(OVERLONG, "truncate")),
+        simulated=simulated,
+    )
+
+
+def _default_dataset_id(data_path: str | None, node_config: Mapping) -> str:
+    """The budget's name when the operator gives none: the data file's absolute path (so
+    appending or reordering records keeps the history), or the simulated shard's index."""
+    if data_path is not None:
+        return str(Path(data_path).expanduser().resolve())
+    return f"simulated-shard-{node_config.get(PARTITION_ID)}"
+
+
+def check_request(policy: NodePolicy, cfg: ExperimentConfig) -> None:
+    """Refuse a server request that needs more than the node allows.
+
+    Raises:
+        PolicyViolation: with the detail for the node's own log (the server learns only "policy").
+    """
+    if not cfg.privacy.sample_level and not policy.allow_nonprivate:
+        raise PolicyViolation(
+            f"the run trains without DP-SGD (privacy.mode={cfg.privacy.mode}); this node allows it only with "
+            f"{ALLOW_NONPRIVATE}=true in its node config")
+    if cfg.privacy.noise != "secure" and not policy.simulated:
+        raise PolicyViolation(
+            f"the server asked for privacy.noise={cfg.privacy.noise}: noise the server could reproduce; a deployed "
+            "node always draws its noise from its own OS entropy")
+    model = model_name(cfg)
+    if model not in policy.allowed_models:
+        raise PolicyViolation(f"model {model!r} is not in this node's {ALLOWED_MODELS} "
+                              f"({', '.join(policy.allowed_models) or 'none'})")
+    if cfg.model.trust_remote_code and not policy.trust_remote_code:
+        raise PolicyViolation("the server asked to run the model's remote code (model.trust_remote_code=true); "
+                              f"this node allows it only with {TRUST_REMOTE_CODE}=true in its node config")
+
+
+def model_name(cfg: ExperimentConfig) -> str:
+    """How an allow-list names the base model ``cfg`` loads: ``embedded``, ``tiny``, or its path/hub id."""
+    kind = cfg.model.kind
+    return str(cfg.model.name_or_path) if kind == "pretrained" else kind
+
+
+def simulated_node_config(cfg: ExperimentConfig, partition_id: int) -> dict[str, object]:
+    """A virtual node's config, built by the simulation driver from the researcher's experiment.
+
+    The researcher is operator and coordinator at once here, so the experiment's choices
+    (privacy mode, noise source, caps) become each node's own.
+    """
+    cap = cfg.privacy.cap_for(partition_id)
+    root = Path(cfg.privacy.state_dir) if cfg.privacy.state_dir else Path.home() / ".fedllm" / "node-state"
+    config: dict[str, object] = {
+        PARTITION_ID: partition_id,
+        STATE_DIR: str(root / f"client-{partition_id}"),
+        MAX_EPSILON: cap.max_epsilon if cap and cap.max_epsilon is not None else cfg.privacy.target_epsilon,
+        DELTA: cap.delta if cap and cap.delta is not None else cfg.privacy.delta,
+        ACCOUNTANT: cfg.privacy.accountant,
+        ALLOW_NONPRIVATE: not cfg.privacy.sample_level,
+        ALLOWED_MODELS: model_name(cfg),
+        TRUST_REMOTE_CODE: cfg.model.trust_remote_code,
+        PUBLIC_SIZE: cfg.privacy.public_metrics,
+        PUBLIC_METRICS: cfg.privacy.public_metrics,
+        OVERLONG: cfg.data.overlong,
+        SIMULATED: True,
+    }
+    if cap is not None and cap.max_epsilon is not None and not cfg.privacy.sample_level:
+        config[ALLOW_NONPRIVATE] = False  # a node with its own cap never trains without DP-SGD
+    return config
+
+
+def write_simulated_nodes(cfg: ExperimentConfig, path: Path) -> None:
+    """Write every virtual node's config to ``path`` and point :data:`SIMULATED_NODES_ENV` at it."""
+    nodes = {str(p): simulated_node_config(cfg, p) for p in range(cfg.federation.num_clients)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(nodes, indent=1), encoding="utf-8")
+    os.environ[SIMULATED_NODES_ENV] = str(path)
+
+
+def node_config_for(engine_config: Mapping) -> Mapping:
+    """The node config to enforce: the simulation driver's for a virtual node (when this
+    process was started by ``fedllm simulate``), else the SuperNode's own."""
+    path = os.environ.get(SIMULATED_NODES_ENV)
+    if not path:
+        return engine_config
+    nodes = json.loads(Path(path).read_text(encoding="utf-8"))
+    partition = str(engine_config.get(PARTITION_ID))
+    if partition not in nodes:
+        raise ConfigError(f"{path}: no simulated node config for partition {partition}")
+    return nodes[partition]

@@ -1,0 +1,163 @@
+"""The node's own randomness for DP-SGD: which records each step samples, and the noise.
+
+DP-SGD's guarantee rests on two secrets of the party that runs it: the Poisson batches and
+the Gaussian noise. Whoever can reproduce both replays the node's round on its data with and
+without one record, compares with the update it received, and learns which it was (epsilon
+is infinite against them). So both come from the node's own OS entropy, fresh on every call
+(``secrets``: 256 bits, never derived from anything the node receives or sends), split into
+two independent streams (``SeedSequence.spawn``) so that no stream's draws reveal the
+other's.
+
+The streams use numpy's Philox (Salmon et al. 2011), a counter-based generator built from a
+reduced-round block cipher with a 128-bit key. PCG64 is ~15% faster, but its state has been
+recovered from raw outputs (Bouillaguet, Martinez, Sauvage 2020, on the XSL-RR variant);
+neither is a proven CSPRNG, and an observer here never sees raw outputs, only noise added to
+clipped gradients. Opacus's own secure mode needed ``torchcsprng``, which has no wheel for
+torch 2.13.
+
+A seeded mode (an ``int`` seed) reproduces every draw, for research simulations only: its
+guarantee does not hold against anyone who knows the seed (:data:`SEEDED_WARNING`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from fedllm.errors import ConfigError, PrivacyPlanError
+
+ENTROPY_BITS = 256
+
+SEEDED_WARNING = (
+    "privacy.noise=seeded: the DP noise and Poisson batches are derived from the seed, so the "
+    "privacy guarantee does not hold against anyone who knows it (research simulations only)"
+)
+
+
+@dataclass(frozen=True)
+class DPRandomness:
+    """Two independent random streams for one round of DP-SGD.
+
+    Attributes:
+        sampling: decides which records each Poisson batch includes.
+        noise: draws the Gaussian noise added to every step.
+        seeded: True in the reproducible research mode (no guarantee against the seed's holders).
+    """
+
+    sampling: np.random.Generator
+    noise: np.random.Generator
+    seeded: bool
+
+
+def dp_randomness(seed: int | None = None) -> DPRandomness:
+    """Fresh streams for one round: OS entropy by default, or a research seed.
+
+    Args:
+        seed: None (the default, and what a node uses) draws 256 fresh bits from the OS;
+            a non-negative int reproduces every draw (research simulations only).
+
+    Returns:
+        The sampling and noise streams, independent of each other.
+
+    Raises:
+        ConfigError: the seed is negative or not an int.
+    """
+    if seed is None:
+        entropy = secrets.randbits(ENTROPY_BITS)
+    elif isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
+        entropy = seed
+    else:
+        raise ConfigError(f"a seeded DP stream needs a non-negative int seed, got {seed!r}")
+    sampling, noise = np.random.SeedSequence(entropy).spawn(2)
+    return DPRandomness(sampling=np.random.Generator(np.random.Philox(sampling)),
+                        noise=np.random.Generator(np.random.Philox(noise)),
+                        seeded=seed is not None)
+
+
+def torch_generator(rng: np.random.Generator) -> torch.Generator:
+    """A torch generator seeded from ``rng`` (for non-private shuffling, which needs no secrecy)."""
+    return torch.Generator().manual_seed(int(rng.integers(2**63)))
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Poisson batches over ``num_records`` records for a ``DataLoader``'s ``batch_sampler``.
+
+    Every batch includes each record independently with probability exactly
+    ``1 / ceil(num_records / batch_size)`` (decided on float64 uniforms), the rate the planner
+    plans with and Opacus accounts (``1 / len(loader)``). One pass is ``ceil(n / b)`` batches;
+    a batch can be empty, and is still a DP step.
+    """
+
+    def __init__(self, num_records: int, batch_size: int, rng: np.random.Generator):
+        """
+        Args:
+            num_records: records in the shard.
+            batch_size: the expected batch size.
+            rng: the sampling stream (:attr:`DPRandomness.sampling`).
+
+        Raises:
+            PrivacyPlanError: the shard is smaller than one batch (the planner refuses it too).
+        """
+        if batch_size < 1 or num_records < batch_size:
+            raise PrivacyPlanError(
+                f"a shard of {num_records} records cannot give Poisson batches of {batch_size}; "
+                "lower train.batch_size or federation.num_clients"
+            )
+        self.num_records = num_records
+        self.num_batches = -(-num_records // batch_size)  # exact integer ceil, no float division
+        self.rate = 1.0 / self.num_batches
+        self._rng = rng
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.num_batches):
+            # float64 uniforms are multiples of 2**-53: P(u < rate) is the rate to within 2**-53
+            # (float32 ones, as in Opacus's DPDataLoader, are off by up to 2**-24 absolute)
+            uniforms = self._rng.random(self.num_records, dtype=np.float64)
+            yield np.flatnonzero(uniforms < self.rate).tolist()
+
+
+class GaussianNoise:
+    """Gaussian noise from the node's noise stream, drawn in float64 on the CPU.
+
+    Each value is the sum of four N(0, std^2) draws divided by two (still N(0, std^2)): the
+    mitigation Opacus's secure mode applies against floating-point attacks on the noise
+    (Holohan & Braghin 2021, arXiv:2107.10138, section 5.1; the attack on Opacus:
+    arXiv:2112.05307). It is then cast to the reference's dtype and moved to its device.
+    """
+
+    def __init__(self, rng: np.random.Generator):
+        """
+        Args:
+            rng: the noise stream (:attr:`DPRandomness.noise`).
+        """
+        self._rng = rng
+
+    def like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
+        """Noise of ``reference``'s shape, dtype and device with standard deviation ``std``.
+
+        Args:
+            reference: the tensor the noise is added to.
+            std: the noise standard deviation (noise multiplier times clipping bound).
+
+        Returns:
+            A new tensor; zeros when ``std`` is 0 (no draws are taken).
+        """
+        if std == 0:
+            return torch.zeros_like(reference)
+        size = reference.numel()
+        total = self._rng.standard_normal(size)
+        draw = np.empty(size)
+        for _ in range(3):
+            self._rng.standard_normal(size, out=draw)
+            total += draw
+        total *= std / 2
+        noise = torch.from_numpy(total).reshape(reference.shape)
+        return noise.to(device=reference.device, dtype=reference.dtype)
