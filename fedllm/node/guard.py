@@ -145,7 +145,7 @@ def _seed(cfg: ExperimentConfig, policy: NodePolicy, server_round: int) -> int |
     """None: fresh OS entropy (the default, and always on a deployed node). A seed only in the
     ``seeded`` research mode of a simulated node: then anyone who knows ``cfg.seed`` can
     reproduce the noise, which the run's summary and console say."""
-    if cfg.privacy.noise == "seeded" and policy.simulated:
+    if cfg.privacy.noise == "seeded" and policy.seeded_noise:
         return cfg.seed * 1_000_003 + policy.partition_id * 1_009 + server_round
     return None
 

@@ -12,7 +12,8 @@ In simulation there is no operator: the simulation driver (the researcher's own 
 builds each virtual node's config from the experiment (``privacy.client_caps``,
 ``privacy.state_dir``, ...) with :func:`simulated_node_config` and marks it ``simulated``,
 which alone permits a missing data path (the node trains on its shard of the experiment's
-data) and the reproducible ``privacy.noise=seeded`` research mode.
+data) and, when the researcher's experiment asks for it, the reproducible
+``privacy.noise=seeded`` research mode (``noise=seeded`` in that node config).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ PUBLIC_SIZE = "public-size"
 PUBLIC_METRICS = "public-metrics"
 OVERLONG = "overlong"
 SIMULATED = "simulated"
+NOISE = "noise"  # simulated nodes only: "seeded" lets the researcher's run reproduce its noise
 KNOWN_KEYS = (PARTITION_ID, "num-partitions", STATE_DIR, DATA_PATH, DATA_FORMAT, DATASET_ID, MAX_EPSILON, DELTA,
               ACCOUNTANT, ALLOW_NONPRIVATE, ALLOWED_MODELS, TRUST_REMOTE_CODE, PUBLIC_SIZE, PUBLIC_METRICS,
-              OVERLONG, SIMULATED)
+              OVERLONG, SIMULATED, NOISE)
 DEFAULT_ALLOWED_MODELS = ("embedded", "tiny")  # the packaged SmolLM2 and the random test model
 
 # How the simulation driver hands each virtual node its config: a JSON file named by this
@@ -80,6 +82,7 @@ class NodePolicy:
     public_metrics: bool = False
     overlong: str = "truncate"
     simulated: bool = False
+    seeded_noise: bool = False  # simulation only: the researcher chose reproducible noise
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
@@ -93,6 +96,8 @@ class NodePolicy:
             raise ConfigError(f"node config {OVERLONG}: got {self.overlong!r}; choose truncate or refuse")
         if self.data_path is None and not self.simulated:
             raise ConfigError(f"node config {DATA_PATH}: required: the node's own training file (JSONL or CSV)")
+        if self.seeded_noise and not self.simulated:
+            raise ConfigError(f"node config {NOISE}=seeded: a deployed node always draws its noise from OS entropy")
 
 
 def _flag(value: object, key: str) -> bool:
@@ -150,7 +155,14 @@ def policy_from_node_config(node_config: Mapping) -> NodePolicy:
         public_metrics=_flag(node_config.get(PUBLIC_METRICS, False), PUBLIC_METRICS),
         overlong=str(node_config.get(OVERLONG, "truncate")),
         simulated=simulated,
+        seeded_noise=_noise_is_seeded(node_config.get(NOISE, "secure")),
     )
+
+
+def _noise_is_seeded(value: object) -> bool:
+    if str(value) not in ("secure", "seeded"):
+        raise ConfigError(f"node config {NOISE}: got {value!r}; choose secure or seeded")
+    return str(value) == "seeded"
 
 
 def _default_dataset_id(data_path: str | None, node_config: Mapping) -> str:
@@ -171,10 +183,10 @@ def check_request(policy: NodePolicy, cfg: ExperimentConfig) -> None:
         raise PolicyViolation(
             f"the run trains without DP-SGD (privacy.mode={cfg.privacy.mode}); this node allows it only with "
             f"{ALLOW_NONPRIVATE}=true in its node config")
-    if cfg.privacy.noise != "secure" and not policy.simulated:
+    if cfg.privacy.noise != "secure" and not policy.seeded_noise:
         raise PolicyViolation(
-            f"the server asked for privacy.noise={cfg.privacy.noise}: noise the server could reproduce; a deployed "
-            "node always draws its noise from its own OS entropy")
+            f"the server asked for privacy.noise={cfg.privacy.noise}: noise the server could reproduce; this node "
+            "draws its noise from its own OS entropy")
     model = model_name(cfg)
     if model not in policy.allowed_models:
         raise PolicyViolation(f"model {model!r} is not in this node's {ALLOWED_MODELS} "
@@ -211,6 +223,7 @@ def simulated_node_config(cfg: ExperimentConfig, partition_id: int) -> dict[str,
         PUBLIC_METRICS: cfg.privacy.public_metrics,
         OVERLONG: cfg.data.overlong,
         SIMULATED: True,
+        NOISE: cfg.privacy.noise,
     }
     if cap is not None and cap.max_epsilon is not None and not cfg.privacy.sample_level:
         config[ALLOW_NONPRIVATE] = False  # a node with its own cap never trains without DP-SGD

@@ -18,6 +18,7 @@ from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import AUDIT_FILE
 from fedllm.node.guard import RoundRequest, _train, plan_for
+from fedllm.node.policy import SIMULATED_NODES_ENV, write_simulated_nodes
 from fedllm.privacy.node_ledger import NodeLedger
 from fedllm.training.local import DPSpec
 from tests.conftest import RT_PROMPT, tiny_config
@@ -217,3 +218,29 @@ def test_two_runs_racing_on_one_node_never_spend_past_its_cap(tmp_path):
     assert sorted(r.content[keys.METRICS][keys.REFUSED] for r in replies) == [0, 1]
     ledger = NodeLedger(tmp_path / "node-state", str((tmp_path / "node-data.jsonl").resolve()))
     assert len(ledger.releases) == 1 and ledger.epsilon(delta=1e-5, accountant="prv") <= 7.0
+
+
+def test_a_simulated_node_takes_its_rules_from_the_driver_not_from_the_message(tmp_path, monkeypatch):
+    researcher = _cfg(tmp_path / "researcher")  # what `fedllm simulate` was started with
+    monkeypatch.setenv(SIMULATED_NODES_ENV, "")  # restored after the test
+    write_simulated_nodes(researcher, tmp_path / "simulated_nodes.json")
+    engine = {keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: 3}  # all Flower's engine gives a node
+    sent = task.model_bundle(researcher.model, researcher.lora, researcher.seed).initial_adapter
+
+    def ask(**privacy):
+        cfg = dataclasses.replace(researcher, privacy=dataclasses.replace(researcher.privacy, **privacy))
+        return train(train_message(cfg, "run", 1, sent), node_context(engine))
+
+    reply = ask(state_dir=str(tmp_path / "evil"), target_epsilon=50.0)  # elsewhere, and a higher budget
+    assert _refusal_category(reply) == "budget" and reply.content[keys.METRICS][keys.EPSILON_CAP] == 8.0
+    assert not (tmp_path / "evil").exists()
+    assert _refusal_category(ask(noise="seeded")) == "policy"  # the researcher chose secure noise
+    assert ask().content[keys.METRICS][keys.REFUSED] == 0
+    assert (tmp_path / "researcher" / "server-says" / "client-0" / "privacy_ledger.json").is_file()
+
+
+def test_a_policy_refusal_tells_the_operator_what_to_change(tmp_path, caplog):
+    cfg = tiny_config(privacy=PrivacyConfig(mode="none"))
+    with caplog.at_level("WARNING", logger="fedllm.node.guard"):
+        run_round(cfg, "run", 1, node_config=_deployed(tmp_path))
+    assert "allow-nonprivate=true" in caplog.text
