@@ -7,8 +7,12 @@ so that a test can kill a node process part-way and start it again.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
@@ -17,7 +21,7 @@ from fedllm import task
 from fedllm.config import ExperimentConfig
 from fedllm.federation import records as keys
 from fedllm.federation.client_app import app
-from fedllm.node.policy import simulated_node_config
+from fedllm.node.policy import SIMULATED, SIMULATED_NODES_ENV, simulated_node_config
 
 
 def train_message(cfg: ExperimentConfig, run_id: str, server_round: int, arrays: dict[str, torch.Tensor]) -> Message:
@@ -47,13 +51,35 @@ def simulated_node(cfg: ExperimentConfig, partition_id: int = 0, **overrides) ->
     return config
 
 
+@contextmanager
+def as_simulation_driver(config: dict):
+    """Hand ``config`` to the node as the simulation driver does (a file named by
+    :data:`SIMULATED_NODES_ENV`); a deployed node's config is passed as it is."""
+    if not config.get(SIMULATED):
+        yield config
+        return
+    previous = os.environ.get(SIMULATED_NODES_ENV)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "simulated_nodes.json"
+        path.write_text(json.dumps({str(config[keys.NODE_PARTITION_ID]): config}), encoding="utf-8")
+        os.environ[SIMULATED_NODES_ENV] = str(path)
+        try:
+            yield {keys.NODE_PARTITION_ID: config[keys.NODE_PARTITION_ID]}  # all the engine itself gives
+        finally:
+            if previous is None:
+                os.environ.pop(SIMULATED_NODES_ENV, None)
+            else:
+                os.environ[SIMULATED_NODES_ENV] = previous
+
+
 def run_round(cfg: ExperimentConfig, run_id: str, server_round: int, partition_id: int = 0,
               node_config: dict | None = None, arrays: dict | None = None) -> Message:
     """One round on a node (by default the simulated node ``partition_id`` of ``cfg``), starting
     from ``arrays`` (default: the initial adapter, the server's global state)."""
     initial = arrays if arrays is not None else task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter
     config = node_config if node_config is not None else simulated_node(cfg, partition_id)
-    return app(train_message(cfg, run_id, server_round, initial), node_context(config))
+    with as_simulation_driver(config) as engine_config:
+        return app(train_message(cfg, run_id, server_round, initial), node_context(engine_config))
 
 
 if __name__ == "__main__":  # python -m tests.node_driver <config.json> <run_id> <round> [<round> ...]

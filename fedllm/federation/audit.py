@@ -20,11 +20,15 @@ AUDIT_FILE = "audit.jsonl"
 
 def audit_round(state_dir: Path, received: Mapping, sent: RecordDict) -> dict:
     """Log and append to ``<state dir>/audit.jsonl`` what the server asked and exactly what left
-    the node: the round's config (the task config as its SHA-256 and its privacy section), every
+    the node: the round's config (the task config, its SHA-256 and its privacy section), every
     tensor sent (name, shape, dtype, bytes), every metric (the DP history included) and every
     config record (a refusal's category), for a security team."""
     task_json = str(received.get(keys.TASK_CONFIG, ""))
-    privacy = json.loads(task_json).get("privacy", {}) if task_json else {}
+    try:
+        task_config = json.loads(task_json) if task_json else {}
+    except ValueError:
+        task_config = {"unparsable": True}
+    privacy = task_config.get("privacy", {}) if isinstance(task_config, dict) else {}
     arrays = sent.array_records.get(keys.ARRAYS)
     tensors = [{"name": name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(array.data)}
                for name, array in (arrays.items() if arrays else [])]
@@ -34,7 +38,10 @@ def audit_round(state_dir: Path, received: Mapping, sent: RecordDict) -> dict:
         "received": {"run_id": received.get(keys.RUN_ID), "round": received.get(keys.SERVER_ROUND),
                      "task_config_sha256": hashlib.sha256(task_json.encode()).hexdigest(),
                      "privacy": {k: privacy.get(k) for k in ("mode", "target_epsilon", "delta", "max_grad_norm",
-                                                              "noise_multiplier", "accountant", "noise")}},
+                                                              "noise_multiplier", "accountant", "noise")},
+                     # the whole task config: a probe through the data format (choices, templates,
+                     # max_length) is on record too
+                     "task_config": task_config},
         "sent": {"tensors": tensors, "tensor_bytes": sum(t["bytes"] for t in tensors),
                  "metrics": dict(metrics.items()) if metrics else {},
                  "config": {name: dict(record.items()) for name, record in sent.config_records.items()},

@@ -20,9 +20,9 @@ from fedllm.config import ExperimentConfig
 from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import audit_round
-from fedllm.federation.protocol import refusal_reply, update_reply
-from fedllm.node.guard import RoundRequest, answer_round
-from fedllm.node.policy import node_config_for, policy_from_node_config
+from fedllm.federation.protocol import Refusal, refusal_reply, update_reply
+from fedllm.node.guard import Answer, RoundRequest, answer_round
+from fedllm.node.policy import ERROR, node_policy
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ app = ClientApp(mods=[client_clipping_mod])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round on this node: refuse, replay an update already released, or train."""
-    policy = policy_from_node_config(node_config_for(context.node_config))
+    policy = node_policy(context.node_config)
     config = msg.content[keys.CONFIG]
     try:
         request = RoundRequest(cfg=ExperimentConfig.from_json(str(config[keys.TASK_CONFIG])),
@@ -67,7 +67,12 @@ def train(msg: Message, context: Context) -> Message:
     except (ConfigError, KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"the server's train message is malformed: {exc}") from exc
     torch.set_num_threads(min(request.cfg.train.threads_per_client, os.cpu_count() or 1))
-    answer = answer_round(policy, request)
+    try:
+        answer = answer_round(policy, request)
+    except Exception:  # noqa: BLE001 - Flower would send the exception's text (record text, sizes) to the server
+        log.exception("client %d: round %d failed; the server is told only 'error'", policy.partition_id,
+                      request.server_round)
+        answer = Answer(refusal=Refusal(policy.partition_id, ERROR, cap=policy.max_epsilon))
     if answer.refusal is not None:
         reply = refusal_reply(msg, answer.refusal)
     else:

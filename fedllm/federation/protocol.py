@@ -24,7 +24,10 @@ from fedllm.federation.validation import TensorSpec, validate_arrays
 from fedllm.node.policy import REFUSAL_CATEGORIES
 from fedllm.privacy.accounting import History
 
-MAX_HISTORY_ENTRIES = 1000  # a node's lifetime of (noise, rate, steps) changes; bounds the server's work
+MAX_HISTORY_ENTRIES = 100  # a node's lifetime of (noise, rate) changes; bounds the server's accounting work
+# what a real mechanism can be; beyond these an accountant overflows or runs out of memory
+NOISE_RANGE = (0.05, 1e4)
+MAX_STEPS = 10**7
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ _SCHEMA: dict[str, tuple[type, float | None, float | None]] = {
     keys.REFUSED: (int, 0, 1),
     keys.EPSILON: (float, 0, None),
     keys.EPSILON_CAP: (float, 0, None),
-    keys.DELTA: (float, 0, 1),
+    keys.DELTA: (float, 1e-300, 0.1),
     keys.NOISE_MULTIPLIER: (float, 0, None),
     keys.SAMPLE_RATE: (float, 0, 1),
     keys.TOTAL_STEPS: (int, 0, None),
@@ -186,11 +189,12 @@ def parse_history(flat: object) -> History:
         raise UpdateRejected("metric 'dp-history' must be a flat list of finite (noise, rate, steps) triples")
     if len(flat) > 3 * MAX_HISTORY_ENTRIES:
         raise UpdateRejected(f"metric 'dp-history' holds more than {MAX_HISTORY_ENTRIES} entries")
-    history = [(float(n), float(r), int(s)) for n, r, s in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)]
-    for noise, rate, steps in history:
-        if noise <= 0 or not 0 < rate <= 1 or steps < 0:
+    triples = list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
+    for noise, rate, steps in triples:
+        if (not NOISE_RANGE[0] <= noise <= NOISE_RANGE[1] or not 0 < rate <= 1 or not 0 <= steps <= MAX_STEPS
+                or steps != int(steps)):
             raise UpdateRejected(f"metric 'dp-history' holds an impossible mechanism ({noise}, {rate}, {steps})")
-    return history
+    return [(float(n), float(r), int(s)) for n, r, s in triples]
 
 
 def _metrics(content: RecordDict, num_clients: int) -> dict:

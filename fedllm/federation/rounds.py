@@ -12,6 +12,8 @@ round, which is how an interrupted run resumes.
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +25,8 @@ from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedCl
 from fedllm.federation import records as keys
 from fedllm.errors import UpdateRejected
 from fedllm.federation.protocol import Refusal, TrainReport, parse_reply
-from fedllm.federation.validation import expected_update, norm_outliers, update_norm
+from fedllm.federation.validation import MechanismCheck, expected_update, norm_outliers, update_norm
+from fedllm.privacy.accounting import epsilon
 from fedllm.privacy.client_level import ClientLevelRound
 from fedllm.privacy.ledger import PrivacyLedger
 
@@ -51,6 +54,7 @@ class ReplyPolicy:
     max_update_norm: float | None
     require_accounting: bool = True  # sample-level DP: an update must carry its DP-SGD accounting
     uniform_weights: bool = True  # client-level DP is calibrated for the uniform mean
+    mechanism: MechanismCheck | None = None  # sample-level DP: the plan a DP history must match
 
 
 def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: int, sent: ArrayRecord,
@@ -77,6 +81,8 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
             client = parsed.partition_id
             if node_partitions.setdefault(node, client) != client or client in seen:
                 raise UpdateRejected(f"claims to be client {client}, which another reply or node already is")
+            if isinstance(parsed, TrainReport):
+                _check_mechanism(parsed, policy.mechanism, ledger)
         except UpdateRejected as exc:
             result.rejected.append(f"node {node}: {exc}")
             continue
@@ -93,7 +99,7 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
             result.rejected.append(f"client {report.partition_id}: {outliers[index]}")
         else:
             result.updates.append(reply)
-    _set_weights(result, policy.uniform_weights)
+    _set_weights(result, policy.uniform_weights, sent)
     for problem in result.rejected:
         log.warning("round %d: rejected %s", server_round, problem)
     for failure in result.failures:
@@ -101,20 +107,50 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
     return result
 
 
+def _check_mechanism(report: TrainReport, mechanism: MechanismCheck | None, ledger: PrivacyLedger) -> None:
+    """Under sample-level DP, the reported history must be this run's plan, one round further,
+    and one the server's accountant can account."""
+    if report.accounting is None:
+        return
+    if mechanism is not None:
+        before = ledger.clients.get(report.partition_id)
+        previous = sum(s for _, _, s in before.history) if before and before.history else None
+        mechanism.check(report.history, previous, report.public.num_examples)
+    if not accountable(report.history, report.accounting.delta, ledger.accountant):
+        raise UpdateRejected("dp-history: the accountant cannot compute its epsilon")
+
+
+def accountable(history, delta: float, accountant: str) -> bool:
+    """Whether ``accountant`` computes an epsilon for ``history`` (cached: the ledger asks again)."""
+    try:
+        return math.isfinite(epsilon(history, delta=delta, accountant=accountant))
+    except Exception:  # noqa: BLE001 - untrusted histories can make an accountant overflow or run out of memory
+        return False
+
+
+MAX_WEIGHT_RATIO = 10.0  # no declared size outweighs this many times the round's median
+
+
 def fedavg_weights(reports: list[TrainReport], uniform: bool) -> list[float]:
     """FedAvg weights: shard sizes when every update declared its size public (and the run
-    does not need uniform weights), else 1 each: a size no DP covers is never assumed."""
+    does not need uniform weights), else 1 each: a size no DP covers is never assumed. A
+    declared size counts at most :data:`MAX_WEIGHT_RATIO` times the median, so no one node
+    steers the average by its claim."""
     sizes = [r.public.num_examples for r in reports]
     if uniform or not reports or any(size is None for size in sizes):
         return [1.0] * len(reports)
-    return [float(size) for size in sizes]
+    bound = MAX_WEIGHT_RATIO * statistics.median(sizes)
+    return [float(min(size, bound)) for size in sizes]
 
 
-def _set_weights(result: RoundReplies, uniform: bool) -> None:
+def _set_weights(result: RoundReplies, uniform: bool, sent: ArrayRecord) -> None:
+    """Leave each update only its adapter tensors, in the order the server sent them (Flower
+    pairs arrays by position), and the FedAvg weight the server sets."""
     by_client = {r.partition_id: r for r in result.reports}
     used = [by_client[_client_of(reply)] for reply in result.updates]
-    for reply, report, weight in zip(result.updates, used, fedavg_weights(used, uniform), strict=True):
-        reply.content = RecordDict({keys.ARRAYS: reply.content[keys.ARRAYS],
+    for reply, weight in zip(result.updates, fedavg_weights(used, uniform), strict=True):
+        arrays = reply.content[keys.ARRAYS]
+        reply.content = RecordDict({keys.ARRAYS: ArrayRecord({name: arrays[name] for name in sent.keys()}),
                                     keys.METRICS: MetricRecord({keys.FEDAVG_WEIGHT: weight})})
 
 
@@ -123,8 +159,11 @@ def _client_of(reply: Message) -> int:
 
 
 def _record_refusal(refusal: Refusal, ledger: PrivacyLedger, server_round: int, result: RoundReplies) -> None:
+    history = refusal.history
+    if history is not None and not accountable(history, refusal.delta, ledger.accountant):
+        history = None  # the refusal still counts; its unaccountable history does not
     ledger.record_refusal(refusal.partition_id, server_round, refusal.reason, cap=refusal.cap,
-                          history=refusal.history, delta=refusal.delta)
+                          history=history, delta=refusal.delta)
     result.refusals.append(refusal)
     log.warning("round %d: client %d %s", server_round, refusal.partition_id, refusal.reason)
 
@@ -201,7 +240,12 @@ def _aggregate(strategy: Strategy, ledger: PrivacyLedger, server_round: int, rep
     if isinstance(strategy, DifferentialPrivacyFixedClippingBase):
         # noise std is z * C / k for the mean of the k updates that arrived: the sum always gets z * C
         strategy.num_sampled_clients = len(replies.updates)
-    aggregated, _ = strategy.aggregate_train(server_round, replies.updates)
+    try:
+        aggregated, _ = strategy.aggregate_train(server_round, replies.updates)
+    except Exception as exc:  # noqa: BLE001 - validated replies should never fail; if one does, skip the round
+        log.error("round %d: aggregation failed (%s: %s); the global adapter is unchanged", server_round,
+                  type(exc).__name__, exc)
+        return None
     if aggregated is not None and ledger.client_level is not None:
         ledger.client_level.record(ClientLevelRound(server_round=server_round, population=num_clients,
                                                     sampled=replies.sampled, contributed=len(replies.updates)))

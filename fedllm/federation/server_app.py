@@ -21,6 +21,7 @@ from fedllm.federation.checkpoint import Checkpointer, ServerState
 from fedllm.federation.rounds import LoopSettings, ReplyPolicy, RoundReplies, run_rounds
 from fedllm.federation.protocol import TrainReport
 from fedllm.federation.strategy import build_strategy
+from fedllm.federation.validation import MechanismCheck
 from fedllm.model.adapters import load_adapter_state
 from fedllm.privacy.client_level import ClientLevelAccountant
 from fedllm.privacy.ledger import PrivacyLedger
@@ -140,7 +141,8 @@ def strategy_for(cfg: ExperimentConfig):
                           fraction_train=fed.fraction_train, num_clients=fed.num_clients,
                           client_level=privacy.client_level, client_clipping=privacy.client_clipping,
                           client_noise_multiplier=privacy.client_noise_multiplier,
-                          client_clip_norm=privacy.client_clip_norm, noise=privacy.noise, seed=cfg.seed)
+                          client_clip_norm=privacy.client_clip_norm, noise=privacy.noise, seed=cfg.seed,
+                          node_wait=fed.round_timeout)
 
 
 def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
@@ -152,7 +154,17 @@ def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
         train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id}),
         policy=ReplyPolicy(num_clients=fed.num_clients, update_norm_ratio=fed.update_norm_ratio,
                            max_update_norm=fed.max_update_norm, require_accounting=cfg.privacy.sample_level,
-                           uniform_weights=cfg.privacy.client_level))
+                           uniform_weights=cfg.privacy.client_level, mechanism=mechanism_check(cfg)))
+
+
+def mechanism_check(cfg: ExperimentConfig) -> MechanismCheck | None:
+    """Under sample-level DP, what a node's reported DP history must match (the run's plan)."""
+    if not cfg.privacy.sample_level:
+        return None
+    return MechanismCheck(batch_size=cfg.train.batch_size, local_steps=cfg.train.local_steps,
+                          rounds=cfg.federation.num_rounds, target_epsilon=cfg.privacy.target_epsilon,
+                          delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
+                          noise_multiplier=cfg.privacy.noise_multiplier)
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -173,9 +185,13 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
     evaluator = RoundEvaluator(cfg, ledger, run_log, sink)
 
     def end_round(server_round: int, arrays: ArrayRecord, replies: RoundReplies | None, reason: str | None) -> None:
-        evaluator(server_round, arrays, replies)
+        # checkpointed before anything about the round leaves (evaluation, metrics.jsonl, wandb): a
+        # resume never draws fresh client-level noise for an aggregate already released
         state.server_round, state.arrays, state.stop_reason = server_round, arrays.to_torch_state_dict(), reason
-        state.ledger, state.rounds = ledger.state_dict(), run_log.rounds
+        state.ledger = ledger.state_dict()
+        checkpoints.save(state)
+        evaluator(server_round, arrays, replies)
+        state.rounds = run_log.rounds
         checkpoints.save(state)
 
     try:
@@ -246,7 +262,7 @@ def privacy_summary(cfg: ExperimentConfig, ledger: PrivacyLedger) -> dict:
             "against": ("no one who knows the run's seed" if seeded else
                         "the coordinator, the other nodes and every reader of the outputs (see docs/threat-model.md)"),
             "epsilon": ledger.max_epsilon(), "delta": cfg.privacy.delta,
-            "accounts": "every use of the node's records, across runs (the node's lifetime ledger)"})
+            "accounts": "every use of the node's records recorded in its state directory (its lifetime ledger)"})
     if ledger.client_level is not None:
         accountant = ledger.client_level
         summary["client_level_epsilon"] = accountant.epsilon()

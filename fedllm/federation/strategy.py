@@ -34,20 +34,27 @@ log = logging.getLogger(__name__)
 NODE_POLL_SECONDS = 1.0
 
 
-def connected_nodes(grid: Grid, minimum: int, poll_seconds: float = NODE_POLL_SECONDS) -> list[int]:
-    """The ids of the nodes connected to ``grid``, once at least ``minimum`` are.
+def connected_nodes(grid: Grid, minimum: int, timeout: float = math.inf,
+                    poll_seconds: float = NODE_POLL_SECONDS) -> list[int]:
+    """The ids of the nodes connected to ``grid``, once at least ``minimum`` are or ``timeout``
+    seconds have passed (a node that left for good must not stall the run).
 
     Args:
         grid: the Flower grid.
         minimum: how many nodes to wait for.
+        timeout: the longest wait, in seconds; then whatever is connected.
         poll_seconds: how long to wait between two looks.
 
     Returns:
-        Every connected node id.
+        Every connected node id (possibly fewer than ``minimum`` after the timeout).
     """
+    deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() >= deadline:
+            log.warning("only %d of %d nodes connected after %g s: going on with them", len(nodes), minimum, timeout)
+            break
         log.info("waiting for nodes to connect: %d connected, %d needed", len(nodes), minimum)
-        time.sleep(poll_seconds)
+        time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
     return nodes
 
 
@@ -59,17 +66,18 @@ class _ServerSampling:
     (``fraction_evaluate=0``), so evaluation sampling is left to Flower.
     """
 
-    def __init__(self, *, randomness: ServerRandomness, **kwargs):
+    def __init__(self, *, randomness: ServerRandomness, node_wait: float = math.inf, **kwargs):
         super().__init__(**kwargs)
         self.randomness = randomness
+        self.node_wait = node_wait
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """One train message for each node sampled for ``server_round``."""
         if self.fraction_train == 0.0:
             return []
-        nodes = connected_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
-        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        nodes = connected_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), self.node_wait)
+        size = min(max(int(len(nodes) * self.fraction_train), self.min_train_nodes), len(nodes))
         sampled = self.randomness.sample(nodes, size, server_round)
         log.info("round %d: sampled %d of %d nodes", server_round, len(sampled), len(nodes))
         config["server-round"] = server_round  # as Flower does: clients read the round from it
@@ -152,19 +160,20 @@ class ServerSideClipping(ClientSideClipping):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip every update to :attr:`clipping_norm`, then aggregate and add the noise."""
-        reference = self.current_arrays.to_numpy_ndarrays()
+        reference = {key: array.numpy() for key, array in self.current_arrays.items()}
         clipped = [clip_reply(reply, reference, self.clipping_norm) for reply in replies]
         log.info("round %d: updates clipped to norm %g", server_round, self.clipping_norm)
         return super().aggregate_train(server_round, clipped)
 
 
-def clip_reply(reply: Message, reference: list[np.ndarray], clip_norm: float) -> Message:
+def clip_reply(reply: Message, reference: dict[str, np.ndarray], clip_norm: float) -> Message:
     """``reply`` with each of its array records moved to within ``clip_norm`` (L2, over all its
     arrays together) of ``reference``; an update of norm 0 is left as it is.
 
     Args:
         reply: a node's reply (one with an error is returned unchanged, for Flower to count).
-        reference: the global arrays the update is measured from, in the record's order.
+        reference: the global arrays the update is measured from, by name (never by position:
+            a reply listing its arrays in another order must not escape the clip).
         clip_norm: C, the largest update norm kept.
 
     Returns:
@@ -173,19 +182,18 @@ def clip_reply(reply: Message, reference: list[np.ndarray], clip_norm: float) ->
     if reply.has_error():
         return reply
     for name, record in list(reply.content.array_records.items()):
-        arrays = record.to_numpy_ndarrays()
-        updates = [a.astype(np.float64) - r for a, r in zip(arrays, reference, strict=True)]
-        norm = math.sqrt(sum(float(np.vdot(u, u)) for u in updates))
+        arrays = {key: array.numpy() for key, array in record.items()}
+        updates = {key: value.astype(np.float64) - reference[key] for key, value in arrays.items()}
+        norm = math.sqrt(sum(float(np.vdot(u, u)) for u in updates.values()))
         scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
         reply.content[name] = ArrayRecord({
-            key: Array((r + u * scale).astype(a.dtype))
-            for key, a, r, u in zip(record.keys(), arrays, reference, updates, strict=True)})
+            key: Array((reference[key] + updates[key] * scale).astype(arrays[key].dtype)) for key in reference})
     return reply
 
 
 def adapter_strategy(*, aggregation: str, trim_fraction: float, fraction_train: float, min_train_nodes: int,
                      min_available_nodes: int, weighted_by_key: str,
-                     randomness: ServerRandomness | None = None) -> FedAvg:
+                     randomness: ServerRandomness | None = None, node_wait: float = math.inf) -> FedAvg:
     """Flower's FedAvg, FedTrimmedAvg or FedMedian over adapter arrays with our wire keys.
 
     Evaluation is centralised on the server's held-out split, so no evaluate messages are sent.
@@ -198,6 +206,7 @@ def adapter_strategy(*, aggregation: str, trim_fraction: float, fraction_train: 
         min_available_nodes: the nodes to wait for before sampling.
         weighted_by_key: the metric FedAvg weights updates by.
         randomness: where the train sample comes from (default: OS entropy).
+        node_wait: the longest wait for ``min_available_nodes`` each round, in seconds.
 
     Returns:
         The strategy.
@@ -205,7 +214,7 @@ def adapter_strategy(*, aggregation: str, trim_fraction: float, fraction_train: 
     common = dict(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
                   min_evaluate_nodes=0, min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
                   arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG,
-                  randomness=randomness or ServerRandomness())
+                  randomness=randomness or ServerRandomness(), node_wait=node_wait)
     if aggregation == "trimmed_mean":
         return AdapterFedTrimmedAvg(beta=trim_fraction, **common)
     if aggregation == "median":
@@ -215,7 +224,8 @@ def adapter_strategy(*, aggregation: str, trim_fraction: float, fraction_train: 
 
 def build_strategy(*, aggregation: str, trim_fraction: float, fraction_train: float, num_clients: int,
                    client_level: bool, client_clipping: str, client_noise_multiplier: float,
-                   client_clip_norm: float, noise: str = "secure", seed: int = 0) -> Strategy:
+                   client_clip_norm: float, noise: str = "secure", seed: int = 0,
+                   node_wait: float = math.inf) -> Strategy:
     """The run's strategy; with client-level DP, wrapped in a fixed-clipping DP strategy.
 
     Client-level DP clips each client's whole update (on the server, or on the node with
@@ -231,6 +241,7 @@ def build_strategy(*, aggregation: str, trim_fraction: float, fraction_train: fl
         noise: ``privacy.noise``: ``secure`` draws client sampling and noise from OS entropy;
             ``seeded`` derives them from ``seed`` (research simulations only).
         seed: the run's seed (used only by ``seeded``).
+        node_wait: the longest wait for every node each round (``federation.round_timeout``).
 
     Returns:
         The strategy.
@@ -242,7 +253,7 @@ def build_strategy(*, aggregation: str, trim_fraction: float, fraction_train: fl
     sampled = max(1, round(fraction_train * num_clients))
     inner = adapter_strategy(aggregation=aggregation, trim_fraction=trim_fraction, fraction_train=fraction_train,
                              min_train_nodes=sampled, min_available_nodes=num_clients,
-                             weighted_by_key=keys.FEDAVG_WEIGHT, randomness=randomness)
+                             weighted_by_key=keys.FEDAVG_WEIGHT, randomness=randomness, node_wait=node_wait)
     if not client_level:
         return inner
     wrapper = ServerSideClipping if client_clipping == "server" else ClientSideClipping

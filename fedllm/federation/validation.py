@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from fedllm.errors import UpdateRejected
+from fedllm.errors import PrivacyPlanError, UpdateRejected
 from fedllm.federation import records as keys
+from fedllm.privacy.planner import plan_client
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -49,9 +50,30 @@ def validate_arrays(content: RecordDict, expected: Mapping[str, TensorSpec]) -> 
         spec = expected[name]
         if (tuple(array.shape), str(array.dtype)) != (spec.shape, spec.dtype):
             raise UpdateRejected(f"{name}: shape {tuple(array.shape)} {array.dtype}, expected {spec.shape} {spec.dtype}")
-        if not np.isfinite(array.numpy()).all():
+        values = decoded(name, array)
+        # the payload itself, not only the metadata declared beside it: a (8, 65) float64 payload
+        # declared (8, 64) float32 would otherwise crash the norm or turn the global adapter float64
+        if (values.shape, str(values.dtype)) != (spec.shape, spec.dtype):
+            raise UpdateRejected(f"{name}: payload holds {values.shape} {values.dtype}, declared and expected "
+                                 f"{spec.shape} {spec.dtype}")
+        if not np.isfinite(values).all():
             raise UpdateRejected(f"{name}: holds NaN or infinite values")
     return arrays
+
+
+def decoded(name: str, array) -> np.ndarray:
+    """The numpy payload of a Flower ``Array``.
+
+    Raises:
+        UpdateRejected: the bytes are not a numpy array.
+    """
+    try:
+        values = array.numpy()
+    except Exception as exc:  # noqa: BLE001 - any decoding failure of untrusted bytes is a rejection
+        raise UpdateRejected(f"{name}: payload cannot be decoded ({type(exc).__name__})") from exc
+    if not isinstance(values, np.ndarray) or values.dtype == object:
+        raise UpdateRejected(f"{name}: payload is not a numeric array")
+    return values
 
 
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
@@ -75,3 +97,54 @@ def norm_outliers(norms: Mapping[int, float], ratio: float, max_norm: float | No
             rejected[index] = (f"update norm {norm:.4g} is {norm / median:.0f}x the round's median {median:.4g} "
                                f"(limit federation.update_norm_ratio={ratio:g})")
     return rejected
+
+
+@dataclass(frozen=True)
+class MechanismCheck:
+    """What the run's plan lets a node's DP history say about the round it answers.
+
+    A node plans its noise from the run's settings and its own sample rate ``1/k`` (``k`` Poisson
+    batches per pass), so the server can recompute the noise for any ``k`` and check that the
+    history's last mechanism is the one this run asked for, and that the node's total steps grew
+    by at least one round's worth since its last report (its lifetime ledger may also hold
+    other runs). A public shard size must fit the sample rate: ``(k - 1) * b < n <= k * b``.
+    """
+
+    batch_size: int
+    local_steps: int
+    rounds: int
+    target_epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float | None = None
+
+    def check(self, history: list[tuple[float, float, int]], previous_steps: int | None,
+              public_size: int | None) -> None:
+        """Raises:
+            UpdateRejected: the history does not describe this run's mechanism.
+        """
+        noise, rate, steps = history[-1]
+        batches = round(1.0 / rate)
+        if batches < 1 or 1.0 / batches != rate:
+            raise UpdateRejected(f"dp-history: sample rate {rate!r} is not 1/k for a whole number of batches k")
+        if noise != self.planned_noise(batches):
+            raise UpdateRejected(f"dp-history: noise multiplier {noise!r} is not this run's plan for sample rate 1/"
+                                 f"{batches} ({self.planned_noise(batches)!r})")
+        total = sum(s for _, _, s in history)
+        if steps < self.local_steps or (previous_steps is not None and total < previous_steps + self.local_steps):
+            raise UpdateRejected(f"dp-history: {total} steps in all, {steps} in the last mechanism: not one more "
+                                 f"round of {self.local_steps} steps")
+        if public_size is not None and not (batches - 1) * self.batch_size < public_size <= batches * self.batch_size:
+            raise UpdateRejected(f"num-examples={public_size} does not fit sample rate 1/{batches} at batch "
+                                 f"{self.batch_size}")
+
+    def planned_noise(self, batches: int) -> float:
+        """The noise this run's plan gives a node whose shard makes ``batches`` Poisson batches."""
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        try:  # any shard of k * b records has the rate 1/k: the plan depends on nothing else
+            return plan_client(shard_size=batches * self.batch_size, batch_size=self.batch_size, rounds=self.rounds,
+                               local_steps=self.local_steps, target_epsilon=self.target_epsilon, delta=self.delta,
+                               accountant=self.accountant).noise_multiplier
+        except PrivacyPlanError as exc:
+            raise UpdateRejected(f"dp-history: no plan exists for sample rate 1/{batches}") from exc

@@ -94,7 +94,8 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
                 accountant=policy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode)
     steps, rate = cfg.train.local_steps, plan.sample_rate
     cache = ReplyCache(policy.state_dir)
-    cache_key = (run_id, server_round, arrays_digest(request.received))
+    # keyed by dataset too: one state directory may hold several datasets' budgets
+    cache_key = (run_id, server_round, f"{policy.dataset_id}|{arrays_digest(request.received)}")
     # the lock covers check, training and record: a second run on this node waits, then sees this release
     with NodeLedger(policy.state_dir, policy.dataset_id).locked() as ledger:
         if ledger.find(run_id, server_round) and (cached := cache.find(cache_key)):
@@ -115,12 +116,12 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
         # persisted before the update can leave: a crash from here on keeps the release counted
         ledger.record(Release(run_id=run_id, server_round=server_round, noise_multiplier=dp.noise_multiplier,
                               sample_rate=rate, steps=steps, fingerprint=fingerprint))
-    after = check_round(expected, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps,
-                        budget=budget, accountant=dp.accountant)  # its `spent` is this round's epsilon
-    accounting = Accounting(epsilon=after.spent, cap=budget.max_epsilon, delta=budget.delta, history=expected,
-                            can_continue=after.allowed)
-    metrics = TrainReport(node, accounting, _public(policy, shard, result)).to_metrics()
-    cache.save(cache_key, arrays, metrics)
+        after = check_round(expected, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps,
+                            budget=budget, accountant=dp.accountant)  # its `spent` is this round's epsilon
+        accounting = Accounting(epsilon=after.spent, cap=budget.max_epsilon, delta=budget.delta, history=expected,
+                                can_continue=after.allowed)
+        metrics = TrainReport(node, accounting, _public(policy, shard, result)).to_metrics()
+        cache.save(cache_key, arrays, metrics)  # under the lock: the release and its reply go together
     log.info("client %d round %d: train loss %.4f (kept on this node), epsilon %.4f of cap %g", node,
              server_round, result.mean_loss, after.spent, budget.max_epsilon)
     return Answer(arrays=arrays, metrics=metrics)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,9 @@ DEFAULT_ALLOWED_MODELS = ("embedded", "tiny")  # the packaged SmolLM2 and the ra
 SIMULATED_NODES_ENV = "FEDLLM_SIMULATED_NODES"
 
 # refusal categories: the only thing a refusal tells the server besides epsilon numbers
-BUDGET, DATA, POLICY = "budget", "data", "policy"
-REFUSAL_CATEGORIES = (BUDGET, DATA, POLICY)
+# (error: the node failed unexpectedly; the exception stays in its log, never in the reply)
+BUDGET, DATA, POLICY, ERROR = "budget", "data", "policy", "error"
+REFUSAL_CATEGORIES = (BUDGET, DATA, POLICY, ERROR)
 
 
 class PolicyViolation(Exception):
@@ -126,8 +128,13 @@ def _number(node_config: Mapping, key: str, example: str) -> float:
         raise ConfigError(f"node config {key}: expected a number, got {value!r}") from exc
 
 
-def policy_from_node_config(node_config: Mapping) -> NodePolicy:
+def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) -> NodePolicy:
     """The node's policy from its node config; every value is the operator's.
+
+    Args:
+        node_config: the SuperNode's ``--node-config`` (or the simulation driver's node config).
+        simulated: the config comes from the simulation driver (:func:`node_config_for`); only
+            then may it mark the node simulated or ask for seeded noise.
 
     Raises:
         ConfigError: a required key is missing or a value is malformed (names the key).
@@ -135,7 +142,10 @@ def policy_from_node_config(node_config: Mapping) -> NodePolicy:
     unknown = sorted(set(node_config) - set(KNOWN_KEYS))
     if unknown:
         raise ConfigError(f"node config: unknown key(s) {', '.join(unknown)}; known: {', '.join(KNOWN_KEYS)}")
-    simulated = _flag(node_config.get(SIMULATED, False), SIMULATED)
+    driver_only = sorted({SIMULATED, NOISE} & set(node_config))
+    if driver_only and not simulated:
+        raise ConfigError(f"node config: {', '.join(driver_only)} can only be set by `fedllm simulate` for its "
+                          "virtual nodes; a deployed node always draws its noise from OS entropy")
     data_path = node_config.get(DATA_PATH)
     data_path = None if data_path in (None, "") else str(data_path)
     models = str(node_config.get(ALLOWED_MODELS, ",".join(DEFAULT_ALLOWED_MODELS)))
@@ -187,6 +197,11 @@ def check_request(policy: NodePolicy, cfg: ExperimentConfig) -> None:
         raise PolicyViolation(
             f"the server asked for privacy.noise={cfg.privacy.noise}: noise the server could reproduce; this node "
             "draws its noise from its own OS entropy")
+    for key, template, field in (("data.prompt_template", cfg.data.prompt_template, "prompt"),
+                                 ("data.response_template", cfg.data.response_template, "response")):
+        if not bare_placeholders(template, field):
+            raise PolicyViolation(f"{key} may hold only the bare placeholder {{{field}}} (no format spec, conversion, "
+                                  "index or other field): a format spec would quote a record's text in an error")
     model = model_name(cfg)
     if model not in policy.allowed_models:
         raise PolicyViolation(f"model {model!r} is not in this node's {ALLOWED_MODELS} "
@@ -194,6 +209,16 @@ def check_request(policy: NodePolicy, cfg: ExperimentConfig) -> None:
     if cfg.model.trust_remote_code and not policy.trust_remote_code:
         raise PolicyViolation("the server asked to run the model's remote code (model.trust_remote_code=true); "
                               f"this node allows it only with {TRUST_REMOTE_CODE}=true in its node config")
+
+
+def bare_placeholders(template: str, field: str) -> bool:
+    """Whether every replacement field of ``template`` is exactly ``{field}``."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return False
+    return all(name is None or (name == field and not spec and conversion is None)
+               for _, name, spec, conversion in parsed)
 
 
 def model_name(cfg: ExperimentConfig) -> str:
@@ -238,9 +263,21 @@ def write_simulated_nodes(cfg: ExperimentConfig, path: Path) -> None:
     os.environ[SIMULATED_NODES_ENV] = str(path)
 
 
+def node_policy(engine_config: Mapping) -> NodePolicy:
+    """The policy to enforce: the simulation driver's node config for a virtual node (when this
+    process was started by ``fedllm simulate``), else the SuperNode's own ``--node-config``.
+
+    Raises:
+        ConfigError: the node config is incomplete or malformed.
+    """
+    if os.environ.get(SIMULATED_NODES_ENV):
+        return policy_from_node_config(node_config_for(engine_config), simulated=True)
+    return policy_from_node_config(engine_config)
+
+
 def node_config_for(engine_config: Mapping) -> Mapping:
-    """The node config to enforce: the simulation driver's for a virtual node (when this
-    process was started by ``fedllm simulate``), else the SuperNode's own."""
+    """The simulation driver's node config for the virtual node ``engine_config`` names (or
+    ``engine_config`` itself outside a simulation)."""
     path = os.environ.get(SIMULATED_NODES_ENV)
     if not path:
         return engine_config

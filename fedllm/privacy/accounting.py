@@ -7,6 +7,7 @@ Opacus's accountants record and what a client's ledger persists across rounds.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
@@ -35,8 +36,13 @@ def epsilon(history: Sequence[Sequence[float]], *, delta: float, accountant: str
     entries = normalise_history(history)
     if not entries:
         return 0.0
+    return _epsilon(tuple(entries), delta, accountant)
+
+
+@lru_cache(maxsize=1024)  # pure; the server and the budget check ask for the same history several times
+def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     acct = make_accountant(accountant)
-    acct.history = entries
+    acct.history = list(entries)
     return float(acct.get_epsilon(delta=delta))
 
 

@@ -244,3 +244,29 @@ def test_a_policy_refusal_tells_the_operator_what_to_change(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fedllm.node.guard"):
         run_round(cfg, "run", 1, node_config=_deployed(tmp_path))
     assert "allow-nonprivate=true" in caplog.text
+
+
+def test_a_format_spec_in_a_template_cannot_quote_a_record(tmp_path):
+    # "{prompt:{prompt}}" would make str.format raise with the record's text as the "format spec"
+    cfg = tiny_config(data=DataConfig(prompt_template="Review: {prompt:{prompt}}", choices=("positive", "negative"),
+                                      max_records=600, test_size=100))
+    reply = run_round(cfg, "run", 1, node_config=_deployed(tmp_path))
+    assert _refusal_category(reply) == "policy"
+    assert "review number" not in json.dumps(dict(reply.content[keys.METRICS]))
+
+
+def test_an_unexpected_failure_tells_the_server_error_and_nothing_else(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("review number 7 was great")  # e.g. a library quoting a record
+
+    monkeypatch.setattr("fedllm.node.guard.task.node_shard", boom)
+    reply = run_round(_cfg(tmp_path), "run", 1, node_config=_deployed(tmp_path))
+    assert _refusal_category(reply) == "error" and not reply.has_error()
+    audit = (tmp_path / "node-state" / AUDIT_FILE).read_text()
+    assert "review number" not in audit and '"error"' in audit
+
+
+@pytest.mark.parametrize("key, value", [("simulated", True), ("noise", "seeded")])
+def test_only_the_simulation_driver_may_mark_a_node_simulated_or_seeded(tmp_path, key, value):
+    with pytest.raises(ConfigError, match="fedllm simulate"):
+        _call_round(_cfg(tmp_path), {**_deployed(tmp_path), key: value})
