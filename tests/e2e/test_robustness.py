@@ -20,7 +20,8 @@ CLIENTS = len(ATTACKS) + 3  # clients 8 and 9 are honest
 def _run(tmp_path: Path, name: str, attacks: dict[int, str]) -> Path:
     run_dir = tmp_path / name
     spec = ",".join(f"{client}:{attack}" for client, attack in attacks.items())
-    fedllm(["simulate", "debug=smoke", "privacy=none", f"federation.num_clients={CLIENTS}",
+    # seeded: the attacked and the honest-only run must shuffle alike to be compared bit for bit
+    fedllm(["simulate", "debug=smoke", "privacy=none", "privacy.noise=seeded", f"federation.num_clients={CLIENTS}",
             "federation.client_app=tests.e2e.attack_app:app", f"hydra.run.dir={run_dir}"],
            cwd=tmp_path, env={"FEDLLM_TEST_ATTACKS": spec, "PYTHONPATH": str(ROOT)})
     return run_dir

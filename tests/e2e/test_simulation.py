@@ -45,7 +45,7 @@ def test_ledger_epsilon_is_the_one_shot_value_for_all_steps_and_under_target(smo
     for client in ledger["clients"].values():
         assert client["steps"] == total_steps
         one_shot = epsilon([(client["noise_multiplier"], client["sample_rate"], total_steps)],
-                           delta=cfg.privacy.delta, accountant="rdp")
+                           delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
         assert client["epsilon"] == pytest.approx(one_shot, rel=1e-12)
         assert client["epsilon"] <= cfg.privacy.target_epsilon
         assert client["epsilon"] > cfg.privacy.target_epsilon - 0.05  # the plan spends the budget
