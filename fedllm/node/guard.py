@@ -97,7 +97,7 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
     # keyed by dataset too: one state directory may hold several datasets' budgets
     cache_key = (run_id, server_round, f"{policy.dataset_id}|{arrays_digest(request.received)}")
     # the lock covers check, training and record: a second run on this node waits, then sees this release
-    with NodeLedger(policy.state_dir, policy.dataset_id).locked() as ledger:
+    with NodeLedger(policy.state_dir, policy.dataset_id, fingerprint).locked() as ledger:
         if ledger.find(run_id, server_round) and (cached := cache.find(cache_key)):
             log.info("client %d round %d: resending the update already released (no new privacy cost)",
                      node, server_round)

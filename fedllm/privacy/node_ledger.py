@@ -105,8 +105,14 @@ class NodeLedger:
     One object serves one thread.
     """
 
-    def __init__(self, state_dir: Path, dataset_id: str):
+    def __init__(self, state_dir: Path, dataset_id: str, fingerprint: str | None = None):
         """Read the ledger of ``dataset_id`` in ``state_dir`` (no lock taken).
+
+        Args:
+            state_dir: the node's state directory.
+            dataset_id: the name the node keeps this dataset's budget under.
+            fingerprint: the records' content fingerprint now; other datasets' releases of the
+                same content (the file renamed or copied under another name) count here too.
 
         Raises:
             ConfigError: ``dataset_id`` is empty.
@@ -117,15 +123,20 @@ class NodeLedger:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / LEDGER_FILE
         self.dataset_id = dataset_id
+        self.fingerprint = fingerprint
         self._lock_fd: int | None = None
         self._datasets, self._legacy, self._v1_raw = _load(self.path)
 
     @property
     def releases(self) -> tuple[Release, ...]:
         """Every release this dataset's budget composes, oldest first: the format-1 histories no
-        dataset has claimed (they may be this dataset's), then its own."""
+        dataset has claimed (they may be this dataset's), the releases of other dataset names
+        that trained on these very records (same fingerprint), then its own."""
         unclaimed = [r for key in sorted(self._legacy) for r in self._legacy[key]]
-        return tuple(unclaimed + self._datasets.get(self.dataset_id, []))
+        same_records = [r for key in sorted(self._datasets) if key != self.dataset_id
+                        and any(x.fingerprint == self.fingerprint for x in self._datasets[key])
+                        for r in self._datasets[key]] if self.fingerprint else []
+        return tuple(unclaimed + same_records + self._datasets.get(self.dataset_id, []))
 
     @contextmanager
     def locked(self, timeout: float = LOCK_TIMEOUT_S) -> Iterator[NodeLedger]:

@@ -270,3 +270,13 @@ def test_an_unexpected_failure_tells_the_server_error_and_nothing_else(tmp_path,
 def test_only_the_simulation_driver_may_mark_a_node_simulated_or_seeded(tmp_path, key, value):
     with pytest.raises(ConfigError, match="fedllm simulate"):
         _call_round(_cfg(tmp_path), {**_deployed(tmp_path), key: value})
+
+
+def test_renaming_the_data_file_keeps_the_spent_epsilon_of_the_same_records(tmp_path):
+    cfg = _cfg(tmp_path)
+    node = _deployed(tmp_path, max_epsilon=8.0)
+    first = run_round(cfg, "run-a", 1, node_config=node).content[keys.METRICS][keys.EPSILON]
+    renamed = tmp_path / "renamed.jsonl"
+    Path(node["data-path"]).rename(renamed)  # a new path, so a new default dataset-id: the same records
+    second = run_round(cfg, "run-b", 1, node_config={**node, "data-path": str(renamed)}).content[keys.METRICS]
+    assert second[keys.REFUSED] == 0 and second[keys.EPSILON] > first
