@@ -2,19 +2,26 @@
 authentication, then `flwr run`. Every process it starts is stopped before it exits.
 
     python scripts/demo_federation.py --workdir /tmp/fedllm-demo [--nodes 2] [--unregistered 1]
-        [--overrides "debug=smoke federation.num_rounds=2"] [--caps 8,6] [--port 9400]
+        [--outsider] [--overrides "debug=smoke federation.num_rounds=2"] [--caps 8,6] [--port 9400]
 
 What it does, as an operator would:
   1. a private CA and the SuperLink certificate (subjectAltName 127.0.0.1, localhost);
-  2. one authentication key pair per node, registered with the SuperLink (`flwr supernode register`);
-  3. each node's own data file (here: a slice of the embedded Rotten Tomatoes reviews) and its
+  2. `flower-superlink` (TLS, --enable-supernode-auth, no runtime dependency installation)
+     listening on 127.0.0.1 only: its Control API (register nodes, start runs) is for the
+     coordinator on this host, and `flwr` is pointed at it; and the Fleet gateway
+     (fedllm.deployment.fleet_gateway), the one port nodes reach, which passes Flower's
+     Fleet API to the SuperLink and nothing else;
+  3. one authentication key pair per node, registered with the SuperLink (`flwr supernode register`);
+  4. each node's own data file (here: a slice of the embedded Rotten Tomatoes reviews) and its
      node config: data-path, state-dir, max-epsilon, partition-id;
-  4. `flower-superlink` (TLS, --enable-supernode-auth, no runtime dependency installation) and
-     one `flower-supernode` per node; with --unregistered, nodes whose key was never registered
-     (the SuperLink must refuse them);
-  5. `flwr run . demo` with the Hydra overrides as run config, and waits for the run to finish;
+  5. one `flower-supernode` per node, connected to the gateway; with --unregistered, nodes whose
+     key was never registered (the SuperLink must refuse them); with --outsider, someone holding
+     only the CA certificate tries, through the nodes' address, to register a key, start a run
+     and list runs (all must fail);
+  6. `flwr run . demo` with the Hydra overrides as run config, and waits for the run to finish;
      with --hostile-overrides, a second run whose settings every node must refuse.
-It prints a JSON report: where the outputs are, and how each unregistered node ended.
+It prints a JSON report: where the outputs are, which addresses each server listens on, how
+each unregistered node ended, what the outsider got, and the runs the SuperLink knows.
 """
 
 from __future__ import annotations
@@ -48,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after the run, a second run with these overrides (e.g. privacy.noise=seeded): "
                              "settings a node must refuse; its outputs go to <workdir>/outputs-hostile")
     parser.add_argument("--records", type=int, default=200, help="records in each node's data file")
-    parser.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
+    parser.add_argument("--outsider", action="store_true",
+                        help="someone with only ca.crt tries to register a node, start a run and list runs")
+    parser.add_argument("--port", type=int, default=0, help="the port nodes connect to (default: a free one)")
+    parser.add_argument("--control-port", type=int, default=0,
+                        help="the SuperLink's own port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--timeout", type=float, default=900)
     return parser.parse_args(argv)
 
@@ -83,9 +94,10 @@ class Processes:
         self.workdir, self.env, self.started = workdir, {**env, "FEDLLM_DEMO_TAG": self.tag}, []
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.workdir / f"{name}.log").open("w")
-        proc = subprocess.Popen(args, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        (self.workdir / f"{name}.argv.json").write_text(json.dumps(args))  # what was started, for the record
+        with (self.workdir / f"{name}.log").open("w") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(args, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.started.append(proc)
         return proc
 
@@ -108,12 +120,71 @@ class Processes:
             proc.wait(timeout=5)
 
 
-def flwr(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+def flwr(args: list[str], env: dict, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=timeout)
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise RuntimeError(f"flwr {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def flwr_home(folder: Path, name: str, address: str, ca_cert: Path) -> Path:
+    """A `flwr` CLI configuration with one connection ``name`` to ``address``, trusting ``ca_cert``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
+        f'root-certificates = "{ca_cert}"\n')
+    return folder
+
+
+def listening(pid: int) -> list[str]:
+    """Every address the process ``pid`` and its children listen on (TCP)."""
+    import psutil
+
+    found = set()
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            found |= {f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return sorted(found)
+
+
+def reachable_from_outside(port: int) -> dict:
+    """Try this host's own non-loopback addresses on ``port``: what someone on the network would get."""
+    import psutil
+
+    addresses = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    tried = {}
+    for address in addresses:
+        with socket.socket() as sock:
+            sock.settimeout(3)
+            tried[address] = "connected" if sock.connect_ex((address, port)) == 0 else "refused"
+    return tried
+
+
+def outsider_attempts(workdir: Path, fleet: str, ca_cert: Path, env: dict, output_dir: Path) -> dict:
+    """What someone holding only the CA certificate (every node has it) gets at the nodes' address."""
+    from fedllm.deployment.pki import make_node_keys
+
+    own = workdir / "outsider"
+    own.mkdir(exist_ok=True)
+    (own / "ca.crt").write_bytes(ca_cert.read_bytes())
+    _, public = make_node_keys(own, "outsider-key")
+    home = flwr_home(own / "flwr-home", "outsider", fleet, own / "ca.crt")
+    outsider_env = {**env, "FLWR_HOME": str(home)}
+    run_config = f'overrides="debug=smoke federation.num_rounds=1" output-dir="{output_dir}"'
+    attempts = {"register": ["supernode", "register", str(public), "outsider"],
+                "run": ["run", str(ROOT), "outsider", "--run-config", run_config],
+                "list": ["ls", "outsider"]}
+    report = {}
+    for name, args in attempts.items():
+        result = flwr(args, outsider_env, timeout=180, check=False)
+        report[name] = {"returncode": result.returncode, "output": (result.stdout + result.stderr)[-2000:]}
+    return report
 
 
 def node_config(index: int, data: Path, state: Path, cap: str) -> str:
@@ -128,48 +199,56 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    port = args.port or free_port()
+    port, control_port = args.port or free_port(), args.control_port or free_port()
+    fleet, control = f"127.0.0.1:{port}", f"127.0.0.1:{control_port}"
     tls = make_tls(workdir / "certs", ["127.0.0.1", "localhost"])
-    home = workdir / "flwr-home"
-    home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "demo"\n\n[superlink.demo]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{tls.ca_cert}"\n')
+    # the coordinator's `flwr` talks to the SuperLink itself, on this host
+    home = flwr_home(workdir / "flwr-home", "demo", control, tls.ca_cert)
     env = {**os.environ, **ENV, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     caps = args.caps.split(",") if args.caps else [""] * args.nodes
     data = write_node_files([workdir / f"node{n}" / "data.jsonl" for n in range(args.nodes)], args.records)
     output_dir = workdir / "outputs"
     procs = Processes(workdir, env)
-    report: dict = {"superlink": f"127.0.0.1:{port}", "output_dir": str(output_dir), "unregistered": []}
+    report: dict = {"superlink": control, "fleet": fleet, "output_dir": str(output_dir), "unregistered": []}
     try:
         superlink = procs.start("superlink", [
             str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile",
             str(tls.server_cert), "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(control_port),
             "--database", str(workdir / "superlink.db")])
-        wait_for_port(port, superlink)
+        gateway = procs.start("fleet-gateway", [
+            sys.executable, "-m", "fedllm.deployment.fleet_gateway", "--listen", fleet, "--superlink", control,
+            "--root-certificates", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key)])
+        wait_for_port(control_port, superlink)
+        wait_for_port(port, gateway)
+
+        def start_node(name: str, private: Path, config: str, *extra: str) -> subprocess.Popen:
+            return procs.start(name, [
+                str(BIN / "flower-supernode"), "--root-certificates", str(tls.ca_cert), "--superlink", fleet,
+                "--auth-supernode-private-key", str(private), "--port", str(free_port()), *extra,
+                "--node-config", config])
+
         for index in range(args.nodes):
             private, public = make_node_keys(workdir / "keys", f"node{index}")
             flwr(["supernode", "register", str(public), "demo"], env, timeout=60)
-            procs.start(f"supernode{index}", [
-                str(BIN / "flower-supernode"), "--root-certificates", str(tls.ca_cert), "--superlink",
-                f"127.0.0.1:{port}", "--auth-supernode-private-key", str(private), "--port", str(free_port()),
-                "--node-config", node_config(index, data[index], workdir / f"node{index}" / "state", caps[index])])
+            start_node(f"supernode{index}", private,
+                       node_config(index, data[index], workdir / f"node{index}" / "state", caps[index]))
         if args.broken_node:
             private, public = make_node_keys(workdir / "keys", "broken")
             flwr(["supernode", "register", str(public), "demo"], env, timeout=60)
-            procs.start("broken", [
-                str(BIN / "flower-supernode"), "--root-certificates", str(tls.ca_cert), "--superlink",
-                f"127.0.0.1:{port}", "--auth-supernode-private-key", str(private), "--port", str(free_port()),
-                "--node-config", node_config(args.nodes, workdir / "missing" / "data.jsonl", workdir / "broken", "")])
+            start_node("broken", private, node_config(args.nodes, workdir / "missing" / "data.jsonl",
+                                                      workdir / "broken", ""))
         rogues = []
         for index in range(args.unregistered):
             private, _ = make_node_keys(workdir / "keys", f"unregistered{index}")
-            rogues.append(procs.start(f"unregistered{index}", [
-                str(BIN / "flower-supernode"), "--root-certificates", str(tls.ca_cert), "--superlink",
-                f"127.0.0.1:{port}", "--auth-supernode-private-key", str(private), "--port", str(free_port()),
-                "--max-retries", "0", "--node-config", node_config(args.nodes + 1 + index, data[0],
-                                                                  workdir / f"unregistered{index}", "")]))
+            rogues.append(start_node(f"unregistered{index}", private,
+                                     node_config(args.nodes + 1 + index, data[0], workdir / f"unregistered{index}", ""),
+                                     "--max-retries", "0"))
+        report["listening"] = {"superlink": listening(superlink.pid), "fleet-gateway": listening(gateway.pid)}
+        if args.outsider:
+            report["outsider"] = outsider_attempts(workdir, fleet, tls.ca_cert, env, workdir / "outputs-outsider")
+            report["outsider"]["superlink_from_the_network"] = reachable_from_outside(control_port)
         clients = args.nodes + int(args.broken_node)
         run_config = f'overrides="{args.overrides} federation.num_clients={clients}" output-dir="{output_dir}"'
         result = flwr(["run", str(ROOT), "demo", "--run-config", run_config, "--stream"], env, timeout=args.timeout)
@@ -180,6 +259,9 @@ def run_demo(args: argparse.Namespace) -> dict:
             result = flwr(["run", str(ROOT), "demo", "--run-config", hostile, "--stream"], env, timeout=args.timeout)
             (workdir / "flwr-run-hostile.log").write_text(result.stdout + result.stderr)
             report["hostile_output_dir"] = str(workdir / "outputs-hostile")
+        report["runs"] = json.loads(flwr(["ls", "demo", "--format", "json"], env, timeout=60).stdout).get("runs", [])
+        report["nodes"] = json.loads(flwr(["supernode", "list", "demo", "--format", "json"], env,
+                                          timeout=60).stdout).get("nodes", [])
         for rogue in rogues:
             try:
                 rogue.wait(timeout=30)

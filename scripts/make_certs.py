@@ -1,20 +1,42 @@
 """Create a private CA and the SuperLink's TLS certificate.
 
-    python scripts/make_certs.py OUT_DIR [HOST ...]     (default hosts: 127.0.0.1 localhost)
+    python scripts/make_certs.py [--force] [--days N] OUT_DIR [HOST ...]
 
-Every HOST the nodes use to reach the SuperLink must be listed (IP addresses or DNS names):
-they go into the certificate's subjectAltName. Give every SuperNode and operator ca.crt;
-keep ca.key offline.
+List every HOST nodes use to reach the federation (the Fleet gateway's public DNS name or IP):
+they go into the certificate's subjectAltName. 127.0.0.1 and localhost are always added: the
+SuperLink listens there, and the gateway and the coordinator's `flwr` (on the host or through
+an SSH tunnel) connect to it with this same certificate. Give every SuperNode and operator
+ca.crt; keep ca.key offline. Keys are written with mode 0600; existing files are kept unless
+--force.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
 from fedllm.deployment.pki import make_tls
 
-if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    files = make_tls(Path(sys.argv[1]), sys.argv[2:] or ["127.0.0.1", "localhost"])
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, write the files, say where they are."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("hosts", nargs="*", default=[])
+    parser.add_argument("--days", type=int, default=365, help="validity of both certificates")
+    parser.add_argument("--force", action="store_true", help="replace an existing CA and certificate")
+    args = parser.parse_args(argv)
+    try:
+        hosts = [*args.hosts, *(h for h in LOOPBACK if h not in args.hosts)]
+        files = make_tls(args.out_dir, hosts, days=args.days, overwrite=args.force)
+    except (FileExistsError, ValueError) as exc:
+        print(f"make_certs: {exc}", file=sys.stderr)
+        return 1
     print(f"CA certificate {files.ca_cert} (to every node), CA key {files.ca_key} (keep offline)\n"
-          f"SuperLink certificate {files.server_cert} and key {files.server_key}")
+          f"SuperLink certificate {files.server_cert} and key {files.server_key} (mode 0600)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

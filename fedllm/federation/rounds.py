@@ -25,6 +25,7 @@ from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedCl
 from fedllm.federation import records as keys
 from fedllm.errors import UpdateRejected
 from fedllm.federation.protocol import Refusal, TrainReport, parse_reply
+from fedllm.federation.remote_text import escape_remote_text
 from fedllm.federation.validation import MechanismCheck, expected_update, norm_outliers, update_norm
 from fedllm.privacy.accounting import epsilon
 from fedllm.privacy.client_level import ClientLevelRound
@@ -73,7 +74,7 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            result.failures.append(f"node {node}: {reply.error.reason}")
+            result.failures.append(f"node {node}: {escape_remote_text(reply.error.reason)}")
             continue
         try:
             parsed = parse_reply(reply.content, expected, policy.num_clients,
@@ -84,7 +85,7 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
             if isinstance(parsed, TrainReport):
                 _check_mechanism(parsed, policy.mechanism, ledger)
         except UpdateRejected as exc:
-            result.rejected.append(f"node {node}: {exc}")
+            result.rejected.append(f"node {node}: {escape_remote_text(exc)}")
             continue
         seen.add(client)
         if isinstance(parsed, Refusal):
@@ -244,7 +245,7 @@ def _aggregate(strategy: Strategy, ledger: PrivacyLedger, server_round: int, rep
         aggregated, _ = strategy.aggregate_train(server_round, replies.updates)
     except Exception as exc:  # noqa: BLE001 - validated replies should never fail; if one does, skip the round
         log.error("round %d: aggregation failed (%s: %s); the global adapter is unchanged", server_round,
-                  type(exc).__name__, exc)
+                  type(exc).__name__, escape_remote_text(exc))
         return None
     if aggregated is not None and ledger.client_level is not None:
         ledger.client_level.record(ClientLevelRound(server_round=server_round, population=num_clients,

@@ -26,6 +26,7 @@ from fedllm.config import ExperimentConfig
 from fedllm.data.formatting import make_collate
 from fedllm.errors import DataError, LedgerError, PrivacyPlanError
 from fedllm.federation.protocol import Accounting, PublicStats, Refusal, TrainReport
+from fedllm.federation.remote_text import escape_remote_text
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.node.policy import BUDGET, DATA, POLICY, NodePolicy, PolicyViolation, check_request
 from fedllm.node.reply_cache import ReplyCache, arrays_digest
@@ -64,14 +65,14 @@ def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
     try:
         check_request(policy, request.cfg)
     except PolicyViolation as exc:
-        log.warning("client %d: refusing round %d (policy): %s", node, server_round, exc)
+        log.warning("client %d: refusing round %d (policy): %s", node, server_round, escape_remote_text(exc))
         return Answer(refusal=Refusal(node, POLICY, cap=policy.max_epsilon))
     cfg = node_view(request.cfg, policy)
     try:
         shard, fingerprint = task.node_shard(cfg, node, policy.data_path, policy.data_format)
         plan = plan_for(cfg, len(shard)) if cfg.privacy.sample_level else None
     except (DataError, PrivacyPlanError) as exc:
-        log.error("client %d: declining round %d (data): %s", node, server_round, exc)
+        log.error("client %d: declining round %d (data): %s", node, server_round, escape_remote_text(exc))
         return Answer(refusal=Refusal(node, DATA, cap=policy.max_epsilon))
     if plan is None:
         result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round))
@@ -106,7 +107,7 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
         decision = check_round(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps,
                                budget=budget, accountant=dp.accountant)
         if not decision.allowed:
-            log.warning("client %d round %d: %s", node, server_round, decision.reason)
+            log.warning("client %d round %d: %s", node, server_round, escape_remote_text(decision.reason))
             return Answer(refusal=Refusal(node, BUDGET, cap=budget.max_epsilon, spent=decision.spent,
                                           delta=budget.delta, history=history))
         expected = extend_history(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps)

@@ -1,5 +1,6 @@
-"""Flower's Deployment Engine on 127.0.0.1: SuperLink with TLS and node authentication, registered
-SuperNodes with their own data and caps, an unregistered one, `flwr run`; and the compose file."""
+"""Flower's Deployment Engine on 127.0.0.1: SuperLink with TLS and node authentication behind the
+Fleet gateway, registered SuperNodes with their own data and caps, an unregistered one, an
+outsider holding only the CA certificate, `flwr run`. (The compose file: tests/unit/test_docker_files.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from .conftest import SESSION_TAG, stray_processes
@@ -23,7 +23,7 @@ def demo(tmp_path_factory) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("demo")
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo_federation.py"), "--workdir", str(workdir), "--nodes", "2",
-         "--unregistered", "1", "--broken-node", "--caps", "8,7.5", "--timeout", "600",
+         "--unregistered", "1", "--broken-node", "--outsider", "--caps", "8,7.5", "--timeout", "600",
          # settings only the nodes may decide, sent by the coordinator: ignored (state dir) ...
          "--overrides", f"debug=smoke federation.num_rounds=2 privacy.state_dir={workdir / 'server-says'}",
          # ... or refused (reproducible noise, remote code)
@@ -53,6 +53,34 @@ def test_an_unregistered_node_is_refused(demo):
     log = (workdir / "unregistered0.log").read_text()
     assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log
     assert report["unregistered"][0]["returncode"] not in (None, 0)
+
+
+def test_an_outsider_with_only_the_ca_can_neither_register_a_node_nor_start_a_run(demo):
+    workdir, report = demo
+    outsider = report["outsider"]
+    for attempt in ("register", "run", "list"):  # at the address every node is given
+        assert outsider[attempt]["returncode"] != 0, (attempt, outsider[attempt]["output"])
+        assert "404" in outsider[attempt]["output"], (attempt, outsider[attempt]["output"])
+    assert not (workdir / "outputs-outsider").exists()
+    # the coordinator's SuperLink knows exactly its own two runs and the three nodes it registered
+    assert len(report["runs"]) == 2
+    assert len(report["nodes"]) == 3
+    # the SuperLink itself is on loopback only; the gateway is the nodes' one door
+    superlink = report["listening"]["superlink"]
+    assert superlink and all(address.startswith("127.0.0.1:") for address in superlink)
+    assert report["listening"]["fleet-gateway"] == [report["fleet"]]
+    assert set(outsider["superlink_from_the_network"].values()) <= {"refused"}
+
+
+def test_the_nodes_trained_through_the_gateway(demo):
+    workdir, report = demo
+    assert report["superlink"] != report["fleet"]
+    for node in ("supernode0", "supernode1", "broken", "unregistered0"):
+        args = json.loads((workdir / f"{node}.argv.json").read_text())
+        assert args[args.index("--superlink") + 1] == report["fleet"]
+    gateway_log = (workdir / "fleet-gateway.log").read_text()
+    assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in gateway_log
+    assert "/v1/control/" in gateway_log and '/v1/control/register-node HTTP/1.1" 404' in gateway_log
 
 
 def test_a_node_with_a_wrong_data_path_declines_and_the_run_goes_on(demo):
@@ -87,7 +115,8 @@ def test_nodes_send_only_the_adapter_tensors_and_the_accounting(demo):
     expected = {name.replace(".weight", "") for name in adapter}
     for node in ("node0", "node1"):
         entries = [json.loads(line) for line in (workdir / node / "state" / "audit.jsonl").read_text().splitlines()]
-        assert [e["received"]["round"] for e in entries] == [1, 2]
+        assert [e["received"]["round"] for e in entries] == [1, 2, 1]  # the run's two rounds, then the hostile run's
+        assert entries[2]["sent"]["config"] == {"status": {"category": "policy"}}
         for entry in entries:
             assert entry["sent"]["record_types"] in (["arrays", "metrics"], ["metrics", "status"])
             sent = {t["name"].replace(".weight", "").replace(".default", "") for t in entry["sent"]["tensors"]}
@@ -97,29 +126,3 @@ def test_nodes_send_only_the_adapter_tensors_and_the_accounting(demo):
 
 def test_every_flower_process_is_gone(demo):
     assert stray_processes() == []
-
-
-def test_the_compose_file_references_only_files_that_exist(tmp_path):
-    docker = ROOT / "docker"
-    compose = yaml.safe_load((docker / "compose.yaml").read_text())
-    subprocess.run([sys.executable, str(docker / "prepare.py"), str(tmp_path)], check=True, cwd=ROOT,
-                   capture_output=True, timeout=120)
-    services = compose["services"]
-    assert {"superlink", "serverapp", "supernode-1", "supernode-2"} <= set(services)
-    for name, service in services.items():
-        context = (docker / service["build"]["context"]).resolve()
-        assert (context / service["build"]["dockerfile"]).is_file(), name
-        base = service["build"].get("args", {}).get("BASE_IMAGE", "")
-        assert base.endswith(":1.42.0") or "Dockerfile.superlink" in service["build"]["dockerfile"]
-        for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            if source.startswith("."):
-                assert (tmp_path / source).exists(), f"{name}: {source}"
-            else:
-                assert source in compose["volumes"], f"{name}: undeclared volume {source}"
-        if name.startswith("supernode"):
-            assert any(v.endswith(":/data:ro") for v in service["volumes"])  # data read-only
-    dockerfiles = [(docker / f).read_text() for f in ("Dockerfile.app", "Dockerfile.superlink")]
-    assert "FROM flwr/superlink:1.42.0" in dockerfiles[1]
-    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in dockerfiles[0]
-    assert "--disable-runtime-dependency-installation" in services["superlink"]["command"]

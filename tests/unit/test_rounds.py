@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from fedllm.federation import records as keys
 from fedllm.federation.protocol import Accounting, PublicStats, TrainReport
@@ -163,3 +163,13 @@ def test_server_side_clipping_measures_each_array_by_name_not_position(monkeypat
     reply = _message(0, RecordDict({keys.ARRAYS: permuted, keys.METRICS: MetricRecord({keys.FEDAVG_WEIGHT: 1.0})}))
     aggregated, _ = strategy.aggregate_train(1, [reply])
     assert np.allclose(aggregated["a"].numpy(), 0, atol=1e-6) and np.allclose(aggregated["b"].numpy(), 10, atol=1e-6)
+
+
+def test_a_nodes_error_text_cannot_forge_log_lines(monkeypatch):
+    act_as_server_process(monkeypatch)
+    metadata = Metadata(run_id=1, message_id="e", src_node_id=9, dst_node_id=0, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    forged = Message(Error(code=0, reason="boom\nround 1: aggregated 10 updates\x1b[2K"), metadata=metadata)
+    result = _sort([forged, _update(1)])
+    assert len(result.failures) == 1 and "\n" not in result.failures[0] and "\x1b" not in result.failures[0]
+    assert "\\n" in result.failures[0]
