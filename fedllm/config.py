@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DUPLICATE_POLICIES
+from fedllm.config_types import check_types as _check_types
 from fedllm.errors import ConfigError
 
 MODEL_SOURCES = ("embedded", "tiny", "pretrained")
@@ -65,6 +68,7 @@ class ModelConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_types(self, "model")
         _one_of(self.source, MODEL_SOURCES, "model.source")
         _one_of(self.dtype, MODEL_DTYPES, "model.dtype")
         _one_of(self.quantization, QUANTIZATIONS, "model.quantization")
@@ -102,6 +106,7 @@ class LoraSettings:
     freeze_a: bool = False  # FFA-LoRA: train (and send) only B
 
     def __post_init__(self) -> None:
+        _check_types(self, "lora")
         _require(self.r > 0, "lora.r", "must be a positive integer")
         _require(self.alpha > 0, "lora.alpha", "must be positive")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
@@ -111,7 +116,15 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where records come from, how they become prompts, and how they are split."""
+    """Where records come from, how they become prompts, and how they are split.
+
+    ``max_record_chars`` bounds one record of a JSONL / CSV file (its line or row, in
+    characters): a longer one is refused, naming file and line, before it is parsed or
+    tokenized. ``duplicates`` says what happens to exact copies of a record (same prompt and
+    response), which are always counted and logged: ``drop`` (default: a record counted twice
+    has twice the influence, which a per-record guarantee does not cover), ``keep`` or ``refuse``.
+    On a deployed node both are the node's own (its node config), like ``overlong``.
+    """
 
     name: str = "rotten_tomatoes"
     path: str | None = None
@@ -127,12 +140,17 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     max_length: int = 96
     overlong: str = "truncate"
+    max_record_chars: int = DEFAULT_MAX_RECORD_CHARS  # longer records are refused before tokenizing
+    duplicates: str = DEFAULT_DUPLICATES  # exact copies of a record: drop, keep or refuse
 
     def __post_init__(self) -> None:
+        _check_types(self, "data")
         _one_of(self.name, DATASETS, "data.name")
         _one_of(self.format, ("auto", "jsonl", "csv"), "data.format")
         _one_of(self.partition, PARTITIONERS, "data.partition")
         _one_of(self.overlong, ("truncate", "refuse"), "data.overlong")
+        _one_of(self.duplicates, DUPLICATE_POLICIES, "data.duplicates")
+        _require(self.max_record_chars > 0, "data.max_record_chars", "must be a positive number of characters")
         if self.name == "jsonl":
             _require(bool(self.path), "data.path", "data=jsonl needs data.path=<file.jsonl or .csv>")
         _require("{prompt}" in self.prompt_template, "data.prompt_template",
@@ -162,6 +180,7 @@ class TrainConfig:
     threads_per_client: int = 1
 
     def __post_init__(self) -> None:
+        _check_types(self, "train")
         _require(self.local_steps > 0, "train.local_steps", "must be a positive integer")
         _require(self.batch_size > 0, "train.batch_size", "must be a positive integer")
         _require(self.lr > 0, "train.lr", "must be positive")
@@ -182,6 +201,7 @@ class ClientCap:
     delta: float | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self, "privacy.client_caps")
         _require(self.client >= 0, "privacy.client_caps.client", "must be a client index >= 0")
         _require(self.max_epsilon is None or self.max_epsilon > 0, "privacy.client_caps.max_epsilon",
                  "must be positive")
@@ -227,6 +247,7 @@ class PrivacyConfig:
     client_delta: float = 1e-3
 
     def __post_init__(self) -> None:
+        _check_types(self, "privacy")
         _one_of(self.mode, PRIVACY_MODES, "privacy.mode")
         _one_of(self.accountant, ACCOUNTANTS, "privacy.accountant")
         _one_of(self.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode")
@@ -281,6 +302,7 @@ class FederationConfig:
     client_app: str = "fedllm.federation.client_app:app"
 
     def __post_init__(self) -> None:
+        _check_types(self, "federation")
         _one_of(self.aggregation, AGGREGATIONS, "federation.aggregation")
         _require(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
         _require(self.update_norm_ratio > 1, "federation.update_norm_ratio",
@@ -307,6 +329,9 @@ class TrackingConfig:
     wandb: bool = False
     wandb_project: str = "fedllm"
 
+    def __post_init__(self) -> None:
+        _check_types(self, "tracking")
+
 
 @dataclass(frozen=True)
 class StorageConfig:
@@ -317,6 +342,9 @@ class StorageConfig:
     encrypt: bool = False
     key_file: str | None = None
     key_env: str = "FEDLLM_ENCRYPTION_KEY"
+
+    def __post_init__(self) -> None:
+        _check_types(self, "storage")
 
 
 @dataclass(frozen=True)
@@ -334,6 +362,7 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_types(self, "")
         _require(self.seed >= 0, "seed", "must be a non-negative integer")
         if self.privacy.client_level:
             _require(self.federation.aggregation == "fedavg", "federation.aggregation",
@@ -368,7 +397,7 @@ class ExperimentConfig:
             if f.name not in raw:
                 continue
             if f.name == "seed":
-                kwargs["seed"] = int(raw["seed"])
+                kwargs["seed"] = raw["seed"]  # its type is checked with every other field's
             else:
                 kwargs[f.name] = _build_section(_SECTION_TYPES[f.name], f.name, raw[f.name] or {})
         return cls(**kwargs)
@@ -391,15 +420,16 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-def _build_section(section_type: type, prefix: str, raw: dict[str, Any]) -> Any:
+def _build_section(section_type: type, prefix: str, raw: Any) -> Any:
+    _require(isinstance(raw, Mapping), prefix, f"expected a group of settings, got {raw!r}")
     names = {f.name for f in dataclasses.fields(section_type)}
     unknown = sorted(set(raw) - names)
     if unknown:
         known = ", ".join(sorted(names))
         raise ConfigError(f"{prefix}: unknown key(s) {', '.join(unknown)}; known keys: {known}")
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
-    if section_type is PrivacyConfig and values.get("client_caps"):
-        values["client_caps"] = tuple(_build_section(ClientCap, f"{prefix}.client_caps", dict(cap))
+    if section_type is PrivacyConfig and isinstance(values.get("client_caps"), tuple):
+        values["client_caps"] = tuple(_build_section(ClientCap, f"{prefix}.client_caps", cap)
                                       for cap in values["client_caps"])
     try:
         return section_type(**values)
@@ -417,13 +447,75 @@ def from_hydra(cfg: Any) -> ExperimentConfig:
         ConfigError: a key is unknown or a value is invalid.
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     try:
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as exc:
         key = exc.full_key or "a value"
         raise ConfigError(f"{key}: required but not set; pass it as an override, e.g. {key}=...") from exc
+    except OmegaConfBaseException as exc:  # e.g. an interpolation that does not resolve
+        raise hydra_error(exc) from exc
     assert isinstance(raw, dict)
     raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug", "gpu", "resume")}
     return ExperimentConfig.from_dict(raw)
+
+
+# Hydra's own messages span several lines (a hint, the full key, the search path); what we
+# keep of them, joined into one line.
+_HYDRA_NOISE = ("full_key:", "object_type", "reference_type", "config search path", "provider=", "see https://",
+                "set the environment variable hydra_full_error")
+
+
+def hydra_error(exc: BaseException) -> ConfigError:
+    """A Hydra or OmegaConf composition error as a one-line :class:`ConfigError`.
+
+    ``fedllm simulate`` lets ``@hydra.main`` print these; entry points that compose the config
+    themselves (``fedllm plan``) raise this instead of a traceback.
+
+    Args:
+        exc: what ``compose`` or ``OmegaConf`` raised.
+
+    Returns:
+        The error to raise, its message on one line.
+    """
+    unknown = _unknown_key(exc)
+    if unknown:
+        return unknown
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept: list[str] = []
+    for line in lines:
+        if not line or line.lower().startswith(_HYDRA_NOISE):
+            if line.lower().startswith("config search path"):
+                break  # the rest is the search path, one provider per line
+            continue
+        kept.append(line)
+    message = " ".join(kept) or type(exc).__name__
+    full_key = getattr(exc, "full_key", None)  # OmegaConf's errors name the key on a line of their own
+    if full_key and not message.startswith(str(full_key)):
+        message = f"{full_key}: {message}"
+    override = getattr(exc, "override", None)  # Hydra's parse errors keep the override apart
+    if override:
+        return ConfigError(f"cannot parse override {override!r}: {message}")
+    if not _from_hydra_or_omegaconf(exc):  # Hydra lets some override errors out as a bare ValueError
+        return ConfigError(f"cannot apply the overrides ({type(exc).__name__}: {message}); check their keys")
+    return ConfigError(message)
+
+
+def _from_hydra_or_omegaconf(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
+
+
+def _unknown_key(exc: BaseException) -> ConfigError | None:
+    """An override of a key the config does not have, said as :meth:`ExperimentConfig.from_dict`
+    says it (Hydra suggests `+key=...`, which would only fail later)."""
+    cause = exc.__cause__
+    full_key = getattr(cause, "full_key", None)
+    if not full_key or "not in struct" not in str(cause):
+        return None
+    section, _, _ = str(full_key).partition(".")
+    if section in _SECTION_TYPES and "." in str(full_key):
+        known = ", ".join(sorted(f.name for f in dataclasses.fields(_SECTION_TYPES[section])))
+        return ConfigError(f"{full_key}: unknown key; known keys of {section}: {known}")
+    known = ", ".join(sorted([*_SECTION_TYPES, "seed", "resume", "debug", "gpu"]))
+    return ConfigError(f"{full_key}: unknown key; known top-level keys and groups: {known}")

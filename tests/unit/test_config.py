@@ -104,3 +104,132 @@ def test_config_sections_are_frozen():
 def test_required_values_left_unset_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: required"):
         _compose(overrides)
+
+
+# Issue 13, problem 9: every numeric setting finite and of its declared type, booleans strict,
+# and `fedllm plan` errors as cleanly as `fedllm simulate`.
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("privacy.max_grad_norm=inf", "privacy.max_grad_norm"),
+    ("train.lr=inf", "train.lr"),
+    ("train.local_steps=1.5", "train.local_steps"),
+    ("train.batch_size=2.5", "train.batch_size"),
+    ("privacy.target_epsilon=inf", "privacy.target_epsilon"),
+    ("privacy.delta=nan", "privacy.delta"),
+    ("seed=abc", "seed"),
+    ("seed=1.0", "seed"),
+    ("storage.encrypt=no", "storage.encrypt"),
+    ("tracking.progress=1", "tracking.progress"),
+    ("train.local_steps=true", "train.local_steps"),
+    ("data.choices=[1,2]", "data.choices"),
+    ("model.name_or_path=2024", "model.name_or_path"),
+    ("privacy.client_caps=[{client: 1, max_epsilon: inf}]", "privacy.client_caps.max_epsilon"),
+    ("privacy.client_caps=[{client: 1.5}]", "privacy.client_caps.client"),
+])
+def test_overrides_of_the_wrong_type_or_not_finite_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}(\[\d+\])?: "):
+        _compose([override])
+
+
+def _sections():
+    from fedllm import config as module
+
+    return [(prefix, cls) for prefix, cls in module._SECTION_TYPES.items()] + [
+        ("privacy.client_caps", module.ClientCap), ("", ExperimentConfig)]
+
+
+def _fields_of(kind: type) -> list[tuple[str, type, str]]:
+    import typing
+
+    out = []
+    for prefix, cls in _sections():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            options = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+            if kind in options:
+                out.append((prefix, cls, f.name))
+    return out
+
+
+def _minimal(cls: type, **values):
+    """A valid instance of ``cls`` with ``values`` set (ClientCap needs its client)."""
+    from fedllm.config import ClientCap
+
+    base = {"client": 0} if cls is ClientCap else {}
+    return cls(**{**base, **values})
+
+
+@pytest.mark.parametrize(("prefix", "cls", "name"), _fields_of(float))
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), "1.0", True])
+def test_every_float_setting_must_be_a_finite_number(prefix, cls, name, bad):
+    key = f"{prefix}.{name}" if prefix else name
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: "):
+        _minimal(cls, **{name: bad})
+
+
+@pytest.mark.parametrize(("prefix", "cls", "name"), _fields_of(int))
+@pytest.mark.parametrize("bad", [1.5, 2.0, "3", False, float("inf")])
+def test_every_integer_setting_must_be_an_integer(prefix, cls, name, bad):
+    key = f"{prefix}.{name}" if prefix else name
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: expected an integer"):
+        _minimal(cls, **{name: bad})
+
+
+@pytest.mark.parametrize(("prefix", "cls", "name"), _fields_of(bool))
+@pytest.mark.parametrize("bad", ["no", "false", 0, 1, None])
+def test_every_boolean_setting_is_strict(prefix, cls, name, bad):
+    key = f"{prefix}.{name}" if prefix else name
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: expected true or false"):
+        _minimal(cls, **{name: bad})
+
+
+def test_the_type_checks_cover_every_kind_of_numeric_and_boolean_setting():
+    # the generic check must see the fields the issue names, not just some
+    floats = {f"{p}.{n}" for p, _, n in _fields_of(float)}
+    ints = {f"{p}.{n}" if p else n for p, _, n in _fields_of(int)}
+    assert {"privacy.max_grad_norm", "train.lr", "privacy.target_epsilon", "federation.round_timeout",
+            "federation.max_update_norm", "privacy.noise_multiplier"} <= floats
+    assert {"train.local_steps", "train.batch_size", "seed", "data.max_records"} <= ints
+    assert {"storage.encrypt", "tracking.wandb"} <= {f"{p}.{n}" for p, _, n in _fields_of(bool)}
+
+
+def test_an_integer_where_a_number_belongs_becomes_a_float():
+    cfg = _compose(["privacy.target_epsilon=3", "train.lr=1", "federation.client_cpus=2"])
+    assert type(cfg.privacy.target_epsilon) is float and cfg.privacy.target_epsilon == 3.0
+    assert type(cfg.train.lr) is float and type(cfg.federation.client_cpus) is float
+    assert type(cfg.train.local_steps) is int and type(cfg.seed) is int
+    assert ExperimentConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_a_boolean_setting_accepts_true_and_false():
+    assert _compose(["storage.encrypt=true", "storage.key_env=K"]).storage.encrypt is True
+    assert _compose(["tracking.progress=false"]).tracking.progress is False
+
+
+def test_from_json_rejects_a_float_seed_and_a_string_flag():
+    raw = ExperimentConfig(data=DataConfig(choices=("a", "b"))).to_dict()
+    with pytest.raises(ConfigError, match="^seed: expected an integer"):
+        ExperimentConfig.from_dict({**raw, "seed": 1.5})
+    with pytest.raises(ConfigError, match="^storage.encrypt: expected true or false"):
+        ExperimentConfig.from_dict({**raw, "storage": {**raw["storage"], "encrypt": "no"}})
+    with pytest.raises(ConfigError, match="^privacy.client_caps: "):
+        ExperimentConfig.from_dict({**raw, "privacy": {**raw["privacy"], "client_caps": [3]}})
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("privacy.epsilon=3", "privacy.epsilon: unknown key; known keys of privacy: accountant,"),
+    ("nogroup=x", "nogroup: unknown key"),
+    ("privacy.client_caps.x=1", "cannot apply the overrides"),
+    ("privacy=nonexistent", "privacy/nonexistent"),
+    ("train.lr=[1", "train.lr=[1"),
+    ("seed=abc", "seed: expected an integer"),
+    ("train.lr=inf", "train.lr: must be a finite number"),
+    ("seed=${oops}", "oops"),
+])
+def test_plan_reports_config_errors_in_one_line_and_fails(override, expected, capsys):
+    from fedllm.cli.plan import plan_cli
+
+    assert plan_cli([override]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("fedllm plan: ") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -12,7 +12,7 @@ from fedllm.data.partition import split_records
 from fedllm.data.sources import Record, load_records, load_rotten_tomatoes
 from fedllm.errors import ConfigError, DataError
 from fedllm.model.base import load_tokenizer
-from fedllm.config import ModelConfig
+from fedllm.config import DataConfig, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +174,145 @@ def test_an_unknown_answer_names_the_line_but_never_quotes_the_record(tmp_path, 
     with pytest.raises(DataError, match="bad.jsonl:1: the answer is not one of") as error:
         tokenize_records(load_records(path, "auto", "prompt", "response"), tokenizer, fmt)
     assert "SECRET" not in str(error.value)
+
+
+# Issue 13, problem 10: bounded records, duplicates, BOM, directories, ragged CSV rows.
+
+def _load(path, **limits):
+    return load_records(path, "auto", "prompt", "response", **limits)
+
+
+def _line(prompt, response="positive"):
+    return json.dumps({"prompt": prompt, "response": response}) + "\n"
+
+
+@pytest.mark.parametrize("name", ["big.jsonl", "big.csv"])
+def test_an_oversized_record_is_refused_naming_file_and_line_without_quoting_it(tmp_path, name):
+    secret = "SECRET" * 400
+    if name.endswith(".jsonl"):
+        text = _line("fine") + _line(secret) + _line("also fine")
+    else:
+        text = f"prompt,response\nfine,positive\n{secret},positive\n"
+    path = _write(tmp_path, name, text)
+    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}:{2 if 'jsonl' in name else 3}: .*"
+                                        r"longer than 1000 characters.*data\.max_record_chars") as error:
+        _load(path, max_record_chars=1000)
+    assert "SECRET" not in str(error.value)
+    assert len(_load(path, max_record_chars=10_000)) == 2 + ("jsonl" in name)
+
+
+def test_a_multiline_csv_record_counts_all_its_lines(tmp_path):
+    path = _write(tmp_path, "multi.csv", 'prompt,response\n"' + "a\n" * 40 + '",positive\nok,negative\n')
+    with pytest.raises(DataError, match=r"multi\.csv:2: .*longer than 50 characters"):
+        _load(path, max_record_chars=50)
+    assert [r.origin.rsplit(":", 1)[1] for r in _load(path)] == ["2", "43"]
+
+
+def test_a_huge_line_is_refused_before_it_is_read_whole(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "huge.jsonl"
+    path.write_text(_line("x" * 30_000_000), encoding="utf-8")  # a 30 MB record
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"huge\.jsonl:1: "):
+            _load(path)  # the default limit
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000  # at most about one limit's worth of text, never the 30 MB line
+
+
+def test_the_default_record_limit_is_generous_and_documented():
+    from fedllm.data.sources import DEFAULT_MAX_RECORD_CHARS
+
+    assert DataConfig().max_record_chars == DEFAULT_MAX_RECORD_CHARS >= 50_000
+    with pytest.raises(ConfigError, match="data.max_record_chars"):
+        DataConfig(max_record_chars=0)
+    with pytest.raises(ConfigError, match="data.duplicates"):
+        DataConfig(duplicates="merge")
+
+
+DUPLICATED = _line("same") + _line("other") + _line("  same ") + _line("same", "negative") + _line("same")
+
+
+def test_duplicates_are_dropped_by_default_and_reported(tmp_path, caplog):
+    path = _write(tmp_path, "dup.jsonl", DUPLICATED)
+    with caplog.at_level("WARNING", logger="fedllm.data.sources"):
+        records = _load(path)
+    assert [(r.prompt, r.response) for r in records] == [("same", "positive"), ("other", "positive"),
+                                                         ("same", "negative")]
+    assert [r.origin for r in records] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+    message = caplog.text
+    assert "2 duplicate records" in message and "lines 3, 5" in message and "dropped" in message
+    assert "same" not in message.replace("same prompt", "")  # counts and lines only, never the text
+
+
+def test_duplicates_can_be_kept_with_a_warning(tmp_path, caplog):
+    path = _write(tmp_path, "dup.jsonl", DUPLICATED)
+    with caplog.at_level("WARNING", logger="fedllm.data.sources"):
+        assert len(_load(path, duplicates="keep")) == 5
+    assert "2 duplicate records" in caplog.text and "kept" in caplog.text
+
+
+def test_duplicates_can_be_refused_naming_both_lines(tmp_path):
+    path = _write(tmp_path, "dup.csv", "prompt,response\nSECRET,a\nother,b\nSECRET,a\n")
+    with pytest.raises(DataError, match=r"dup\.csv:4: .*dup\.csv:2.*data\.duplicates") as error:
+        _load(path, duplicates="refuse")
+    assert "SECRET" not in str(error.value)
+
+
+def test_an_unknown_duplicates_policy_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="duplicates"):
+        _load(_write(tmp_path, "d.jsonl", _line("a")), duplicates="merge")
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("bom.jsonl", "\ufeff" + _line("hi")),
+    ("bom.csv", "\ufeffprompt,response\nhi,positive\n"),
+])
+def test_a_utf8_byte_order_mark_is_ignored(tmp_path, name, text):
+    assert _load(_write(tmp_path, name, text)) == [Record("hi", "positive")]
+
+
+def test_a_directory_is_reported_as_a_directory(tmp_path):
+    with pytest.raises(DataError, match=r"is a directory.*data file itself"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "line", "found"), [
+    ("prompt,response\na,b\nSECRET,b,extra\n", 3, 3),
+    ("prompt,response\na,b\n\nSECRET\n", 4, 1),
+    ('prompt,response\n"multi\nline",b\nSECRET,b,c,d\n', 4, 4),
+])
+def test_a_ragged_csv_row_is_an_error_naming_file_and_line(tmp_path, text, line, found):
+    path = _write(tmp_path, "ragged.csv", text)
+    with pytest.raises(DataError, match=rf"ragged\.csv:{line}: {found} values?, but the header .* 2 columns") as error:
+        _load(path)
+    assert "SECRET" not in str(error.value)
+
+
+def test_a_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    with pytest.raises(DataError, match=r"twice.csv:1: column 'prompt' appears twice"):
+        _load(_write(tmp_path, "twice.csv", "prompt,prompt,response\na,b,c\n"))
+
+
+def test_deeply_nested_json_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"deep\.jsonl:1: "):
+        _load(_write(tmp_path, "deep.jsonl", "[" * 50_000 + "]" * 50_000 + "\n"))
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("last.jsonl", _line("a") + _line("b").rstrip("\n")),
+    ("last.csv", "prompt,response\r\na,positive\r\nb,positive"),
+])
+def test_the_last_record_needs_no_line_break(tmp_path, name, text):
+    assert [r.prompt for r in _load(_write(tmp_path, name, text), max_record_chars=40)] == ["a", "b"]
+
+
+def test_a_record_exactly_at_the_limit_is_accepted(tmp_path):
+    line = _line("x" * 100)
+    path = _write(tmp_path, "exact.jsonl", line + _line("z" * 100) + _line("y"))
+    assert len(_load(path, max_record_chars=len(line) - 1)) == 3
+    with pytest.raises(DataError, match=r"exact\.jsonl:1: "):
+        _load(path, max_record_chars=len(line) - 2)
