@@ -75,11 +75,25 @@ def data_split(data_cfg: DataConfig, num_clients: int, min_shard: int, seed: int
     )
 
 
-def prompt_format(data_cfg: DataConfig) -> PromptFormat:
-    """The prompt/answer layout of ``data_cfg``."""
+def prompt_format(data_cfg: DataConfig, nonconforming: str = "error") -> PromptFormat:
+    """The prompt/answer layout of ``data_cfg``; a node's training data uses
+    ``nonconforming="mask"`` (records the server's format cannot train on get no target
+    instead of failing the round: a refusal would tell the server they exist)."""
     return PromptFormat(prompt_template=data_cfg.prompt_template,
                         response_template=data_cfg.response_template,
-                        max_length=data_cfg.max_length, choices=data_cfg.choices, overlong=data_cfg.overlong)
+                        max_length=data_cfg.max_length, choices=data_cfg.choices, overlong=data_cfg.overlong,
+                        nonconforming=nonconforming)
+
+
+def _log_shard(name: str, shard: TokenizedDataset, max_length: int) -> None:
+    """The node's own log: records truncated or kept without a target (never sent anywhere)."""
+    if shard.truncated:
+        log.warning("%s: %d of %d records are longer than data.max_length=%d; their prompts were left-truncated "
+                    "(overlong=refuse in the node config stops instead)", name, shard.truncated, len(shard), max_length)
+    if shard.masked:
+        log.warning("%s: %d of %d records do not fit the run's task format (answer not among the choices, or "
+                    "longer than data.max_length): they are kept with no training target", name, shard.masked,
+                    len(shard))
 
 
 def split_for(cfg: ExperimentConfig) -> Split:
@@ -91,11 +105,9 @@ def split_for(cfg: ExperimentConfig) -> Split:
 def tokenized_shard(cfg: ExperimentConfig, partition_id: int) -> TokenizedDataset:
     """Client ``partition_id``'s tokenized training shard."""
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
-    shard = tokenize_records(split_for(cfg).shards[partition_id], bundle.tokenizer, prompt_format(cfg.data))
-    if shard.truncated:
-        log.warning("client %d: %d of %d records are longer than data.max_length=%d; their prompts were "
-                    "left-truncated (data.overlong=refuse stops instead)", partition_id, shard.truncated,
-                    len(shard), cfg.data.max_length)
+    shard = tokenize_records(split_for(cfg).shards[partition_id], bundle.tokenizer,
+                             prompt_format(cfg.data, nonconforming="mask"))
+    _log_shard(f"client {partition_id}", shard, cfg.data.max_length)
     return shard
 
 
@@ -143,5 +155,6 @@ def _local_shard(cfg: ExperimentConfig, data_path: str, data_format: str, versio
     records = load_records(data_path, data_format, cfg.data.prompt_field, cfg.data.response_field,
                            max_record_chars=cfg.data.max_record_chars, duplicates=cfg.data.duplicates)
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
-    return (tokenize_records(records, bundle.tokenizer, prompt_format(cfg.data)),
-            fingerprint((r.prompt, r.response) for r in records))
+    shard = tokenize_records(records, bundle.tokenizer, prompt_format(cfg.data, nonconforming="mask"))
+    _log_shard(data_path, shard, cfg.data.max_length)
+    return shard, fingerprint((r.prompt, r.response) for r in records)

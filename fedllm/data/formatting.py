@@ -22,6 +22,11 @@ class PromptFormat:
     max_length: int
     choices: tuple[str, ...] = ()
     overlong: str = "truncate"  # or "refuse"
+    # "error": a record the format cannot train on (answer not among the choices, answer alone
+    # longer than max_length) is an error; "mask": it stays in the data with no training
+    # target (zero loss, zero gradient), so whether such a record exists never changes what a
+    # node does or says: the server chooses the format, and must not probe records with it
+    nonconforming: str = "error"
 
 
 class TokenizedDataset(Dataset):
@@ -32,9 +37,11 @@ class TokenizedDataset(Dataset):
     plain tensor tuples because Opacus's DP data loader inspects ``dataset[0]``.
     """
 
-    def __init__(self, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], truncated: int):
+    def __init__(self, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], truncated: int,
+                 masked: int = 0):
         self.items = items
         self.truncated = truncated
+        self.masked = masked  # records kept without a training target (see PromptFormat.nonconforming)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -62,22 +69,29 @@ def choice_token_ids(tokenizer, fmt: PromptFormat) -> list[int]:
 
 
 def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> TokenizedDataset:
-    """Tokenize records: prompt tokens (left-truncated to fit) followed by answer tokens and EOS."""
+    """Tokenize records: prompt tokens (left-truncated to fit) followed by answer tokens and EOS.
+
+    Raises:
+        DataError: a record does not fit the format and ``fmt.nonconforming`` is ``error``, or
+            ``fmt.overlong`` is ``refuse`` and a record is too long (never quoting the record).
+    """
     choice_index = {c: i for i, c in enumerate(fmt.choices)}
-    items, truncated = [], 0
+    items, truncated, masked = [], 0, 0
     for position, record in enumerate(records):
         where = record.origin or f"record {position}"
-        if fmt.choices and record.response not in choice_index:
-            # never echo the record's text: error messages can reach the server's logs
-            raise DataError(f"{where}: the answer is not one of data.choices {list(fmt.choices)}")
         prompt = tokenizer(fmt.prompt_template.format(prompt=record.prompt))["input_ids"]
         answer = tokenizer(fmt.response_template.format(response=record.response),
                            add_special_tokens=False)["input_ids"]
         if not fmt.choices and tokenizer.eos_token_id is not None:
             answer = answer + [tokenizer.eos_token_id]
+        problem = _nonconforming(record, answer, fmt, choice_index)
+        if problem and fmt.nonconforming == "error":
+            raise DataError(f"{where}: {problem}")  # never echo the record's text: errors can reach logs
+        if problem:
+            items.append(_untrained(prompt, fmt.max_length))
+            masked += 1
+            continue
         room = fmt.max_length - len(answer)
-        if room < 1:
-            raise DataError(f"{where}: the answer alone exceeds data.max_length={fmt.max_length}; raise it")
         if len(prompt) > room and fmt.overlong == "refuse":
             raise DataError(f"{where}: {len(prompt) + len(answer)} tokens, longer than data.max_length="
                             f"{fmt.max_length}; raise it, shorten the record, or set data.overlong=truncate")
@@ -88,7 +102,22 @@ def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> Tok
         labels = torch.tensor([IGNORE_INDEX] * len(prompt) + answer, dtype=torch.long)
         choice = torch.tensor(choice_index.get(record.response, -1), dtype=torch.long)
         items.append((ids, labels, choice))
-    return TokenizedDataset(items, truncated)
+    return TokenizedDataset(items, truncated, masked)
+
+
+def _nonconforming(record: Record, answer: list[int], fmt: PromptFormat, choice_index: dict) -> str:
+    """Why the format cannot train on ``record`` (empty when it can)."""
+    if fmt.choices and record.response not in choice_index:
+        return f"the answer is not one of data.choices {list(fmt.choices)}"
+    if fmt.max_length - len(answer) < 1:
+        return f"the answer alone exceeds data.max_length={fmt.max_length}; raise it"
+    return ""
+
+
+def _untrained(prompt: list[int], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An item with no training target: its loss and per-sample gradient are zero."""
+    ids = torch.tensor(prompt[-max_length:] or [0], dtype=torch.long)
+    return ids, torch.full_like(ids, IGNORE_INDEX), torch.tensor(IGNORE_INDEX, dtype=torch.long)
 
 
 def make_collate(pad_id: int, prompt_only: bool):

@@ -280,3 +280,16 @@ def test_renaming_the_data_file_keeps_the_spent_epsilon_of_the_same_records(tmp_
     Path(node["data-path"]).rename(renamed)  # a new path, so a new default dataset-id: the same records
     second = run_round(cfg, "run-b", 1, node_config={**node, "data-path": str(renamed)}).content[keys.METRICS]
     assert second[keys.REFUSED] == 0 and second[keys.EPSILON] > first
+
+
+def test_the_task_format_cannot_probe_whether_a_record_exists(tmp_path):
+    # choices without "negative": a node holding a negative record used to decline ("data"), one
+    # without trained; now both train, the record kept with no target (zero gradient)
+    cfg = tiny_config(data=DataConfig(prompt_template=RT_PROMPT, choices=("positive", "neutral"),
+                                      max_records=600, test_size=100))
+    nodes = [_deployed(tmp_path / "with"), _deployed(tmp_path / "without")]  # each writes a mixed file
+    lines = [json.dumps({"prompt": f"review number {i}", "response": "positive"}) for i in range(120)]
+    Path(nodes[1]["data-path"]).write_text("\n".join(lines) + "\n", encoding="utf-8")  # no negative record
+    replies = [run_round(cfg, "run", 1, node_config=node) for node in nodes]
+    assert [r.content[keys.METRICS][keys.REFUSED] for r in replies] == [0, 0]
+    assert set(replies[0].content[keys.METRICS]) == set(replies[1].content[keys.METRICS])
