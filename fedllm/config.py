@@ -300,6 +300,10 @@ class FederationConfig:
     update_norm_ratio: float = 10.0
     max_update_norm: float | None = None
     client_app: str = "fedllm.federation.client_app:app"
+    # deployment: the node id `flwr supernode register` printed for each partition, in partition
+    # order; a reply's partition must then match its authenticated node id (empty: the first
+    # node to claim a partition keeps it for the run)
+    node_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_types(self, "federation")
@@ -319,6 +323,9 @@ class FederationConfig:
         _require(0 < self.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
         _require(self.client_cpus > 0, "federation.client_cpus", "must be positive")
         _require(self.client_gpus >= 0, "federation.client_gpus", "must be 0 (CPU) or a positive GPU share")
+        _require(not self.node_ids or len(self.node_ids) == self.num_clients, "federation.node_ids",
+                 f"list one registered node id per client ({self.num_clients}), in partition order")
+        _require(len(set(self.node_ids)) == len(self.node_ids), "federation.node_ids", "node ids must be distinct")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ class ReplyPolicy:
     require_accounting: bool = True  # sample-level DP: an update must carry its DP-SGD accounting
     uniform_weights: bool = True  # client-level DP is calibrated for the uniform mean
     mechanism: MechanismCheck | None = None  # sample-level DP: the plan a DP history must match
+    node_ids: tuple[int, ...] = ()  # deployment: partition i belongs to the node registered as node_ids[i]
 
 
 def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: int, sent: ArrayRecord,
@@ -80,8 +81,7 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
             parsed = parse_reply(reply.content, expected, policy.num_clients,
                                  require_accounting=policy.require_accounting)
             client = parsed.partition_id
-            if node_partitions.setdefault(node, client) != client or client in seen:
-                raise UpdateRejected(f"claims to be client {client}, which another reply or node already is")
+            _check_identity(node, client, policy.node_ids, node_partitions, seen)
             if isinstance(parsed, TrainReport):
                 _check_mechanism(parsed, policy.mechanism, ledger)
         except UpdateRejected as exc:
@@ -106,6 +106,21 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
     for failure in result.failures:
         log.error("round %d: %s", server_round, failure)
     return result
+
+
+def _check_identity(node: int, client: int, node_ids: tuple[int, ...], node_partitions: dict[int, int],
+                    seen: set[int]) -> None:
+    """A node speaks only for its own partition: the registered one when ``node_ids`` lists the
+    federation's authenticated node ids, else the first it claimed in this run.
+
+    Raises:
+        UpdateRejected: the claim is not this node's.
+    """
+    if node_ids and (node not in node_ids or node_ids.index(node) != client):
+        raise UpdateRejected(f"claims to be client {client}, but federation.node_ids registers "
+                             + (f"client {node_ids.index(node)} for it" if node in node_ids else "no client for it"))
+    if node_partitions.setdefault(node, client) != client or client in seen:
+        raise UpdateRejected(f"claims to be client {client}, which another reply or node already is")
 
 
 def _check_mechanism(report: TrainReport, mechanism: MechanismCheck | None, ledger: PrivacyLedger) -> None:

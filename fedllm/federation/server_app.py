@@ -22,10 +22,11 @@ from fedllm.federation.rounds import LoopSettings, ReplyPolicy, RoundReplies, ru
 from fedllm.federation.protocol import TrainReport
 from fedllm.federation.strategy import build_strategy
 from fedllm.federation.validation import MechanismCheck
+from fedllm.model.adapter_files import save_adapter
 from fedllm.model.adapters import load_adapter_state
 from fedllm.privacy.client_level import ClientLevelAccountant
 from fedllm.privacy.ledger import PrivacyLedger
-from fedllm.storage import load_key, protect_adapter, write_json
+from fedllm.storage import load_key, write_json
 from fedllm.tracking.plots import plot_run
 from fedllm.tracking.run_log import RunLog
 from fedllm.tracking.wandb_sink import WandbSink
@@ -154,7 +155,8 @@ def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
         train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id}),
         policy=ReplyPolicy(num_clients=fed.num_clients, update_norm_ratio=fed.update_norm_ratio,
                            max_update_norm=fed.max_update_norm, require_accounting=cfg.privacy.sample_level,
-                           uniform_weights=cfg.privacy.client_level, mechanism=mechanism_check(cfg)))
+                           uniform_weights=cfg.privacy.client_level, mechanism=mechanism_check(cfg),
+                           node_ids=fed.node_ids))
 
 
 def mechanism_check(cfg: ExperimentConfig) -> MechanismCheck | None:
@@ -212,8 +214,7 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, state: ServerStat
                   ledger: PrivacyLedger, run_log: RunLog, key: bytes | None = None) -> dict:
     """Save the final adapter (PEFT format; sealed when encrypting), the privacy ledger and the summary."""
     load_adapter_state(model, state.arrays)
-    model.save_pretrained(str(run_dir / "adapter"))
-    protect_adapter(run_dir / "adapter", key)
+    save_adapter(model, run_dir / "adapter", key)  # with a key, the weights are only ever written sealed
     write_json(run_dir / "privacy_ledger.json", ledger.to_report())
     rounds = run_log.rounds
     summary = {

@@ -145,6 +145,8 @@ def _fields_of(kind: type) -> list[tuple[str, type, str]]:
     for prefix, cls in _sections():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if typing.get_origin(hints[f.name]) is tuple:
+                continue  # a list of values, not a scalar field
             options = set(typing.get_args(hints[f.name])) or {hints[f.name]}
             if kind in options:
                 out.append((prefix, cls, f.name))

@@ -173,3 +173,15 @@ def test_a_nodes_error_text_cannot_forge_log_lines(monkeypatch):
     result = _sort([forged, _update(1)])
     assert len(result.failures) == 1 and "\n" not in result.failures[0] and "\x1b" not in result.failures[0]
     assert "\\n" in result.failures[0]
+
+
+def test_with_registered_node_ids_a_node_cannot_speak_for_another_client(monkeypatch):
+    act_as_server_process(monkeypatch)
+    impostor = _update(3)  # node 3 is registered as client 3 ...
+    impostor.content[keys.METRICS][keys.PARTITION_ID] = 1  # ... and claims client 1 first
+    result = _sort([impostor, _update(1), _update(2)], node_ids=tuple(range(10)))
+    assert [r.split(":")[0] for r in result.rejected] == ["node 3"]
+    assert sorted(r.partition_id for r in result.reports) == [1, 2]  # the real client 1 is heard
+    unknown = _update(42)
+    unknown.content[keys.METRICS][keys.PARTITION_ID] = 4
+    assert "no client" in _sort([unknown], node_ids=tuple(range(10))).rejected[0]
