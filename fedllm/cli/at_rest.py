@@ -1,8 +1,11 @@
 """``fedllm verify RUN_DIR`` and ``fedllm decrypt FILE [OUT]``: check and open saved run state.
 
-``verify`` checks every checksum of a run directory (final adapter, checkpoint, each node's
-ledger) and says which file fails. ``decrypt`` turns a sealed file (an encrypted adapter)
-back into the plain file, with the key from ``$FEDLLM_ENCRYPTION_KEY`` or ``--key-file``.
+``verify`` checks every protected file of a run directory (final adapter, checkpoint, each
+simulated node's ledger and reply cache) and says which file fails; with the key it checks
+their MACs and encryption, without one only their checksums (corruption, not tampering).
+``decrypt`` turns a sealed file (an encrypted adapter) back into the plain file, with the key
+from ``$FEDLLM_ENCRYPTION_KEY`` or ``--key-file``; the content is authenticated by the key
+before anything is written.
 """
 
 from __future__ import annotations
@@ -16,32 +19,53 @@ from fedllm.errors import FedLLMError
 
 
 def verify_run(run_dir: Path, key: bytes | None) -> list[str]:
-    """Check everything in ``run_dir`` that carries a checksum; returns what was checked.
+    """Check everything in ``run_dir`` that carries a checksum or MAC; returns what was checked.
 
     Raises:
-        FedLLMError: a file is missing, corrupted, or cannot be decrypted.
+        FedLLMError: a file is missing, corrupted, altered, or cannot be decrypted.
+        OSError: a file cannot be read.
     """
-    import json
-
     from fedllm.federation.checkpoint import Checkpointer
-    from fedllm.storage import verify_adapter, verify_checksum
+    from fedllm.model.adapter_files import verify_adapter
 
     checked = []
     if (run_dir / "adapter").is_dir():
-        verify_adapter(run_dir / "adapter")
+        verify_adapter(run_dir / "adapter", key)
         checked.append("adapter")
     if (run_dir / "checkpoint").is_dir():
         Checkpointer(run_dir / "checkpoint", key).load()
         checked.append("checkpoint")
-    for ledger in sorted(run_dir.glob("nodes/*/privacy_ledger.json")):
-        verify_checksum(json.loads(ledger.read_text(encoding="utf-8")), str(ledger))
-        checked.append(str(ledger.relative_to(run_dir)))
+    checked += _verify_nodes(run_dir, key)
     if not checked:
         raise FedLLMError(f"{run_dir}: nothing to verify (not a run directory?)")
     return checked
 
 
-def _key(key_file: str | None, need: bool) -> bytes | None:
+def _verify_nodes(run_dir: Path, key: bytes | None) -> list[str]:
+    """The ledgers and reply caches of the run's simulated nodes (``nodes/*``).
+
+    Each node decides whether its state is encrypted: an encrypted file is checked with the
+    key, a plain one by its checksum only, and the list says so.
+    """
+    from fedllm.node.reply_cache import REPLY_FILE
+    from fedllm.privacy.node_ledger import LEDGER_FILE
+    from fedllm.storage import ROLE_NODE_LEDGER, ROLE_NODE_REPLY, is_sealed, load_json_file, read_header, unseal
+
+    checked = []
+    for path in sorted([*run_dir.glob(f"nodes/*/{LEDGER_FILE}"), *run_dir.glob(f"nodes/*/{REPLY_FILE}")]):
+        raw = path.read_bytes()
+        if path.name == LEDGER_FILE:
+            encrypted = is_sealed(raw)
+            load_json_file(raw, key if encrypted else None, role=ROLE_NODE_LEDGER, name=LEDGER_FILE, what=str(path))
+        else:
+            encrypted = read_header(raw, str(path))[0].encrypted
+            unseal(raw, key if encrypted else None, role=ROLE_NODE_REPLY, name=REPLY_FILE, what=str(path))
+        label = str(path.relative_to(run_dir))
+        checked.append(label if encrypted else f"{label} (not encrypted: checksum only)")
+    return checked
+
+
+def _key(key_file: str | None, need: bool, command: str) -> bytes | None:
     """The key from ``--key-file`` or the storage config's environment variable; None when
     neither is set and the command can do without one."""
     from fedllm.config import StorageConfig
@@ -50,7 +74,7 @@ def _key(key_file: str | None, need: bool) -> bytes | None:
     key_env = StorageConfig().key_env
     if not (key_file or need or os.environ.get(key_env)):
         return None
-    return load_key(key_file, key_env)
+    return load_key(key_file, key_env, setting=f"fedllm {command}")
 
 
 def verify_cli(argv: list[str]) -> int:
@@ -60,8 +84,8 @@ def verify_cli(argv: list[str]) -> int:
     parser.add_argument("--key-file", default=None)
     args = parser.parse_args(argv)
     try:
-        checked = verify_run(args.run_dir, _key(args.key_file, need=False))
-    except FedLLMError as exc:
+        checked = verify_run(args.run_dir, _key(args.key_file, need=False, command="verify"))
+    except (FedLLMError, OSError) as exc:
         print(f"fedllm verify: {exc}", file=sys.stderr)
         return 1
     print(f"ok: {', '.join(checked)}")
@@ -70,7 +94,7 @@ def verify_cli(argv: list[str]) -> int:
 
 def decrypt_cli(argv: list[str]) -> int:
     """``fedllm decrypt FILE.sealed [OUT] [--key-file F]``."""
-    from fedllm.storage import atomic_write_bytes, unseal
+    from fedllm.storage import atomic_write_bytes, read_header, unseal
 
     parser = argparse.ArgumentParser(prog="fedllm decrypt", description="write the plain file of a sealed one")
     parser.add_argument("sealed", type=Path)
@@ -79,9 +103,15 @@ def decrypt_cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     out = args.out or args.sealed.with_suffix("")
     try:
-        atomic_write_bytes(out, unseal(args.sealed.read_bytes(), _key(args.key_file, need=True), str(args.sealed)))
+        blob = args.sealed.read_bytes()
+        header = read_header(blob, str(args.sealed))[0]  # a malformed file is named before a key is asked for
+        # role and name: whatever the file's authenticated header says; format 1 only here, on request
+        data = unseal(blob, _key(args.key_file, need=True, command="decrypt"), role=None, name=None, what=str(args.sealed),
+                      legacy=True)
+        atomic_write_bytes(out, data)
     except (FedLLMError, OSError) as exc:
         print(f"fedllm decrypt: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {out}")
+    what = f" ({header.role})" if header.role else " (sealed format 1: not bound to a role)"
+    print(f"wrote {out}{what}")
     return 0

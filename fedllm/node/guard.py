@@ -96,11 +96,12 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
     dp = DPSpec(noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
                 accountant=policy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode)
     steps, rate = cfg.train.local_steps, plan.sample_rate
-    cache = ReplyCache(policy.state_dir)
+    key = policy.state_key()  # the node's own storage key (node config encrypt-state), or None
+    cache = ReplyCache(policy.state_dir, key)
     # keyed by dataset too: one state directory may hold several datasets' budgets
     cache_key = (run_id, server_round, f"{policy.dataset_id}|{arrays_digest(request.received)}")
     # the lock covers check, training and record: a second run on this node waits, then sees this release
-    with NodeLedger(policy.state_dir, policy.dataset_id, fingerprint).locked() as ledger:
+    with NodeLedger(policy.state_dir, policy.dataset_id, fingerprint, key=key).locked() as ledger:
         if ledger.find(run_id, server_round) and (cached := cache.find(cache_key)):
             log.info("client %d round %d: resending the update already released (no new privacy cost)",
                      node, server_round)

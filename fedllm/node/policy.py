@@ -29,6 +29,7 @@ from pathlib import Path
 from fedllm.config import ACCOUNTANTS, ExperimentConfig
 from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DUPLICATE_POLICIES
 from fedllm.errors import ConfigError
+from fedllm.storage import load_key
 
 # node_config keys an operator may set (``flower-supernode --node-config``)
 PARTITION_ID = "partition-id"
@@ -51,9 +52,16 @@ PROMPT_FIELD = "prompt-field"
 RESPONSE_FIELD = "response-field"
 SIMULATED = "simulated"
 NOISE = "noise"  # simulated nodes only: "seeded" lets the researcher's run reproduce its noise
+# data at rest: encrypt the ledger and reply cache with a 256-bit key (64 hex characters) read
+# from a file or an environment variable: never from the node config itself (process listings)
+ENCRYPT_STATE = "encrypt-state"
+STATE_KEY_FILE = "state-key-file"
+STATE_KEY_ENV = "state-key-env"
+DEFAULT_STATE_KEY_ENV = "FEDLLM_NODE_KEY"
 KNOWN_KEYS = (PARTITION_ID, "num-partitions", STATE_DIR, DATA_PATH, DATA_FORMAT, DATASET_ID, MAX_EPSILON, DELTA,
               ACCOUNTANT, ALLOW_NONPRIVATE, ALLOWED_MODELS, TRUST_REMOTE_CODE, PUBLIC_SIZE, PUBLIC_METRICS,
-              OVERLONG, MAX_RECORD_CHARS, DUPLICATES, PROMPT_FIELD, RESPONSE_FIELD, SIMULATED, NOISE)
+              OVERLONG, MAX_RECORD_CHARS, DUPLICATES, PROMPT_FIELD, RESPONSE_FIELD, SIMULATED, NOISE,
+              ENCRYPT_STATE, STATE_KEY_FILE, STATE_KEY_ENV)
 DEFAULT_ALLOWED_MODELS = ("embedded", "tiny")  # the packaged SmolLM2 and the random test model
 
 # How the simulation driver hands each virtual node its config: a JSON file named by this
@@ -94,6 +102,9 @@ class NodePolicy:
     response_field: str = "response"
     simulated: bool = False
     seeded_noise: bool = False  # simulation only: the researcher chose reproducible noise
+    encrypt_state: bool = False
+    state_key_file: str | None = None
+    state_key_env: str = DEFAULT_STATE_KEY_ENV
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
@@ -114,6 +125,16 @@ class NodePolicy:
             raise ConfigError(f"node config {DATA_PATH}: required: the node's own training file (JSONL or CSV)")
         if self.seeded_noise and not self.simulated:
             raise ConfigError(f"node config {NOISE}=seeded: a deployed node always draws its noise from OS entropy")
+
+    def state_key(self) -> bytes | None:
+        """The key that encrypts this node's ledger and reply cache (None: not encrypted).
+
+        Raises:
+            ConfigError: encryption is on and the key file or variable holds no 256-bit key.
+        """
+        if not self.encrypt_state:
+            return None
+        return load_key(self.state_key_file, self.state_key_env, setting=f"node config {ENCRYPT_STATE}=true")
 
 
 def _flag(value: object, key: str) -> bool:
@@ -191,6 +212,9 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         response_field=str(node_config.get(RESPONSE_FIELD, "response")),
         simulated=simulated,
         seeded_noise=_noise_is_seeded(node_config.get(NOISE, "secure")),
+        encrypt_state=_flag(node_config.get(ENCRYPT_STATE, False), ENCRYPT_STATE),
+        state_key_file=str(node_config.get(STATE_KEY_FILE) or "") or None,
+        state_key_env=str(node_config.get(STATE_KEY_ENV) or DEFAULT_STATE_KEY_ENV),
     )
 
 
@@ -278,6 +302,11 @@ def simulated_node_config(cfg: ExperimentConfig, partition_id: int) -> dict[str,
         RESPONSE_FIELD: cfg.data.response_field,
         SIMULATED: True,
         NOISE: cfg.privacy.noise,
+        # the researcher's storage key protects the virtual nodes' state too: the config names where
+        # the key is (a file, or a variable Ray's workers inherit from the driver), never the key
+        ENCRYPT_STATE: cfg.storage.encrypt,
+        STATE_KEY_FILE: cfg.storage.key_file or "",
+        STATE_KEY_ENV: cfg.storage.key_env,
     }
     if cap is not None and cap.max_epsilon is not None and not cfg.privacy.sample_level:
         config[ALLOW_NONPRIVATE] = False  # a node with its own cap never trains without DP-SGD

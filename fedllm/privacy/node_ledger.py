@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,7 +34,7 @@ from typing import Any
 
 from fedllm.errors import ConfigError, IntegrityError, LedgerError
 from fedllm.privacy.accounting import History, epsilon, extend_history
-from fedllm.storage import atomic_write_bytes, verify_checksum, with_checksum, write_json
+from fedllm.storage import ROLE_NODE_LEDGER, atomic_write_bytes, dump_json_file, load_json_file
 
 LEDGER_FILE = "privacy_ledger.json"
 LOCK_FILE = f"{LEDGER_FILE}.lock"
@@ -105,7 +104,8 @@ class NodeLedger:
     One object serves one thread.
     """
 
-    def __init__(self, state_dir: Path, dataset_id: str, fingerprint: str | None = None):
+    def __init__(self, state_dir: Path, dataset_id: str, fingerprint: str | None = None, *,
+                 key: bytes | None = None):
         """Read the ledger of ``dataset_id`` in ``state_dir`` (no lock taken).
 
         Args:
@@ -113,6 +113,9 @@ class NodeLedger:
             dataset_id: the name the node keeps this dataset's budget under.
             fingerprint: the records' content fingerprint now; other datasets' releases of the
                 same content (the file renamed or copied under another name) count here too.
+            key: the node's storage key: the ledger is then AES-256-GCM encrypted and bound to
+                its role and name, and a plaintext ledger is refused. Without one it is JSON
+                with a checksum, which detects corruption, not tampering.
 
         Raises:
             ConfigError: ``dataset_id`` is empty.
@@ -124,8 +127,9 @@ class NodeLedger:
         self.path = self.state_dir / LEDGER_FILE
         self.dataset_id = dataset_id
         self.fingerprint = fingerprint
+        self.key = key
         self._lock_fd: int | None = None
-        self._datasets, self._legacy, self._v1_raw = _load(self.path)
+        self._datasets, self._legacy, self._v1_raw = _load(self.path, key)
 
     @property
     def releases(self) -> tuple[Release, ...]:
@@ -157,7 +161,7 @@ class NodeLedger:
         fd = _acquire(self.state_dir / LOCK_FILE, timeout)
         try:
             # another run may have recorded since this view was read: check against the file as it is now
-            self._datasets, self._legacy, self._v1_raw = _load(self.path)
+            self._datasets, self._legacy, self._v1_raw = _load(self.path, self.key)
             self._lock_fd = fd
             yield self
         finally:
@@ -200,8 +204,8 @@ class NodeLedger:
         try:
             if self._v1_raw is not None and not (self.state_dir / V1_BACKUP_FILE).exists():
                 atomic_write_bytes(self.state_dir / V1_BACKUP_FILE, self._v1_raw)
-            write_json(self.path, with_checksum({"format": FORMAT_VERSION, "datasets": _dump(datasets),
-                                                 "legacy": _dump(legacy)}))
+            payload = {"format": FORMAT_VERSION, "datasets": _dump(datasets), "legacy": _dump(legacy)}
+            atomic_write_bytes(self.path, dump_json_file(payload, self.key, role=ROLE_NODE_LEDGER, name=LEDGER_FILE))
         except OSError as exc:
             raise LedgerError(f"{self.path}: cannot write the privacy ledger ({exc}); the release is not "
                               "recorded, so nothing may leave the node") from exc
@@ -252,17 +256,18 @@ def _release(fd: int) -> None:
         os.close(fd)
 
 
-def _load(path: Path) -> tuple[Books, Books, bytes | None]:
+def _load(path: Path, storage_key: bytes | None) -> tuple[Books, Books, bytes | None]:
     """(datasets, legacy, raw bytes of a format-1 file or None) from the ledger at ``path``.
 
     Raises:
-        LedgerError: unreadable, fails its checksum, malformed, or of an unknown format.
+        LedgerError: unreadable, fails its checksum (or, with a key, its decryption), plaintext
+            where a key is configured, malformed, or of an unknown format.
     """
     if not path.exists():
         return {}, {}, None
     try:
         raw = path.read_bytes()
-        payload = verify_checksum(json.loads(raw), str(path))
+        payload = load_json_file(raw, storage_key, role=ROLE_NODE_LEDGER, name=LEDGER_FILE, what=str(path))
         version = payload.get("format")
         if version == 1:
             # format 1 keyed histories by content fingerprint, and its releases had no fingerprint field

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from fedllm.privacy.accounting import epsilon
+from fedllm.privacy.node_ledger import NodeLedger
 from fedllm.processes import tagged_processes
 
 from .conftest import FEDLLM, SESSION_TAG, fedllm, stray_processes
@@ -113,10 +114,12 @@ def test_a_killed_encrypted_server_resumes_and_ends_with_the_uninterrupted_epsil
     summary = _json(run_dir / "summary.json")
     assert summary["rounds_completed"] == 2 and summary["stop_reason"] is None
     for client in range(3):  # every node released each round exactly once
-        node = _json(run_dir / "nodes" / f"client-{client}" / "privacy_ledger.json")
-        releases = next(iter(node["datasets"].values()))["releases"]
-        assert [r["server_round"] for r in releases] == [1, 2]
-        assert {r["run_id"] for r in releases} == {summary["run_id"]}
+        node = run_dir / "nodes" / f"client-{client}"
+        assert (node / "privacy_ledger.json").read_bytes().startswith(b"FEDLLM-SEALED")  # encrypted like the run
+        releases = NodeLedger(node, f"simulated-shard-{client}",
+                              key=bytes.fromhex(KEY["FEDLLM_ENCRYPTION_KEY"])).releases
+        assert [r.server_round for r in releases] == [1, 2]
+        assert {r.run_id for r in releases} == {summary["run_id"]}
     assert not (run_dir / "adapter" / "adapter_model.safetensors").exists()  # only the encrypted form
     assert fedllm(["verify", str(run_dir)], cwd=tmp_path, env=KEY).stdout.startswith("ok: adapter, checkpoint")
 
