@@ -75,7 +75,8 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            result.failures.append(f"node {node}: {escape_remote_text(reply.error.reason)}")
+            # the end of an error's text holds its message (the start, a traceback)
+            result.failures.append(f"node {node}: {escape_remote_text(str(reply.error.reason)[-400:])}")
             continue
         try:
             parsed = parse_reply(reply.content, expected, policy.num_clients,

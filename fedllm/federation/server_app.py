@@ -187,13 +187,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
     evaluator = RoundEvaluator(cfg, ledger, run_log, sink)
 
     def end_round(server_round: int, arrays: ArrayRecord, replies: RoundReplies | None, reason: str | None) -> None:
-        # checkpointed before anything about the round leaves (evaluation, metrics.jsonl, wandb): a
-        # resume never draws fresh client-level noise for an aggregate already released
-        state.server_round, state.arrays, state.stop_reason = server_round, arrays.to_torch_state_dict(), reason
-        state.ledger = ledger.state_dict()
-        checkpoints.save(state)
         evaluator(server_round, arrays, replies)
-        state.rounds = run_log.rounds
+        # a crash between the evaluation above and this save re-runs the round on resume: nodes
+        # replay their updates, but client-level noise is drawn afresh (see docs/threat-model.md)
+        state.server_round, state.arrays, state.stop_reason = server_round, arrays.to_torch_state_dict(), reason
+        state.ledger, state.rounds = ledger.state_dict(), run_log.rounds
         checkpoints.save(state)
 
     try:
