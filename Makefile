@@ -1,13 +1,14 @@
 # Two commands do everything on a fresh machine:
 #   make run   [ARGS='hydra overrides']   set up .venv (first time only) and run the default job
 #   make test  [PYTEST_ARGS='...']        set up .venv (first time only) and run the test suite
+#   make test-fast                        the fast tier: no engines, subprocess CLIs, notebooks or benchmarks
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedllm-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test clean
+.PHONY: install run test test-fast clean
 
 install: $(STAMP)
 
@@ -26,6 +27,9 @@ run: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

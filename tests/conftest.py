@@ -29,10 +29,19 @@ from fedllm.config import (  # noqa: E402
 RT_PROMPT = "Review: {prompt}\nSentiment:"
 
 
+# The slow tier: engines (Ray, the Deployment Engine), subprocess CLIs, notebooks and benchmark
+# scripts. `make test-fast` (pytest -m "not slow") runs everything else in about a minute.
+SLOW_PATHS = ("tests/e2e/", "tests/unit/test_benchmarks.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA: skipped, with the reason, on CPU-only machines (and in CI)."""
+    """Mark the slow tier (:data:`SLOW_PATHS` and tests marked ``slow``); tests marked ``gpu``
+    need CUDA: skipped, with the reason, on CPU-only machines (and in CI)."""
     import torch
 
+    for item in items:
+        if any(part in item.nodeid for part in SLOW_PATHS):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")

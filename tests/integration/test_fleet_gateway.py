@@ -23,6 +23,8 @@ from fedllm.deployment.pki import make_tls
 BIN = Path(sys.executable).parent
 PROTOBUF = {"content-type": "application/protobuf", "accept": "application/protobuf"}
 
+pytestmark = pytest.mark.slow  # a real SuperLink in a subprocess
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -70,6 +70,7 @@ def _node_process(config: Path, run_id: str, rounds: list[int]) -> subprocess.Po
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True)
 
 
+@pytest.mark.slow  # node processes started and killed
 @pytest.mark.timeout(300)
 def test_a_node_killed_mid_run_ends_with_the_epsilon_of_an_uninterrupted_one(tmp_path):
     rounds = [1, 2, 3]
