@@ -1,4 +1,4 @@
-"""The ``fedllm`` command: ``fedllm simulate [hydra overrides]`` (more subcommands to come)."""
+"""The ``fedllm`` command: ``fedllm <subcommand> ...`` (see :data:`USAGE`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ commands:
   report     summarise a run or sweep directory: table (CSV/Markdown), privacy-utility plot
   verify     check the checksums of a run directory (adapter, checkpoint, node ledgers)
   decrypt    write the plain file of an encrypted (sealed) adapter or checkpoint file
+  node-status  a node's spent epsilon, cap and last rounds, from its own --node-config string
 """
 
 
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedllm.cli.report import report_cli
 
         return report_cli(rest)
+    if command == "node-status":
+        from fedllm.cli.node_status import node_status_cli
+
+        return node_status_cli(rest)
     if command in ("verify", "decrypt"):
         from fedllm.cli import at_rest
 

@@ -22,6 +22,7 @@ from fedllm.node.policy import SIMULATED_NODES_ENV, write_simulated_nodes
 from fedllm.privacy.node_ledger import NodeLedger
 from fedllm.training.local import DPSpec
 from tests.conftest import RT_PROMPT, tiny_config
+from fedllm.cli.node_status import node_status_cli
 from fedllm.federation.client_app import train
 from tests.node_driver import node_context, run_round, simulated_node, train_message
 
@@ -293,3 +294,16 @@ def test_the_task_format_cannot_probe_whether_a_record_exists(tmp_path):
     replies = [run_round(cfg, "run", 1, node_config=node) for node in nodes]
     assert [r.content[keys.METRICS][keys.REFUSED] for r in replies] == [0, 0]
     assert set(replies[0].content[keys.METRICS]) == set(replies[1].content[keys.METRICS])
+
+
+def test_the_operator_sees_what_the_node_spent_and_sent(tmp_path, capsys):
+    node = _deployed(tmp_path)
+    run_round(_cfg(tmp_path), "run-a", 1, node_config=node)
+    run_round(_cfg(tmp_path, target_epsilon=50.0), "run-b", 1, node_config=node)  # refused: budget
+    spent = NodeLedger(tmp_path / "node-state", str((tmp_path / "node-data.jsonl").resolve())).epsilon(
+        delta=1e-5, accountant="prv")
+    config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node.items())
+    assert node_status_cli(["--node-config", config]) == 0
+    out = capsys.readouterr().out
+    assert f"{spent:.4f} spent of cap 7 at delta 1e-05 (prv)" in out and "1 DP-SGD rounds in 1 run(s)" in out
+    assert "run run-b round 1: refused (budget)" in out and "run run-a round 1: sent" in out

@@ -1,0 +1,64 @@
+"""``fedllm node-status``: what a node has spent and what it has sent, for its operator.
+
+Takes the same ``--node-config`` string the SuperNode runs with, reads the node's own ledger
+(decrypting it with the node's key when ``encrypt-state`` is on) and its audit log, and prints
+the spent epsilon (by the node's accountant, at its delta), the cap, what remains, and the
+last rounds the node answered. Nothing is sent anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flwr.common.config import parse_config_args
+
+from fedllm.errors import FedLLMError
+from fedllm.federation.audit import AUDIT_FILE
+from fedllm.node.policy import NodePolicy, policy_from_node_config
+from fedllm.privacy.node_ledger import NodeLedger
+
+
+def node_status(policy: NodePolicy, last: int = 5) -> str:
+    """A short report of the node's ledger and its last ``last`` audited rounds."""
+    ledger = NodeLedger(policy.state_dir, policy.dataset_id, key=policy.state_key())
+    spent = ledger.epsilon(delta=policy.delta, accountant=policy.accountant)
+    runs = sorted({r.run_id for r in ledger.releases})
+    lines = [f"state dir   {policy.state_dir}", f"dataset     {policy.dataset_id}",
+             f"releases    {len(ledger.releases)} DP-SGD rounds in {len(runs)} run(s)",
+             f"epsilon     {spent:.4f} spent of cap {policy.max_epsilon:g} at delta {policy.delta:g} "
+             f"({policy.accountant}); {max(policy.max_epsilon - spent, 0.0):.4f} left"]
+    lines += [f"            {line}" for line in _recent_rounds(policy.state_dir / AUDIT_FILE, last)]
+    return "\n".join(lines)
+
+
+def _recent_rounds(audit: Path, last: int) -> list[str]:
+    if not audit.exists():
+        return ["no round answered yet (no audit log)"]
+    entries = [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    for entry in entries[-last:]:
+        received, sent = entry.get("received", {}), entry.get("sent", {})
+        category = sent.get("config", {}).get("status", {}).get("category")
+        what = f"refused ({category})" if category else f"sent {len(sent.get('tensors', []))} tensors, " \
+            f"epsilon {sent.get('metrics', {}).get('epsilon', 'n/a')}"
+        out.append(f"{entry.get('time')} run {received.get('run_id')} round {received.get('round')}: {what}")
+    return out
+
+
+def node_status_cli(argv: list[str]) -> int:
+    """``fedllm node-status --node-config '...' [--last N]``."""
+    parser = argparse.ArgumentParser(prog="fedllm node-status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--node-config", required=True,
+                        help="the node's --node-config string, e.g. 'state-dir=\"/var/lib/fedllm\" ...'")
+    parser.add_argument("--last", type=int, default=5, help="how many audited rounds to show")
+    args = parser.parse_args(argv)
+    try:
+        config = parse_config_args([args.node_config])
+        print(node_status(policy_from_node_config(config), args.last))
+    except (FedLLMError, ValueError, OSError) as exc:
+        print(f"fedllm node-status: {exc}", file=sys.stderr)
+        return 1
+    return 0
