@@ -8,8 +8,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedllm.config import ExperimentConfig
+from fedllm.privacy.planner import DPPlan, plan_client
 
 ACCOUNTANTS = ("rdp", "prv")
+
+
+def plan_for(cfg: ExperimentConfig, shard_size: int, accountant: str | None = None) -> DPPlan:
+    """The DP-SGD plan ``cfg`` gives a node with ``shard_size`` records: noise from the run's
+    schedule and target (or ``privacy.noise_multiplier``), and the sample rate it runs.
+
+    Args:
+        cfg: the experiment.
+        shard_size: the node's training records.
+        accountant: plan under this accountant instead of ``privacy.accountant``.
+
+    Raises:
+        PrivacyPlanError: the target cannot be met for this shard.
+    """
+    return plan_client(
+        shard_size=shard_size, batch_size=cfg.train.batch_size, rounds=cfg.federation.num_rounds,
+        local_steps=cfg.train.local_steps, target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.delta,
+        accountant=accountant or cfg.privacy.accountant, noise_multiplier=cfg.privacy.noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -35,18 +54,13 @@ def build_plan(cfg: ExperimentConfig, accountants: tuple[str, ...] = ACCOUNTANTS
     """
     from fedllm import task
     from fedllm.privacy.budget import effective_budget
-    from fedllm.privacy.planner import epsilon_by_round, plan_client, rounds_within_cap
+    from fedllm.privacy.planner import epsilon_by_round, rounds_within_cap
 
     shards = task.split_for(cfg).shards
     rows = []
     for client, shard in enumerate(shards):
-        plans = {
-            name: plan_client(shard_size=len(shard), batch_size=cfg.train.batch_size,
-                              rounds=cfg.federation.num_rounds, local_steps=cfg.train.local_steps,
-                              target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.delta,
-                              accountant=name, noise_multiplier=cfg.privacy.noise_multiplier)
-            for name in dict.fromkeys((*accountants, cfg.privacy.accountant))
-        }
+        plans = {name: plan_for(cfg, len(shard), name)
+                 for name in dict.fromkeys((*accountants, cfg.privacy.accountant))}
         chosen = plans[cfg.privacy.accountant]
         curve = epsilon_by_round(noise_multiplier=chosen.noise_multiplier, sample_rate=chosen.sample_rate,
                                  local_steps=cfg.train.local_steps, rounds=cfg.federation.num_rounds,

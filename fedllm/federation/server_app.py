@@ -163,10 +163,7 @@ def mechanism_check(cfg: ExperimentConfig) -> MechanismCheck | None:
     """Under sample-level DP, what a node's reported DP history must match (the run's plan)."""
     if not cfg.privacy.sample_level:
         return None
-    return MechanismCheck(batch_size=cfg.train.batch_size, local_steps=cfg.train.local_steps,
-                          rounds=cfg.federation.num_rounds, target_epsilon=cfg.privacy.target_epsilon,
-                          delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-                          noise_multiplier=cfg.privacy.noise_multiplier)
+    return MechanismCheck(cfg)
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict:

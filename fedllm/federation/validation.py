@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
+from fedllm.config import ExperimentConfig
 from fedllm.errors import PrivacyPlanError, UpdateRejected
 from fedllm.federation import records as keys
-from fedllm.privacy.planner import plan_client
+from fedllm.planning import plan_for
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -110,13 +111,7 @@ class MechanismCheck:
     other runs). A public shard size must fit the sample rate: ``(k - 1) * b < n <= k * b``.
     """
 
-    batch_size: int
-    local_steps: int
-    rounds: int
-    target_epsilon: float
-    delta: float
-    accountant: str
-    noise_multiplier: float | None = None
+    cfg: ExperimentConfig  # the run whose plan the nodes follow
 
     def check(self, history: list[tuple[float, float, int]], previous_steps: int | None,
               public_size: int | None) -> None:
@@ -130,21 +125,18 @@ class MechanismCheck:
         if noise != self.planned_noise(batches):
             raise UpdateRejected(f"dp-history: noise multiplier {noise!r} is not this run's plan for sample rate 1/"
                                  f"{batches} ({self.planned_noise(batches)!r})")
-        total = sum(s for _, _, s in history)
-        if steps < self.local_steps or (previous_steps is not None and total < previous_steps + self.local_steps):
+        total, local_steps, batch = sum(s for _, _, s in history), self.cfg.train.local_steps, self.cfg.train.batch_size
+        if steps < local_steps or (previous_steps is not None and total < previous_steps + local_steps):
             raise UpdateRejected(f"dp-history: {total} steps in all, {steps} in the last mechanism: not one more "
-                                 f"round of {self.local_steps} steps")
-        if public_size is not None and not (batches - 1) * self.batch_size < public_size <= batches * self.batch_size:
-            raise UpdateRejected(f"num-examples={public_size} does not fit sample rate 1/{batches} at batch "
-                                 f"{self.batch_size}")
+                                 f"round of {local_steps} steps")
+        if public_size is not None and not (batches - 1) * batch < public_size <= batches * batch:
+            raise UpdateRejected(f"num-examples={public_size} does not fit sample rate 1/{batches} at batch {batch}")
 
     def planned_noise(self, batches: int) -> float:
         """The noise this run's plan gives a node whose shard makes ``batches`` Poisson batches."""
-        if self.noise_multiplier is not None:
-            return float(self.noise_multiplier)
+        if self.cfg.privacy.noise_multiplier is not None:
+            return float(self.cfg.privacy.noise_multiplier)
         try:  # any shard of k * b records has the rate 1/k: the plan depends on nothing else
-            return plan_client(shard_size=batches * self.batch_size, batch_size=self.batch_size, rounds=self.rounds,
-                               local_steps=self.local_steps, target_epsilon=self.target_epsilon, delta=self.delta,
-                               accountant=self.accountant).noise_multiplier
+            return plan_for(self.cfg, batches * self.cfg.train.batch_size).noise_multiplier
         except PrivacyPlanError as exc:
             raise UpdateRejected(f"dp-history: no plan exists for sample rate 1/{batches}") from exc

@@ -33,7 +33,8 @@ from fedllm.node.reply_cache import ReplyCache, arrays_digest
 from fedllm.privacy.accounting import History, extend_history
 from fedllm.privacy.budget import check_round, effective_budget
 from fedllm.privacy.node_ledger import NodeLedger, Release
-from fedllm.privacy.planner import DPPlan, plan_client
+from fedllm.planning import plan_for
+from fedllm.privacy.planner import DPPlan
 from fedllm.training.local import DPSpec, LocalResult, LocalSpec, train_local
 from fedllm.training.precision import use_bf16
 
@@ -129,21 +130,6 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
     log.info("client %d round %d: train loss %.4f (kept on this node), epsilon %.4f of cap %g", node,
              server_round, result.mean_loss, after.spent, budget.max_epsilon)
     return Answer(arrays=arrays, metrics=metrics)
-
-
-def plan_for(cfg: ExperimentConfig, shard_size: int) -> DPPlan:
-    """This node's plan: noise from its own shard size and the run's schedule, and the sample
-    rate its Poisson sampler runs.
-
-    Raises:
-        PrivacyPlanError: the target cannot be met for this shard.
-    """
-    return plan_client(
-        shard_size=shard_size, batch_size=cfg.train.batch_size, rounds=cfg.federation.num_rounds,
-        local_steps=cfg.train.local_steps, target_epsilon=cfg.privacy.target_epsilon,
-        delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-        noise_multiplier=cfg.privacy.noise_multiplier,
-    )
 
 
 def _seed(cfg: ExperimentConfig, policy: NodePolicy, server_round: int) -> int | None:

@@ -10,18 +10,25 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
+from fedllm.config import ExperimentConfig, FederationConfig, PrivacyConfig, TrainConfig
 from fedllm.federation import records as keys
 from fedllm.federation.protocol import Accounting, PublicStats, TrainReport
 from fedllm.federation.rounds import ReplyPolicy, _aggregate, fedavg_weights, sort_replies
 from fedllm.federation.strategy import build_strategy, connected_nodes
 from fedllm.federation.validation import MechanismCheck
 from fedllm.privacy.ledger import PrivacyLedger
+from tests.conftest import tiny_config
 from tests.flower_fakes import FakeGrid, act_as_server_process, arrays_record
 
 SENT = {"a": np.zeros((8, 64), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}
 RATE = 1 / 10  # a shard of 145..160 records at batch 16
-MECHANISM = MechanismCheck(batch_size=16, local_steps=5, rounds=3, target_epsilon=8.0, delta=1e-5,
-                           accountant="rdp", noise_multiplier=1.0)
+def _run(**privacy) -> ExperimentConfig:
+    """Batch 16, 5 local steps, 3 rounds, epsilon 8 at delta 1e-5, RDP."""
+    return tiny_config(train=TrainConfig(batch_size=16, local_steps=5), federation=FederationConfig(num_rounds=3),
+                       privacy=PrivacyConfig(target_epsilon=8.0, delta=1e-5, accountant="rdp", **privacy))
+
+
+MECHANISM = MechanismCheck(_run(noise_multiplier=1.0))
 
 
 def _policy(**overrides) -> ReplyPolicy:
@@ -102,8 +109,7 @@ def test_under_sample_level_dp_an_update_must_account_for_this_runs_mechanism(mo
 
 
 def test_the_planned_noise_is_recomputed_from_the_sample_rate():
-    planned = MechanismCheck(batch_size=16, local_steps=5, rounds=3, target_epsilon=8.0, delta=1e-5,
-                             accountant="rdp")
+    planned = MechanismCheck(_run())
     noise = planned.planned_noise(74)
     planned.check([(noise, 1 / 74, 5)], previous_steps=None, public_size=1180)
     with pytest.raises(Exception, match="not this run's plan"):
