@@ -99,9 +99,8 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
         result.reports.append(report)  # trained means spent, whether or not the update is used
         if index in outliers:
             result.rejected.append(f"client {report.partition_id}: {outliers[index]}")
-        else:
-            result.updates.append(reply)
-    _set_weights(result, policy.uniform_weights, sent)
+    accepted = [pair for index, pair in enumerate(candidates) if index not in outliers]
+    result.updates = _for_aggregation(accepted, policy.uniform_weights, sent)
     for problem in result.rejected:
         log.warning("round %d: rejected %s", server_round, problem)
     for failure in result.failures:
@@ -160,19 +159,15 @@ def fedavg_weights(reports: list[TrainReport], uniform: bool) -> list[float]:
     return [float(min(size, bound)) for size in sizes]
 
 
-def _set_weights(result: RoundReplies, uniform: bool, sent: ArrayRecord) -> None:
-    """Leave each update only its adapter tensors, in the order the server sent them (Flower
-    pairs arrays by position), and the FedAvg weight the server sets."""
-    by_client = {r.partition_id: r for r in result.reports}
-    used = [by_client[_client_of(reply)] for reply in result.updates]
-    for reply, weight in zip(result.updates, fedavg_weights(used, uniform), strict=True):
+def _for_aggregation(accepted: list[tuple[Message, TrainReport]], uniform: bool, sent: ArrayRecord) -> list[Message]:
+    """The accepted updates as Flower aggregates them: only their adapter tensors, in the order
+    the server sent them (Flower pairs arrays by position), and the FedAvg weight the server sets."""
+    weights = fedavg_weights([report for _, report in accepted], uniform)
+    for (reply, _), weight in zip(accepted, weights, strict=True):
         arrays = reply.content[keys.ARRAYS]
         reply.content = RecordDict({keys.ARRAYS: ArrayRecord({name: arrays[name] for name in sent.keys()}),
                                     keys.METRICS: MetricRecord({keys.FEDAVG_WEIGHT: weight})})
-
-
-def _client_of(reply: Message) -> int:
-    return int(reply.content[keys.METRICS][keys.PARTITION_ID])
+    return [reply for reply, _ in accepted]
 
 
 def _record_refusal(refusal: Refusal, ledger: PrivacyLedger, server_round: int, result: RoundReplies) -> None:
