@@ -15,15 +15,21 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from fedllm.errors import FedLLMError
+from fedllm.data.sources import load_records
+from fedllm.errors import DataError, FedLLMError
+from fedllm.federation import records as keys
 from fedllm.federation.audit import AUDIT_FILE
 from fedllm.node.policy import NodePolicy, policy_from_node_config
-from fedllm.privacy.node_ledger import NodeLedger
+from fedllm.privacy.node_ledger import NodeLedger, fingerprint
 
 
 def node_status(policy: NodePolicy, last: int = 5) -> str:
-    """A short report of the node's ledger and its last ``last`` audited rounds."""
-    ledger = NodeLedger(policy.state_dir, policy.dataset_id, key=policy.state_key())
+    """A short report of the node's ledger and its last ``last`` audited rounds.
+
+    The spent epsilon is the one the node's guard checks: its dataset's releases and those of
+    the same records under another name (the current file's fingerprint).
+    """
+    ledger = NodeLedger(policy.state_dir, policy.dataset_id, _fingerprint(policy), key=policy.state_key())
     spent = ledger.epsilon(delta=policy.delta, accountant=policy.accountant)
     runs = sorted({r.run_id for r in ledger.releases})
     lines = [f"state dir   {policy.state_dir}", f"dataset     {policy.dataset_id}",
@@ -34,6 +40,16 @@ def node_status(policy: NodePolicy, last: int = 5) -> str:
     return "\n".join(lines)
 
 
+def _fingerprint(policy: NodePolicy) -> str | None:
+    """The node's records' fingerprint, read as its guard reads them (None when unreadable)."""
+    try:
+        records = load_records(policy.data_path, policy.data_format, policy.prompt_field, policy.response_field,
+                               max_record_chars=policy.max_record_chars, duplicates=policy.duplicates)
+    except DataError:
+        return None
+    return fingerprint((r.prompt, r.response) for r in records)
+
+
 def _recent_rounds(audit: Path, last: int) -> list[str]:
     if not audit.exists():
         return ["no round answered yet (no audit log)"]
@@ -41,9 +57,9 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
     out = []
     for entry in entries[-last:]:
         received, sent = entry.get("received", {}), entry.get("sent", {})
-        category = sent.get("config", {}).get("status", {}).get("category")
+        category = sent.get("config", {}).get(keys.STATUS, {}).get(keys.CATEGORY)
         what = f"refused ({category})" if category else f"sent {len(sent.get('tensors', []))} tensors, " \
-            f"epsilon {sent.get('metrics', {}).get('epsilon', 'n/a')}"
+            f"epsilon {sent.get('metrics', {}).get(keys.EPSILON, 'n/a')}"
         out.append(f"{entry.get('time')} run {received.get('run_id')} round {received.get('round')}: {what}")
     return out
 

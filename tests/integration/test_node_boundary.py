@@ -17,12 +17,13 @@ from fedllm.config import DataConfig, FederationConfig, ModelConfig, PrivacyConf
 from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import AUDIT_FILE
-from fedllm.node.guard import RoundRequest, _train, plan_for
-from fedllm.node.policy import SIMULATED_NODES_ENV, write_simulated_nodes
+from fedllm.node.guard import RoundRequest, _train
+from fedllm.node.policy import SIMULATED_NODES_ENV, policy_from_node_config, write_simulated_nodes
+from fedllm.planning import plan_for
 from fedllm.privacy.node_ledger import NodeLedger
 from fedllm.training.local import DPSpec
 from tests.conftest import RT_PROMPT, tiny_config
-from fedllm.cli.node_status import node_status_cli
+from fedllm.cli.node_status import node_status, node_status_cli
 from fedllm.federation.client_app import train
 from tests.node_driver import node_context, run_round, simulated_node, train_message
 
@@ -281,6 +282,9 @@ def test_renaming_the_data_file_keeps_the_spent_epsilon_of_the_same_records(tmp_
     Path(node["data-path"]).rename(renamed)  # a new path, so a new default dataset-id: the same records
     second = run_round(cfg, "run-b", 1, node_config={**node, "data-path": str(renamed)}).content[keys.METRICS]
     assert second[keys.REFUSED] == 0 and second[keys.EPSILON] > first
+    # the operator's view counts the same releases the guard does
+    shown = node_status(policy_from_node_config({**node, "data-path": str(renamed)}))
+    assert f"{second[keys.EPSILON]:.4f} spent of cap 8" in shown
 
 
 def test_the_task_format_cannot_probe_whether_a_record_exists(tmp_path):
