@@ -311,3 +311,15 @@ def test_the_operator_sees_what_the_node_spent_and_sent(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{spent:.4f} spent of cap 7 at delta 1e-05 (prv)" in out and "1 DP-SGD rounds in 1 run(s)" in out
     assert "run run-b round 1: refused (budget)" in out and "run run-a round 1: sent" in out
+
+
+@pytest.mark.parametrize("server_rule", [dict(duplicates="refuse"), dict(max_record_chars=10)])
+def test_the_nodes_data_rules_are_its_own_not_the_servers(tmp_path, server_rule):
+    # a server asking to refuse duplicates, or records over 10 characters, would learn from the
+    # refusal whether the node holds such a record; the node applies its own rules instead
+    node = _deployed(tmp_path)
+    with open(node["data-path"], "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"prompt": "review number 1 was great", "response": "positive"}) + "\n")
+    cfg = tiny_config(data=DataConfig(prompt_template=RT_PROMPT, choices=("positive", "negative"),
+                                      max_records=600, test_size=100, **server_rule))
+    assert run_round(cfg, "run", 1, node_config=node).content[keys.METRICS][keys.REFUSED] == 0
