@@ -21,6 +21,8 @@ MODEL_SOURCES = ("embedded", "tiny", "pretrained")
 DATASETS = ("rotten_tomatoes", "jsonl")
 PARTITIONERS = ("iid", "dirichlet")
 OBJECTIVES = ("choices", "token")
+OPTIMIZERS = ("adamw", "sgd")
+AUDIT_KINDS = ("gradient", "record")
 PRECISIONS = ("auto", "fp32", "bf16")
 PRIVACY_MODES = ("sample", "client", "both", "none")
 NOISE_SOURCES = ("secure", "seeded")
@@ -178,6 +180,7 @@ class TrainConfig:
     micro_batches: int = 2
     eval_batch_size: int = 32
     threads_per_client: int = 1
+    optimizer: str = "adamw"  # or sgd (no momentum: the round's update is linear in its noisy gradients)
 
     def __post_init__(self) -> None:
         _check_types(self, "train")
@@ -186,6 +189,7 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", "must be positive")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _one_of(self.objective, OBJECTIVES, "train.objective")
+        _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
         _one_of(self.precision, PRECISIONS, "train.precision")
         _require(self.micro_batches > 0, "train.micro_batches", "must be a positive integer")
         _require(self.eval_batch_size > 0, "train.eval_batch_size", "must be a positive integer")
@@ -355,6 +359,33 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """``fedllm audit`` only (never part of the task config a node receives): how many canaries,
+    of which kind, the confidence of the lower bound, and the auditor's seed (None: OS entropy)."""
+
+    canaries: int = 1000
+    kind: str = "gradient"
+    confidence: float = 0.95
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self, "audit")
+        _require(self.canaries >= 2, "audit.canaries", "at least 2 canaries are needed to guess anything")
+        _one_of(self.kind, AUDIT_KINDS, "audit.kind")
+        _require(0.5 < self.confidence < 1, "audit.confidence", "must be in (0.5, 1), e.g. 0.95")
+        _require(self.seed is None or self.seed >= 0, "audit.seed", "must be a non-negative integer or empty")
+
+    @classmethod
+    def from_mapping(cls, raw: Any) -> AuditConfig:
+        """Build and validate from the composed ``audit`` group.
+
+        Raises:
+            ConfigError: an unknown key or an invalid value.
+        """
+        return _build_section(cls, "audit", raw or {})
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The whole resolved experiment."""
 
@@ -464,7 +495,7 @@ def from_hydra(cfg: Any) -> ExperimentConfig:
     except OmegaConfBaseException as exc:  # e.g. an interpolation that does not resolve
         raise hydra_error(exc) from exc
     assert isinstance(raw, dict)
-    raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug", "gpu", "resume")}
+    raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug", "gpu", "resume", "audit")}
     return ExperimentConfig.from_dict(raw)
 
 

@@ -111,6 +111,12 @@ def tokenized_shard(cfg: ExperimentConfig, partition_id: int) -> TokenizedDatase
     return shard
 
 
+def tokenize_for_node(cfg: ExperimentConfig, records: list[Record]) -> TokenizedDataset:
+    """``records`` tokenized as a node's training data is (records the format cannot train on are masked)."""
+    bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
+    return tokenize_records(records, bundle.tokenizer, prompt_format(cfg.data, nonconforming="mask"))
+
+
 @lru_cache(maxsize=1)
 def tokenized_test(cfg: ExperimentConfig) -> TokenizedDataset:
     """The held-out test set, tokenized."""

@@ -11,6 +11,8 @@ commands:
              e.g. `fedllm simulate privacy.target_epsilon=3`, or sweep with `-m`
   plan       print the DP-SGD plan (noise per client under RDP and PRV, epsilon per round)
              for the same overrides, before any training
+  audit      run the experiment with canaries and measure each adversary's epsilon lower bound
+             (one-run audit); e.g. `fedllm audit model=tiny audit.canaries=500`
   report     summarise a run or sweep directory: table (CSV/Markdown), privacy-utility plot
   verify     check the checksums of a run directory (adapter, checkpoint, node ledgers)
   decrypt    write the plain file of an encrypted (sealed) adapter or checkpoint file
@@ -33,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedllm.cli.plan import plan_cli
 
         return plan_cli(rest)
+    if command == "audit":
+        from fedllm.cli.audit import audit_cli
+
+        return audit_cli(rest)
     if command == "report":
         from fedllm.cli.report import report_cli
 

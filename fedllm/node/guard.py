@@ -20,10 +20,19 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import Dataset
 
 from fedllm import task
+from fedllm.audit.injection import (
+    CanaryShard,
+    GradientCanaries,
+    adapter_parameters,
+    canary_items,
+    load_node_canaries,
+    with_canary_column,
+)
 from fedllm.config import ExperimentConfig
-from fedllm.data.formatting import make_collate
+from fedllm.data.formatting import TokenizedDataset, make_collate
 from fedllm.errors import DataError, LedgerError, PrivacyPlanError
 from fedllm.federation.protocol import Accounting, PublicStats, Refusal, TrainReport
 from fedllm.federation.remote_text import escape_remote_text
@@ -71,6 +80,7 @@ def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
     cfg = node_view(request.cfg, policy)
     try:
         shard, fingerprint = task.node_shard(cfg, node, policy.data_path, policy.data_format)
+        shard = with_canaries(cfg, policy, shard)
         plan = plan_for(cfg, len(shard)) if cfg.privacy.sample_level else None
     except (DataError, PrivacyPlanError) as exc:
         log.error("client %d: declining round %d (data): %s", node, server_round, escape_remote_text(exc))
@@ -79,6 +89,16 @@ def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
         result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round))
         return Answer(arrays=arrays, metrics=TrainReport(node, None, _public(policy, shard, result)).to_metrics())
     return _private_round(policy, cfg, request, (shard, fingerprint), plan)
+
+
+def with_canaries(cfg: ExperimentConfig, policy: NodePolicy, shard: TokenizedDataset) -> Dataset:
+    """The shard, plus this simulated node's audit canaries when ``fedllm audit`` placed some here
+    (the key exists only in a simulation driver's node config)."""
+    if not policy.audit_canaries:
+        return shard
+    design = load_node_canaries(policy.audit_canaries)
+    items = canary_items(design, shard, lambda records: task.tokenize_for_node(cfg, records))
+    return CanaryShard(shard, items, design)
 
 
 def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:
@@ -137,8 +157,14 @@ def _seed(cfg: ExperimentConfig, policy: NodePolicy, server_round: int) -> int |
     ``seeded`` research mode of a simulated node: then anyone who knows ``cfg.seed`` can
     reproduce the noise, which the run's summary and console say."""
     if cfg.privacy.noise == "seeded" and policy.seeded_noise:
-        return cfg.seed * 1_000_003 + policy.partition_id * 1_009 + server_round
+        return research_seed(cfg, policy.partition_id, server_round)
     return None
+
+
+def research_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -> int:
+    """The seed of a ``seeded`` node's round: a public function of the run's seed, so anyone who
+    knows ``cfg.seed`` (the coordinator sent it) regenerates the node's noise (``fedllm audit`` does)."""
+    return cfg.seed * 1_000_003 + partition_id * 1_009 + server_round
 
 
 def _train(cfg: ExperimentConfig, shard, request: RoundRequest, dp: DPSpec | None, history: History,
@@ -146,10 +172,16 @@ def _train(cfg: ExperimentConfig, shard, request: RoundRequest, dp: DPSpec | Non
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
     load_adapter_state(bundle.model, request.received)
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
+    override = None
+    if isinstance(shard, CanaryShard):
+        collate = with_canary_column(collate)
+        if shard.design.kind == "gradient":
+            override = GradientCanaries(shard.design, adapter_parameters(bundle.model))
     spec = LocalSpec(steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                      weight_decay=cfg.train.weight_decay, objective=cfg.train.objective,
-                     bf16=use_bf16(cfg.train.precision), micro_batches=cfg.train.micro_batches, seed=seed)
-    result = train_local(bundle.model, shard, collate, spec, task.choice_ids_for(cfg), dp, history)
+                     bf16=use_bf16(cfg.train.precision), micro_batches=cfg.train.micro_batches, seed=seed,
+                     optimizer=cfg.train.optimizer)
+    result = train_local(bundle.model, shard, collate, spec, task.choice_ids_for(cfg), dp, history, override)
     return result, adapter_state(bundle.model)
 
 

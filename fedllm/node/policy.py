@@ -52,6 +52,8 @@ PROMPT_FIELD = "prompt-field"
 RESPONSE_FIELD = "response-field"
 SIMULATED = "simulated"
 NOISE = "noise"  # simulated nodes only: "seeded" lets the researcher's run reproduce its noise
+# simulated nodes only: the file of audit canaries this node trains on besides its shard (`fedllm audit`)
+AUDIT_CANARIES = "audit-canaries"
 # data at rest: encrypt the ledger and reply cache with a 256-bit key (64 hex characters) read
 # from a file or an environment variable: never from the node config itself (process listings)
 ENCRYPT_STATE = "encrypt-state"
@@ -61,7 +63,7 @@ DEFAULT_STATE_KEY_ENV = "FEDLLM_NODE_KEY"
 KNOWN_KEYS = (PARTITION_ID, "num-partitions", STATE_DIR, DATA_PATH, DATA_FORMAT, DATASET_ID, MAX_EPSILON, DELTA,
               ACCOUNTANT, ALLOW_NONPRIVATE, ALLOWED_MODELS, TRUST_REMOTE_CODE, PUBLIC_SIZE, PUBLIC_METRICS,
               OVERLONG, MAX_RECORD_CHARS, DUPLICATES, PROMPT_FIELD, RESPONSE_FIELD, SIMULATED, NOISE,
-              ENCRYPT_STATE, STATE_KEY_FILE, STATE_KEY_ENV)
+              AUDIT_CANARIES, ENCRYPT_STATE, STATE_KEY_FILE, STATE_KEY_ENV)
 DEFAULT_ALLOWED_MODELS = ("embedded", "tiny")  # the packaged SmolLM2 and the random test model
 
 # How the simulation driver hands each virtual node its config: a JSON file named by this
@@ -102,6 +104,7 @@ class NodePolicy:
     response_field: str = "response"
     simulated: bool = False
     seeded_noise: bool = False  # simulation only: the researcher chose reproducible noise
+    audit_canaries: str | None = None  # simulation only: `fedllm audit`'s canaries for this node
     encrypt_state: bool = False
     state_key_file: str | None = None
     state_key_env: str = DEFAULT_STATE_KEY_ENV
@@ -125,6 +128,8 @@ class NodePolicy:
             raise ConfigError(f"node config {DATA_PATH}: required: the node's own training file (JSONL or CSV)")
         if self.seeded_noise and not self.simulated:
             raise ConfigError(f"node config {NOISE}=seeded: a deployed node always draws its noise from OS entropy")
+        if self.audit_canaries and not self.simulated:
+            raise ConfigError(f"node config {AUDIT_CANARIES}: only `fedllm audit`'s virtual nodes train on canaries")
 
     def state_key(self) -> bytes | None:
         """The key that encrypts this node's ledger and reply cache (None: not encrypted).
@@ -184,10 +189,11 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
     unknown = sorted(set(node_config) - set(KNOWN_KEYS))
     if unknown:
         raise ConfigError(f"node config: unknown key(s) {', '.join(unknown)}; known: {', '.join(KNOWN_KEYS)}")
-    driver_only = sorted({SIMULATED, NOISE} & set(node_config))
+    driver_only = sorted({SIMULATED, NOISE, AUDIT_CANARIES} & set(node_config))
     if driver_only and not simulated:
-        raise ConfigError(f"node config: {', '.join(driver_only)} can only be set by `fedllm simulate` for its "
-                          "virtual nodes; a deployed node always draws its noise from OS entropy")
+        raise ConfigError(f"node config: {', '.join(driver_only)} can only be set by `fedllm simulate` / `fedllm "
+                          "audit` for their virtual nodes; a deployed node always draws its noise from OS entropy "
+                          "and trains on its own data only")
     data_path = node_config.get(DATA_PATH)
     data_path = None if data_path in (None, "") else str(data_path)
     models = str(node_config.get(ALLOWED_MODELS, ",".join(DEFAULT_ALLOWED_MODELS)))
@@ -212,6 +218,7 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         response_field=str(node_config.get(RESPONSE_FIELD, "response")),
         simulated=simulated,
         seeded_noise=_noise_is_seeded(node_config.get(NOISE, "secure")),
+        audit_canaries=str(node_config.get(AUDIT_CANARIES) or "") or None,
         encrypt_state=_flag(node_config.get(ENCRYPT_STATE, False), ENCRYPT_STATE),
         state_key_file=str(node_config.get(STATE_KEY_FILE) or "") or None,
         state_key_env=str(node_config.get(STATE_KEY_ENV) or DEFAULT_STATE_KEY_ENV),
@@ -313,9 +320,13 @@ def simulated_node_config(cfg: ExperimentConfig, partition_id: int) -> dict[str,
     return config
 
 
-def write_simulated_nodes(cfg: ExperimentConfig, path: Path) -> None:
-    """Write every virtual node's config to ``path`` and point :data:`SIMULATED_NODES_ENV` at it."""
-    nodes = {str(p): simulated_node_config(cfg, p) for p in range(cfg.federation.num_clients)}
+def write_simulated_nodes(cfg: ExperimentConfig, path: Path, extra=None) -> None:
+    """Write every virtual node's config to ``path`` and point :data:`SIMULATED_NODES_ENV` at it.
+
+    ``extra(partition)``, if given, adds driver-only keys (e.g. :data:`AUDIT_CANARIES`) to a node's config.
+    """
+    nodes = {str(p): {**simulated_node_config(cfg, p), **(extra(p) if extra else {})}
+             for p in range(cfg.federation.num_clients)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(nodes, indent=1), encoding="utf-8")
     os.environ[SIMULATED_NODES_ENV] = str(path)

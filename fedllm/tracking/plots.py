@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 EPSILON_PNG = "epsilon_per_client.png"
 EVAL_PNG = "eval_accuracy_loss.png"
 PRIVACY_UTILITY_PNG = "privacy_utility.png"
+AUDIT_PNG = "audit_scores.png"
 
 
 def plot_epsilon(rounds: list[dict[str, Any]], target: float | None, path: Path) -> Path | None:
@@ -81,6 +82,23 @@ def plot_run(run_dir: Path, rounds: list[dict[str, Any]], target: float | None) 
     written = [plot_eval(rounds, run_dir / EVAL_PNG)]
     eps = plot_epsilon(rounds, target, run_dir / EPSILON_PNG)
     return written + ([eps] if eps else [])
+
+
+def plot_audit(run_dir: Path, scores: dict[str, Any], included: list[bool]) -> Path:
+    """Each audit adversary's canary scores, included against left out: the further apart the
+    two histograms, the more the adversary learns (``fedllm audit``)."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.6), squeeze=False)
+    inside = [bool(flag) for flag in included]
+    for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
+        values = list(values)
+        ins = [v for v, flag in zip(values, inside, strict=True) if flag]
+        outs = [v for v, flag in zip(values, inside, strict=True) if not flag]
+        bins = max(10, min(60, len(values) // 20))
+        ax.hist(outs, bins=bins, alpha=0.6, label=f"left out ({len(outs)})", color="tab:gray")
+        ax.hist(ins, bins=bins, alpha=0.6, label=f"included ({len(ins)})", color="tab:red")
+        ax.set(xlabel="canary score", ylabel="canaries", title=name.replace("_", " "))
+        ax.legend(fontsize="small")
+    return _save(fig, run_dir / AUDIT_PNG)
 
 
 def _save(fig, path: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -34,6 +35,20 @@ class LocalSpec:
     bf16: bool
     seed: int | None = None
     micro_batches: int = 1
+    optimizer: str = "adamw"  # or "sgd": plain SGD, the update then linear in the noisy gradients
+
+
+class GradientOverride(Protocol):
+    """Replaces some rows' gradients with designed ones (``fedllm audit``'s gradient canaries)."""
+
+    def keep(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per row: 1 if its own loss trains, 0 if its gradient is designed instead."""
+
+    def replace_samples(self, batch: dict[str, torch.Tensor]) -> None:
+        """Under DP-SGD, before clipping: overwrite the designed rows' per-sample gradients."""
+
+    def add_to_grads(self, batch: dict[str, torch.Tensor], total: int) -> None:
+        """Without DP: add the designed rows' gradients to the batch-mean gradient."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +74,7 @@ class LocalResult:
 
 def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spec: LocalSpec,
                 choice_ids: list[int], dp: DPSpec | None = None,
-                history: History | None = None) -> LocalResult:
+                history: History | None = None, override: GradientOverride | None = None) -> LocalResult:
     """Run ``spec.steps`` optimizer steps on the trainable (adapter) parameters.
 
     Args:
@@ -70,13 +85,14 @@ def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spe
         choice_ids: token ids of the fixed answers (``choices`` objective).
         dp: DP-SGD settings, or None for non-private training.
         history: the client's DP history before this round (DP only).
+        override: designed gradients for some records (an audit's canaries), or None.
 
     Returns:
         The mean loss over steps, examples seen and the DP history after the round.
     """
     randomness = dp_randomness(spec.seed)  # fresh OS entropy unless seeded (research only)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = make_optimizer(spec, params)
     model.train()  # Opacus refuses a model in eval mode
     started = time.perf_counter()
     session = None
@@ -92,7 +108,7 @@ def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spe
         )
         optimizer, loader = session.optimizer, session.loader
     try:
-        losses, seen = _run_steps(model, optimizer, loader, spec, choice_ids, session)
+        losses, seen = _run_steps(model, optimizer, loader, spec, choice_ids, session, override)
         new_history = session.history() if session else list(history or [])
     finally:
         optimizer.zero_grad(set_to_none=True)
@@ -101,6 +117,13 @@ def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spe
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return LocalResult(mean_loss=mean_loss, steps=spec.steps, examples_seen=seen,
                        seconds=time.perf_counter() - started, history=new_history)
+
+
+def make_optimizer(spec: LocalSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """A fresh optimizer for the round: AdamW, or plain SGD (no momentum)."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
 def _batches(loader: DataLoader) -> Iterator:
@@ -122,7 +145,8 @@ def split_by_length(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str
     return chunks
 
 
-def _run_steps(model, optimizer, loader, spec: LocalSpec, choice_ids, session) -> tuple[list[float], int]:
+def _run_steps(model, optimizer, loader, spec: LocalSpec, choice_ids, session,
+               override: GradientOverride | None) -> tuple[list[float], int]:
     losses: list[float] = []
     seen = 0
     batches = _batches(loader)
@@ -134,12 +158,13 @@ def _run_steps(model, optimizer, loader, spec: LocalSpec, choice_ids, session) -
             session.empty_step()
             continue
         losses.append(_step(model, optimizer, split_by_length(batch, spec.micro_batches), spec,
-                            choice_ids, session))
+                            choice_ids, session, override))
         seen += size
     return losses, seen
 
 
-def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, session: dpsgd.DPRound | None) -> float:
+def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, session: dpsgd.DPRound | None,
+          override: GradientOverride | None = None) -> float:
     """One optimizer step over a batch given as length-sorted chunks.
 
     Under DP every chunk's per-sample gradients are clipped and summed by Opacus
@@ -154,16 +179,22 @@ def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, session: dpsgd.
         chunk = to_device(chunk, device)
         with autocast(spec.bf16, device.type):
             per_example = per_example_loss(model, chunk, spec.objective, choice_ids)
+        if override is not None:
+            per_example = per_example * override.keep(chunk).to(per_example.device)
         last = index == len(chunks) - 1
         if session is not None:
             per_example.mean().backward()
             session.fp32_grad_samples()
+            if override is not None:
+                override.replace_samples(chunk)
             if not last:
                 optimizer.signal_skip_step(do_skip=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         else:
             (per_example.sum() / total).backward()
+            if override is not None:
+                override.add_to_grads(chunk, total)
         loss_sum += float(per_example.detach().sum())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,1 @@
+"""Empirical privacy auditing of a run (one-run audit, Steinke, Nasr and Jagielski 2023)."""

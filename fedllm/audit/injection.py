@@ -1,0 +1,123 @@
+"""A simulated node's side of an audit: its canaries join its training data as records, and a
+gradient canary's per-sample gradient is the designed one.
+
+Only a node whose config comes from the simulation driver (``audit-canaries``) ever loads
+canaries (:class:`~fedllm.node.policy.NodePolicy` refuses the key elsewhere). The canaries
+are real members of the shard: Poisson sampling draws them at the same rate as every record,
+the plan's sample rate counts them, and under DP-SGD their designed gradient is clipped,
+summed and noised with the others by Opacus, so the audit tests the mechanism that ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from fedllm.audit.canaries import CanaryDesign
+from fedllm.data.formatting import TokenizedDataset
+from fedllm.data.sources import Record
+
+NOT_A_CANARY = -1
+
+
+class CanaryShard(Dataset):
+    """The node's shard followed by its canary records; items carry a fourth field, the canary
+    index (:data:`NOT_A_CANARY` for the node's own records)."""
+
+    def __init__(self, shard: Dataset, canary_items: list[tuple], design: CanaryDesign):
+        self.shard, self.canary_items, self.design = shard, canary_items, design
+        self.canary_ids = [c.index for c in design.canaries]
+
+    def __len__(self) -> int:
+        return len(self.shard) + len(self.canary_items)
+
+    def __getitem__(self, index: int) -> tuple:
+        if index < len(self.shard):
+            return (*self.shard[index], torch.tensor(NOT_A_CANARY))
+        offset = index - len(self.shard)
+        return (*self.canary_items[offset], torch.tensor(self.canary_ids[offset]))
+
+
+def with_canary_column(collate):
+    """``collate`` for :class:`CanaryShard` items: the batch gains a ``canary`` index column."""
+
+    def collate_canaries(items) -> dict[str, torch.Tensor]:
+        batch = collate([item[:3] for item in items])
+        batch["canary"] = torch.tensor([int(item[3]) for item in items], dtype=torch.long)
+        return batch
+
+    return collate_canaries
+
+
+class GradientCanaries:
+    """Replaces a gradient canary's per-sample gradient with its designed one (norm C).
+
+    Args:
+        design: this node's canaries (``kind=gradient``).
+        named_params: the adapter's trainable parameters by their adapter (wire) names.
+    """
+
+    def __init__(self, design: CanaryDesign, named_params: dict[str, torch.nn.Parameter]):
+        spans = design.layout.offsets()
+        self.params = named_params
+        # canary -> {name: (positions within that tensor, values)}
+        self.designed: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for canary in design.canaries:
+            where, values = design.direction(canary.index)
+            parts = {}
+            for name, (start, end) in spans.items():
+                inside = (where >= start) & (where < end)
+                if inside.any():
+                    parts[name] = (torch.from_numpy(where[inside] - start), torch.from_numpy(values[inside]))
+            self.designed[canary.index] = parts
+
+    def keep(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """1 for rows whose own loss trains, 0 for gradient canaries (their gradient is designed)."""
+        return (batch["canary"] == NOT_A_CANARY).to(torch.float32)
+
+    def replace_samples(self, batch: dict[str, torch.Tensor]) -> None:
+        """DP-SGD: set each canary row of every ``grad_sample`` to the canary's designed gradient."""
+        for row, index in self._rows(batch):
+            for name, param in self.params.items():
+                sample = param.grad_sample[row].reshape(-1)
+                sample.zero_()
+                if name in self.designed[index]:
+                    where, values = self.designed[index][name]
+                    sample[where.to(sample.device)] = values.to(sample.device, sample.dtype)
+
+    def add_to_grads(self, batch: dict[str, torch.Tensor], total: int) -> None:
+        """Non-private training: add each canary's designed gradient to the batch-mean gradient."""
+        for _, index in self._rows(batch):
+            for name, (where, values) in self.designed[index].items():
+                param = self.params[name]
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad.view(-1)[where.to(param.device)] += values.to(param.device, param.dtype) / total
+
+    def _rows(self, batch: dict[str, torch.Tensor]):
+        for row, index in enumerate(batch["canary"].tolist()):
+            if index != NOT_A_CANARY and index in self.designed:
+                yield row, index
+
+
+def canary_items(design: CanaryDesign, shard: TokenizedDataset, tokenize) -> list[tuple]:
+    """The token items of ``design``'s canaries: record canaries tokenized by ``tokenize``
+    (records -> TokenizedDataset); a gradient canary reuses a record's tokens, since its own
+    gradient never counts."""
+    if design.kind == "record":
+        records = [Record(prompt=c.prompt, response=c.response, origin=f"canary {c.index}") for c in design.canaries]
+        return list(tokenize(records).items)
+    return [shard[0] for _ in design.canaries]
+
+
+def load_node_canaries(path: str | Path) -> CanaryDesign:
+    """This node's canary file (written by the audit driver)."""
+    return CanaryDesign.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trainable adapter parameters by the names the adapter state (and the wire) uses."""
+    suffix = f".{model.active_adapter}"
+    return {name.replace(suffix, ""): p for name, p in model.named_parameters() if p.requires_grad}

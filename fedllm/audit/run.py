@@ -1,0 +1,245 @@
+"""``fedllm audit``: one federated run with canaries, then each adversary's epsilon lower bound.
+
+The run is the experiment as configured (same model, data, plan, noise, accountant) with the
+audit's canaries added to the nodes' data (:mod:`fedllm.audit.canaries`), executed by the
+in-process engine (:mod:`fedllm.federation.inprocess`): the real ServerApp round loop and the
+real ClientApp, with every reply recorded on its way to the server, which is exactly what the
+coordinator sees. Afterwards each adversary (:mod:`fedllm.audit.adversaries`) scores the
+canaries, guesses, and :mod:`fedllm.audit.bound` turns its correct guesses into the largest
+epsilon the run's outcome rejects at the stated confidence.
+
+Outputs, next to the run's own: ``audit.json``, ``audit_scores.png``, an ``audit`` entry in
+``summary.json``, and a table on the console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Message
+
+from fedllm import task
+from fedllm.audit.adversaries import (
+    Observed,
+    SeededNoise,
+    coordinator_scores,
+    reader_gradient_scores,
+    reader_loss_scores,
+)
+from fedllm.audit.bound import audit_bound
+from fedllm.audit.canaries import CanaryDesign, Layout, design_canaries
+from fedllm.audit.injection import adapter_parameters, canary_items
+from fedllm.config import AuditConfig, ExperimentConfig
+from fedllm.data.formatting import make_collate
+from fedllm.federation import records as keys
+from fedllm.federation.checkpoint import Checkpointer
+from fedllm.federation.inprocess import FIRST_NODE_ID, run_inprocess
+from fedllm.federation.server_app import prepare_run
+from fedllm.model.adapters import adapter_state, load_adapter_state
+from fedllm.node.guard import research_seed
+from fedllm.node.policy import AUDIT_CANARIES
+from fedllm.planning import plan_for
+from fedllm.storage import load_key, write_json
+from fedllm.tracking.plots import plot_audit
+from fedllm.training.objectives import per_example_loss
+
+log = logging.getLogger(__name__)
+
+AUDIT_JSON = "audit.json"
+COORDINATOR, READER = "coordinator", "output_reader"
+WHAT_IT_MEANS = ("a lower bound on the run's epsilon from one attack, at the stated confidence: not a proof of "
+                 "privacy, and capped by the number of canaries (see 'ceiling'); it must never exceed the accounted "
+                 "epsilon")
+
+
+def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> dict:
+    """Run ``cfg`` with canaries in ``run_dir``, attack it, and write the audit.
+
+    Returns:
+        The contents of ``audit.json``.
+    """
+    started = time.perf_counter()
+    prepare_run(cfg, run_dir)
+    bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
+    initial = {k: v.clone() for k, v in bundle.initial_adapter.items()}
+    layout = Layout.of(initial)
+    design = design_canaries(count=settings.canaries, kind=settings.kind, clients=cfg.federation.num_clients,
+                             clip_norm=cfg.privacy.max_grad_norm, layout=layout, choices=cfg.data.choices,
+                             seed=settings.seed)
+    folder = run_dir / "audit"
+    files = {k: str(design.node_file(k, folder / f"canaries-client-{k}.json"))
+             for k in range(cfg.federation.num_clients)}
+    (folder / "design.json").write_text(design.to_json(), encoding="utf-8")
+    observed = Observed()
+    summary = run_inprocess(cfg, run_dir, observer=_recorder(observed, layout),
+                            extra_node_config=lambda partition: {AUDIT_CANARIES: files[partition]})
+    load_adapter_state(bundle.model, _final_adapter(run_dir, cfg, initial))
+    final = adapter_state(bundle.model)
+    scores = {COORDINATOR: _coordinator(cfg, design, observed, bundle),
+              READER: _reader(cfg, design, bundle, initial, final)}
+    audit = _results(cfg, settings, design, scores, summary, time.perf_counter() - started)
+    write_json(run_dir / AUDIT_JSON, audit)
+    np.savez(folder / "scores.npz", included=np.array([c.included for c in design.canaries]), **scores)
+    _add_to_summary(run_dir, audit)
+    plot_audit(run_dir, scores, [c.included for c in design.canaries])
+    log.info("privacy audit (%d canaries, %s):\n%s", settings.canaries, settings.kind, format_audit(audit))
+    return audit
+
+
+def _recorder(observed: Observed, layout: Layout) -> Callable[[Message, Message], None]:
+    """The coordinator's view: the adapter it sent each round and every adapter a node sent back."""
+
+    def record(message: Message, reply: Message) -> None:
+        if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
+            return  # an error or a refusal: no adapter to look at
+        server_round = int(message.content[keys.CONFIG][keys.SERVER_ROUND])
+        client = message.metadata.dst_node_id - FIRST_NODE_ID
+        if server_round not in observed.sent:
+            observed.sent[server_round] = layout.flatten(_numpy(message.content[keys.ARRAYS]))
+        try:
+            observed.replies[(server_round, client)] = layout.flatten(_numpy(reply.content[keys.ARRAYS]))
+        except (KeyError, ValueError):
+            pass  # a malformed reply: the server rejects it, and there is nothing to score
+
+    return record
+
+
+def _numpy(arrays) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
+def _final_adapter(run_dir: Path, cfg: ExperimentConfig, initial: dict) -> dict:
+    """The run's final global adapter (its last checkpoint)."""
+    key = load_key(cfg.storage.key_file, cfg.storage.key_env) if cfg.storage.encrypt else None
+    checkpoints = Checkpointer(run_dir / "checkpoint", key)
+    return checkpoints.load().arrays if checkpoints.exists() else initial
+
+
+def _coordinator(cfg: ExperimentConfig, design: CanaryDesign, observed: Observed, bundle) -> np.ndarray:
+    denoise = _seeded_noise(cfg, design, bundle)
+    if denoise is not None:
+        log.warning("audit: privacy.noise=seeded and the seed is in the task config the coordinator sent: the "
+                    "coordinator regenerates every node's noise and removes it before scoring")
+    if design.kind == "gradient":
+        return coordinator_scores(design, observed, denoise=denoise)
+    return coordinator_scores(design, observed, directions=_RecordDirections(cfg, design, observed, bundle),
+                              denoise=denoise)
+
+
+def _seeded_noise(cfg: ExperimentConfig, design: CanaryDesign, bundle) -> SeededNoise | None:
+    """The seeded-noise attack, where it applies: DP-SGD whose noise anyone with the run's seed
+    regenerates, and plain SGD (the update is then linear in the noise)."""
+    train = cfg.train
+    if not (cfg.privacy.sample_level and cfg.privacy.noise == "seeded" and train.optimizer == "sgd"
+            and train.weight_decay == 0):
+        return None
+    shards = task.split_for(cfg).shards
+    sizes = {k: len(shards[k]) + len(design.for_client(k)) for k in range(len(shards))}
+    order = [(name, tuple(p.shape)) for name, p in adapter_parameters(bundle.model).items()]
+    return SeededNoise(seed_for=lambda r, k: research_seed(cfg, k, r), param_order=order, layout=design.layout,
+                       steps=train.local_steps, lr=train.lr,
+                       std_for=lambda k: plan_for(cfg, sizes[k]).noise_multiplier * cfg.privacy.max_grad_norm)
+
+
+class _RecordDirections:
+    """A record canary's unit gradient direction at a round's global adapter (what the coordinator
+    computes itself: it holds the model and, as the designer of the canaries, their text)."""
+
+    def __init__(self, cfg: ExperimentConfig, design: CanaryDesign, observed: Observed, bundle):
+        self.cfg, self.design, self.observed, self.bundle = cfg, design, observed, bundle
+        self.items = canary_items(design, None, lambda records: task.tokenize_for_node(cfg, records))
+        self.collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
+        self.params = adapter_parameters(bundle.model)
+        self.loaded_round: int | None = None
+
+    def __call__(self, index: int, server_round: int) -> np.ndarray:
+        if self.loaded_round != server_round:
+            state = _unflatten(self.design.layout, self.observed.sent[server_round])
+            load_adapter_state(self.bundle.model, state)
+            self.loaded_round = server_round
+        model = self.bundle.model
+        model.zero_grad(set_to_none=True)
+        batch = self.collate([self.items[index]])
+        per_example_loss(model, batch, self.cfg.train.objective, task.choice_ids_for(self.cfg)).sum().backward()
+        grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().numpy()
+                 for name, p in self.params.items()}
+        model.zero_grad(set_to_none=True)
+        vector = self.design.layout.flatten(grads)
+        norm = float(np.linalg.norm(vector))
+        return vector / norm if norm > 0 else vector
+
+
+def _unflatten(layout: Layout, flat: np.ndarray) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(flat[start:end].reshape(shape).astype(np.float32))
+            for (name, (start, end)), shape in zip(layout.offsets().items(), layout.shapes, strict=True)}
+
+
+def _reader(cfg: ExperimentConfig, design: CanaryDesign, bundle, initial: dict, final: dict) -> np.ndarray:
+    if design.kind == "gradient":
+        return reader_gradient_scores(design, design.layout.flatten(initial), design.layout.flatten(final))
+    items = canary_items(design, None, lambda records: task.tokenize_for_node(cfg, records))
+    return reader_loss_scores(_losses(cfg, bundle, items, initial), _losses(cfg, bundle, items, final))
+
+
+@torch.no_grad()
+def _losses(cfg: ExperimentConfig, bundle, items: list, adapter: dict) -> np.ndarray:
+    load_adapter_state(bundle.model, adapter)
+    bundle.model.eval()
+    collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
+    losses = []
+    for start in range(0, len(items), 32):
+        batch = collate(items[start:start + 32])
+        losses.append(per_example_loss(bundle.model, batch, cfg.train.objective, task.choice_ids_for(cfg)))
+    return torch.cat(losses).double().numpy()
+
+
+def _results(cfg: ExperimentConfig, settings: AuditConfig, design: CanaryDesign, scores: dict[str, np.ndarray],
+             summary: dict, seconds: float) -> dict:
+    included = [c.included for c in design.canaries]
+    delta = cfg.privacy.delta
+    accounted = summary.get("final_max_epsilon") if cfg.privacy.sample_level else None
+    adversaries = {name: audit_bound(values.tolist(), included, delta=delta,
+                                     confidence=settings.confidence).to_dict()
+                   for name, values in scores.items()}
+    return {
+        "epsilon_accounted": accounted,
+        "delta": delta,
+        "privacy_mode": cfg.privacy.mode,
+        "noise": cfg.privacy.noise,
+        "canaries": len(design.canaries),
+        "canaries_included": int(sum(included)),
+        "kind": design.kind,
+        "confidence": settings.confidence,
+        "adversaries": adversaries,
+        "epsilon_lower_bound": {name: result["epsilon_lower_bound"] for name, result in adversaries.items()},
+        "what_it_means": WHAT_IT_MEANS,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _add_to_summary(run_dir: Path, audit: dict) -> None:
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary["audit"] = {"epsilon_lower_bound": audit["epsilon_lower_bound"], "canaries": audit["canaries"],
+                        "confidence": audit["confidence"], "kind": audit["kind"]}
+    write_json(path, summary)
+
+
+def format_audit(audit: dict) -> str:
+    """The console table: each adversary's guesses, correct guesses, bound and ceiling."""
+    accounted = audit["epsilon_accounted"]
+    lines = [f"accounted epsilon {accounted:.4g} at delta {audit['delta']:g}" if accounted is not None
+             else f"no sample-level DP accounted (privacy={audit['privacy_mode']})",
+             f"{'adversary':<14} {'guesses':>7} {'correct':>7} {'eps lower bound':>15} {'ceiling':>8}"]
+    for name, result in audit["adversaries"].items():
+        lines.append(f"{name:<14} {result['guesses']:>7} {result['correct']:>7} "
+                     f"{result['epsilon_lower_bound']:>15.3f} {result['ceiling']:>8.3f}")
+    lines.append(f"({audit['canaries']} canaries, {audit['canaries_included']} included; confidence "
+                 f"{audit['confidence']:g}: {audit['what_it_means']})")
+    return "\n".join(lines)

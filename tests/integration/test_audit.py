@@ -1,0 +1,81 @@
+"""``fedllm audit`` end to end on the tiny model, in process (seconds per run, no Ray).
+
+The bound is a statistical statement, so every check is set where it can fail and where a
+false alarm is rarer than 1 in 1,000: the "at or below the accounted epsilon" checks use a
+confidence of 0.9995 per adversary (two adversaries: at most 0.001 together); the power checks
+fix the auditor's seed and have a wide margin. The one-run ceiling caps what any run can show
+(with 200 canaries about 3 at 95%), so the DP checks audit runs planned for epsilon 1 or 0.5,
+well under that ceiling: a broken mechanism would be caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from fedllm.audit.run import AUDIT_JSON, COORDINATOR, READER, run_audit
+from fedllm.config import AuditConfig, PrivacyConfig, TrainConfig
+from tests.conftest import tiny_config
+
+STRICT = 0.9995  # per adversary: a false alarm in fewer than 1 in 1,000 audits
+CANARIES = 200
+
+
+def audited(tmp_path, name: str, *, privacy: PrivacyConfig, confidence: float = STRICT, optimizer: str = "adamw",
+            kind: str = "gradient") -> dict:
+    """Audit the tiny federation (3 clients, 2 rounds of 3 steps, expected batch 64: with ~200
+    records per client a canary is drawn at least once with probability ~0.8)."""
+    cfg = tiny_config(train=TrainConfig(local_steps=3, batch_size=64, eval_batch_size=50, optimizer=optimizer))
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(privacy, state_dir=str(tmp_path / name / "nodes")),
+                              tracking=dataclasses.replace(cfg.tracking, progress=False))
+    settings = AuditConfig(canaries=CANARIES, kind=kind, confidence=confidence, seed=7)
+    audit = run_audit(cfg, settings, tmp_path / name)
+    assert json.loads((tmp_path / name / AUDIT_JSON).read_text()) == audit
+    return audit
+
+
+def bounds(audit: dict) -> dict[str, float]:
+    return audit["epsilon_lower_bound"]
+
+
+def test_dp_sgd_audit_stays_at_or_below_the_accounted_epsilon(tmp_path):
+    audit = audited(tmp_path, "dp", privacy=PrivacyConfig(target_epsilon=1.0))
+    assert 0.9 < audit["epsilon_accounted"] <= 1.0
+    for name, bound in bounds(audit).items():
+        assert bound <= audit["epsilon_accounted"], (name, audit["adversaries"][name])
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["audit"]["epsilon_lower_bound"] == bounds(audit)
+    assert (tmp_path / "dp" / "audit_scores.png").stat().st_size > 0
+
+
+def test_without_dp_the_coordinator_finds_the_canaries(tmp_path):
+    audit = audited(tmp_path, "none", privacy=PrivacyConfig(mode="none"), confidence=0.95)
+    assert audit["epsilon_accounted"] is None
+    coordinator = audit["adversaries"][COORDINATOR]
+    # the power of the audit: most of the way to what 200 canaries can show at all
+    assert coordinator["epsilon_lower_bound"] > 2.0, coordinator
+    assert coordinator["epsilon_lower_bound"] > 0.7 * coordinator["ceiling"], coordinator
+    assert audit["adversaries"][READER]["epsilon_lower_bound"] > 1.0, audit["adversaries"][READER]
+
+
+def test_seeded_noise_is_caught_and_node_side_noise_is_not(tmp_path):
+    """The regression test for the node boundary: with ``privacy.noise=seeded`` the coordinator,
+    who sent the seed, regenerates each node's noise and subtracts it; the same run with the
+    node's own OS-entropy noise keeps the bound under the accounted epsilon."""
+    planned = PrivacyConfig(target_epsilon=0.5)
+    seeded = audited(tmp_path, "seeded", privacy=dataclasses.replace(planned, noise="seeded"), confidence=0.95,
+                     optimizer="sgd")
+    assert seeded["epsilon_accounted"] <= 0.5
+    assert bounds(seeded)[COORDINATOR] > 2 * seeded["epsilon_accounted"], seeded["adversaries"][COORDINATOR]
+    secure = audited(tmp_path, "secure", privacy=planned, optimizer="sgd")
+    for name, bound in bounds(secure).items():
+        assert bound <= secure["epsilon_accounted"], (name, secure["adversaries"][name])
+
+
+@pytest.mark.slow
+def test_record_canaries_under_dp_stay_below_the_accounted_epsilon(tmp_path):
+    audit = audited(tmp_path, "record", privacy=PrivacyConfig(target_epsilon=1.0), kind="record")
+    for name, bound in bounds(audit).items():
+        assert bound <= audit["epsilon_accounted"], (name, audit["adversaries"][name])
