@@ -7,6 +7,11 @@ updates, refusals (a node that would pass its privacy cap trains nothing), rejec
 reply in time), aggregate the valid updates, evaluate, checkpoint. The run ends cleanly, before the planned last round if
 need be, once fewer than ``min_train_clients`` clients can still train. It starts at any
 round, which is how an interrupted run resumes.
+
+Under client-level DP no update is rejected for its size relative to the others'
+(:func:`sort_replies`): that would make whether one client's update is used depend on
+another client's data, and the noise is calibrated for each client moving the sum by at most
+the clipping bound, with the count of contributing clients public.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class RoundReplies:
     refusals: list[Refusal] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-    sampled: int = 0
+    sampled: int = 0  # train messages sent this round (set by run_rounds), answered or not
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class ReplyPolicy:
     max_update_norm: float | None
     require_accounting: bool = True  # sample-level DP: an update must carry its DP-SGD accounting
     uniform_weights: bool = True  # client-level DP is calibrated for the uniform mean
+    client_level: bool = False  # client-level DP: no norm-outlier filter (see sort_replies)
+    client_clip_norm: float | None = None  # client-level DP clipped on the nodes: C, which no update may exceed
     mechanism: MechanismCheck | None = None  # sample-level DP: the plan a DP history must match
     node_ids: tuple[int, ...] = ()  # deployment: partition i belongs to the node registered as node_ids[i]
 
@@ -67,8 +74,16 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
     ``node_partitions`` remembers which client each node said it was, so a node cannot
     speak for another client later. A valid update keeps only its adapter tensors and the
     FedAvg weight the server sets (:func:`fedavg_weights`), so Flower aggregates a fixed schema.
+
+    Updates far larger than the round's others are rejected (:func:`norm_outliers`), except
+    under client-level DP (``policy.client_level``): there each update is clipped to ``C``
+    before it is summed, and a filter on the unclipped norms would let one client's data
+    decide whether another's update is used (its big update moves the median), so a client
+    would change the sum by more than ``C`` and the published count of contributors. With
+    client-side clipping (``policy.client_clip_norm``) an update above ``C`` is rejected instead:
+    an honest node's never is, so that depends on no honest client's data.
     """
-    result = RoundReplies(sampled=len(replies))
+    result = RoundReplies()
     expected = expected_update(sent)
     candidates: list[tuple[Message, TrainReport]] = []
     seen: set[int] = set()
@@ -94,7 +109,7 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
         else:
             candidates.append((reply, parsed))
     norms = {i: update_norm(reply.content[keys.ARRAYS], sent) for i, (reply, _) in enumerate(candidates)}
-    outliers = norm_outliers(norms, policy.update_norm_ratio, policy.max_update_norm)
+    outliers = _size_rejections(norms, policy)
     for index, (reply, report) in enumerate(candidates):
         result.reports.append(report)  # trained means spent, whether or not the update is used
         if index in outliers:
@@ -106,6 +121,20 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
     for failure in result.failures:
         log.error("round %d: %s", server_round, failure)
     return result
+
+
+CLIP_SLACK = 1.01  # float32 rounding of a node's clipped update, as the server measures it
+
+
+def _size_rejections(norms: dict[int, float], policy: ReplyPolicy) -> dict[int, str]:
+    """The updates rejected for their size, by index (see :func:`sort_replies`)."""
+    if not policy.client_level:
+        return norm_outliers(norms, policy.update_norm_ratio, policy.max_update_norm)
+    if policy.client_clip_norm is None:
+        return {}  # the server clips every update to C
+    bound = policy.client_clip_norm * CLIP_SLACK
+    return {i: f"update norm {norm:.4g} above privacy.client_clip_norm={policy.client_clip_norm:g} (the node must clip)"
+            for i, norm in norms.items() if norm > bound}
 
 
 def _check_identity(node: int, client: int, node_ids: tuple[int, ...], node_partitions: dict[int, int],
@@ -221,14 +250,22 @@ def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: 
     ``on_round_end(round, arrays, replies, stop_reason)`` evaluates, logs and checkpoints.
     """
     node_partitions: dict[int, int] = {}
+    if settings.policy.client_level:
+        log.info("client-level DP: updates are clipped, not filtered by their norm relative to the round's others "
+                 "(federation.update_norm_ratio and federation.max_update_norm do not apply)")
     for server_round in range(first_round, settings.num_rounds + 1):
+        connected = len(set(grid.get_node_ids()))
         messages = list(strategy.configure_train(server_round, arrays, settings.train_config, grid))
+        # the sample was drawn from the nodes connected then (all of them, unless the wait for
+        # them timed out): the fewest seen around it, so a sampling ratio is never understated
+        population = min(settings.num_clients, connected, len(set(grid.get_node_ids())))
         received = list(grid.send_and_receive(messages, timeout=settings.timeout))
         replies = sort_replies(received, ledger, server_round, arrays, settings.policy, node_partitions)
+        replies.sampled = len(messages)  # amplification credit counts the clients sampled, not those that replied
         replies.failures += [f"node {m.metadata.dst_node_id}: no reply within {settings.timeout:g} s"
                              for m in _unanswered(messages, received)]
         if len(replies.updates) >= settings.min_train_clients:
-            arrays = _aggregate(strategy, ledger, server_round, replies, settings.num_clients) or arrays
+            arrays = _aggregate(strategy, ledger, server_round, replies, population) or arrays
         else:
             log.warning("round %d: %d update(s), fewer than federation.min_train_clients=%d: not aggregated",
                         server_round, len(replies.updates), settings.min_train_clients)
@@ -248,7 +285,9 @@ def _unanswered(messages: list[Message], replies: list[Message]) -> list[Message
 
 
 def _aggregate(strategy: Strategy, ledger: PrivacyLedger, server_round: int, replies: RoundReplies,
-               num_clients: int) -> ArrayRecord | None:
+               population: int) -> ArrayRecord | None:
+    """Aggregate the round's valid updates; under client-level DP, account the release (drawn
+    from ``population`` nodes, ``replies.sampled`` of them sent a train message)."""
     if isinstance(strategy, DifferentialPrivacyFixedClippingBase):
         # noise std is z * C / k for the mean of the k updates that arrived: the sum always gets z * C
         strategy.num_sampled_clients = len(replies.updates)
@@ -259,6 +298,6 @@ def _aggregate(strategy: Strategy, ledger: PrivacyLedger, server_round: int, rep
                   type(exc).__name__, escape_remote_text(exc))
         return None
     if aggregated is not None and ledger.client_level is not None:
-        ledger.client_level.record(ClientLevelRound(server_round=server_round, population=num_clients,
+        ledger.client_level.record(ClientLevelRound(server_round=server_round, population=population,
                                                     sampled=replies.sampled, contributed=len(replies.updates)))
     return aggregated

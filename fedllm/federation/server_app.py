@@ -148,15 +148,17 @@ def strategy_for(cfg: ExperimentConfig):
 
 def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
     """The round loop's settings and reply policy from ``cfg``."""
-    fed = cfg.federation
+    fed, privacy = cfg.federation, cfg.privacy
+    client_side = privacy.client_level and privacy.client_clipping == "client"
     return LoopSettings(
         num_rounds=fed.num_rounds, num_clients=fed.num_clients, min_train_clients=fed.min_train_clients,
         timeout=fed.round_timeout,
         train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id}),
         policy=ReplyPolicy(num_clients=fed.num_clients, update_norm_ratio=fed.update_norm_ratio,
-                           max_update_norm=fed.max_update_norm, require_accounting=cfg.privacy.sample_level,
-                           uniform_weights=cfg.privacy.client_level, mechanism=mechanism_check(cfg),
-                           node_ids=fed.node_ids))
+                           max_update_norm=fed.max_update_norm, require_accounting=privacy.sample_level,
+                           uniform_weights=privacy.client_level, client_level=privacy.client_level,
+                           client_clip_norm=privacy.client_clip_norm if client_side else None,
+                           mechanism=mechanism_check(cfg), node_ids=fed.node_ids))
 
 
 def mechanism_check(cfg: ExperimentConfig) -> MechanismCheck | None:

@@ -3,7 +3,8 @@
 An update must hold exactly the adapter tensors the server sent (names, shapes, dtypes),
 every value finite; anything else raises :class:`~fedllm.errors.UpdateRejected` with the
 reason (the metrics are parsed by :mod:`fedllm.federation.protocol`). An update far larger
-than the round's others (a scaled or poisoned update) is rejected by :func:`norm_outliers`.
+than the round's others (a scaled or poisoned update) is rejected by :func:`norm_outliers`,
+except under client-level DP, where clipping bounds every update instead.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
 
 def norm_outliers(norms: Mapping[int, float], ratio: float, max_norm: float | None) -> dict[int, str]:
     """Updates to reject for their size: above ``max_norm``, or above ``ratio`` x the round's
-    median norm (only with 3 or more updates, where the median is an honest majority's)."""
+    median norm (only with 3 or more updates, where the median is an honest majority's).
+
+    Not for client-level DP: whether an update is kept then depends on the other clients'
+    updates (one client's data can get another's dropped), which its accounting does not cover.
+    """
     rejected = {}
     median = statistics.median(norms.values()) if len(norms) >= 3 else None
     for index, norm in norms.items():

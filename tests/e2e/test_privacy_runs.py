@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from fedllm.privacy.accounting import epsilon
+from fedllm.privacy.client_level import ZERO_OUT
 from fedllm.privacy.node_ledger import NodeLedger
 from fedllm.processes import tagged_processes
 
@@ -58,7 +59,7 @@ def test_client_level_dp_reports_its_epsilon_every_round(tmp_path):
         assert record["epsilon"] is None and record["num_clients"] == 3
     summary = _json(run_dir / "summary.json")
     assert summary["client_level_epsilon"] == rounds[-1]["client_level_epsilon"]
-    assert summary["guarantees"][0]["adjacency"] == "add/remove one client"
+    assert summary["guarantees"][0]["adjacency"] == ZERO_OUT
     assert summary["final_max_epsilon"] is None  # no sample-level guarantee was claimed
 
 
