@@ -8,8 +8,8 @@ from typing import Any
 
 from fedllm.analysis.runs import Run
 
-COLUMNS = ("run", "privacy", "target_epsilon", "spent_epsilon", "zero_shot_accuracy", "final_accuracy",
-           "rounds", "clients", "wall_seconds")
+COLUMNS = ("run", "privacy", "target_epsilon", "spent_epsilon", "audit_coordinator", "audit_output_reader",
+           "zero_shot_accuracy", "final_accuracy", "rounds", "clients", "wall_seconds")
 
 
 def report_rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
@@ -17,11 +17,14 @@ def report_rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         s = run.summary
+        audited = (run.audit or {}).get("epsilon_lower_bound", {})  # `fedllm audit`'s lower bounds, if it ran
         rows.append({
             "run": str(run.path.relative_to(root)) if run.path != root else run.path.name,
             "privacy": s.get("privacy_mode"),
             "target_epsilon": s.get("target_epsilon"),
             "spent_epsilon": s.get("final_max_epsilon"),
+            "audit_coordinator": audited.get("coordinator"),
+            "audit_output_reader": audited.get("output_reader"),
             "zero_shot_accuracy": s.get("zero_shot_accuracy"),
             "final_accuracy": s.get("final_accuracy"),
             "rounds": s.get("rounds_completed"),

@@ -10,6 +10,7 @@ from typing import Any
 from fedllm.errors import DataError
 
 RUN_MARKER = "summary.json"
+AUDIT_FILE = "audit.json"  # written by `fedllm audit` only
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Run:
     rounds: list[dict[str, Any]]
     ledger: dict[str, Any]
     summary: dict[str, Any]
+    audit: dict[str, Any] | None = None  # the run's privacy audit, when `fedllm audit` ran it
 
     def epsilon_table(self) -> dict[int, dict[str, float]]:
         """Per round, each client's epsilon (``{round: {client: epsilon}}``); empty without DP."""
@@ -54,9 +56,10 @@ def load_run(path: str | Path) -> Run:
         DataError: a file is missing or malformed (the message names it).
     """
     path = Path(path)
+    audit = _read_json(path / AUDIT_FILE) if (path / AUDIT_FILE).is_file() else None
     return Run(path=path, config=_read_json(path / "config.json"),
                rounds=_read_jsonl(path / "metrics.jsonl"),
-               ledger=_read_json(path / "privacy_ledger.json"), summary=_read_json(path / RUN_MARKER))
+               ledger=_read_json(path / "privacy_ledger.json"), summary=_read_json(path / RUN_MARKER), audit=audit)
 
 
 def find_runs(path: str | Path) -> list[Run]:

@@ -12,6 +12,7 @@ round-loop tests, which then take seconds instead of a Ray start-up.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import uuid
@@ -161,6 +162,9 @@ def run_inprocess(cfg: ExperimentConfig, run_dir: Path, *, client_app=None, obse
         extra_node_config: more node-config keys per partition (simulation driver only).
     """
     route_flower_logs()
+    # nodes answer one after another here, so each may use every core (Ray runs them side by side)
+    cores = os.cpu_count() or 1
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads_per_client=cores))
     app = client_app if client_app is not None else load_object(cfg.federation.client_app)
     grid = InProcessGrid(app, cfg.federation.num_clients, observer=observer)
     with simulated_nodes(cfg, run_dir, extra_node_config), server_identity():

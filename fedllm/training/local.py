@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -183,7 +184,11 @@ def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, session: dpsgd.
             per_example = per_example * override.keep(chunk).to(per_example.device)
         last = index == len(chunks) - 1
         if session is not None:
-            per_example.mean().backward()
+            with warnings.catch_warnings():
+                # torch warns on every backward that Opacus's hooks sit on modules whose inputs are
+                # frozen activations: expected with LoRA on a frozen base model, and harmless
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                per_example.mean().backward()
             session.fp32_grad_samples()
             if override is not None:
                 override.replace_samples(chunk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from tests.conftest import tiny_config
 
 from .conftest import fedllm
 
@@ -106,3 +109,18 @@ def test_run_analysis_notebook_reads_a_sweep(smoke_sweep):
     text, images = _text_and_images(book)
     assert images >= 3
     assert "baseline: no DP" in text
+
+
+def test_run_analysis_notebook_shows_an_audit(tmp_path):
+    from fedllm.audit.run import run_audit
+    from fedllm.config import AuditConfig
+
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")),
+                              tracking=dataclasses.replace(cfg.tracking, progress=False))
+    audit = run_audit(cfg, AuditConfig(canaries=50, seed=1), tmp_path / "audited")
+    book = _execute(NOTEBOOKS / "run_analysis.ipynb", {"FEDLLM_RUN_DIR": str(tmp_path / "audited")})
+    text, images = _text_and_images(book)
+    assert f"{audit['canaries']} gradient canaries" in text
+    assert "coordinator" in text and "output_reader" in text
+    assert images >= 4  # the run's own plots and the audit's score histograms
