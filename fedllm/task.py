@@ -121,7 +121,10 @@ def tokenize_for_node(cfg: ExperimentConfig, records: list[Record]) -> Tokenized
 def tokenized_test(cfg: ExperimentConfig) -> TokenizedDataset:
     """The held-out test set, tokenized."""
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
-    return tokenize_records(split_for(cfg).test, bundle.tokenizer, prompt_format(cfg.data))
+    # the held-out records are drawn before the rest is partitioned, so they do not depend on how many
+    # clients there are: a server that evaluates never needs the clients' shards (nor enough records for them)
+    test = data_split(cfg.data, 1, 1, cfg.seed).test
+    return tokenize_records(test, bundle.tokenizer, prompt_format(cfg.data))
 
 
 def choice_ids_for(cfg: ExperimentConfig) -> list[int]:

@@ -78,6 +78,15 @@ def coordinator_scores(design: CanaryDesign, observed: Observed,
     return scores
 
 
+def aggregate_scores(design: CanaryDesign, observed: Observed, final: np.ndarray) -> np.ndarray:
+    """Every round's released global adapter (what the other nodes and every reader of the rounds
+    see): a canary's score sums its direction against each round's global step."""
+    rounds = sorted(observed.sent)
+    following = [observed.sent[r] for r in rounds[1:]] + [final]
+    steps = [_normalised(observed.sent[r] - after) for r, after in zip(rounds, following, strict=True)]
+    return np.array([sum(design.unit_score(c.index, step) for step in steps) for c in design.canaries])
+
+
 def reader_gradient_scores(design: CanaryDesign, initial: np.ndarray, final: np.ndarray) -> np.ndarray:
     """The black-box score of gradient canaries: their direction against ``initial - final``."""
     moved = _normalised(initial - final)

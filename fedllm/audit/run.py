@@ -28,18 +28,27 @@ from fedllm import task
 from fedllm.audit.adversaries import (
     Observed,
     SeededNoise,
+    aggregate_scores,
     coordinator_scores,
     reader_gradient_scores,
     reader_loss_scores,
 )
 from fedllm.audit.bound import audit_bound
 from fedllm.audit.canaries import CanaryDesign, Layout, design_canaries
+from fedllm.audit.client_canaries import (
+    canary_client_app,
+    place_on_canary_clients,
+    real_client_files,
+    with_canary_clients,
+)
 from fedllm.audit.injection import adapter_parameters, canary_items
 from fedllm.config import AuditConfig, ExperimentConfig
 from fedllm.data.formatting import make_collate
 from fedllm.federation import records as keys
 from fedllm.federation.checkpoint import Checkpointer
+from fedllm.errors import ConfigError
 from fedllm.federation.inprocess import FIRST_NODE_ID, run_inprocess
+from fedllm.federation.simulation import load_object
 from fedllm.federation.server_app import prepare_run
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.node.guard import research_seed
@@ -52,7 +61,7 @@ from fedllm.training.objectives import per_example_loss
 log = logging.getLogger(__name__)
 
 AUDIT_JSON = "audit.json"
-COORDINATOR, READER = "coordinator", "output_reader"
+COORDINATOR, AGGREGATE_READER, READER = "coordinator", "aggregate_reader", "output_reader"
 WHAT_IT_MEANS = ("a lower bound on the run's epsilon from one attack, at the stated confidence: not a proof of "
                  "privacy, and capped by the number of canaries (see 'ceiling'); it must never exceed the accounted "
                  "epsilon")
@@ -61,28 +70,48 @@ WHAT_IT_MEANS = ("a lower bound on the run's epsilon from one attack, at the sta
 def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> dict:
     """Run ``cfg`` with canaries in ``run_dir``, attack it, and write the audit.
 
+    Under ``privacy=client`` the canaries are whole clients (:mod:`fedllm.audit.client_canaries`);
+    otherwise they are records in the real clients' data.
+
     Returns:
         The contents of ``audit.json``.
+
+    Raises:
+        ConfigError: record canaries asked for a client-level audit.
     """
     started = time.perf_counter()
-    prepare_run(cfg, run_dir)
+    client_level = cfg.privacy.mode == "client"
+    if client_level and settings.kind != "gradient":
+        raise ConfigError("audit.kind=record: a client-level audit's canaries are whole clients with designed "
+                          "updates; use audit.kind=gradient")
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
     initial = {k: v.clone() for k, v in bundle.initial_adapter.items()}
-    layout = Layout.of(initial)
-    design = design_canaries(count=settings.canaries, kind=settings.kind, clients=cfg.federation.num_clients,
-                             clip_norm=cfg.privacy.max_grad_norm, layout=layout, choices=cfg.data.choices,
-                             seed=settings.seed)
+    real_clients = cfg.federation.num_clients
+    design = design_canaries(count=settings.canaries, kind=settings.kind, clients=real_clients,
+                             clip_norm=cfg.privacy.client_clip_norm if client_level else cfg.privacy.max_grad_norm,
+                             layout=Layout.of(initial), choices=cfg.data.choices, seed=settings.seed)
     folder = run_dir / "audit"
-    files = {k: str(design.node_file(k, folder / f"canaries-client-{k}.json"))
-             for k in range(cfg.federation.num_clients)}
+    folder.mkdir(parents=True, exist_ok=True)
+    if client_level:
+        place_on_canary_clients(design, real_clients)
+        run_cfg, app = with_canary_clients(cfg, settings.canaries), None
+        extra = real_client_files(cfg, folder / "data")
+        app = canary_client_app(load_object(cfg.federation.client_app), real_clients, design)
+    else:
+        run_cfg, app = cfg, None
+        files = {k: str(design.node_file(k, folder / f"canaries-client-{k}.json")) for k in range(real_clients)}
+        extra = lambda partition: {AUDIT_CANARIES: files[partition]}  # noqa: E731 - one key per node
     (folder / "design.json").write_text(design.to_json(), encoding="utf-8")
+    prepare_run(run_cfg, run_dir)
     observed = Observed()
-    summary = run_inprocess(cfg, run_dir, observer=_recorder(observed, layout),
-                            extra_node_config=lambda partition: {AUDIT_CANARIES: files[partition]})
-    load_adapter_state(bundle.model, _final_adapter(run_dir, cfg, initial))
+    summary = run_inprocess(run_cfg, run_dir, client_app=app, observer=_recorder(observed, design.layout),
+                            extra_node_config=extra)
+    load_adapter_state(bundle.model, _final_adapter(run_dir, run_cfg, initial))
     final = adapter_state(bundle.model)
-    scores = {COORDINATOR: _coordinator(cfg, design, observed, bundle),
-              READER: _reader(cfg, design, bundle, initial, final)}
+    scores = {COORDINATOR: _coordinator(cfg, design, observed, bundle)}
+    if client_level:
+        scores[AGGREGATE_READER] = aggregate_scores(design, observed, design.layout.flatten(final))
+    scores[READER] = _reader(cfg, design, bundle, initial, final)
     audit = _results(cfg, settings, design, scores, summary, time.perf_counter() - started)
     write_json(run_dir / AUDIT_JSON, audit)
     np.savez(folder / "scores.npz", included=np.array([c.included for c in design.canaries]), **scores)
@@ -202,22 +231,28 @@ def _losses(cfg: ExperimentConfig, bundle, items: list, adapter: dict) -> np.nda
 def _results(cfg: ExperimentConfig, settings: AuditConfig, design: CanaryDesign, scores: dict[str, np.ndarray],
              summary: dict, seconds: float) -> dict:
     included = [c.included for c in design.canaries]
-    delta = cfg.privacy.delta
-    accounted = summary.get("final_max_epsilon") if cfg.privacy.sample_level else None
+    client_level = cfg.privacy.mode == "client"
+    delta = cfg.privacy.client_delta if client_level else cfg.privacy.delta
+    accounted = (summary.get("client_level_epsilon") if client_level
+                 else summary.get("final_max_epsilon") if cfg.privacy.sample_level else None)
     adversaries = {name: audit_bound(values.tolist(), included, delta=delta,
                                      confidence=settings.confidence).to_dict()
                    for name, values in scores.items()}
     return {
         "epsilon_accounted": accounted,
         "delta": delta,
+        "level": "client" if client_level else "sample",
         "privacy_mode": cfg.privacy.mode,
         "noise": cfg.privacy.noise,
         "canaries": len(design.canaries),
         "canaries_included": int(sum(included)),
-        "kind": design.kind,
+        "kind": "client" if client_level else design.kind,
         "confidence": settings.confidence,
         "adversaries": adversaries,
         "epsilon_lower_bound": {name: result["epsilon_lower_bound"] for name, result in adversaries.items()},
+        # the adversaries the accounted epsilon speaks about: client-level DP's noise is added by the
+        # coordinator, who sees each update before it (docs/threat-model.md)
+        "bounded_by_accounting": [name for name in adversaries if not (client_level and name == COORDINATOR)],
         "what_it_means": WHAT_IT_MEANS,
         "seconds": round(seconds, 1),
     }
@@ -234,8 +269,9 @@ def _add_to_summary(run_dir: Path, audit: dict) -> None:
 def format_audit(audit: dict) -> str:
     """The console table: each adversary's guesses, correct guesses, bound and ceiling."""
     accounted = audit["epsilon_accounted"]
-    lines = [f"accounted epsilon {accounted:.4g} at delta {audit['delta']:g}" if accounted is not None
-             else f"no sample-level DP accounted (privacy={audit['privacy_mode']})",
+    lines = [f"accounted {audit['level']}-level epsilon {accounted:.4g} at delta {audit['delta']:g} (bounds "
+             f"{', '.join(audit['bounded_by_accounting'])})" if accounted is not None
+             else f"no DP accounted (privacy={audit['privacy_mode']})",
              f"{'adversary':<14} {'guesses':>7} {'correct':>7} {'eps lower bound':>15} {'ceiling':>8}"]
     for name, result in audit["adversaries"].items():
         lines.append(f"{name:<14} {result['guesses']:>7} {result['correct']:>7} "

@@ -79,3 +79,31 @@ def test_record_canaries_under_dp_stay_below_the_accounted_epsilon(tmp_path):
     audit = audited(tmp_path, "record", privacy=PrivacyConfig(target_epsilon=1.0), kind="record")
     for name, bound in bounds(audit).items():
         assert bound <= audit["epsilon_accounted"], (name, audit["adversaries"][name])
+
+
+def client_audit(tmp_path, name: str, noise: float, confidence: float) -> dict:
+    """A client-level audit: 100 canary clients beside the 3 real ones, 2 rounds."""
+    cfg = tiny_config()
+    # delta 1e-8: the bound's delta term (2 m delta) stays far below the tests' significance levels
+    privacy = PrivacyConfig(mode="client", client_noise_multiplier=noise, client_delta=1e-8,
+                            state_dir=str(tmp_path / name / "nodes"))
+    cfg = dataclasses.replace(cfg, privacy=privacy, tracking=dataclasses.replace(cfg.tracking, progress=False))
+    return run_audit(cfg, AuditConfig(canaries=100, confidence=confidence, seed=11), tmp_path / name)
+
+
+def test_client_level_audit_with_canary_clients_stays_at_or_below_the_client_level_epsilon(tmp_path):
+    audit = client_audit(tmp_path, "client", noise=6.0, confidence=STRICT)
+    assert audit["level"] == "client" and audit["kind"] == "client"
+    # below what 100 canaries can show at this confidence (about 2.2): the check can fail
+    assert 0 < audit["epsilon_accounted"] < 1.3
+    assert audit["bounded_by_accounting"] == ["aggregate_reader", READER]
+    for name in audit["bounded_by_accounting"]:
+        assert bounds(audit)[name] <= audit["epsilon_accounted"], (name, audit["adversaries"][name])
+    # the coordinator sees each client's update before the noise: client-level DP does not cover it
+    assert bounds(audit)[COORDINATOR] > audit["epsilon_accounted"]
+
+
+def test_client_level_audit_has_power_when_the_noise_is_negligible(tmp_path):
+    audit = client_audit(tmp_path, "weak", noise=0.01, confidence=0.95)
+    assert audit["epsilon_accounted"] > 100
+    assert bounds(audit)["aggregate_reader"] > 2.0 and bounds(audit)[READER] > 2.0, audit["adversaries"]
