@@ -150,7 +150,8 @@ def simulated_nodes(cfg: ExperimentConfig, run_dir: Path,
 
 
 def run_inprocess(cfg: ExperimentConfig, run_dir: Path, *, client_app=None, observer: Observer | None = None,
-                  resume: bool = False, extra_node_config: Callable[[int], dict] | None = None) -> dict:
+                  resume: bool = False, extra_node_config: Callable[[int], dict] | None = None,
+                  unreachable: Iterable[int] = ()) -> dict:
     """Run (or continue) the federation of ``cfg`` in this process; returns its summary.
 
     Args:
@@ -160,12 +161,13 @@ def run_inprocess(cfg: ExperimentConfig, run_dir: Path, *, client_app=None, obse
         observer: sees every ``(message, reply)`` pair (the coordinator's view of the nodes).
         resume: continue from the checkpoint in ``run_dir``.
         extra_node_config: more node-config keys per partition (simulation driver only).
+        unreachable: partitions that never answer (a node that left: the round times out on it).
     """
     route_flower_logs()
     # nodes answer one after another here, so each may use every core (Ray runs them side by side)
     cores = os.cpu_count() or 1
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads_per_client=cores))
     app = client_app if client_app is not None else load_object(cfg.federation.client_app)
-    grid = InProcessGrid(app, cfg.federation.num_clients, observer=observer)
+    grid = InProcessGrid(app, cfg.federation.num_clients, observer=observer, unreachable=unreachable)
     with simulated_nodes(cfg, run_dir, extra_node_config), server_identity():
         return run_federation(grid, cfg, run_dir, resume=resume)

@@ -5,7 +5,8 @@ false alarm is rarer than 1 in 1,000: the "at or below the accounted epsilon" ch
 confidence of 0.9995 per adversary (two adversaries: at most 0.001 together); the power checks
 fix the auditor's seed and have a wide margin. The one-run ceiling caps what any run can show
 (with 200 canaries about 3 at 95%), so the DP checks audit runs planned for epsilon 1 or 0.5,
-well under that ceiling: a broken mechanism would be caught.
+well under that ceiling: a broken mechanism would be caught. The seeded-noise regression test
+runs in the fast tier; the others (a few full runs each) in the slow tier.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def bounds(audit: dict) -> dict[str, float]:
     return audit["epsilon_lower_bound"]
 
 
+@pytest.mark.slow
 def test_dp_sgd_audit_stays_at_or_below_the_accounted_epsilon(tmp_path):
     audit = audited(tmp_path, "dp", privacy=PrivacyConfig(target_epsilon=1.0))
     assert 0.9 < audit["epsilon_accounted"] <= 1.0
@@ -50,6 +52,7 @@ def test_dp_sgd_audit_stays_at_or_below_the_accounted_epsilon(tmp_path):
     assert (tmp_path / "dp" / "audit_scores.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_without_dp_the_coordinator_finds_the_canaries(tmp_path):
     audit = audited(tmp_path, "none", privacy=PrivacyConfig(mode="none"), confidence=0.95)
     assert audit["epsilon_accounted"] is None
@@ -91,6 +94,7 @@ def client_audit(tmp_path, name: str, noise: float, confidence: float) -> dict:
     return run_audit(cfg, AuditConfig(canaries=100, confidence=confidence, seed=11), tmp_path / name)
 
 
+@pytest.mark.slow
 def test_client_level_audit_with_canary_clients_stays_at_or_below_the_client_level_epsilon(tmp_path):
     audit = client_audit(tmp_path, "client", noise=6.0, confidence=STRICT)
     assert audit["level"] == "client" and audit["kind"] == "client"
@@ -103,6 +107,7 @@ def test_client_level_audit_with_canary_clients_stays_at_or_below_the_client_lev
     assert bounds(audit)[COORDINATOR] > audit["epsilon_accounted"]
 
 
+@pytest.mark.slow
 def test_client_level_audit_has_power_when_the_noise_is_negligible(tmp_path):
     audit = client_audit(tmp_path, "weak", noise=0.01, confidence=0.95)
     assert audit["epsilon_accounted"] > 100
