@@ -17,8 +17,8 @@ class PrivacyPlanError(FedLLMError):
     """No DP-SGD schedule can meet the requested privacy budget."""
 
 
-class BudgetExhausted(FedLLMError):
-    """Training more would push a privacy ledger past its cap."""
+class ModelError(FedLLMError):
+    """Model or adapter weights do not fit the model the config builds (names, shapes, trainable set)."""
 
 
 class UpdateRejected(FedLLMError):

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedllm.config import LoraSettings
-from fedllm.errors import ConfigError
+from fedllm.errors import ConfigError, ModelError
 
 
 def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
@@ -41,6 +41,6 @@ def assert_only_adapters_trainable(model: torch.nn.Module) -> None:
     """Fail loudly if any non-LoRA parameter would be trained (it would then leak and be sent)."""
     wrong = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     if wrong:
-        raise AssertionError(f"non-adapter parameters are trainable: {wrong[:5]}")
+        raise ModelError(f"non-adapter parameters are trainable: {wrong[:5]}")
     if not any(p.requires_grad for p in model.parameters()):
-        raise AssertionError("no trainable adapter parameters")
+        raise ModelError("no trainable adapter parameters: check lora.target_modules against the model's layers")

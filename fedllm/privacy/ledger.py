@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedllm.errors import LedgerError
 from fedllm.privacy.accounting import History, epsilon, normalise_history
 from fedllm.privacy.client_level import ClientLevelAccountant
 
@@ -112,7 +113,7 @@ class PrivacyLedger:
             ValueError: the saved accountant differs from this ledger's.
         """
         if state["accountant"] != self.accountant:
-            raise ValueError(f"ledger was kept with {state['accountant']!r}, not {self.accountant!r}")
+            raise LedgerError(f"ledger was kept with {state['accountant']!r}, not {self.accountant!r}")
         self.delta = float(state["delta"])
         self.target_epsilon = state["target_epsilon"]
         self.clients = {int(c): ClientLedger(**{**e, "history": normalise_history(e["history"])})

@@ -3,7 +3,8 @@
 * ``token``: the usual next-token loss on the answer tokens (prompt masked).
 * ``choices``: cross-entropy over just the scores of the fixed answers at the position
   right after the prompt. Under DP-SGD this spends the noisy gradient on the task rather
-  than on learning the answer format (FIELD_NOTES: several points of accuracy).
+  than on learning the answer format (several points of accuracy at the same epsilon on the
+  default task; see docs/benchmarks.md).
 
 Both return one loss per example, so per-sample gradients stay exact.
 """

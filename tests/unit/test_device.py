@@ -17,7 +17,7 @@ from fedllm.privacy.randomness import GaussianNoise, dp_randomness
 from fedllm.training.local import DPSpec, LocalSpec, train_local
 from fedllm.training.objectives import per_example_loss
 from fedllm.training.precision import autocast
-from tests.unit.test_training import FMT, _choice_ids, _easy_records
+from tests.training_data import FMT, choice_ids, easy_records
 
 NO_CUDA = not torch.cuda.is_available()
 DP = DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
@@ -59,11 +59,11 @@ def test_gpu_model_settings_need_a_gpu_share_in_simulation(fields):
 
 def _dp_round(model_cfg: ModelConfig) -> tuple[dict, dict]:
     bundle = task.model_bundle(model_cfg, LoraSettings(), 0)
-    data = tokenize_records(_easy_records(64, 5), bundle.tokenizer, FMT)
+    data = tokenize_records(easy_records(64, 5), bundle.tokenizer, FMT)
     before = adapter_state(bundle.model)
     spec = LocalSpec(steps=2, batch_size=16, lr=1e-2, weight_decay=0.0, objective="choices",
                      bf16=model_cfg.dtype == "bf16", seed=0)
-    result = train_local(bundle.model, data, make_collate(bundle.pad_id, True), spec, _choice_ids(bundle), DP, [])
+    result = train_local(bundle.model, data, make_collate(bundle.pad_id, True), spec, choice_ids(bundle), DP, [])
     assert result.history and result.history[0][2] == 2  # both steps accounted
     return before, adapter_state(bundle.model)
 
@@ -85,7 +85,7 @@ def test_bf16_base_weights_keep_fp32_adapters_and_train_under_dp():
 
 def test_bf16_per_sample_gradients_are_clipped_in_fp32():
     bundle = task.model_bundle(ModelConfig(source="tiny"), LoraSettings(), 0)
-    data = tokenize_records(_easy_records(64, 6), bundle.tokenizer, FMT)
+    data = tokenize_records(easy_records(64, 6), bundle.tokenizer, FMT)
     params = [p for p in bundle.model.parameters() if p.requires_grad]
     bundle.model.train()
     clip = 1e-3  # far below every gradient's norm: every sample is clipped
@@ -96,7 +96,7 @@ def test_bf16_per_sample_gradients_are_clipped_in_fp32():
     try:
         batch = next(b for b in session.loader if len(b["input_ids"]) > 0)
         with autocast(True):
-            per_example_loss(bundle.model, batch, "choices", _choice_ids(bundle)).mean().backward()
+            per_example_loss(bundle.model, batch, "choices", choice_ids(bundle)).mean().backward()
         assert {p.grad_sample.dtype for p in params} == {torch.bfloat16}  # what Opacus computes under autocast
         session.fp32_grad_samples()
         assert {p.grad_sample.dtype for p in params} == {torch.float32}

@@ -23,7 +23,7 @@ from fedllm.privacy.dpsgd import poisson_loader, start_round
 from fedllm.privacy.planner import sample_rate_for
 from fedllm.privacy.randomness import GaussianNoise, PoissonBatchSampler, dp_randomness
 from fedllm.training.local import DPSpec, LocalSpec, train_local
-from tests.unit.test_training import FMT, _choice_ids, _easy_records
+from tests.training_data import FMT, choice_ids, easy_records
 
 DP = DPSpec(noise_multiplier=0.8, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
 # Opacus's DPDataLoader sizes its sampler int(1 / (1 / k)) = k - 1 batches for these k
@@ -37,7 +37,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def shard(bundle):
-    return tokenize_records(_easy_records(64, 21), bundle.tokenizer, FMT)
+    return tokenize_records(easy_records(64, 21), bundle.tokenizer, FMT)
 
 
 def _spec(seed: int | None, steps: int = 3, batch_size: int = 16) -> LocalSpec:
@@ -49,7 +49,7 @@ def _train(bundle, data, start: dict, seed: int | None, **spec) -> tuple[dict, o
     """One DP round from the adapter ``start``: the adapter it produces and its result."""
     load_adapter_state(bundle.model, start)
     result = train_local(bundle.model, data, make_collate(bundle.pad_id, True), _spec(seed, **spec),
-                         _choice_ids(bundle), DP, [])
+                         choice_ids(bundle), DP, [])
     return adapter_state(bundle.model), result
 
 

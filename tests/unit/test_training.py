@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from fedllm import task
 from fedllm.config import LoraSettings, ModelConfig
-from fedllm.data.formatting import PromptFormat, make_collate, tokenize_records
-from fedllm.data.sources import Record
+from fedllm.data.formatting import make_collate, tokenize_records
 from fedllm.evaluation.metrics import evaluate
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.privacy.accounting import epsilon
 from fedllm.privacy.dpsgd import start_round
 from fedllm.privacy.randomness import dp_randomness
 from fedllm.training.local import DPSpec, LocalSpec, train_local
-
-CHOICES = ("positive", "negative")
-FMT = PromptFormat("Review: {prompt}\nSentiment:", " {response}", 32, CHOICES)
+from tests.training_data import FMT, choice_ids, easy_records
 
 
 @pytest.fixture(scope="module")
 def bundle():
     return task.model_bundle(ModelConfig(source="tiny"), LoraSettings(), 0)
-
-
-def _easy_records(n: int, seed: int) -> list[Record]:
-    """A trivially learnable sentiment task: the label is in the words."""
-    rng = random.Random(seed)
-    good, bad = ["great", "wonderful", "superb", "moving"], ["awful", "boring", "dreadful", "dull"]
-    records = []
-    for _ in range(n):
-        positive = rng.random() < 0.5
-        words = rng.choices(good if positive else bad, k=3) + rng.choices(["film", "plot", "cast"], k=2)
-        rng.shuffle(words)
-        records.append(Record(" ".join(words), "positive" if positive else "negative"))
-    return records
 
 
 def _spec(steps=5, seed=0, lr=1e-2, batch_size=16):
@@ -48,24 +30,18 @@ def _spec(steps=5, seed=0, lr=1e-2, batch_size=16):
 DP = DPSpec(noise_multiplier=0.8, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
 
 
-def _choice_ids(bundle):
-    from fedllm.data.formatting import choice_token_ids
-
-    return choice_token_ids(bundle.tokenizer, FMT)
-
-
 def _hook_count(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
                for m in model.modules())
 
 
 def test_dp_rounds_compose_to_one_shot_epsilon_and_leave_no_hooks(bundle):
-    data = tokenize_records(_easy_records(200, 0), bundle.tokenizer, FMT)
+    data = tokenize_records(easy_records(200, 0), bundle.tokenizer, FMT)
     collate = make_collate(bundle.pad_id, prompt_only=True)
     hooks_before = _hook_count(bundle.model)
     history: list = []
     for round_ in range(3):
-        result = train_local(bundle.model, data, collate, _spec(seed=round_), _choice_ids(bundle), DP, history)
+        result = train_local(bundle.model, data, collate, _spec(seed=round_), choice_ids(bundle), DP, history)
         history = result.history
         assert _hook_count(bundle.model) == hooks_before
         assert not any(hasattr(p, "grad_sample") for p in bundle.model.parameters())
@@ -76,10 +52,10 @@ def test_dp_rounds_compose_to_one_shot_epsilon_and_leave_no_hooks(bundle):
 
 
 def test_dp_training_changes_only_the_adapters(bundle):
-    data = tokenize_records(_easy_records(100, 1), bundle.tokenizer, FMT)
+    data = tokenize_records(easy_records(100, 1), bundle.tokenizer, FMT)
     frozen_before = {n: p.detach().clone() for n, p in bundle.model.named_parameters() if not p.requires_grad}
     adapters_before = adapter_state(bundle.model)
-    train_local(bundle.model, data, make_collate(bundle.pad_id, True), _spec(), _choice_ids(bundle), DP, [])
+    train_local(bundle.model, data, make_collate(bundle.pad_id, True), _spec(), choice_ids(bundle), DP, [])
     adapters_after = adapter_state(bundle.model)
     assert any(not torch.equal(adapters_before[k], adapters_after[k]) for k in adapters_after)
     # LoRA B starts at zero; after a DP round every B matrix has moved
@@ -91,9 +67,9 @@ def test_dp_training_changes_only_the_adapters(bundle):
 
 def test_a_dp_run_really_learns(bundle):
     """Guards against silently corrupted LoRA updates under Opacus (opacus issue #820)."""
-    train = tokenize_records(_easy_records(400, 2), bundle.tokenizer, FMT)
-    test = tokenize_records(_easy_records(200, 3), bundle.tokenizer, FMT)
-    ids = _choice_ids(bundle)
+    train = tokenize_records(easy_records(400, 2), bundle.tokenizer, FMT)
+    test = tokenize_records(easy_records(200, 3), bundle.tokenizer, FMT)
+    ids = choice_ids(bundle)
     load_adapter_state(bundle.model, {k: torch.zeros_like(v) if "lora_B" in k else v
                                       for k, v in adapter_state(bundle.model).items()})
     before = evaluate(bundle.model, test, bundle.pad_id, ids, 64, bf16=False)
@@ -106,14 +82,14 @@ def test_a_dp_run_really_learns(bundle):
 
 
 def test_non_private_training_keeps_no_dp_history(bundle):
-    data = tokenize_records(_easy_records(64, 4), bundle.tokenizer, FMT)
+    data = tokenize_records(easy_records(64, 4), bundle.tokenizer, FMT)
     result = train_local(bundle.model, data, make_collate(bundle.pad_id, True), _spec(steps=2),
-                         _choice_ids(bundle), None, None)
+                         choice_ids(bundle), None, None)
     assert result.history == [] and result.examples_seen == 32
 
 
 def test_empty_poisson_batch_is_a_noised_accounted_step(bundle):
-    data = tokenize_records(_easy_records(32, 5), bundle.tokenizer, FMT)
+    data = tokenize_records(easy_records(32, 5), bundle.tokenizer, FMT)
     model = bundle.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,7 +108,7 @@ def test_empty_poisson_batch_is_a_noised_accounted_step(bundle):
 
 @pytest.mark.parametrize("private", [True, False])
 def test_length_sorted_micro_batches_give_the_same_update(bundle, private):
-    data = tokenize_records(_easy_records(64, 6), bundle.tokenizer, FMT)
+    data = tokenize_records(easy_records(64, 6), bundle.tokenizer, FMT)
     collate = make_collate(bundle.pad_id, prompt_only=True)
     start = adapter_state(bundle.model)
     dp = DPSpec(noise_multiplier=0.0, max_grad_norm=0.05, accountant="rdp",
@@ -142,7 +118,7 @@ def test_length_sorted_micro_batches_give_the_same_update(bundle, private):
         load_adapter_state(bundle.model, start)
         spec = LocalSpec(steps=1, batch_size=16, lr=1e-3, weight_decay=0.0, objective="choices", bf16=False,
                          seed=11, micro_batches=parts)
-        outcome = train_local(bundle.model, data, collate, spec, _choice_ids(bundle), dp, [])
+        outcome = train_local(bundle.model, data, collate, spec, choice_ids(bundle), dp, [])
         results[parts] = (adapter_state(bundle.model), outcome)
     (one, r1), (three, r3) = results[1], results[3]
     assert r1.examples_seen == r3.examples_seen > 0
