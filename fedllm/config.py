@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DUPLICATE_POLICIES
 from fedllm.config_types import check_types as _check_types
+from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DUPLICATE_POLICIES
 from fedllm.errors import ConfigError
 
 MODEL_SOURCES = ("embedded", "tiny", "pretrained")
@@ -429,7 +429,7 @@ class ExperimentConfig:
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(sections))
         if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+            raise unknown_key_error(unknown[0], sorted(sections), "known top-level keys")
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in raw:
@@ -463,8 +463,7 @@ def _build_section(section_type: type, prefix: str, raw: Any) -> Any:
     names = {f.name for f in dataclasses.fields(section_type)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        known = ", ".join(sorted(names))
-        raise ConfigError(f"{prefix}: unknown key(s) {', '.join(unknown)}; known keys: {known}")
+        raise unknown_key_error(f"{prefix}.{unknown[0]}", sorted(names), f"known keys of {prefix}")
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
     if section_type is PrivacyConfig and isinstance(values.get("client_caps"), tuple):
         values["client_caps"] = tuple(_build_section(ClientCap, f"{prefix}.client_caps", cap)
@@ -551,9 +550,29 @@ def _unknown_key(exc: BaseException) -> ConfigError | None:
     full_key = getattr(cause, "full_key", None)
     if not full_key or "not in struct" not in str(cause):
         return None
-    section, _, _ = str(full_key).partition(".")
+    section = str(full_key).partition(".")[0]
     if section in _SECTION_TYPES and "." in str(full_key):
-        known = ", ".join(sorted(f.name for f in dataclasses.fields(_SECTION_TYPES[section])))
-        return ConfigError(f"{full_key}: unknown key; known keys of {section}: {known}")
-    known = ", ".join(sorted([*_SECTION_TYPES, "seed", "resume", "debug", "gpu"]))
-    return ConfigError(f"{full_key}: unknown key; known top-level keys and groups: {known}")
+        return unknown_key_error(str(full_key), sorted(f.name for f in dataclasses.fields(_SECTION_TYPES[section])),
+                                 f"known keys of {section}")
+    return unknown_key_error(str(full_key), sorted([*_SECTION_TYPES, *_OTHER_TOP_LEVEL]),
+                             "known top-level keys and groups")
+
+
+_OTHER_TOP_LEVEL = ("seed", "resume", "debug", "gpu", "audit")
+
+
+def unknown_key_error(key: str, known: list[str], known_label: str) -> ConfigError:
+    """``KEY: unknown key; did you mean SECTION.NAME?`` for a likely typo, else the known keys.
+
+    Args:
+        key: the full key given (``privacy.target_epsilion``).
+        known: the names valid at its place (the section's keys, or the top-level ones).
+        known_label: what ``known`` is, for the message (``known keys of privacy``).
+    """
+    import difflib
+
+    prefix, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return ConfigError(f"{key}: unknown key; did you mean {prefix + '.' if prefix else ''}{close[0]}?")
+    return ConfigError(f"{key}: unknown key; {known_label}: {', '.join(known)}")

@@ -1,4 +1,8 @@
-"""Tables of finished runs: one row per run (target and spent epsilon, accuracy, rounds, time)."""
+"""Tables of runs: one row per run (outcome, model, data, privacy, noise, learning rate, target and
+spent epsilon, accuracy, rounds, time), grouped by model and data.
+
+Failed and unfinished runs are rows with their status and reason, never privacy-utility points.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +10,113 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from fedllm.analysis.runs import Run
+from fedllm.analysis.runs import Run, failure_of
 
-COLUMNS = ("run", "privacy", "target_epsilon", "spent_epsilon", "audit_coordinator", "audit_output_reader",
-           "zero_shot_accuracy", "final_accuracy", "rounds", "clients", "wall_seconds")
+# the first four as they always were (scripts and tests read them); rows are sorted by model and data
+COLUMNS = ("run", "privacy", "target_epsilon", "spent_epsilon", "status", "model", "data", "noise_multiplier", "lr",
+           "audit_coordinator", "audit_output_reader", "zero_shot_accuracy", "final_accuracy", "rounds", "clients",
+           "wall_seconds", "note")
+NOTE_CHARS = 200  # a failure reason is cut to this in the Markdown table (the CSV keeps it whole)
+
+
+def model_label(config: dict[str, Any]) -> str | None:
+    """The base model as a table shows it: the hub id or folder, ``embedded`` or ``tiny``."""
+    model = config.get("model") or {}
+    if model.get("name_or_path"):
+        return str(model["name_or_path"])
+    return model.get("source")
+
+
+def data_label(config: dict[str, Any]) -> str | None:
+    """The data set as a table shows it: its name, and the file name for ``jsonl``."""
+    data = config.get("data") or {}
+    if not data:
+        return None
+    if data.get("path"):
+        return f"{data.get('name')}:{Path(str(data['path'])).name}"
+    return data.get("name")
+
+
+def noise_label(run: Run) -> float | str | None:
+    """The noise multiplier that ran: sample-level DP-SGD's per node (from the ledger; a range when
+    nodes differ; else the configured one), or client-level DP's under ``privacy=client``."""
+    privacy = run.config.get("privacy") or {}
+    mode = privacy.get("mode") or run.summary.get("privacy_mode")
+    if mode == "none":
+        return None
+    if mode == "client":
+        return privacy.get("client_noise_multiplier")
+    used = sorted({round(c["noise_multiplier"], 4) for c in (run.ledger.get("clients") or {}).values()
+                   if c.get("noise_multiplier")})
+    if not used:
+        return privacy.get("noise_multiplier")
+    return used[0] if len(used) == 1 else f"{used[0]:g}-{used[-1]:g}"
 
 
 def report_rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
-    """One row per run; ``run`` is the path relative to ``root``."""
+    """One row per run, grouped by model and data (then privacy, target epsilon, path); ``run``
+    is the path relative to ``root``. A failed or unfinished run keeps its status and reason
+    (``note``) and shows no results."""
     rows = []
     for run in runs:
         s = run.summary
+        finished = run.finished
         audited = (run.audit or {}).get("epsilon_lower_bound", {})  # `fedllm audit`'s lower bounds, if it ran
         rows.append({
             "run": str(run.path.relative_to(root)) if run.path != root else run.path.name,
-            "privacy": s.get("privacy_mode"),
-            "target_epsilon": s.get("target_epsilon"),
-            "spent_epsilon": s.get("final_max_epsilon"),
-            "audit_coordinator": audited.get("coordinator"),
-            "audit_output_reader": audited.get("output_reader"),
+            "status": run.status,
+            "model": model_label(run.config),
+            "data": data_label(run.config),
+            "privacy": s.get("privacy_mode") or (run.config.get("privacy") or {}).get("mode"),
+            "noise_multiplier": noise_label(run),
+            "lr": (run.config.get("train") or {}).get("lr"),
+            "target_epsilon": s["target_epsilon"] if "target_epsilon" in s else _configured_target(run.config),
+            "spent_epsilon": s.get("final_max_epsilon") if finished else None,
+            "audit_coordinator": audited.get("coordinator") if finished else None,
+            "audit_output_reader": audited.get("output_reader") if finished else None,
             "zero_shot_accuracy": s.get("zero_shot_accuracy"),
-            "final_accuracy": s.get("final_accuracy"),
+            "final_accuracy": s.get("final_accuracy") if finished else None,
             "rounds": s.get("rounds_completed"),
             "clients": s.get("num_clients"),
             "wall_seconds": s.get("wall_seconds"),
+            "note": failure_of(run),
         })
-    return rows
+    return sorted(rows, key=_group_key)
 
 
-def _cell(value: Any) -> str:
+def _configured_target(config: dict[str, Any]) -> float | None:
+    """The target epsilon a run was configured with (for a run that failed before its summary said it)."""
+    privacy = config.get("privacy") or {}
+    return privacy.get("target_epsilon") if privacy.get("mode") in ("sample", "both") else None
+
+
+def _group_key(row: dict[str, Any]) -> tuple:
+    def text(value: Any) -> str:
+        return "" if value is None else str(value)
+
+    def number(value: Any) -> float:
+        return value if isinstance(value, (int, float)) else float("inf")
+
+    return (text(row["model"]), text(row["data"]), text(row["privacy"]), number(row["target_epsilon"]),
+            text(row["run"]))
+
+
+def _cell(value: Any, limit: int | None = None) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    if limit and len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text
 
 
 def to_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
-    """A GitHub-flavoured Markdown table of ``columns`` (missing values as "-")."""
+    """A GitHub-flavoured Markdown table of ``columns`` (missing values as "-"; long notes cut)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row.get(c), NOTE_CHARS if c == "note" else None) for c in columns) + " |"
+              for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -59,7 +130,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def privacy_utility_points(runs: list[Run]) -> list[dict[str, Any]]:
-    """(spent epsilon, final accuracy) per run, for the privacy-utility plot."""
+    """(spent epsilon, final accuracy) per finished run, with its model and data (``group``)
+    for the privacy-utility plot; failed and unfinished runs are never points."""
     return [{"epsilon": r.summary.get("final_max_epsilon"), "accuracy": r.summary.get("final_accuracy"),
-             "zero_shot": r.summary.get("zero_shot_accuracy")}
-            for r in runs if r.summary.get("final_accuracy") is not None]
+             "zero_shot": r.summary.get("zero_shot_accuracy"),
+             "group": " / ".join(x for x in (model_label(r.config), data_label(r.config)) if x) or None}
+            for r in runs if r.finished and r.summary.get("final_accuracy") is not None]

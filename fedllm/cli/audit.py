@@ -22,6 +22,11 @@ def audit_cli(argv: list[str]) -> int:
     """Run ``fedllm audit`` with Hydra overrides (``audit.canaries=...`` etc. for the audit itself)."""
     import hydra
 
+    from fedllm.cli.simulate import overrides_help, wants_help
+
+    if wants_help(argv):  # our help, not Hydra's (which dumps the config and names no key's meaning)
+        print(overrides_help("audit"))
+        return 0
     set_quiet_env()
     try:
         config_path = str(conf_dir())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: fedllm <command> [hydra overrides]
+USAGE = """usage: fedllm <command> [arguments]   (fedllm <command> --help for each; fedllm --version)
 
 commands:
   simulate   run a federated DP fine-tuning job on this machine (Flower simulation engine);
@@ -17,15 +17,25 @@ commands:
   verify     check the checksums of a run directory (adapter, checkpoint, node ledgers)
   decrypt    write the plain file of an encrypted (sealed) adapter or checkpoint file
   node-status  a node's spent epsilon, cap and last rounds, from its own --node-config string
+
+simulate, plan and audit take Hydra overrides (KEY=VALUE, GROUP=OPTION); a rejected override is
+reported in one line and creates nothing.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand; each subcommand parses its own arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        if argv[1:2] and argv[0] == "help":  # `fedllm help simulate` is `fedllm simulate --help`
+            return main([argv[1], "--help"])
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from fedllm import __version__
+
+        print(f"fedllm {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "simulate":
         from fedllm.cli.simulate import simulate_cli

@@ -66,7 +66,8 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
 
 def node_status_cli(argv: list[str]) -> int:
     """``fedllm node-status --node-config '...' [--last N]``."""
-    parser = argparse.ArgumentParser(prog="fedllm node-status", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fedllm node-status", description=" ".join(
+        __doc__.replace("``fedllm node-status``: what", "What").replace("``", "").split()))
     parser.add_argument("--node-config", required=True,
                         help="the node's --node-config string, e.g. 'state-dir=\"/var/lib/fedllm\" ...'")
     parser.add_argument("--last", type=int, default=5, help="how many audited rounds to show")

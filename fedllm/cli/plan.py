@@ -26,10 +26,13 @@ def plan_cli(argv: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fedllm.cli.simulate import conf_dir
+    from fedllm.cli.simulate import conf_dir, overrides_help, wants_help
     from fedllm.config import from_hydra, hydra_error
     from fedllm.planning import build_plan, format_plan
 
+    if wants_help(argv):
+        print(overrides_help("plan"))
+        return 0
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             try:

@@ -1,27 +1,35 @@
-"""``fedllm report <run or sweep dir>``: print a compact table, write CSV + Markdown (+ plot)."""
+"""``fedllm report <run or sweep dir>``: print a compact table, write CSV + Markdown (+ plot).
+
+Every job folder below the directory is a row: completed and stopped runs with their results,
+failed runs (``summary.json`` says ``status: failed``) and unfinished ones (no summary: killed
+or still running) with their status and reason only. Rows are grouped by model and data, and
+only finished runs become points of the privacy-utility plot (one line per model and data).
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from fedllm.errors import FedLLMError
 
-USAGE = "usage: fedllm report <run or sweep directory>"
-
 
 def report_cli(argv: list[str]) -> int:
-    """Summarise every finished run in a directory; for several runs also plot privacy vs utility."""
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stderr)
-        return 2
+    """Summarise every run in a directory; for several finished runs also plot privacy vs utility."""
+    parser = argparse.ArgumentParser(
+        prog="fedllm report", description=" ".join(__doc__.split("\n\n")[1].replace("``", "").split()),
+        epilog="writes report.csv and report.md (and privacy_utility.png) into the directory")
+    parser.add_argument("directory", type=Path, help="a run folder (outputs/<date>/<time>) or a sweep folder "
+                                                     "(multirun/<date>/<time>), or any folder of runs")
+    args = parser.parse_args(argv)
     from fedllm.analysis.report import privacy_utility_points, report_rows, to_markdown, write_csv
     from fedllm.analysis.runs import find_runs
     from fedllm.tracking.plots import PRIVACY_UTILITY_PNG, plot_privacy_utility
 
-    root = Path(argv[0])
+    root = args.directory
     try:
-        runs = find_runs(root)
+        runs = find_runs(root, include_incomplete=True)
     except FedLLMError as exc:
         print(f"fedllm report: {exc}", file=sys.stderr)
         return 1
@@ -31,7 +39,11 @@ def report_cli(argv: list[str]) -> int:
     (root / "report.md").write_text(markdown, encoding="utf-8")
     written = [write_csv(rows, root / "report.csv"), root / "report.md"]
     points = privacy_utility_points(runs)
-    if len(runs) > 1 and points:
+    if len(points) > 1:
         written.append(plot_privacy_utility(points, root / PRIVACY_UTILITY_PNG))
+    incomplete = [run for run in runs if not run.finished]
+    if incomplete:
+        print(f"{len(incomplete)} of {len(runs)} runs failed or did not finish (status column); "
+              "they are not plotted")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -259,10 +260,12 @@ def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: 
         # the sample was drawn from the nodes connected then (all of them, unless the wait for
         # them timed out): the fewest seen around it, so a sampling ratio is never understated
         population = min(settings.num_clients, connected, len(set(grid.get_node_ids())))
+        sent_at = time.monotonic()
         received = list(grid.send_and_receive(messages, timeout=settings.timeout))
+        waited = time.monotonic() - sent_at  # the real wait: an engine that died returns long before the timeout
         replies = sort_replies(received, ledger, server_round, arrays, settings.policy, node_partitions)
         replies.sampled = len(messages)  # amplification credit counts the clients sampled, not those that replied
-        replies.failures += [f"node {m.metadata.dst_node_id}: no reply within {settings.timeout:g} s"
+        replies.failures += [f"node {m.metadata.dst_node_id}: {no_reply(waited, settings.timeout)}"
                              for m in _unanswered(messages, received)]
         if len(replies.updates) >= settings.min_train_clients:
             arrays = _aggregate(strategy, ledger, server_round, replies, population) or arrays
@@ -277,6 +280,15 @@ def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: 
             log.warning("stopping: %s", reason)
             return arrays, reason
     return arrays, None
+
+
+def no_reply(waited: float, timeout: float) -> str:
+    """What an unanswered message says: the time actually waited, and whether that was the
+    timeout or an engine that gave up earlier (a node gone, a simulation engine that failed)."""
+    if waited >= timeout:
+        return f"no reply after {waited:.0f} s (federation.round_timeout={timeout:g} s)"
+    return (f"no reply after {waited:.1f} s, before federation.round_timeout={timeout:g} s: the engine returned "
+            "without it (node gone or engine stopped)")
 
 
 def _unanswered(messages: list[Message], replies: list[Message]) -> list[Message]:

@@ -15,11 +15,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedllm import task
 from fedllm.config import ExperimentConfig
+from fedllm.errors import FedLLMError
 from fedllm.evaluation.metrics import evaluate
 from fedllm.federation import records as keys
 from fedllm.federation.checkpoint import Checkpointer, ServerState
-from fedllm.federation.rounds import LoopSettings, ReplyPolicy, RoundReplies, run_rounds
 from fedllm.federation.protocol import TrainReport
+from fedllm.federation.rounds import LoopSettings, ReplyPolicy, RoundReplies, run_rounds
 from fedllm.federation.strategy import build_strategy
 from fedllm.federation.validation import MechanismCheck
 from fedllm.model.adapter_files import save_adapter
@@ -199,8 +200,12 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
         if state.stop_reason is None and state.server_round < cfg.federation.num_rounds:
             run_rounds(grid, strategy_for(cfg), ledger, loop_settings(cfg, state.run_id),
                        ArrayRecord(torch_state_dict=state.arrays), state.server_round + 1, end_round)
-    finally:
+    except BaseException as exc:
+        # the run did not finish: say so in summary.json (the checkpoint still resumes it), then re-raise
         run_log.close()
+        write_failure(cfg, run_dir, state, ledger, run_log, failure_text(exc))
+        raise
+    run_log.close()
     summary = write_outputs(cfg, run_dir, evaluator.bundle.model, state, ledger, run_log, key)
     if sink:
         sink.finish(summary)
@@ -213,8 +218,89 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, state: ServerStat
     load_adapter_state(model, state.arrays)
     save_adapter(model, run_dir / "adapter", key)  # with a key, the weights are only ever written sealed
     write_json(run_dir / "privacy_ledger.json", ledger.to_report())
+    summary = run_summary(cfg, state, ledger, run_log)
+    write_json(run_dir / "summary.json", summary)
+    plot_run(run_dir, run_log.rounds, summary["target_epsilon"])
+    return summary
+
+
+def write_failure(cfg: ExperimentConfig, run_dir: Path, state: ServerState, ledger: PrivacyLedger,
+                  run_log: RunLog, failure: str) -> dict | None:
+    """``summary.json`` (``status: failed``) and the privacy ledger of a run the round loop did
+    not finish; no adapter. Never raises: the caller re-raises the failure itself."""
+    try:
+        write_json(run_dir / "privacy_ledger.json", ledger.to_report())
+        summary = run_summary(cfg, state, ledger, run_log, failure=failure)
+        write_json(run_dir / "summary.json", summary)
+        return summary
+    except Exception:  # noqa: BLE001 - the original failure is what the caller must see
+        log.exception("could not write summary.json for the failed run")
+        return None
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line saying why a run failed: a fedllm error's own message, else the exception's type and text."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (KeyboardInterrupt)"
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, FedLLMError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def run_outcome(rounds: list[dict], stop_reason: str | None, failure: str | None = None) -> tuple[str, str | None]:
+    """The run's ``status`` and, when it failed, why.
+
+    ``completed``: every planned round ran; ``stopped``: the privacy stop rule ended it early
+    (``stop_reason``); ``failed``: ``failure`` (the round loop or the engine broke), or rounds
+    ran and not one of them aggregated a client update (every client failed, refused or was
+    rejected), so the adapter is the zero-shot one and no result exists.
+    """
+    if failure:
+        return "failed", failure
+    trained = [r for r in rounds[1:] if r.get("num_clients")]
+    if len(rounds) > 1 and not trained:
+        return "failed", no_update_failure(rounds[1:], stop_reason)
+    return ("stopped", None) if stop_reason else ("completed", None)
+
+
+def no_update_failure(rounds: list[dict], stop_reason: str | None) -> str:
+    """Why no round produced an update, from the rounds' failures, refusals and rejections."""
+    failed = [f for r in rounds for f in r.get("failed", [])]
+    refused = sum(len(r.get("refused", [])) for r in rounds)
+    rejected = [x for r in rounds for x in r.get("rejections", [])]
+    counts = []
+    if failed:
+        counts.append(f"{len(failed)} failed (e.g. {_clip(failed[0])})")
+    if refused:
+        counts.append(f"{refused} refused (privacy caps or node policy)")
+    if rejected:
+        counts.append(f"{len(rejected)} rejected (e.g. {_clip(rejected[0])})")
+    if not (failed or refused or rejected):
+        counts.append("no client was sampled or none replied")
+    text = f"no client update in any of the {len(rounds)} round(s) run: " + "; ".join(counts)
+    return text + (f"; then stopped: {stop_reason}" if stop_reason else "")
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """``node N: ...`` with the end of a long reason kept (an error's message is at the end of its traceback)."""
+    who, sep, reason = text.partition(": ")
+    if sep and "\\n" in reason:  # an escaped remote traceback: its last line says what happened
+        reason = [line for line in reason.split("\\n") if line.strip()][-1].strip() if reason.strip("\\n ") else reason
+        text = f"{who}: {reason}"
+    if len(text) <= limit:
+        return text
+    if sep and len(who) < limit // 2:
+        return f"{who}{sep}...{reason[-(limit - len(who) - 5):]}"
+    return "..." + text[-limit:]
+
+
+def run_summary(cfg: ExperimentConfig, state: ServerState, ledger: PrivacyLedger, run_log: RunLog,
+                failure: str | None = None) -> dict:
+    """The ``summary.json`` content: the outcome first, then what the run achieved and spent."""
     rounds = run_log.rounds
+    status, reason = run_outcome(rounds, state.stop_reason, failure)
     summary = {
+        "status": status,
+        **({"failure": reason} if reason else {}),
         "run_id": state.run_id,
         "rounds_completed": max((r["round"] for r in rounds), default=0),
         "rounds_planned": cfg.federation.num_rounds,
@@ -230,8 +316,6 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, state: ServerStat
         "test_examples": cfg.data.test_size,
         "federation_seconds": round(run_log.wall_seconds(), 1),
     }
-    write_json(run_dir / "summary.json", summary)
-    plot_run(run_dir, rounds, summary["target_epsilon"])
     return summary
 
 

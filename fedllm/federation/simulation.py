@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from fedllm.config import ExperimentConfig, ModelConfig
-from fedllm.errors import ConfigError
+from fedllm.errors import ConfigError, FedLLMError
 from fedllm.node.policy import SIMULATED_NODES_ENV, write_simulated_nodes
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +59,6 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from fedllm.federation.server_app import build_server_app
-
     route_flower_logs()
     client_app = load_object(cfg.federation.client_app)
 
@@ -69,14 +73,148 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     # each virtual node's own config (state, cap, policy), from the researcher's experiment; Ray's
     # workers inherit the variable naming it, and nothing of it travels in a server message
     write_simulated_nodes(cfg, run_dir / "simulated_nodes.json")
+    watch = EngineWatch()
     try:
         flwr_run_simulation(
-            server_app=build_server_app(cfg, run_dir, resume=resume), client_app=client_app,
+            server_app=watched_server_app(cfg, run_dir, watch, resume=resume), client_app=client_app,
             num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
         )
+    except Exception as exc:
+        watch.stop(f"the simulation engine failed: {engine_error(exc)}")
+        if watch.server_error is not None:  # Flower re-raises what the ServerApp raised
+            raise EngineFailed(watch.server_error) from exc
+        raise EngineFailed(watch.reason) from exc
     finally:
+        # Flower does not wait for the ServerApp thread when its engine fails: stop it (its next
+        # grid call raises) and wait, or the process would live on until every round timed out
+        watch.stop("the simulation engine ended")
+        watch.wait_server(SERVER_STOP_WAIT)
         stop_ray(ray)
         os.environ.pop(SIMULATED_NODES_ENV, None)
+    if watch.server_error is not None:
+        raise EngineFailed(watch.server_error)
+
+
+SERVER_STOP_WAIT = 120.0  # seconds to let a stopped ServerApp write its failed summary (an evaluation may be running)
+
+
+class EngineFailed(FedLLMError):
+    """The simulation engine, or the ServerApp in it, failed: the run has no result."""
+
+
+class EngineWatch:
+    """Links the ServerApp thread to the engine that runs it: :meth:`stop` makes the ServerApp's
+    next grid call raise (:class:`StoppableGrid`), and :meth:`wait_server` waits for it to end."""
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self.server_done = threading.Event()
+        self.reason = ""
+        self.server_started = False
+        self.server_error: str | None = None  # why the ServerApp raised, if it did
+
+    def stop(self, reason: str) -> None:
+        """Stop the ServerApp's grid calls (the first reason given is kept)."""
+        if not self.stopped.is_set():
+            self.reason = reason
+            self.stopped.set()
+
+    def wait_server(self, timeout: float) -> bool:
+        """Wait until the ServerApp has returned (or never started); False if it is still running."""
+        if not self.server_started:
+            return True
+        finished = self.server_done.wait(timeout)
+        if not finished:
+            log.error("the ServerApp did not stop within %.0f s of the engine", timeout)
+        return finished
+
+
+class StoppableGrid:
+    """A Flower ``Grid`` (by its methods: Flower is imported only once the engine starts) that
+    raises :class:`EngineFailed` once its :class:`EngineWatch` is stopped, and whose
+    ``send_and_receive`` waits in short steps so it notices."""
+
+    POLL_SECONDS = 0.1
+
+    def __init__(self, grid, watch: EngineWatch):
+        self.grid, self.watch = grid, watch
+
+    def _check(self) -> None:
+        if self.watch.stopped.is_set():
+            raise EngineFailed(self.watch.reason)
+
+    def set_run(self, run) -> None:  # noqa: D102 - Grid's contract
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: D102
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):  # noqa: D102
+        self._check()
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages):  # noqa: D102
+        self._check()
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # noqa: D102
+        self._check()
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        """Push, then pull until every reply is in, ``timeout`` passes, or the engine stops."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        while pending:
+            for reply in self.pull_messages(pending):
+                replies.append(reply)
+                pending.discard(reply.metadata.reply_to_message_id)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            self.watch.stopped.wait(self.POLL_SECONDS)
+        return replies
+
+
+def watched_server_app(cfg: ExperimentConfig, run_dir: Path, watch: EngineWatch, resume: bool = False):
+    """The run's ServerApp, on a :class:`StoppableGrid`, telling ``watch`` when it ends and why."""
+    from flwr.serverapp import ServerApp
+
+    from fedllm.federation.server_app import run_federation
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        watch.server_started = True
+        try:
+            run_federation(cast("Grid", StoppableGrid(grid, watch)), cfg, run_dir, resume=resume)
+        except Exception as exc:
+            if isinstance(exc, EngineFailed):
+                watch.server_error = watch.reason
+            else:
+                watch.server_error = " ".join(str(exc).split()) if isinstance(exc, FedLLMError) else engine_error(exc)
+            raise
+        finally:
+            watch.server_done.set()
+
+    return app
+
+
+def engine_error(exc: BaseException) -> str:
+    """An engine exception and its causes on one line (Flower wraps the real error twice)."""
+    parts, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = " ".join(str(current).split())
+        parts.append(f"{type(current).__name__}: {text}" if text else type(current).__name__)
+        current = current.__cause__ or current.__context__
+    return " <- ".join(parts)[:600]
 
 
 def gpu_share(client_gpus: float, model: ModelConfig) -> float:

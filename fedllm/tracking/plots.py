@@ -57,20 +57,33 @@ def plot_eval(rounds: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
-    """Final accuracy against spent epsilon for a sweep; non-private runs as a horizontal line.
+    """Final accuracy against spent epsilon for a sweep: one line per model and data (``group``),
+    never joining runs of different models; non-private runs and zero-shot accuracy as
+    horizontal lines in the group's colour.
 
     Args:
-        points: one dict per run with ``epsilon`` (None without DP) and ``accuracy``.
+        points: one dict per finished run with ``epsilon`` (None without DP), ``accuracy``,
+            ``zero_shot`` and optionally ``group`` (e.g. "tiny / rotten_tomatoes").
     """
     fig, ax = plt.subplots(figsize=(6, 4))
-    private = sorted((p["epsilon"], 100 * p["accuracy"]) for p in points if p["epsilon"] is not None)
-    if private:
-        ax.plot(*zip(*private, strict=True), marker="o", label="DP-SGD (sample level)")
-    for baseline in (p for p in points if p["epsilon"] is None):
-        ax.axhline(100 * baseline["accuracy"], color="gray", linestyle="--", label="non-private")
-    zero_shot = [p["zero_shot"] for p in points if p.get("zero_shot") is not None]
-    if zero_shot:
-        ax.axhline(100 * zero_shot[0], color="black", linestyle=":", label="zero-shot")
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for point in points:
+        groups.setdefault(point.get("group"), []).append(point)
+    several = len(groups) > 1
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (group, members) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
+        color = colors[index % len(colors)]
+        prefix = f"{group}: " if several and group else ""
+        private = sorted((p["epsilon"], 100 * p["accuracy"]) for p in members if p["epsilon"] is not None)
+        if private:
+            ax.plot(*zip(*private, strict=True), marker="o", color=color, label=f"{prefix}DP-SGD (sample level)")
+        for number, baseline in enumerate(p for p in members if p["epsilon"] is None):
+            ax.axhline(100 * baseline["accuracy"], color=color if several else "gray", linestyle="--",
+                       label=f"{prefix}non-private" if number == 0 else None)
+        zero_shot = [p["zero_shot"] for p in members if p.get("zero_shot") is not None]
+        if zero_shot:
+            ax.axhline(100 * zero_shot[0], color=color if several else "black", linestyle=":",
+                       label=f"{prefix}zero-shot")
     ax.set(xlabel="epsilon spent (max over clients)", ylabel="final held-out accuracy (%)",
            title="Privacy-utility trade-off")
     ax.legend(fontsize="small")

@@ -46,3 +46,32 @@ def test_sweep_directories_are_found_in_order_and_tabulated(tmp_path):
 def test_a_directory_without_runs_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no finished fedllm run"):
         find_runs(tmp_path)
+
+
+# Issue 15: failed and unfinished jobs are found and labelled, never taken for results.
+
+def test_jobs_without_a_summary_are_unfinished_and_a_resume_folder_is_not_a_job(tmp_path):
+    _write_run(tmp_path / "0", summary={"status": "completed", "privacy_mode": "none", "final_accuracy": 0.5})
+    (tmp_path / "1" / ".hydra").mkdir(parents=True)  # Hydra made it; the job died before config.json
+    (tmp_path / "2" / ".hydra").mkdir(parents=True)  # the log folder of a `resume=` command
+    (tmp_path / "2" / ".hydra" / "overrides.yaml").write_text("- resume=outputs/x\n")
+    runs = find_runs(tmp_path, include_incomplete=True)
+    assert [(r.path.name, r.status) for r in runs] == [("0", "completed"), ("1", "unfinished")]
+    assert [r.path.name for r in find_runs(tmp_path)] == ["0"]
+
+
+def test_a_failed_run_needs_no_metrics_or_ledger(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"status": "failed", "failure": "engine"}))
+    (run,) = find_runs(tmp_path, include_incomplete=True)
+    assert run.status == "failed" and run.rounds == [] and run.ledger == {}
+    with pytest.raises(DataError, match="no finished fedllm run.*1 failed or unfinished"):
+        find_runs(tmp_path)
+
+
+def test_summaries_written_before_the_status_field_are_classified():
+    from fedllm.analysis.runs import run_status
+
+    assert run_status({"rounds_completed": 2, "rounds_without_updates": [1, 2], "stop_reason": None}) == "failed"
+    assert run_status({"rounds_completed": 2, "rounds_without_updates": [1], "stop_reason": None}) == "completed"
+    assert run_status({"rounds_completed": 1, "rounds_without_updates": [], "stop_reason": "caps"}) == "stopped"

@@ -87,7 +87,7 @@ def test_invalid_values_raise_config_error_naming_the_key(build, key):
 def test_unknown_override_key_is_a_config_error():
     raw = ExperimentConfig(data=DataConfig(choices=("a", "b"))).to_dict()
     raw["privacy"]["epsilon"] = 3
-    with pytest.raises(ConfigError, match="privacy: unknown key"):
+    with pytest.raises(ConfigError, match="^privacy.epsilon: unknown key; did you mean privacy.target_epsilon"):
         ExperimentConfig.from_dict(raw)
 
 
@@ -114,6 +114,8 @@ def test_required_values_left_unset_name_the_key(overrides, key):
     ("train.lr=inf", "train.lr"),
     ("train.local_steps=1.5", "train.local_steps"),
     ("train.batch_size=2.5", "train.batch_size"),
+    ("train.batch_size=1.5", "train.batch_size"),  # issue 15: these ran as if nothing were wrong
+    ("federation.num_rounds=three", "federation.num_rounds"),
     ("privacy.target_epsilon=inf", "privacy.target_epsilon"),
     ("privacy.delta=nan", "privacy.delta"),
     ("seed=abc", "seed"),
@@ -219,7 +221,8 @@ def test_from_json_rejects_a_float_seed_and_a_string_flag():
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("privacy.epsilon=3", "privacy.epsilon: unknown key; known keys of privacy: accountant,"),
+    ("privacy.epsilon=3", "privacy.epsilon: unknown key; did you mean privacy.target_epsilon?"),
+    ("privacy.zzz=3", "privacy.zzz: unknown key; known keys of privacy: accountant,"),
     ("nogroup=x", "nogroup: unknown key"),
     ("privacy.client_caps.x=1", "cannot apply the overrides"),
     ("privacy=nonexistent", "privacy/nonexistent"),
@@ -235,3 +238,32 @@ def test_plan_reports_config_errors_in_one_line_and_fails(override, expected, ca
     err = capsys.readouterr().err
     assert err.startswith("fedllm plan: ") and expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# Issue 15, item 5: key typos get a "did you mean", from the compose API as from the CLI.
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("privacy.target_epsilion=3", "privacy.target_epsilion: unknown key; did you mean privacy.target_epsilon?"),
+    ("train.batchsize=4", "train.batchsize: unknown key; did you mean train.batch_size?"),
+    ("sed=1", "sed: unknown key; did you mean seed?"),
+    ("+federation.num_round=2", "federation.num_round: unknown key; did you mean federation.num_rounds?"),
+])
+def test_a_key_typo_suggests_the_key(override, expected):
+    from hydra.errors import HydraException
+
+    from fedllm.config import hydra_error
+
+    try:
+        _compose([override])
+    except HydraException as exc:  # Hydra's own refusal, as `fedllm simulate` reports it
+        message = str(hydra_error(exc))
+    except ConfigError as exc:  # an added key reaches the dataclasses
+        message = str(exc)
+    assert message == expected
+
+
+def test_wrong_types_name_the_key_and_the_expected_type():
+    with pytest.raises(ConfigError, match=r"^train[.]batch_size: expected an integer, got 1[.]5$"):
+        _compose(["train.batch_size=1.5"])
+    with pytest.raises(ConfigError, match=r"^federation[.]num_rounds: expected an integer, got 'three'$"):
+        _compose(["federation.num_rounds=three"])

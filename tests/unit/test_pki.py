@@ -163,3 +163,31 @@ def test_register_node_refuses_a_file_that_is_not_a_node_key(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "scripts" / "register_node.sh"), str(not_a_key)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "EC P-384" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["make_certs.py", "make_node_keys.py"])
+def test_script_help_creates_nothing(script, tmp_path, monkeypatch, capsys):
+    # issue 15: `make_certs.py --help` once made a folder named --help holding a new CA
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0 and "--force" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_node_keys_refuses_to_replace_a_key_without_force(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_node_keys", ROOT / "scripts" / "make_node_keys.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path), "n1"]) == 0
+    key = (tmp_path / "n1").read_bytes()
+    assert module.main([str(tmp_path), "n1"]) == 1 and "--force" in capsys.readouterr().err
+    assert (tmp_path / "n1").read_bytes() == key
+    assert module.main(["--force", str(tmp_path), "n1"]) == 0 and (tmp_path / "n1").read_bytes() != key
