@@ -2,13 +2,14 @@
 #   make run   [ARGS='hydra overrides']   set up .venv (first time only) and run the default job
 #   make test  [PYTEST_ARGS='...']        set up .venv (first time only) and run the test suite
 #   make test-fast                        the fast tier: no engines, subprocess CLIs, notebooks or benchmarks
+#   make lint                             ruff (lint) and mypy, configured in pyproject.toml
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedllm-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast clean
+.PHONY: install run test test-fast lint clean
 
 install: $(STAMP)
 
@@ -30,6 +31,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check fedllm tests scripts
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

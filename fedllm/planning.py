@@ -143,7 +143,7 @@ def compare_accountants(row: PlanRow, used: str, fixed_noise: float | None = Non
         return (f"accountants: noise fixed at {fixed_noise:g} (privacy.noise_multiplier); epsilon after the "
                 f"last round at client {row.client}: {each}; training uses {used}")
     noise = row.noise
-    tightest, loosest = min(noise, key=noise.get), max(noise, key=noise.get)
+    tightest, loosest = min(noise, key=noise.__getitem__), max(noise, key=noise.__getitem__)
     each = ", ".join(f"{name} {value:.4f}" for name, value in noise.items())
     saving = 100 * (1 - noise[tightest] / noise[loosest])
     return (f"accountants: noise for the target at client {row.client}: {each}; {tightest} is the tightest "

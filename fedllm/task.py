@@ -20,9 +20,9 @@ from fedllm.config import DataConfig, ExperimentConfig, LoraSettings, ModelConfi
 from fedllm.data.formatting import PromptFormat, TokenizedDataset, choice_token_ids, tokenize_records
 from fedllm.data.partition import Split, split_records
 from fedllm.data.sources import Record, load_records, load_rotten_tomatoes
-from fedllm.errors import DataError
-from fedllm.model.base import load_model, load_tokenizer
+from fedllm.errors import ConfigError, DataError
 from fedllm.model.adapters import adapter_state
+from fedllm.model.base import load_model, load_tokenizer
 from fedllm.model.lora import apply_lora
 from fedllm.privacy.node_ledger import fingerprint
 
@@ -60,6 +60,8 @@ def load_all_records(data_cfg: DataConfig) -> list[Record]:
     if data_cfg.name == "rotten_tomatoes":
         records = load_rotten_tomatoes()
     else:
+        if not data_cfg.path:  # DataConfig already requires it (data=jsonl); this narrows the type
+            raise ConfigError("data=jsonl needs data.path=<file.jsonl or .csv>")
         records = load_records(data_cfg.path, data_cfg.format, data_cfg.prompt_field,
                                data_cfg.response_field, max_record_chars=data_cfg.max_record_chars,
                                duplicates=data_cfg.duplicates)

@@ -189,9 +189,10 @@ def audit_bound(
     Picking the number of guesses after looking at which count gives the largest bound on the same
     canaries would overstate the bound. Instead the grid is fixed in advance (it depends only on
     ``m`` and ``guess_fractions``): ``r = round(f m)`` guesses for each fraction ``f``, either split
-    evenly (``k+ = r // 2`` in, ``k- = r - k+`` out) or all "in" (``k+ = r``), duplicates dropped. Each of the ``H`` distinct tests
-    is run at confidence ``1 - (1 - confidence) / H``, so by the union bound the largest of them is
-    a valid lower bound at ``confidence``. Ties between equal bounds go to the earlier grid point.
+    evenly (``k+ = r // 2`` in, ``k- = r - k+`` out) or all "in" (``k+ = r``), duplicates dropped.
+    Each of the ``H`` distinct tests is run at confidence ``1 - (1 - confidence) / H``, so by the
+    union bound the largest of them is a valid lower bound at ``confidence``. Ties between equal
+    bounds go to the earlier grid point.
     """
     _check_privacy(delta, confidence)
     m = len(scores)

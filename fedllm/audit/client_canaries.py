@@ -70,7 +70,7 @@ def canary_client_app(real_app, real_clients: int, design: CanaryDesign):
 
 
 def _canary_reply(message: Message, canary: Canary, design: CanaryDesign, partition: int) -> Message:
-    sent = message.content[keys.ARRAYS].to_torch_state_dict()
+    sent = message.content.array_records[keys.ARRAYS].to_torch_state_dict()
     arrays = {name: tensor.clone() for name, tensor in sent.items()}
     if canary.included:
         # moved against the canary's direction, as a gradient step along it would move it: the

@@ -10,6 +10,7 @@ summed and noised with the others by Opacus, so the audit tests the mechanism th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ class CanaryShard(Dataset):
     """The node's shard followed by its canary records; items carry a fourth field, the canary
     index (:data:`NOT_A_CANARY` for the node's own records)."""
 
-    def __init__(self, shard: Dataset, canary_items: list[tuple], design: CanaryDesign):
+    def __init__(self, shard: TokenizedDataset, canary_items: list[tuple], design: CanaryDesign):
         self.shard, self.canary_items, self.design = shard, canary_items, design
         self.canary_ids = [c.index for c in design.canaries]
 
@@ -81,7 +82,7 @@ class GradientCanaries:
         """DP-SGD: set each canary row of every ``grad_sample`` to the canary's designed gradient."""
         for row, index in self._rows(batch):
             for name, param in self.params.items():
-                sample = param.grad_sample[row].reshape(-1)
+                sample = _grad_sample(param)[row].reshape(-1)
                 sample.zero_()
                 if name in self.designed[index]:
                     where, values = self.designed[index][name]
@@ -96,20 +97,28 @@ class GradientCanaries:
                     param.grad = torch.zeros_like(param)
                 param.grad.view(-1)[where.to(param.device)] += values.to(param.device, param.dtype) / total
 
-    def _rows(self, batch: dict[str, torch.Tensor]):
+    def _rows(self, batch: dict[str, torch.Tensor]) -> Iterator[tuple[int, int]]:
         for row, index in enumerate(batch["canary"].tolist()):
             if index != NOT_A_CANARY and index in self.designed:
                 yield row, index
 
 
-def canary_items(design: CanaryDesign, shard: TokenizedDataset, tokenize) -> list[tuple]:
-    """The token items of ``design``'s canaries: record canaries tokenized by ``tokenize``
-    (records -> TokenizedDataset); a gradient canary reuses a record's tokens, since its own
-    gradient never counts."""
+def canary_items(design: CanaryDesign, shard: TokenizedDataset | None,
+                 tokenize: Callable[[list[Record]], TokenizedDataset]) -> list[tuple]:
+    """The token items of ``design``'s canaries: record canaries tokenized by ``tokenize``;
+    a gradient canary reuses a record of ``shard`` (needed only then), since its own gradient
+    never counts."""
     if design.kind == "record":
         records = [Record(prompt=c.prompt, response=c.response, origin=f"canary {c.index}") for c in design.canaries]
         return list(tokenize(records).items)
+    if shard is None:
+        raise ValueError("gradient canaries reuse a record of the node's shard; none was given")
     return [shard[0] for _ in design.canaries]
+
+
+def _grad_sample(param: torch.nn.Parameter) -> torch.Tensor:
+    """The per-sample gradients Opacus's hooks attach to ``param`` (an attribute torch's types lack)."""
+    return param.grad_sample  # type: ignore[attr-defined]
 
 
 def load_node_canaries(path: str | Path) -> CanaryDesign:

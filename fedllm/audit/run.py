@@ -44,12 +44,12 @@ from fedllm.audit.client_canaries import (
 from fedllm.audit.injection import adapter_parameters, canary_items
 from fedllm.config import AuditConfig, ExperimentConfig
 from fedllm.data.formatting import make_collate
+from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.checkpoint import Checkpointer
-from fedllm.errors import ConfigError
 from fedllm.federation.inprocess import FIRST_NODE_ID, run_inprocess
-from fedllm.federation.simulation import load_object
 from fedllm.federation.server_app import prepare_run
+from fedllm.federation.simulation import load_object
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.node.guard import research_seed
 from fedllm.node.policy import AUDIT_CANARIES
@@ -114,7 +114,8 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     scores[READER] = _reader(cfg, design, bundle, initial, final)
     audit = _results(cfg, settings, design, scores, summary, time.perf_counter() - started)
     write_json(run_dir / AUDIT_JSON, audit)
-    np.savez(folder / "scores.npz", included=np.array([c.included for c in design.canaries]), **scores)
+    np.savez(folder / "scores.npz", allow_pickle=False, included=np.array([c.included for c in design.canaries]),
+             **scores)
     _add_to_summary(run_dir, audit)
     plot_audit(run_dir, scores, [c.included for c in design.canaries])
     log.info("privacy audit (%d canaries, %s):\n%s", settings.canaries, settings.kind, format_audit(audit))
@@ -127,7 +128,9 @@ def _recorder(observed: Observed, layout: Layout) -> Callable[[Message, Message]
     def record(message: Message, reply: Message) -> None:
         if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
             return  # an error or a refusal: no adapter to look at
-        server_round = int(message.content[keys.CONFIG][keys.SERVER_ROUND])
+        server_round = message.content.config_records[keys.CONFIG][keys.SERVER_ROUND]
+        if not isinstance(server_round, int):  # the strategy's own message: always an int
+            raise TypeError(f"{keys.SERVER_ROUND} is {server_round!r}, not a whole number")
         client = message.metadata.dst_node_id - FIRST_NODE_ID
         if server_round not in observed.sent:
             observed.sent[server_round] = layout.flatten(_numpy(message.content[keys.ARRAYS]))

@@ -206,7 +206,7 @@ class _BoundedLines:
 
 
 def _read_jsonl(path: Path, lines: _BoundedLines) -> list[tuple[int, dict]]:
-    rows = []
+    rows: list[tuple[int, dict]] = []
     while True:
         lines.start()
         line = next(lines, None)
@@ -230,7 +230,9 @@ def _read_csv(path: Path, lines: _BoundedLines) -> list[tuple[int, dict]]:
     """Rows as dicts keyed by the header; a row with more or fewer values than the header is an
     error (csv.DictReader would silently drop extra values or fill in missing ones)."""
     reader = csv.reader(lines)
-    header, header_line, rows = None, 0, []
+    header: list[str] | None = None
+    header_line = 0
+    rows: list[tuple[int, dict]] = []
     while True:
         lines.start()
         try:

@@ -59,8 +59,14 @@ def fleet_paths() -> frozenset[str]:
         RuntimeError: when the router has no such path, or one outside ``/v1/fleet/``.
     """
     from flwr.superlink.routers.fleet.router import router
+    from starlette.routing import Route
 
-    paths = frozenset(route.path for route in router.routes)
+    found = set()
+    for route in router.routes:
+        if not isinstance(route, Route):  # e.g. a mount: no single path to forward
+            raise RuntimeError(f"Flower's Fleet router has an entry that is not a route: {route!r}")
+        found.add(route.path)
+    paths = frozenset(found)
     if not paths or any(not path.startswith(FLEET_PREFIX) for path in paths):
         raise RuntimeError(f"Flower's Fleet router has unexpected paths: {sorted(paths)}")
     return paths

@@ -30,9 +30,12 @@ def audit_round(state_dir: Path, received: Mapping, sent: RecordDict) -> dict:
         task_config = {"unparsable": True}
     privacy = task_config.get("privacy", {}) if isinstance(task_config, dict) else {}
     arrays = sent.array_records.get(keys.ARRAYS)
+    sent_arrays = list(arrays.items()) if arrays else []
     tensors = [{"name": name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(array.data)}
-               for name, array in (arrays.items() if arrays else [])]
+               for name, array in sent_arrays]
+    tensor_bytes = sum(len(array.data) for _, array in sent_arrays)
     metrics = sent.metric_records.get(keys.METRICS)
+    sent_metrics = dict(metrics.items()) if metrics else {}
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "received": {"run_id": received.get(keys.RUN_ID), "round": received.get(keys.SERVER_ROUND),
@@ -42,15 +45,13 @@ def audit_round(state_dir: Path, received: Mapping, sent: RecordDict) -> dict:
                      # the whole task config: a probe through the data format (choices, templates,
                      # max_length) is on record too
                      "task_config": task_config},
-        "sent": {"tensors": tensors, "tensor_bytes": sum(t["bytes"] for t in tensors),
-                 "metrics": dict(metrics.items()) if metrics else {},
+        "sent": {"tensors": tensors, "tensor_bytes": tensor_bytes, "metrics": sent_metrics,
                  "config": {name: dict(record.items()) for name, record in sent.config_records.items()},
                  "record_types": sorted(sent.keys())},
     }
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with (Path(state_dir) / AUDIT_FILE).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, sort_keys=True) + "\n")
-    log.info("audit: round %s of run %s: sent %d tensors (%d bytes), epsilon %s", entry["received"]["round"],
-             entry["received"]["run_id"], len(tensors), entry["sent"]["tensor_bytes"],
-             entry["sent"]["metrics"].get(keys.EPSILON, "n/a"))
+    log.info("audit: round %s of run %s: sent %d tensors (%d bytes), epsilon %s", received.get(keys.SERVER_ROUND),
+             received.get(keys.RUN_ID), len(tensors), tensor_bytes, sent_metrics.get(keys.EPSILON, "n/a"))
     return entry

@@ -21,7 +21,7 @@ from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import audit_round
 from fedllm.federation.protocol import Refusal, refusal_reply, update_reply
-from fedllm.node.guard import Answer, RoundRequest, answer_round
+from fedllm.node.guard import RoundRequest, answer_round
 from fedllm.node.policy import ERROR, node_policy
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,14 @@ app = ClientApp(mods=[client_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """One round on this node: refuse, replay an update already released, or train."""
     policy = node_policy(context.node_config)
-    config = msg.content[keys.CONFIG]
+    config = msg.content.config_records[keys.CONFIG]
     try:
+        server_round = config[keys.SERVER_ROUND]
+        if isinstance(server_round, list):
+            raise TypeError(f"{keys.SERVER_ROUND} is a list")
         request = RoundRequest(cfg=ExperimentConfig.from_json(str(config[keys.TASK_CONFIG])),
-                               run_id=str(config[keys.RUN_ID]), server_round=int(config[keys.SERVER_ROUND]),
-                               received=msg.content[keys.ARRAYS].to_torch_state_dict())
+                               run_id=str(config[keys.RUN_ID]), server_round=int(server_round),
+                               received=msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
     except (ConfigError, KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"the server's train message is malformed: {exc}") from exc
     torch.set_num_threads(min(request.cfg.train.threads_per_client, os.cpu_count() or 1))
@@ -72,9 +75,9 @@ def train(msg: Message, context: Context) -> Message:
     except Exception:  # noqa: BLE001 - Flower would send the exception's text (record text, sizes) to the server
         log.exception("client %d: round %d failed; the server is told only 'error'", policy.partition_id,
                       request.server_round)
-        answer = Answer(refusal=Refusal(policy.partition_id, ERROR, cap=policy.max_epsilon))
-    if answer.refusal is not None:
-        reply = refusal_reply(msg, answer.refusal)
+        answer = Refusal(policy.partition_id, ERROR, cap=policy.max_epsilon)
+    if isinstance(answer, Refusal):
+        reply = refusal_reply(msg, answer)
     else:
         reply = update_reply(msg, answer.arrays, answer.metrics)
     audit_round(policy.state_dir, config, reply.content)

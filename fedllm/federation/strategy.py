@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -58,15 +59,16 @@ def connected_nodes(grid: Grid, minimum: int, timeout: float = math.inf,
     return nodes
 
 
-class _ServerSampling:
-    """Mixin for Flower's FedAvg family: the train sample comes from :attr:`randomness`.
+class _ServerSampling(FedAvg):
+    """Mixin for Flower's FedAvg family (listed before the Flower class, so its
+    ``configure_train`` wins): the train sample comes from :attr:`randomness`.
 
     This is ``FedAvg.configure_train`` (same sample size, same wait for nodes, same messages)
     with our draw in place of Flower's ``random.sample``. Evaluation messages are never sent
     (``fraction_evaluate=0``), so evaluation sampling is left to Flower.
     """
 
-    def __init__(self, *, randomness: ServerRandomness, node_wait: float = math.inf, **kwargs):
+    def __init__(self, *, randomness: ServerRandomness, node_wait: float = math.inf, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.randomness = randomness
         self.node_wait = node_wait
@@ -211,15 +213,16 @@ def adapter_strategy(*, aggregation: str, trim_fraction: float, fraction_train: 
     Returns:
         The strategy.
     """
-    common = dict(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
-                  min_evaluate_nodes=0, min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
-                  arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG,
-                  randomness=randomness or ServerRandomness(), node_wait=node_wait)
+    strategy: type[_ServerSampling] = AdapterFedAvg
+    extra: dict[str, float] = {}
     if aggregation == "trimmed_mean":
-        return AdapterFedTrimmedAvg(beta=trim_fraction, **common)
-    if aggregation == "median":
-        return AdapterFedMedian(**common)
-    return AdapterFedAvg(**common)
+        strategy, extra = AdapterFedTrimmedAvg, {"beta": trim_fraction}
+    elif aggregation == "median":
+        strategy = AdapterFedMedian
+    return strategy(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
+                    min_evaluate_nodes=0, min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
+                    arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG,
+                    randomness=randomness or ServerRandomness(), node_wait=node_wait, **extra)
 
 
 def build_strategy(*, aggregation: str, trim_fraction: float, fraction_train: float, num_clients: int,

@@ -111,8 +111,8 @@ def verify_adapter(folder: Path, key: bytes | None) -> None:
         payload = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise IntegrityError(f"{folder}: no readable {CHECKSUMS_FILE} ({exc})") from exc
-    sums = verify_json(payload, key, role=ROLE_ADAPTER_MANIFEST, name=CHECKSUMS_FILE, what=str(manifest_path))
-    sums = sums.get("sha256")
+    manifest = verify_json(payload, key, role=ROLE_ADAPTER_MANIFEST, name=CHECKSUMS_FILE, what=str(manifest_path))
+    sums = manifest.get("sha256")
     if not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
         raise IntegrityError(f"{manifest_path}: no file list; the manifest is corrupted")
     for name, expected in sums.items():

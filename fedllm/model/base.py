@@ -17,10 +17,12 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from fedllm.config import ModelConfig
 from fedllm.errors import ConfigError
@@ -112,6 +114,14 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def _to_device(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """``model.to(device)``. transformers decorates ``PreTrainedModel.to`` with ``functools.wraps``,
+    whose stub types the bound method as if the model were its first argument; the cast restores
+    ``nn.Module.to``'s signature (the call itself is unchanged)."""
+    move = cast(Callable[[torch.device], PreTrainedModel], model.to)
+    return move(device)
+
+
 def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
     """The base causal LM on ``model.device``, its weights in ``model.dtype`` (or quantised).
 
@@ -134,15 +144,16 @@ def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(config).to(device)
+            model = _to_device(LlamaForCausalLM(config), device)
         for param in model.parameters():  # parameters only: RoPE's inv_freq buffer must stay fp32
             param.data = param.data.to(dtype)
         return model
-    source = cfg.name_or_path if cfg.kind == "pretrained" else str(embedded_model_dir())
+    # a set name_or_path is what makes the kind "pretrained" (ModelConfig.kind); else the embedded model
+    source = cfg.name_or_path or str(embedded_model_dir())
     quantization = quantization_config(cfg, device)
     if quantization is None:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-        return model.to(device)
+        return _to_device(model, device)
     from peft import prepare_model_for_kbit_training
 
     model = AutoModelForCausalLM.from_pretrained(

@@ -5,8 +5,9 @@ Everything in the server's request is untrusted. The node's own policy
 lower the node's cap. Under the node's ledger lock (held from the check to the record) the
 guard replays an update already released for this round, or checks that the round keeps
 the node within its cap, trains, and records the release before the update can leave (a
-crash afterwards keeps it counted; a ledger is never reset). DP noise and Poisson batches come from the node's own OS entropy
-(``LocalSpec.seed=None``) unless a simulated node runs the ``seeded`` research mode.
+crash afterwards keeps it counted; a ledger is never reset). DP noise and Poisson batches
+come from the node's own OS entropy (``LocalSpec.seed=None``) unless a simulated node runs
+the ``seeded`` research mode.
 
 What leaves: the adapter and the accounting metadata, plus what the node declared public;
 a refusal says only its category, and the detail goes to this node's log. Flower-free:
@@ -18,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
-from torch.utils.data import Dataset
 
 from fedllm import task
 from fedllm.audit.injection import (
@@ -39,10 +40,10 @@ from fedllm.federation.remote_text import escape_remote_text
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.node.policy import BUDGET, DATA, POLICY, NodePolicy, PolicyViolation, check_request
 from fedllm.node.reply_cache import ReplyCache, arrays_digest
+from fedllm.planning import plan_for
 from fedllm.privacy.accounting import History, extend_history
 from fedllm.privacy.budget import check_round, effective_budget
 from fedllm.privacy.node_ledger import NodeLedger, Release
-from fedllm.planning import plan_for
 from fedllm.privacy.planner import DPPlan
 from fedllm.training.local import DPSpec, LocalResult, LocalSpec, train_local
 from fedllm.training.precision import use_bf16
@@ -61,12 +62,14 @@ class RoundRequest:
 
 
 @dataclass(frozen=True)
-class Answer:
-    """The node's answer: an update (arrays + wire metrics) or a refusal."""
+class Update:
+    """The node's update: the adapter arrays and their wire metrics."""
 
-    arrays: dict[str, torch.Tensor] | None = None
-    metrics: dict | None = None
-    refusal: Refusal | None = None
+    arrays: dict[str, torch.Tensor]
+    metrics: dict
+
+
+Answer: TypeAlias = Update | Refusal  # the node's answer to a round: an update or a refusal
 
 
 def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
@@ -76,22 +79,23 @@ def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
         check_request(policy, request.cfg)
     except PolicyViolation as exc:
         log.warning("client %d: refusing round %d (policy): %s", node, server_round, escape_remote_text(exc))
-        return Answer(refusal=Refusal(node, POLICY, cap=policy.max_epsilon))
+        return Refusal(node, POLICY, cap=policy.max_epsilon)
     cfg = node_view(request.cfg, policy)
     try:
-        shard, fingerprint = task.node_shard(cfg, node, policy.data_path, policy.data_format)
-        shard = with_canaries(cfg, policy, shard)
+        own, fingerprint = task.node_shard(cfg, node, policy.data_path, policy.data_format)
+        shard = with_canaries(cfg, policy, own)
         plan = plan_for(cfg, len(shard)) if cfg.privacy.sample_level else None
     except (DataError, PrivacyPlanError) as exc:
         log.error("client %d: declining round %d (data): %s", node, server_round, escape_remote_text(exc))
-        return Answer(refusal=Refusal(node, DATA, cap=policy.max_epsilon))
+        return Refusal(node, DATA, cap=policy.max_epsilon)
     if plan is None:
         result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round))
-        return Answer(arrays=arrays, metrics=TrainReport(node, None, _public(policy, shard, result)).to_metrics())
+        return Update(arrays=arrays, metrics=TrainReport(node, None, _public(policy, shard, result)).to_metrics())
     return _private_round(policy, cfg, request, (shard, fingerprint), plan)
 
 
-def with_canaries(cfg: ExperimentConfig, policy: NodePolicy, shard: TokenizedDataset) -> Dataset:
+def with_canaries(cfg: ExperimentConfig, policy: NodePolicy,
+                  shard: TokenizedDataset) -> TokenizedDataset | CanaryShard:
     """The shard, plus this simulated node's audit canaries when ``fedllm audit`` placed some here
     (the key exists only in a simulation driver's node config)."""
     if not policy.audit_canaries:
@@ -126,14 +130,14 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
         if ledger.find(run_id, server_round) and (cached := cache.find(cache_key)):
             log.info("client %d round %d: resending the update already released (no new privacy cost)",
                      node, server_round)
-            return Answer(arrays=cached.arrays, metrics=TrainReport.replay_metrics(cached.metrics))
+            return Update(arrays=cached.arrays, metrics=TrainReport.replay_metrics(cached.metrics))
         history = ledger.history()
         decision = check_round(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps,
                                budget=budget, accountant=dp.accountant)
         if not decision.allowed:
             log.warning("client %d round %d: %s", node, server_round, escape_remote_text(decision.reason))
-            return Answer(refusal=Refusal(node, BUDGET, cap=budget.max_epsilon, spent=decision.spent,
-                                          delta=budget.delta, history=history))
+            return Refusal(node, BUDGET, cap=budget.max_epsilon, spent=decision.spent, delta=budget.delta,
+                           history=history)
         expected = extend_history(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps)
         result, arrays = _train(cfg, shard, request, dp, history, _seed(cfg, policy, server_round))
         if result.history != expected:  # the ledger must hold exactly what Opacus accounted
@@ -149,7 +153,7 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
         cache.save(cache_key, arrays, metrics)  # under the lock: the release and its reply go together
     log.info("client %d round %d: train loss %.4f (kept on this node), epsilon %.4f of cap %g", node,
              server_round, result.mean_loss, after.spent, budget.max_epsilon)
-    return Answer(arrays=arrays, metrics=metrics)
+    return Update(arrays=arrays, metrics=metrics)
 
 
 def _seed(cfg: ExperimentConfig, policy: NodePolicy, server_round: int) -> int | None:

@@ -163,6 +163,8 @@ def _required(node_config: Mapping, key: str, example: str) -> object:
 def _number(node_config: Mapping, key: str, example: str) -> float:
     value = _required(node_config, key, example)
     try:
+        if not isinstance(value, int | float | str):  # what a node config holds (Flower's UserConfigValue)
+            raise TypeError(type(value).__name__)
         return float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"node config {key}: expected a number, got {value!r}") from exc

@@ -110,7 +110,7 @@ class PrivacyLedger:
         """Restore from :meth:`state_dict`; refuses a ledger kept with another accountant.
 
         Raises:
-            ValueError: the saved accountant differs from this ledger's.
+            LedgerError: the saved accountant differs from this ledger's.
         """
         if state["accountant"] != self.accountant:
             raise LedgerError(f"ledger was kept with {state['accountant']!r}, not {self.accountant!r}")

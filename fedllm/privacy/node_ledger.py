@@ -26,7 +26,7 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -69,7 +69,8 @@ class Release:
         Raises:
             ValueError: a field is missing, unknown or of the wrong type.
         """
-        expected = {f.name: f.type for f in fields(cls)}
+        # the annotations' text (this module postpones their evaluation): "str", "int" or "float"
+        expected = {f.name: str(f.type) for f in fields(cls)}
         if set(entry) != set(expected):
             raise ValueError(f"a release has fields {sorted(entry)}, expected {sorted(expected)}")
         types = {"str": (str,), "int": (int,), "float": (int, float)}
@@ -285,7 +286,7 @@ def _load(path: Path, storage_key: bytes | None) -> tuple[Books, Books, bytes | 
         raise LedgerError(f"{path}: the privacy ledger cannot be read ({exc}); {_NEVER_RESET}") from exc
 
 
-def _books(entries: Mapping[str, list[Mapping[str, Any]]]) -> Books:
+def _books(entries: Mapping[str, Sequence[Mapping[str, Any]]]) -> Books:
     return {str(key): [Release.from_dict(entry) for entry in releases] for key, releases in entries.items()}
 
 

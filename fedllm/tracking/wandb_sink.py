@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+WandbMode = Literal["online", "offline", "disabled", "shared"]
+# wandb.init's modes by name; any other WANDB_MODE (e.g. the legacy "dryrun") is passed as None,
+# and wandb reads (and judges) the variable itself
+_INIT_MODES: dict[str, WandbMode] = {"online": "online", "offline": "offline", "disabled": "disabled",
+                                     "shared": "shared"}
 
 
 class WandbSink:
@@ -21,7 +27,7 @@ class WandbSink:
         self._wandb = wandb
         self.run = wandb.init(
             project=project, dir=str(run_dir), config=config, name=run_dir.name,
-            mode=os.environ.get("WANDB_MODE", "offline"),
+            mode=_INIT_MODES.get(os.environ.get("WANDB_MODE", "offline")),
             settings=wandb.Settings(console="off", silent=True),
         )
 

@@ -59,8 +59,8 @@ def test_no_client_text_reaches_anything_the_server_writes(tmp_path):
                 prompt += f" {CANARY}"  # planted in records that land in clients' shards and the test split
             handle.write(json.dumps({"text": prompt, "label": "positive" if i % 2 else "negative", "id": i}) + "\n")
     run_dir = tmp_path / "run"
-    result = fedllm(["simulate", "debug=smoke", "federation.num_rounds=1", "data=jsonl", f"data.path={data}", "data.prompt_field=text",
-                     "data.response_field=label", "data.choices=[positive,negative]",
+    result = fedllm(["simulate", "debug=smoke", "federation.num_rounds=1", "data=jsonl", f"data.path={data}",
+                     "data.prompt_field=text", "data.response_field=label", "data.choices=[positive,negative]",
                      "data.prompt_template='Review: {prompt}\\nSentiment:'", "data.test_size=50", "tracking=wandb",
                      f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert CANARY not in result.stdout + result.stderr

@@ -15,6 +15,7 @@ from fedllm.privacy.accounting import epsilon
 
 from .conftest import fedllm, stray_processes
 
+
 def _rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -13,18 +13,18 @@ import pytest
 import torch
 
 from fedllm import task
+from fedllm.cli.node_status import node_status, node_status_cli
 from fedllm.config import DataConfig, FederationConfig, ModelConfig, PrivacyConfig
 from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import AUDIT_FILE
+from fedllm.federation.client_app import train
 from fedllm.node.guard import RoundRequest, _train
 from fedllm.node.policy import SIMULATED_NODES_ENV, policy_from_node_config, write_simulated_nodes
 from fedllm.planning import plan_for
 from fedllm.privacy.node_ledger import NodeLedger
 from fedllm.training.local import DPSpec
 from tests.conftest import RT_PROMPT, tiny_config
-from fedllm.cli.node_status import node_status, node_status_cli
-from fedllm.federation.client_app import train
 from tests.node_driver import node_context, run_round, simulated_node, train_message
 
 ACCOUNTING_KEYS = {keys.PARTITION_ID, keys.REFUSED, keys.EPSILON, keys.EPSILON_CAP, keys.DELTA,

@@ -149,7 +149,8 @@ def test_audit_bound_reports_a_bonferroni_corrected_grid_point() -> None:
     d = res.to_dict()
     assert d["epsilon_lower_bound"] == res.epsilon_lower_bound and d["confidence"] == 0.95
     # duplicate rules (tiny m) count once in the correction: r=1 gives (0 in, 1 out) and (1 in), r=2 (1, 1) and (2, 0)
-    assert audit_bound([0.0, 1.0], [False, True], delta=0.0, confidence=0.95, guess_fractions=(0.1, 0.2, 1.0)).hypotheses == 4
+    grid = (0.1, 0.2, 1.0)
+    assert audit_bound([0.0, 1.0], [False, True], delta=0.0, confidence=0.95, guess_fractions=grid).hypotheses == 4
 
 
 def test_guess_from_scores_hand_example() -> None:

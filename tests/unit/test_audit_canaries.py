@@ -94,7 +94,8 @@ def test_a_planted_gradient_canary_moves_the_adapter_along_its_direction(bundle,
     collate = with_canary_column(make_collate(bundle.pad_id, prompt_only=True))
     spec = LocalSpec(steps=3, batch_size=len(dataset), lr=0.5, weight_decay=0.0, objective="choices", bf16=False,
                      optimizer="sgd")
-    dp = DPSpec(noise_multiplier=0.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks") if private else None
+    dp = (DPSpec(noise_multiplier=0.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
+          if private else None)
     override = GradientCanaries(design, adapter_parameters(bundle.model))
     before = adapter_state(bundle.model)
     train_local(bundle.model, dataset, collate, spec, choice_token_ids(bundle.tokenizer, FMT), dp, override=override)

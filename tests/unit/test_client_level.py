@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import RdpAccountant
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from scipy.special import ndtr
 
 from fedllm.config import FederationConfig, PrivacyConfig

@@ -7,12 +7,12 @@ from collections import Counter
 
 import pytest
 
+from fedllm.config import DataConfig, ModelConfig
 from fedllm.data.formatting import IGNORE_INDEX, PromptFormat, choice_token_ids, make_collate, tokenize_records
 from fedllm.data.partition import split_records
 from fedllm.data.sources import Record, load_records, load_rotten_tomatoes
 from fedllm.errors import ConfigError, DataError
 from fedllm.model.base import load_tokenizer
-from fedllm.config import DataConfig, ModelConfig
 
 
 @pytest.fixture(scope="module")

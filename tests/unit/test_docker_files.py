@@ -95,7 +95,7 @@ def test_prepare_writes_private_keys_0600_and_a_certificate_for_every_name(prepa
 
 def test_every_mounted_file_exists_and_every_volume_is_declared(compose, prepared):
     for name, service in compose["services"].items():
-        for source, target, _ in mounts(service):
+        for source, _target, _ in mounts(service):
             if source.startswith("."):
                 assert (prepared / source).exists(), f"{name}: {source}"
             else:

@@ -11,7 +11,7 @@ from dp_accounting import rdp
 from dp_accounting.pld import PLDAccountant
 
 from fedllm.config import PrivacyConfig
-from fedllm.errors import PrivacyPlanError
+from fedllm.errors import LedgerError, PrivacyPlanError
 from fedllm.planning import PlanRow, format_plan
 from fedllm.privacy.accounting import epsilon, extend_history
 from fedllm.privacy.ledger import PrivacyLedger
@@ -220,7 +220,7 @@ def test_ledger_recomputes_epsilon_and_round_trips():
     assert restored.epsilons() == ledger.epsilons()
     report = restored.to_report()["clients"]["0"]
     assert (report["noise_multiplier"], report["sample_rate"], report["steps"]) == (0.5, 0.02, 10)
-    with pytest.raises(ValueError, match="prv"):
+    with pytest.raises(LedgerError, match="prv"):
         PrivacyLedger(accountant="prv", delta=1e-5, target_epsilon=8.0).load_state_dict(ledger.state_dict())
     assert math.isfinite(report["epsilon"])
 

@@ -13,8 +13,8 @@ import torch
 
 from fedllm.errors import ConfigError, IntegrityError, LedgerError
 from fedllm.federation.checkpoint import Checkpointer, ServerState
-from fedllm.privacy.node_ledger import LEDGER_FILE, NodeLedger, Release
 from fedllm.model.adapter_files import verify_adapter, write_manifest
+from fedllm.privacy.node_ledger import LEDGER_FILE, NodeLedger, Release
 from fedllm.storage import (
     ROLE_NODE_LEDGER,
     ROLE_NODE_REPLY,

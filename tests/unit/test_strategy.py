@@ -38,7 +38,8 @@ def _round(strategy, start: np.ndarray, updates: list[np.ndarray], weights: list
     """Configure round 1 from ``start``, answer with ``updates`` and return the aggregate."""
     sent = list(strategy.configure_train(1, arrays_record({"w": start}), ConfigRecord(), FakeGrid(NODES)))
     weights = weights or [1.0] * len(updates)
-    replies = [train_reply(m.metadata.dst_node_id, {"w": u}, 1, w) for m, u, w in zip(sent, updates, weights)]
+    replies = [train_reply(m.metadata.dst_node_id, {"w": u}, 1, w)
+               for m, u, w in zip(sent, updates, weights, strict=True)]
     aggregated, _ = strategy.aggregate_train(1, replies)
     return aggregated["w"].numpy()
 
