@@ -494,8 +494,9 @@ def from_hydra(cfg: Any) -> ExperimentConfig:
     except OmegaConfBaseException as exc:  # e.g. an interpolation that does not resolve
         raise hydra_error(exc) from exc
     assert isinstance(raw, dict)
-    raw = {k: v for k, v in raw.items() if k not in ("hydra", "debug", "gpu", "resume", "audit")}
-    return ExperimentConfig.from_dict(raw)
+    # groups that configure the command, not the experiment (and never travel to a node)
+    experiment = {str(k): v for k, v in raw.items() if k not in ("hydra", "debug", "gpu", "resume", "audit")}
+    return ExperimentConfig.from_dict(experiment)
 
 
 # Hydra's own messages span several lines (a hint, the full key, the search path); what we

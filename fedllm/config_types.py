@@ -15,7 +15,6 @@ first in ``__post_init__``, so one rule covers every field, present and future:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import types
 import typing
@@ -29,9 +28,13 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}  # resolved annotations, once per section class
+
+
 def _field_types(section_type: type) -> dict[str, Any]:
-    return typing.get_type_hints(section_type)
+    if section_type not in _HINTS:
+        _HINTS[section_type] = typing.get_type_hints(section_type)
+    return _HINTS[section_type]
 
 
 def check_types(section: Any, prefix: str) -> None:

@@ -42,6 +42,8 @@ def node_status(policy: NodePolicy, last: int = 5) -> str:
 
 def _fingerprint(policy: NodePolicy) -> str | None:
     """The node's records' fingerprint, read as its guard reads them (None when unreadable)."""
+    if policy.data_path is None:
+        return None  # a simulated node: its records are its shard of the experiment's data
     try:
         records = load_records(policy.data_path, policy.data_format, policy.prompt_field, policy.response_field,
                                max_record_chars=policy.max_record_chars, duplicates=policy.duplicates)

@@ -4,9 +4,9 @@ private federation needs around them.
 Per round: send the strategy's train messages, validate every reply and sort them into
 updates, refusals (a node that would pass its privacy cap trains nothing), rejected replies
 (malformed, non-finite, or far larger than the round's others) and failures (errors, no
-reply in time), aggregate the valid updates, evaluate, checkpoint. The run ends cleanly, before the planned last round if
-need be, once fewer than ``min_train_clients`` clients can still train. It starts at any
-round, which is how an interrupted run resumes.
+reply in time), aggregate the valid updates, evaluate, checkpoint. The run ends cleanly,
+before the planned last round if need be, once fewer than ``min_train_clients`` clients can
+still train. It starts at any round, which is how an interrupted run resumes.
 
 Under client-level DP no update is rejected for its size relative to the others'
 (:func:`sort_replies`): that would make whether one client's update is used depend on
@@ -28,8 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
-from fedllm.federation import records as keys
 from fedllm.errors import UpdateRejected
+from fedllm.federation import records as keys
 from fedllm.federation.protocol import Refusal, TrainReport, parse_reply
 from fedllm.federation.remote_text import escape_remote_text
 from fedllm.federation.validation import MechanismCheck, expected_update, norm_outliers, update_norm
@@ -109,9 +109,9 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
             _record_refusal(parsed, ledger, server_round, result)
         else:
             candidates.append((reply, parsed))
-    norms = {i: update_norm(reply.content[keys.ARRAYS], sent) for i, (reply, _) in enumerate(candidates)}
+    norms = {i: update_norm(reply.content.array_records[keys.ARRAYS], sent) for i, (reply, _) in enumerate(candidates)}
     outliers = _size_rejections(norms, policy)
-    for index, (reply, report) in enumerate(candidates):
+    for index, (_, report) in enumerate(candidates):
         result.reports.append(report)  # trained means spent, whether or not the update is used
         if index in outliers:
             result.rejected.append(f"client {report.partition_id}: {outliers[index]}")
@@ -182,8 +182,9 @@ def fedavg_weights(reports: list[TrainReport], uniform: bool) -> list[float]:
     does not need uniform weights), else 1 each: a size no DP covers is never assumed. A
     declared size counts at most :data:`MAX_WEIGHT_RATIO` times the median, so no one node
     steers the average by its claim."""
-    sizes = [r.public.num_examples for r in reports]
-    if uniform or not reports or any(size is None for size in sizes):
+    declared = [r.public.num_examples for r in reports]
+    sizes = [size for size in declared if size is not None]
+    if uniform or not reports or len(sizes) < len(declared):
         return [1.0] * len(reports)
     bound = MAX_WEIGHT_RATIO * statistics.median(sizes)
     return [float(min(size, bound)) for size in sizes]
@@ -202,7 +203,7 @@ def _for_aggregation(accepted: list[tuple[Message, TrainReport]], uniform: bool,
 
 def _record_refusal(refusal: Refusal, ledger: PrivacyLedger, server_round: int, result: RoundReplies) -> None:
     history = refusal.history
-    if history is not None and not accountable(history, refusal.delta, ledger.accountant):
+    if history is not None and (refusal.delta is None or not accountable(history, refusal.delta, ledger.accountant)):
         history = None  # the refusal still counts; its unaccountable history does not
     ledger.record_refusal(refusal.partition_id, server_round, refusal.reason, cap=refusal.cap,
                           history=history, delta=refusal.delta)
@@ -243,7 +244,8 @@ class LoopSettings:
     policy: ReplyPolicy
 
 
-def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord, first_round: int,
+def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord,
+               first_round: int,
                on_round_end: Callable[[int, ArrayRecord, RoundReplies, str | None], None]
                ) -> tuple[ArrayRecord, str | None]:
     """Rounds ``first_round`` .. ``num_rounds``; returns the final arrays and why it stopped early.
@@ -274,7 +276,8 @@ def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: 
                         server_round, len(replies.updates), settings.min_train_clients)
         record_updates(ledger, replies.reports, server_round)  # trained means spent, aggregated or not
         reason = stop_reason(ledger=ledger, num_clients=settings.num_clients,
-                             min_train_clients=settings.min_train_clients, server_round=server_round, num_rounds=settings.num_rounds)
+                             min_train_clients=settings.min_train_clients, server_round=server_round,
+                             num_rounds=settings.num_rounds)
         on_round_end(server_round, arrays, replies, reason)
         if reason:
             log.warning("stopping: %s", reason)

@@ -327,19 +327,20 @@ def privacy_summary(cfg: ExperimentConfig, ledger: PrivacyLedger) -> dict:
     """Each guarantee that ran: what it protects, against whom, its epsilon and delta."""
     sample = cfg.privacy.sample_level
     seeded = cfg.privacy.noise == "seeded"
-    summary = {
+    guarantees: list[dict] = []
+    summary: dict = {
         "target_epsilon": cfg.privacy.target_epsilon if sample else None,
         "delta": cfg.privacy.delta if sample else None,
         "accountant": cfg.privacy.accountant if sample else None,
         "noise": cfg.privacy.noise,
         "final_max_epsilon": ledger.max_epsilon() if sample else None,
         "client_epsilons": {str(c): e for c, e in ledger.epsilons().items()} if sample else None,
-        "guarantees": [],
+        "guarantees": guarantees,
     }
     if seeded:
         summary["warning"] = SEEDED_WARNING
     if sample:
-        summary["guarantees"].append({
+        guarantees.append({
             "level": "sample", "protects": "any single training record of a node",
             "against": ("no one who knows the run's seed" if seeded else
                         "the coordinator, the other nodes and every reader of the outputs (see docs/threat-model.md)"),
@@ -348,7 +349,7 @@ def privacy_summary(cfg: ExperimentConfig, ledger: PrivacyLedger) -> dict:
     if ledger.client_level is not None:
         accountant = ledger.client_level
         summary["client_level_epsilon"] = accountant.epsilon()
-        summary["guarantees"].append({
+        guarantees.append({
             "level": "client", "protects": "a client's whole dataset (all its records together)",
             "against": ("the other nodes and every reader of the outputs, not the coordinator, who adds the noise"
                         if cfg.privacy.client_clipping == "server" else

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from fedllm.config import ExperimentConfig, ModelConfig
 from fedllm.errors import ConfigError, FedLLMError
@@ -62,7 +62,7 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     route_flower_logs()
     client_app = load_object(cfg.federation.client_app)
 
-    backend_config = {
+    backend_config: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus,
                              "num_gpus": gpu_share(cfg.federation.client_gpus, cfg.model)},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,

@@ -22,6 +22,7 @@ from fedllm.errors import PrivacyPlanError, UpdateRejected
 from fedllm.federation import records as keys
 from fedllm.planning import plan_for
 
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, shape and dtype of one adapter tensor the server sent."""
@@ -51,7 +52,8 @@ def validate_arrays(content: RecordDict, expected: Mapping[str, TensorSpec]) -> 
     for name, array in arrays.items():
         spec = expected[name]
         if (tuple(array.shape), str(array.dtype)) != (spec.shape, spec.dtype):
-            raise UpdateRejected(f"{name}: shape {tuple(array.shape)} {array.dtype}, expected {spec.shape} {spec.dtype}")
+            raise UpdateRejected(f"{name}: shape {tuple(array.shape)} {array.dtype}, "
+                                 f"expected {spec.shape} {spec.dtype}")
         values = decoded(name, array)
         # the payload itself, not only the metadata declared beside it: a (8, 65) float64 payload
         # declared (8, 64) float32 would otherwise crash the norm or turn the global adapter float64
