@@ -44,7 +44,8 @@ def route_flower_logs() -> None:
     instead of Flower's own console handler, which would print every line twice."""
     flwr_logger = logging.getLogger("flwr")
     for handler in list(flwr_logger.handlers):
-        if type(handler) is logging.StreamHandler:
+        # Flower's ConsoleHandler is a StreamHandler subclass; a file handler is kept
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             flwr_logger.removeHandler(handler)
     flwr_logger.setLevel(logging.INFO)
     flwr_logger.propagate = True
