@@ -28,6 +28,7 @@ PRIVACY_MODES = ("sample", "client", "both", "none")
 NOISE_SOURCES = ("secure", "seeded")
 CLIENT_CLIPPING = ("server", "client")
 AGGREGATIONS = ("fedavg", "trimmed_mean", "median")
+ENGINES = ("ray", "inprocess")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch")  # per-sample gradient modes that work with our wiring
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
@@ -304,6 +305,9 @@ class FederationConfig:
     update_norm_ratio: float = 10.0
     max_update_norm: float | None = None
     client_app: str = "fedllm.federation.client_app:app"
+    # simulation engine: Flower's (Ray actors as nodes) or fedllm's in-process one (the same ServerApp
+    # and ClientApp in this process, nodes one after another: no Ray start-up, for small machines)
+    engine: str = "ray"
     # deployment: the node id `flwr supernode register` printed for each partition, in partition
     # order; a reply's partition must then match its authenticated node id (empty: the first
     # node to claim a partition keeps it for the run)
@@ -312,6 +316,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _check_types(self, "federation")
         _one_of(self.aggregation, AGGREGATIONS, "federation.aggregation")
+        _one_of(self.engine, ENGINES, "federation.engine")
         _require(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
         _require(self.update_norm_ratio > 1, "federation.update_norm_ratio",
                  "must be above 1 (an update this many times the round's median norm is rejected)")

@@ -230,6 +230,7 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> dict:
             and why (``failure``).
     """
     from fedllm.federation.server_app import prepare_run
+    from fedllm.federation.inprocess import run_inprocess
     from fedllm.federation.simulation import run_simulation
 
     started = time.perf_counter()
@@ -242,7 +243,10 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> dict:
             task.model_bundle(cfg.model, cfg.lora, cfg.seed)  # build caches once, before actors race for them
         else:
             prepare_run(cfg, run_dir)
-        run_simulation(cfg, run_dir, resume=resume)
+        if cfg.federation.engine == "inprocess":
+            run_inprocess(cfg, run_dir, resume=resume)
+        else:
+            run_simulation(cfg, run_dir, resume=resume)
     except Exception as exc:
         from fedllm.federation.server_app import failure_text
 

@@ -83,3 +83,13 @@ def test_resume_continues_without_a_second_release_of_a_finished_round(tmp_path)
         # the node that answered round 2 before the crash replays that update: one release per round
         assert sorted(r.server_round for r in releases) == [1, 2], client
     assert summary["final_max_epsilon"] <= cfg.privacy.target_epsilon
+
+
+def test_fedllm_simulate_runs_on_the_in_process_engine(tmp_path):
+    from fedllm.cli.simulate import simulate
+
+    cfg = _cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, engine="inprocess"))
+    summary = simulate(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert summary["wall_seconds"] > 0 and (tmp_path / "run" / "adapter").is_dir()
