@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedllm.config_types import check_types as _check_types
 from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DUPLICATE_POLICIES
-from fedllm.errors import ConfigError
+from fedllm.errors import ConfigError, FedLLMError
 
 MODEL_SOURCES = ("embedded", "tiny", "pretrained")
 DATASETS = ("rotten_tomatoes", "jsonl")
@@ -477,6 +479,52 @@ def _build_section(section_type: type, prefix: str, raw: Any) -> Any:
         return section_type(**values)
     except TypeError as exc:  # wrong value types surface here
         raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+class NoConfigDir(FedLLMError):
+    """The Hydra config folder is missing."""
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: ``$FEDLLM_CONF`` or ``conf/`` at the repository root.
+
+    Raises:
+        NoConfigDir: there is no ``config.yaml`` there.
+    """
+    path = Path(os.environ.get("FEDLLM_CONF", Path(__file__).resolve().parents[1] / "conf"))
+    if not (path / "config.yaml").is_file():
+        raise NoConfigDir(f"no Hydra config at {path}; install fedllm editable (`make install`) or set FEDLLM_CONF")
+    return path
+
+
+def compose_hydra(overrides: list[str], config_dir: Path | None = None) -> Any:
+    """The composed Hydra config (a DictConfig, never passed below the config layer) for ``overrides``.
+
+    Raises:
+        ConfigError: Hydra cannot compose it (an unknown key, a missing option, an unparsable
+            override), in one line.
+    """
+    # Hydra is imported here, not at the top: every process that only reads a config (a node, a
+    # Ray worker) imports this module, and Hydra's import is heavy
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with initialize_config_dir(config_dir=str(config_dir or conf_dir()), version_base="1.3"):
+        try:
+            return compose(config_name="config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException, ValueError, TypeError, KeyError) as exc:
+            # some unparsable overrides surface from Hydra as a bare ValueError
+            raise hydra_error(exc) from exc
+
+
+def compose_experiment(overrides: list[str], config_dir: Path | None = None) -> ExperimentConfig:
+    """The validated experiment for ``overrides`` (what ``fedllm simulate`` would run).
+
+    Raises:
+        ConfigError: the overrides do not compose, or a value is invalid.
+    """
+    return from_hydra(compose_hydra(overrides, config_dir))
 
 
 def from_hydra(cfg: Any) -> ExperimentConfig:

@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from fedllm.cli.simulate import conf_dir, with_state_dir
+from fedllm.cli.simulate import with_state_dir
+from fedllm.config import conf_dir
 from fedllm.errors import FedLLMError
 from fedllm.federation.simulation import set_quiet_env
 

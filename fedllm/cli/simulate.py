@@ -16,18 +16,20 @@ import sys
 import time
 from pathlib import Path
 
+from fedllm.config import (
+    _SECTION_TYPES,
+    AuditConfig,
+    ExperimentConfig,
+    NoConfigDir,
+    compose_hydra,
+    conf_dir,
+    from_hydra,
+    hydra_error,
+)
 from fedllm.errors import FedLLMError
 from fedllm.federation.simulation import set_quiet_env
 
 log = logging.getLogger("fedllm")
-
-
-def conf_dir() -> Path:
-    """The Hydra config folder: ``$FEDLLM_CONF`` or ``conf/`` at the repository root."""
-    path = Path(os.environ.get("FEDLLM_CONF", Path(__file__).resolve().parents[2] / "conf"))
-    if not (path / "config.yaml").is_file():
-        raise NoConfigDir(f"no Hydra config at {path}; install fedllm editable (`make install`) or set FEDLLM_CONF")
-    return path
 
 
 def simulate_cli(argv: list[str]) -> int:
@@ -70,10 +72,6 @@ def run_hydra(command: str, argv: list[str], entry) -> int:
 # and the next one of a sweep runs, and the command exits 1 at the end (Hydra would abort a sweep
 # with a traceback, or not at all while a Flower thread lived on)
 JOBS: list[tuple[str, str | None]] = []
-
-
-class NoConfigDir(FedLLMError):
-    """The Hydra config folder is missing."""
 
 
 HELP_FLAGS = ("-h", "--help")
@@ -122,7 +120,6 @@ def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from fedllm.config import hydra_error
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -141,26 +138,15 @@ def compose_checked(overrides: list[str], config_dir: Path):
     Raises:
         ConfigError: Hydra cannot compose it, or a value is invalid (one line).
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from fedllm.config import from_hydra, hydra_error
-
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        try:
-            composed = compose(config_name="config", overrides=overrides)
-        except (HydraException, OmegaConfBaseException, ValueError, TypeError, KeyError) as exc:
-            raise hydra_error(exc) from exc
-        if composed.get("resume"):
-            return None  # the saved config of the run is what counts (checked when it is loaded)
-        return from_hydra(composed)
+    composed = compose_hydra(overrides, config_dir)
+    if composed.get("resume"):
+        return None  # the saved config of the run is what counts (checked when it is loaded)
+    return from_hydra(composed)
 
 
 def _hydra_entry(dict_cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fedllm.config import from_hydra
 
     run_dir = hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -208,7 +194,6 @@ def resume_target(run_dir: Path, overrides: list[str]):
     Raises:
         FedLLMError: other overrides were given, or the folder holds no resumable run.
     """
-    from fedllm.config import ExperimentConfig
 
     if overrides:
         raise FedLLMError(f"resume continues a run with its saved config; drop the other overrides: {overrides}")
@@ -229,8 +214,8 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> dict:
             update was aggregated in any round); ``summary.json`` then says ``status: failed``
             and why (``failure``).
     """
-    from fedllm.federation.server_app import prepare_run
     from fedllm.federation.inprocess import run_inprocess
+    from fedllm.federation.server_app import prepare_run
     from fedllm.federation.simulation import run_simulation
 
     started = time.perf_counter()
@@ -393,7 +378,6 @@ def _section_keys(command: str) -> list[tuple[str, str]]:
     """(section, its first docstring line and its keys) for every config section."""
     import dataclasses
 
-    from fedllm.config import _SECTION_TYPES, AuditConfig
 
     sections = dict(_SECTION_TYPES)
     if command == "audit":

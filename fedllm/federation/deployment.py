@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedllm.config import ExperimentConfig
+from fedllm.config import ExperimentConfig, compose_experiment
 
 app = ServerApp()
 
@@ -26,13 +26,7 @@ def compose_config(overrides: str) -> ExperimentConfig:
     Raises:
         ConfigError: an override is unknown or invalid.
     """
-    from hydra import compose, initialize_config_dir
-
-    from fedllm.cli.simulate import conf_dir
-    from fedllm.config import from_hydra
-
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return from_hydra(compose(config_name="config", overrides=shlex.split(overrides)))
+    return compose_experiment(shlex.split(overrides))
 
 
 @app.main()

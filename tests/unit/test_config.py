@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from fedllm.config import (
     DataConfig,
@@ -14,7 +13,7 @@ from fedllm.config import (
     ModelConfig,
     PrivacyConfig,
     TrainConfig,
-    from_hydra,
+    compose_experiment,
 )
 from fedllm.errors import ConfigError
 
@@ -22,8 +21,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _compose(overrides: list[str]) -> ExperimentConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return from_hydra(compose(config_name="config", overrides=overrides))
+    return compose_experiment(overrides, CONF)
 
 
 def _group_options() -> list[tuple[str, str]]:
