@@ -114,7 +114,7 @@ def new_ledger(cfg: ExperimentConfig) -> PrivacyLedger:
         client_level = ClientLevelAccountant(
             noise_multiplier=cfg.privacy.client_noise_multiplier, clip_norm=cfg.privacy.client_clip_norm,
             delta=cfg.privacy.client_delta, sampled_uniformly=cfg.federation.fraction_train < 1.0)
-    return PrivacyLedger(level=cfg.privacy.mode, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
+    return PrivacyLedger(mode=cfg.privacy.mode, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
                          target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.sample_level else None,
                          client_level=client_level)
 

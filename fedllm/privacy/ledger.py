@@ -33,9 +33,9 @@ class ClientLedger:
 class PrivacyLedger:
     """Per-client DP-SGD histories with epsilon by a real accountant, plus client-level DP."""
 
-    def __init__(self, *, accountant: str, delta: float, target_epsilon: float | None, level: str = "sample",
+    def __init__(self, *, accountant: str, delta: float, target_epsilon: float | None, mode: str = "sample",
                  client_level: ClientLevelAccountant | None = None):
-        self.level = level  # the privacy mode: sample, client, both or none
+        self.mode = mode  # privacy.mode: sample, client, both or none
         self.accountant = accountant
         self.delta = delta
         self.target_epsilon = target_epsilon
@@ -92,7 +92,7 @@ class PrivacyLedger:
                 "last_round": entry.last_round, "history": [list(h) for h in entry.history],
                 "refusals": entry.refusals,
             }
-        report = {"level": self.level, "accountant": self.accountant, "delta": self.delta,
+        report = {"privacy_mode": self.mode, "accountant": self.accountant, "delta": self.delta,
                   "target_epsilon": self.target_epsilon,
                   "max_epsilon": self.max_epsilon(), "clients": clients}
         if self.client_level is not None:

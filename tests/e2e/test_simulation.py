@@ -92,7 +92,7 @@ def test_privacy_none_baseline(smoke_sweep):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["privacy_mode"] == "none" and summary["final_max_epsilon"] is None
     ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
-    assert ledger["clients"] == {} and ledger["level"] == "none"
+    assert ledger["clients"] == {} and ledger["privacy_mode"] == "none"
     assert _rounds(run_dir)[1]["eval_loss"] > 0
 
 

@@ -162,7 +162,7 @@ def _client_policy(clipping: str = "server") -> ReplyPolicy:
 
 
 def _accepted(replies: list[Message], policy: ReplyPolicy) -> list[int]:
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None, level="client")
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None, mode="client")
     result = sort_replies(replies, ledger, 1, arrays_record(SENT), policy, {})
     return sorted(update.metadata.src_node_id - 10 for update in result.updates)  # node 10 + i is client i
 
@@ -221,7 +221,7 @@ def _strategy():
 def _recorded_round(answering: set[int]) -> tuple[ClientLevelRound, bool]:
     """Round 1 of a client-level run in which only ``answering`` reply: what its accountant
     recorded, and whether the round got amplification credit."""
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None, level="client",
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None, mode="client",
                            client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=DELTA,
                                                               sampled_uniformly=True))
     policy = ReplyPolicy(num_clients=10, update_norm_ratio=10.0, max_update_norm=None, require_accounting=False,
@@ -252,7 +252,7 @@ def test_the_sampling_ratio_is_over_the_nodes_connected_when_the_sample_is_drawn
     strategy = build_strategy(aggregation="fedavg", trim_fraction=0.2, fraction_train=0.3, num_clients=10,
                               client_level=True, client_clipping="server", client_noise_multiplier=1.0,
                               client_clip_norm=0.5, noise="seeded", node_wait=0.01)
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None, level="client",
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None, mode="client",
                            client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=DELTA,
                                                               sampled_uniformly=True))
     policy = ReplyPolicy(num_clients=10, update_norm_ratio=10.0, max_update_norm=None, require_accounting=False,

@@ -155,7 +155,7 @@ def test_client_sampling_amplifies_only_rounds_where_every_sampled_client_contri
 
 
 def test_server_ledger_round_trips_refusals_caps_and_client_level():
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0, level="both",
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0, mode="both",
                            client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=1e-3,
                                                               sampled_uniformly=False))
     ledger.record(0, [(0.5, 0.02, 10)], 1, delta=1e-6, cap=5.0, can_continue=True)
@@ -163,7 +163,7 @@ def test_server_ledger_round_trips_refusals_caps_and_client_level():
     ledger.client_level.record(ClientLevelRound(1, 2, 2, 1))
     assert ledger.epsilon(0) == epsilon([(0.5, 0.02, 10)], delta=1e-6, accountant="rdp")  # the node's own delta
     assert ledger.exhausted() == [1]
-    restored = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0, level="both",
+    restored = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0, mode="both",
                              client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=1e-3,
                                                                 sampled_uniformly=False))
     restored.load_state_dict(json.loads(json.dumps(ledger.state_dict())))
