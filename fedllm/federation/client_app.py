@@ -8,7 +8,6 @@ format in :mod:`fedllm.federation.protocol`. Every round is written to the node'
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from flwr.app import Context, Message
@@ -21,6 +20,7 @@ from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import audit_round
 from fedllm.federation.protocol import Refusal, refusal_reply, update_reply
+from fedllm.model.device import usable_cpus
 from fedllm.node.guard import RoundRequest, answer_round
 from fedllm.node.policy import ERROR, node_policy
 
@@ -69,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
                                received=msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
     except (ConfigError, KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"the server's train message is malformed: {exc}") from exc
-    torch.set_num_threads(min(request.cfg.train.threads_per_client, os.cpu_count() or 1))
+    torch.set_num_threads(min(request.cfg.train.threads_per_client, usable_cpus()))
     try:
         answer = answer_round(policy, request)
     except Exception:  # noqa: BLE001 - Flower would send the exception's text (record text, sizes) to the server

@@ -30,6 +30,7 @@ from fedllm.config import ExperimentConfig
 from fedllm.federation import records as keys
 from fedllm.federation.server_app import run_federation
 from fedllm.federation.simulation import load_object, route_flower_logs
+from fedllm.model.device import usable_cpus
 from fedllm.node.policy import SIMULATED_NODES_ENV, write_simulated_nodes
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def run_inprocess(cfg: ExperimentConfig, run_dir: Path, *, client_app=None, obse
     """
     route_flower_logs()
     # nodes answer one after another here, so each may use every core (Ray runs them side by side)
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads_per_client=cores))
     app = client_app if client_app is not None else load_object(cfg.federation.client_app)
     grid = InProcessGrid(app, cfg.federation.num_clients, observer=observer, unreachable=unreachable)

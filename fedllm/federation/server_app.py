@@ -4,7 +4,6 @@ each round, a checkpoint after every round, and the run's outputs."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +24,7 @@ from fedllm.federation.strategy import build_strategy
 from fedllm.federation.validation import MechanismCheck
 from fedllm.model.adapter_files import save_adapter
 from fedllm.model.adapters import load_adapter_state
+from fedllm.model.device import usable_cpus
 from fedllm.privacy.client_level import ClientLevelAccountant
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.storage import load_key, write_json
@@ -175,7 +175,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
     Returns:
         The summary (also written to ``summary.json``).
     """
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cpus())
     run_dir.mkdir(parents=True, exist_ok=True)
     key = load_key(cfg.storage.key_file, cfg.storage.key_env) if cfg.storage.encrypt else None
     checkpoints = Checkpointer(run_dir / "checkpoint", key)

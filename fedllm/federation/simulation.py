@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fedllm.config import ExperimentConfig, ModelConfig
 from fedllm.errors import ConfigError, FedLLMError
+from fedllm.model.device import usable_cpus
 from fedllm.node.policy import SIMULATED_NODES_ENV, write_simulated_nodes
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     backend_config: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus,
                              "num_gpus": gpu_share(cfg.federation.client_gpus, cfg.model)},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+        "init_args": {"num_cpus": usable_cpus(), "include_dashboard": False,
                       "logging_level": logging.WARNING},
     }
     # every process Ray starts inherits this tag: how stop_ray finds workers it has orphaned

@@ -7,6 +7,8 @@ what this process may see (a Ray actor given a GPU share sees exactly that GPU,
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fedllm.config import ModelConfig
@@ -77,3 +79,12 @@ def quantization_config(cfg: ModelConfig, device: torch.device):
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (set by ``taskset``, a cpuset, a scheduler),
+    which ``os.cpu_count()`` ignores; more threads than these only contend with each other."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # platforms without affinity (macOS)
+        return os.cpu_count() or 1
