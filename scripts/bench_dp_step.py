@@ -1,41 +1,65 @@
-"""DP-SGD overhead of one local training step: non-DP vs DP-SGD (each Opacus grad-sample mode),
-on the default model (SmolLM2-135M + LoRA) and on model=tiny, at several batch sizes and
-sequence lengths. Timings are interleaved in one process (every configuration once per
-repeat, in shuffled order) so drift hits all alike; peak memory is measured per configuration
-in a fresh process (the process's peak RSS above its level after loading the model).
+"""DP-SGD overhead of one local training step, measured fairly: the non-private step replays
+exactly the Poisson batches the DP step drew (same records, hence same sizes and lengths),
+interleaved step by step, on the default model (SmolLM2-135M + LoRA) and on model=tiny.
 
     .venv/bin/python scripts/bench_dp_step.py [--models embedded,tiny] [--batches 8,16]
-        [--seqs 64,128] [--modes none,hooks,ew,functorch] [--repeats 3] [--steps 3] [--out FILE]
+        [--seqs 64,128] [--modes none,hooks,functorch] [--repeats 3] [--steps 4]
+        [--micro-batches 2] [--no-memory] [--out FILE]
         [--device cuda --dtype bf16 | --quantization 4bit]     # on a GPU (peak = CUDA memory)
 
-Prints a table (seconds per step, peak MB, and the DP / non-DP ratio of each) and writes JSON.
-The step is fedllm's real training path (`train_local`: Poisson sampling, per-sample
-clipping, noise, length-sorted micro-batches) on random token sequences of exactly the given
-length, with the fixed-answer objective.
+Method (issue 17):
+- Time. For each seed (``--repeats`` seeds) one DP round is opened with fedllm's own
+  ``dpsgd.start_round`` (seeded research streams, so every mode draws the same batches; the
+  seeded and the OS-entropy noise run the same Philox code). Each step draws one Poisson
+  batch; fedllm's real step (``training.local._step``: length-sorted micro-batches,
+  per-sample clipping, the node's noise, AdamW) runs on it under DP and, on the very same
+  collated batch, without DP (Opacus's hooks removed for that step, a separate AdamW), in
+  alternating order (DP first on even steps, non-DP first on odd ones) so drift and cache
+  effects hit both alike. The statistic is the per-step ratio DP / non-DP: its median, its
+  interquartile range and its min-max over every (seed, step) pair; empty batches are skipped.
+  One warm-up pair per configuration is not counted. Opening the round (``make_private``,
+  hooks) is timed separately: once per round, not per step.
+- Breakdown. Timers around the phases of both steps (forward; backward, and inside it
+  Opacus's per-sample-gradient hooks; clipping; the noise draw from the node's stream and its
+  addition; scaling and accounting; the optimizer update; zero_grad). Each timer is two
+  ``perf_counter`` calls (~1 us per step in all, in both modes).
+- Memory. One fresh process per (configuration, mode) replays seed 0's batches (identical for
+  DP and non-DP); the figure is its peak resident set (VmHWM) above its level after loading
+  the model. Why RSS: on CPU torch allocates through malloc, which tracemalloc does not see,
+  and the RSS peak is what the machine must hold; a fresh process keeps one configuration's
+  freed-but-cached memory out of the next. On a GPU the peak is CUDA memory allocated.
+
+Prints two tables (time and memory; the breakdown of the DP extra) and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
 import time
+import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from fedllm.config import LoraSettings, ModelConfig
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedDataset, make_collate
+from fedllm.privacy import dpsgd, randomness
+from fedllm.privacy.randomness import dp_randomness
 from fedllm.task import model_bundle
-from fedllm.training.local import DPSpec, LocalSpec, train_local
+from fedllm.training import local
+from fedllm.training.local import LocalSpec, split_by_length
 
 CHOICE_IDS = [17, 42]
 RECORDS = 512
+NOISE_MULTIPLIER, CLIP = 1.0, 1.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,10 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", default="embedded,tiny")
     parser.add_argument("--batches", default="8,16")
     parser.add_argument("--seqs", default="64,128")
-    parser.add_argument("--modes", default="none,hooks,ew,functorch")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timing")
+    parser.add_argument("--modes", default="none,hooks,functorch",
+                        help="grad-sample modes; none (the non-private replay) is always measured")
+    parser.add_argument("--repeats", type=int, default=3, help="seeds (independent rounds) per configuration")
+    parser.add_argument("--steps", type=int, default=4, help="DP / non-DP step pairs per seed")
+    parser.add_argument("--micro-batches", type=int, default=2, help="train.micro_batches")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/dp_step.json"))
     parser.add_argument("--device", default="cpu", help="model.device: cpu, cuda, cuda:N, auto")
     parser.add_argument("--dtype", default="fp32", help="model.dtype of the frozen base (bf16 also autocasts)")
@@ -74,19 +101,196 @@ def model_config(model_name: str) -> ModelConfig:
     return ModelConfig(source=model_name, **PLACEMENT)
 
 
-def step_seconds(model_name: str, batch: int, seq: int, mode: str, steps: int, seed: int) -> float:
-    """Seconds per optimizer step of ``steps`` steps (after the caches are warm)."""
-    bundle = model_bundle(model_config(model_name), LoraSettings(), 0)
-    data = dataset(len(bundle.tokenizer), seq)
+def local_spec(batch: int, micro_batches: int) -> LocalSpec:
     bf16 = PLACEMENT["dtype"] == "bf16" or PLACEMENT["quantization"] != "none"
-    # the seeded research mode: every configuration of one repeat draws the same Poisson batches
-    spec = LocalSpec(steps=steps, batch_size=batch, lr=1e-3, weight_decay=0.0, objective="choices", bf16=bf16,
-                     seed=seed, micro_batches=2)
-    dp = None if mode == "none" else DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp",
-                                            grad_sample_mode=mode)
-    result = train_local(bundle.model, data, make_collate(bundle.pad_id, prompt_only=True), spec, CHOICE_IDS, dp, [])
-    return result.seconds / steps
+    return LocalSpec(steps=1, batch_size=batch, lr=1e-3, weight_decay=0.0, objective="choices", bf16=bf16,
+                     micro_batches=micro_batches)
 
+
+# ---- phase timers ----------------------------------------------------------------------------
+
+class Timers:
+    """Seconds per named phase, accumulated while ``active`` names the step's mode."""
+
+    def __init__(self):
+        self.active: str | None = None
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if self.active is None:
+                return fn(*args, **kwargs)
+            started = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.process_time() - started
+        return timed
+
+    def take(self) -> dict[str, float]:
+        taken, self.seconds = dict(self.seconds), defaultdict(float)
+        return taken
+
+
+TIMERS = Timers()
+_PATCHED = False
+
+
+def install_timers() -> None:
+    """Time the phases of fedllm's step and of Opacus's machinery (class-level, once)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    _PATCHED = True
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    local.per_example_loss = TIMERS.wrap("forward", local.per_example_loss)
+    torch.Tensor.backward = TIMERS.wrap("backward", torch.Tensor.backward)
+    GradSampleHooks.capture_backprops_hook = TIMERS.wrap("per_sample_grads", GradSampleHooks.capture_backprops_hook)
+    GradSampleHooks.capture_activations_hook = TIMERS.wrap("activation_capture",
+                                                           GradSampleHooks.capture_activations_hook)
+    randomness.GaussianNoise.like = TIMERS.wrap("noise_draw", randomness.GaussianNoise.like)
+    if hasattr(randomness.GaussianNoise, "like_many"):
+        randomness.GaussianNoise.like_many = TIMERS.wrap("noise_draw", randomness.GaussianNoise.like_many)
+    torch.optim.AdamW.step = TIMERS.wrap("optimizer_update", torch.optim.AdamW.step)
+
+
+def time_optimizer(optimizer) -> None:
+    """Per-instance timers on a DP optimizer's phases (pre_step calls them through ``self``)."""
+    for name, phase in (("clip_and_accumulate", "clipping"), ("add_noise", "noise_total"),
+                        ("scale_grad", "scale_and_account"), ("step_hook", "scale_and_account"),
+                        ("zero_grad", "zero_grad")):
+        method = getattr(optimizer, name)
+        if method is not None:
+            setattr(optimizer, name, TIMERS.wrap(phase, method))
+
+
+def time_plain(optimizer) -> None:
+    optimizer.zero_grad = TIMERS.wrap("zero_grad", optimizer.zero_grad)
+
+
+# ---- one configuration -----------------------------------------------------------------------
+
+def _dp_step(model, session, chunks, spec) -> float:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        return local._step(model, session.optimizer, chunks, spec, CHOICE_IDS, session)
+
+
+def _hooks_on(hooks) -> None:
+    if not hasattr(hooks, "autograd_grad_sample_hooks"):
+        hooks.add_hooks(loss_reduction=hooks.loss_reduction, batch_first=hooks.batch_first,
+                        force_functorch=getattr(hooks, "force_functorch", False))
+
+
+def _hooks_off(hooks) -> None:
+    if hasattr(hooks, "autograd_grad_sample_hooks"):
+        hooks.remove_hooks()
+
+
+def measure_config(model_name: str, batch: int, seq: int, mode: str, seeds: int, steps: int,
+                   micro_batches: int) -> dict:
+    """Interleaved DP / non-DP pairs on identical Poisson batches; per-pair times and phases."""
+    install_timers()
+    bundle = model_bundle(model_config(model_name), LoraSettings(), 0)
+    model = bundle.model
+    data = dataset(len(bundle.tokenizer), seq)
+    collate = make_collate(bundle.pad_id, prompt_only=True)
+    spec = local_spec(batch, micro_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    pairs, sizes, setup, empty = [], [], [], 0
+    phases: dict[str, dict[str, float]] = {"dp": defaultdict(float), "none": defaultdict(float)}
+    model.train()
+    for seed in range(seeds):
+        started = time.perf_counter()
+        session = dpsgd.start_round(model=model, optimizer=torch.optim.AdamW(params, lr=1e-3), dataset=data,
+                                    batch_size=batch, collate=collate, noise_multiplier=NOISE_MULTIPLIER,
+                                    max_grad_norm=CLIP, history=[], accountant="rdp", grad_sample_mode=mode,
+                                    randomness=dp_randomness(seed))
+        setup.append(time.perf_counter() - started)
+        plain = torch.optim.AdamW(params, lr=1e-3)
+        time_optimizer(session.optimizer)
+        time_plain(plain)
+        batches = local._batches(session.loader)
+        try:
+            warm = seed == 0
+            for step in range(steps + warm):
+                chunk_batch = next(batches)
+                if len(chunk_batch["input_ids"]) == 0:
+                    empty += 1
+                    continue
+                chunks = split_by_length(chunk_batch, micro_batches)
+                seconds = {}
+                for which in (("dp", "none") if step % 2 == 0 else ("none", "dp")):
+                    (_hooks_on if which == "dp" else _hooks_off)(session.hooks)
+                    TIMERS.active = which
+                    started, cpu = time.perf_counter(), time.process_time()
+                    if which == "dp":
+                        _dp_step(model, session, chunks, spec)
+                    else:
+                        local._step(model, plain, chunks, spec, CHOICE_IDS, None)
+                    seconds[which] = time.perf_counter() - started
+                    seconds[f"{which}_cpu"] = time.process_time() - cpu
+                    TIMERS.active = None
+                    taken = TIMERS.take()
+                    if not (warm and step == 0):
+                        for name, value in taken.items():
+                            phases[which][name] += value
+                if warm and step == 0:
+                    continue
+                pairs.append(seconds)
+                sizes.append(len(chunk_batch["input_ids"]))
+        finally:
+            _hooks_on(session.hooks)
+            session.close()
+    n = len(pairs)
+    result = {"pairs": n, "empty_batches_skipped": empty, "batch_sizes": sizes}
+    for clock, suffix in (("", ""), ("_cpu", "_cpu")):
+        ratios = sorted(p["dp" + clock] / p["none" + clock] for p in pairs)
+        quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if n > 1 else [ratios[0]] * 3
+        result.update({
+            f"dp_seconds_median{suffix}": statistics.median(p["dp" + clock] for p in pairs),
+            f"none_seconds_median{suffix}": statistics.median(p["none" + clock] for p in pairs),
+            f"ratio_median{suffix}": round(quartiles[1], 4), f"ratio_q1{suffix}": round(quartiles[0], 4),
+            f"ratio_q3{suffix}": round(quartiles[2], 4), f"ratio_min{suffix}": round(ratios[0], 4),
+            f"ratio_max{suffix}": round(ratios[-1], 4),
+            f"ratio_of_totals{suffix}": round(sum(p["dp" + clock] for p in pairs)
+                                             / sum(p["none" + clock] for p in pairs), 4)})
+    return {
+        **result,
+        "round_setup_seconds": statistics.median(setup),
+        "phases_per_step": {k: {name: v / n for name, v in sorted(d.items())} for k, d in phases.items()},
+        "step_seconds_per_pair": pairs,
+    }
+
+
+def breakdown(result: dict) -> dict[str, float]:
+    """The DP step's extra CPU seconds per step, by phase (DP phase minus the same non-DP phase)."""
+    dp, none = result["phases_per_step"]["dp"], result["phases_per_step"]["none"]
+    hooks = dp.get("per_sample_grads", 0.0)
+    capture = dp.get("activation_capture", 0.0)
+    noise_draw = dp.get("noise_draw", 0.0)
+    parts = {
+        "forward (excl. activation capture)": dp.get("forward", 0) - capture - none.get("forward", 0),
+        "activation capture (forward hooks)": capture,
+        "backward (excl. per-sample grads)": dp.get("backward", 0) - hooks - none.get("backward", 0),
+        "per-sample grads (backward hooks)": hooks,
+        "clipping (norms, clip, sum)": dp.get("clipping", 0),
+        "noise draw (node's Philox stream)": noise_draw,
+        "noise addition": dp.get("noise_total", 0) - noise_draw,
+        "scale + accounting": dp.get("scale_and_account", 0),
+        "optimizer update": dp.get("optimizer_update", 0) - none.get("optimizer_update", 0),
+        "zero_grad": dp.get("zero_grad", 0) - none.get("zero_grad", 0),
+    }
+    n = result["pairs"]
+    extra = sum(p["dp_cpu"] - p["none_cpu"] for p in result["step_seconds_per_pair"]) / n
+    parts["rest (untimed)"] = extra - sum(parts.values())
+    parts["total extra (mean per step)"] = extra
+    return {k: round(v * 1e3, 2) for k, v in parts.items()}  # milliseconds
+
+
+# ---- memory ----------------------------------------------------------------------------------
 
 def peak_mb() -> float:
     """Peak memory so far, in MB: CUDA memory allocated on a GPU, else the process's peak RSS."""
@@ -98,65 +302,121 @@ def peak_mb() -> float:
     return float("nan")
 
 
-def probe(spec: str, steps: int) -> dict:
-    """Memory of one configuration, in this (fresh) process."""
-    model_name, batch, seq, mode = spec.split(",")
-    model_bundle(model_config(model_name), LoraSettings(), 0)
+def probe(config: str, steps: int, micro_batches: int) -> dict:
+    """Peak memory of one configuration in this (fresh) process, on seed 0's Poisson batches."""
+    model_name, batch, seq, mode = config.split(",")
+    batch, seq = int(batch), int(seq)
+    bundle = model_bundle(model_config(model_name), LoraSettings(), 0)
+    model = bundle.model
+    data = dataset(len(bundle.tokenizer), seq)
+    collate = make_collate(bundle.pad_id, prompt_only=True)
+    spec = local_spec(batch, micro_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
     base = peak_mb()
-    step_seconds(model_name, int(batch), int(seq), mode, steps, seed=0)
-    return {"peak_mb": peak_mb() - base}
+    sizes = []
+    if mode == "none":  # the same sampling stream as the DP round's: the same batches
+        loader = dpsgd.poisson_loader(data, batch, collate, dp_randomness(0))
+        optimizer, session = torch.optim.AdamW(params, lr=1e-3), None
+    else:
+        session = dpsgd.start_round(model=model, optimizer=torch.optim.AdamW(params, lr=1e-3), dataset=data,
+                                    batch_size=batch, collate=collate, noise_multiplier=NOISE_MULTIPLIER,
+                                    max_grad_norm=CLIP, history=[], accountant="rdp", grad_sample_mode=mode,
+                                    randomness=dp_randomness(0))
+        optimizer, loader = session.optimizer, session.loader
+    batches = local._batches(loader)
+    for _ in range(steps):
+        chosen = next(batches)
+        sizes.append(len(chosen["input_ids"]))
+        if sizes[-1] == 0:
+            continue
+        chunks = split_by_length(chosen, micro_batches)
+        if session is None:
+            local._step(model, optimizer, chunks, spec, CHOICE_IDS, None)
+        else:
+            _dp_step(model, session, chunks, spec)
+    if session is not None:
+        session.close()
+    return {"peak_mb": peak_mb() - base, "batch_sizes": sizes}
 
 
-def measure_memory(config: tuple, steps: int) -> float | None:
+def measure_memory(config: tuple, steps: int, micro_batches: int) -> dict | None:
     placement = [f"--{key}={value}" for key, value in PLACEMENT.items()]
     result = subprocess.run([sys.executable, __file__, "--probe", ",".join(map(str, config)), "--steps", str(steps),
-                             *placement], capture_output=True, text=True, timeout=900)
+                             "--micro-batches", str(micro_batches), "--threads", "1", *placement],
+                            capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         return None
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
+
+# ---- the run ---------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
-    configs = [(m, int(b), int(s), mode) for m in args.models.split(",") for b in args.batches.split(",")
-               for s in args.seqs.split(",") for mode in args.modes.split(",")]
-    times: dict[tuple, list[float]] = {c: [] for c in configs}
-    errors: dict[tuple, str] = {}
-    for model_name in args.models.split(","):
-        step_seconds(model_name, 8, 64, "none", 1, seed=0)  # warm-up: load model, build caches
-    for repeat in range(args.repeats):
-        order = [c for c in configs if c not in errors]
-        random.Random(repeat).shuffle(order)
-        for config in order:
-            try:
-                times[config].append(step_seconds(*config, steps=args.steps, seed=repeat))
-            except Exception as exc:  # a grad-sample mode that cannot handle this model: report it
-                errors[config] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    dp_modes = [m for m in args.modes.split(",") if m != "none"]
     rows = []
-    for config in configs:
-        model_name, batch, seq, mode = config
-        rows.append({"model": model_name, "batch": batch, "seq": seq, "mode": mode,
-                     "step_seconds": statistics.median(times[config]) if times[config] else None,
-                     "peak_mb": None if config in errors else measure_memory(config, args.steps),
-                     "error": errors.get(config)})
-    baseline = {(r["model"], r["batch"], r["seq"]): r for r in rows if r["mode"] == "none"}
-    for row in rows:
-        base = baseline.get((row["model"], row["batch"], row["seq"]))
-        for key in ("step_seconds", "peak_mb"):
-            ok = base and row[key] is not None and base[key]
-            row[f"{key}_ratio"] = round(row[key] / base[key], 3) if ok else None
+    for model_name in args.models.split(","):
+        for batch in map(int, args.batches.split(",")):
+            for seq in map(int, args.seqs.split(",")):
+                memory_none = None if args.no_memory else measure_memory(
+                    (model_name, batch, seq, "none"), args.steps, args.micro_batches)
+                for mode in dp_modes:
+                    row = {"model": model_name, "batch": batch, "seq": seq, "mode": mode, "error": None}
+                    try:
+                        row.update(measure_config(model_name, batch, seq, mode, args.repeats, args.steps,
+                                                  args.micro_batches))
+                        row["breakdown_ms"] = breakdown(row)
+                    except Exception as exc:  # a grad-sample mode that cannot handle this model: report it
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                        rows.append(row)
+                        continue
+                    if memory_none is not None:
+                        memory_dp = measure_memory((model_name, batch, seq, mode), args.steps, args.micro_batches)
+                        row["peak_mb_none"] = round(memory_none["peak_mb"], 1)
+                        row["peak_mb_dp"] = round(memory_dp["peak_mb"], 1) if memory_dp else None
+                        row["memory_batch_sizes"] = memory_none["batch_sizes"]
+                        ok = memory_dp and memory_dp["batch_sizes"] == memory_none["batch_sizes"]
+                        row["peak_mb_ratio"] = round(memory_dp["peak_mb"] / memory_none["peak_mb"], 3) \
+                            if ok and memory_none["peak_mb"] > 0 else None
+                    rows.append(row)
+                    print(f"{model_name} b{batch} s{seq} {mode}: wall {_spread(row, '')}, CPU {_spread(row, '_cpu')}",
+                          file=sys.stderr, flush=True)
     return rows
 
 
+def _spread(r: dict, suffix: str) -> str:
+    return (f"{r['ratio_median' + suffix]:.3f} [{r['ratio_q1' + suffix]:.3f}, {r['ratio_q3' + suffix]:.3f}] "
+            f"({r['ratio_min' + suffix]:.3f}-{r['ratio_max' + suffix]:.3f})")
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | seq | mode | s/step | x non-DP | peak MB | x non-DP |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | seq | mode | pairs | non-DP s/step | DP s/step "
+             "| DP / non-DP wall: median [IQR] (min-max) | DP / non-DP CPU time: median [IQR] (min-max) "
+             "| peak MB non-DP | peak MB DP | x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['model']} | {r['batch']} | {r['seq']} | {r['mode']} |"
         if r["error"]:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {r['mode']} | n/a: {r['error']} |  |  |  |")
+            lines.append(f"{head} n/a: {r['error']} |" + " |" * 7)
             continue
-        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {r['mode']} | {r['step_seconds']:.3f} | "
-                     f"{r['step_seconds_ratio']} | {peak} | {r['peak_mb_ratio']} |")
+        lines.append(f"{head} {r['pairs']} | {r['none_seconds_median']:.3f} | {r['dp_seconds_median']:.3f} | "
+                     f"{_spread(r, '')} | {_spread(r, '_cpu')} | {r.get('peak_mb_none', 'n/a')} | "
+                     f"{r.get('peak_mb_dp', 'n/a')} | {r.get('peak_mb_ratio', 'n/a')} |")
+    return "\n".join(lines)
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    ok = [r for r in rows if not r["error"]]
+    if not ok:
+        return ""
+    names = list(ok[0]["breakdown_ms"])
+    lines = ["| DP extra, CPU ms per step | " + " | ".join(f"{r['model']} b{r['batch']} s{r['seq']} {r['mode']}"
+                                                       for r in ok) + " |", "|---|" + "---|" * len(ok)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{r['breakdown_ms'][name]:.1f}" for r in ok) + " |")
+    lines.append("| round set-up (once per round) | " + " | ".join(f"{r['round_setup_seconds'] * 1e3:.0f}"
+                                                                  for r in ok) + " |")
     return "\n".join(lines)
 
 
@@ -165,18 +425,22 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     PLACEMENT.update(device=args.device, dtype=args.dtype, quantization=args.quantization)
     if args.probe:
-        print(json.dumps(probe(args.probe, args.steps)))
+        torch.set_num_threads(args.threads)
+        print(json.dumps(probe(args.probe, args.steps, args.micro_batches)))
         return
     started = time.time()
     rows = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
         "placement": PLACEMENT, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "repeats": args.repeats, "steps_per_timing": args.steps, "seconds": round(time.time() - started),
-        "rows": rows}, indent=2))
+        "method": "fair: non-DP replays the DP step's Poisson batches, interleaved; per-pair ratio",
+        "seeds": args.repeats, "steps_per_seed": args.steps, "micro_batches": args.micro_batches,
+        "command": " ".join(sys.argv), "seconds": round(time.time() - started), "rows": rows}, indent=2))
     print(table(rows))
+    print()
+    print(breakdown_table(rows))
     print(f"\nwrote {args.out}")
 
 

@@ -62,12 +62,25 @@ class NodeNoiseDPOptimizer(DPOptimizer):
         self.attach_step_hook(built.step_hook)  # the accountant: one step per (possibly empty) batch
         self.noise = noise
 
+    def scale_grad(self) -> None:
+        """Divide the noised sum by the expected batch size, as Opacus does, with its
+        ``accumulated_iterations`` (a scan of every parameter) computed once per step instead
+        of once per parameter."""
+        if self.loss_reduction == "mean":
+            divisor = self.expected_batch_size * self.accumulated_iterations
+            for p in self.params:
+                p.grad /= divisor
+
     def add_noise(self) -> None:
         """Add the node's noise to the clipped sum, as Opacus does with its own draw."""
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)  # Opacus's guard: no clipped sum is noised twice
-            p.grad = (p.summed_grad + self.noise.like(p.summed_grad, std)).view_as(p)
+        # the step's noise for every tensor, in parameter order: the same values as one ``like``
+        # per tensor (what a coordinator regenerating seeded noise computes), one reused buffer
+        noises = self.noise.like_many([p.summed_grad for p in self.params], std)
+        for p, noise in zip(self.params, noises, strict=True):
+            p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 

@@ -24,11 +24,22 @@ def _script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 def test_bench_dp_step_tiny_mode(tmp_path):
     out = tmp_path / "dp.json"
     result = _script("bench_dp_step.py", "--models", "tiny", "--batches", "4", "--seqs", "16", "--modes",
-                     "none,hooks", "--repeats", "1", "--steps", "1", "--threads", "1", "--out", str(out))
+                     "none,hooks", "--repeats", "2", "--steps", "2", "--threads", "1", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["none", "hooks"] and rows[0]["step_seconds_ratio"] == 1.0
-    assert rows[1]["step_seconds"] > 0 and rows[1]["peak_mb"] is not None
-    assert "| tiny | 4 | 16 | hooks |" in result.stdout
+    assert [r["mode"] for r in rows] == ["hooks"]  # each DP mode against the non-DP replay of its batches
+    row = rows[0]
+    # fair method: one (DP, non-DP) pair per non-empty Poisson batch, both steps on that very batch
+    assert row["pairs"] + row["empty_batches_skipped"] == 2 * 2 and len(row["batch_sizes"]) == row["pairs"]
+    assert all(p["dp"] > 0 and p["none"] > 0 for p in row["step_seconds_per_pair"])
+    for clock in ("", "_cpu"):
+        assert row[f"ratio_min{clock}"] <= row[f"ratio_q1{clock}"] <= row[f"ratio_median{clock}"] \
+            <= row[f"ratio_q3{clock}"] <= row[f"ratio_max{clock}"]
+    # peak memory of both modes on the same batches, each in a fresh process
+    assert row["peak_mb_dp"] is not None and row["peak_mb_none"] is not None and row["peak_mb_ratio"] > 0
+    breakdown = row["breakdown_ms"]
+    assert breakdown["per-sample grads (backward hooks)"] > 0 and breakdown["noise draw (node's Philox stream)"] > 0
+    assert breakdown["clipping (norms, clip, sum)"] > 0
+    assert "| tiny | 4 | 16 | hooks |" in result.stdout and "| noise draw (node's Philox stream) |" in result.stdout
 
 
 def test_bench_federation_tiny_mode(tmp_path):
@@ -39,6 +50,11 @@ def test_bench_federation_tiny_mode(tmp_path):
     standard, ffa = result["bytes_per_client_per_round"]
     assert ffa["bytes_fp32"] * 2 == standard["bytes_fp32"]  # FFA-LoRA halves communication
     assert result["scale"][0]["returncode"] == 0 and result["scale"][0]["peak_rss_mb"] > 0
+    rounds = result["inprocess_overhead"]["rounds"]  # debug=smoke: 2 rounds of 3 clients, in process
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == 3 for r in rounds)
+    for r in rounds:
+        assert r["client_training_s"] > 0 and r["eval_seconds"] > 0 and 0 < r["framework_share"] < 1
+        assert abs(r["client_training_s"] + r["eval_seconds"] + r["framework_overhead_s"] - r["round_seconds"]) < 0.02
 
 
 def test_bench_utility_tiny_mode(tmp_path):

@@ -245,6 +245,22 @@ def test_noise_follows_the_reference_dtype_and_zero_std_takes_no_draw():
     assert streams.noise.standard_normal() == dp_randomness(9).noise.standard_normal()
 
 
+def test_one_draw_per_step_gives_exactly_the_per_tensor_draws_in_order():
+    """The DP step draws all its noise in one call; a per-tensor regeneration (the audit's
+    seeded-noise coordinator) must get the very same values, and the stream must continue alike."""
+    references = [torch.zeros(3, 4), torch.zeros(5), torch.zeros(2, 2, 2, dtype=torch.bfloat16), torch.zeros(1)]
+    streams = dp_randomness(13), dp_randomness(13)
+    many = GaussianNoise(streams[0].noise).like_many(references, 0.7)
+    one = GaussianNoise(streams[1].noise)
+    for reference, noise in zip(references, many, strict=True):
+        assert noise.shape == reference.shape and noise.dtype == reference.dtype
+        assert torch.equal(noise, one.like(reference, 0.7))
+    assert streams[0].noise.standard_normal() == streams[1].noise.standard_normal()
+    zeros = GaussianNoise(streams[0].noise).like_many(references, 0.0)
+    assert all(torch.equal(z, torch.zeros_like(r)) for z, r in zip(zeros, references, strict=True))
+    assert streams[0].noise.standard_normal() == streams[1].noise.standard_normal()  # std 0 takes no draw
+
+
 def test_the_dp_step_adds_the_node_noise_scaled_by_the_expected_batch_size(bundle, shard):
     """The optimizer's noise is ours (not Opacus's generator) and has std z * C / expected batch."""
     model = bundle.model
