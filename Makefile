@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make run   [ARGS='hydra overrides']   set up .venv (first time only) and run the default job
-#   make test  [PYTEST_ARGS='...']        set up .venv (first time only) and run the test suite
+#   make test  [PYTEST_ARGS='...']        set up .venv (first time only), lint (ruff, mypy), run the test suite
 #   make test-fast                        the fast tier: no engines, subprocess CLIs, notebooks or benchmarks
 #   make lint                             ruff (lint) and mypy, configured in pyproject.toml
 VENV ?= .venv
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(VENV)/bin/fedllm simulate $(ARGS)
 
-test: install
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.grad_sample.gsm_base import AbstractGradSampleHooks
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import DataLoader, Dataset
@@ -89,7 +90,7 @@ class DPRound:
     """Live Opacus objects for one round; call :meth:`close` when the round ends."""
 
     engine: PrivacyEngine
-    hooks: object
+    hooks: AbstractGradSampleHooks
     optimizer: NodeNoiseDPOptimizer
     loader: DataLoader
 
@@ -133,7 +134,8 @@ def poisson_loader(dataset: Dataset, batch_size: int, collate: Callable,
         collate: batch builder; it must accept an empty list (an empty Poisson batch).
         randomness: the round's streams (only ``sampling`` is used).
     """
-    sampler = PoissonBatchSampler(len(dataset), batch_size, randomness.sampling)
+    # torch types Dataset without __len__; every shard a node trains on has one
+    sampler = PoissonBatchSampler(len(dataset), batch_size, randomness.sampling)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 
