@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedllm.config import ExperimentConfig
-from fedllm.privacy.planner import DPPlan, plan_client
+from fedllm.privacy.calibration import DPPlan, plan_client
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -54,7 +54,7 @@ def build_plan(cfg: ExperimentConfig, accountants: tuple[str, ...] = ACCOUNTANTS
     """
     from fedllm import task
     from fedllm.privacy.budget import effective_budget
-    from fedllm.privacy.planner import epsilon_by_round, rounds_within_cap
+    from fedllm.privacy.calibration import epsilon_by_round, rounds_within_cap
 
     shards = task.split_for(cfg).shards
     rows = []

@@ -43,8 +43,8 @@ from fedllm.node.reply_cache import ReplyCache, arrays_digest
 from fedllm.planning import plan_for
 from fedllm.privacy.accounting import History, extend_history
 from fedllm.privacy.budget import check_round, effective_budget
+from fedllm.privacy.calibration import DPPlan
 from fedllm.privacy.node_ledger import NodeLedger, Release
-from fedllm.privacy.planner import DPPlan
 from fedllm.training.local import DPSpec, LocalResult, LocalSpec, train_local
 from fedllm.training.precision import use_bf16
 

@@ -15,10 +15,10 @@ from fedllm.errors import LedgerError
 from fedllm.federation.checkpoint import Checkpointer, ServerState
 from fedllm.privacy.accounting import epsilon, extend_history
 from fedllm.privacy.budget import Budget, check_round, effective_budget
+from fedllm.privacy.calibration import plan_client
 from fedllm.privacy.client_level import ZERO_OUT, ClientLevelAccountant, ClientLevelRound
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.privacy.node_ledger import LEDGER_FILE, NodeLedger, Release, fingerprint
-from fedllm.privacy.planner import plan_client
 
 # The default run (`make run`): 10 clients, largest sampling rate 1/74 (1,181 records, batch 16),
 # 3 rounds x 5 steps, target epsilon 8 at delta 1e-5; noise as planned under each accountant.

@@ -14,13 +14,13 @@ from fedllm.config import PrivacyConfig
 from fedllm.errors import LedgerError, PrivacyPlanError
 from fedllm.planning import PlanRow, format_plan
 from fedllm.privacy.accounting import epsilon, extend_history
-from fedllm.privacy.ledger import PrivacyLedger
-from fedllm.privacy.planner import (
+from fedllm.privacy.calibration import (
     epsilon_by_round,
     plan_client,
     rounds_within_cap,
     sample_rate_for,
 )
+from fedllm.privacy.ledger import PrivacyLedger
 
 # The default run (`fedllm simulate`, `fedllm plan`): 10 clients of ~1,180 reviews, batch 16 -> Poisson
 # rate 1/74; 3 rounds x 5 local steps; target epsilon 8 at delta 1e-5. Noise as planned under each accountant.

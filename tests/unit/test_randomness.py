@@ -19,8 +19,8 @@ from fedllm.config import LoraSettings, ModelConfig
 from fedllm.data.formatting import make_collate, tokenize_records
 from fedllm.errors import ConfigError, PrivacyPlanError
 from fedllm.model.adapters import adapter_state, load_adapter_state
+from fedllm.privacy.calibration import sample_rate_for
 from fedllm.privacy.dpsgd import poisson_loader, start_round
-from fedllm.privacy.planner import sample_rate_for
 from fedllm.privacy.randomness import GaussianNoise, PoissonBatchSampler, dp_randomness
 from fedllm.training.local import DPSpec, LocalSpec, train_local
 from tests.training_data import FMT, choice_ids, easy_records

@@ -1,4 +1,4 @@
-"""Plan the DP-SGD noise multiplier that meets a target epsilon before any training."""
+"""Calibrate the DP-SGD noise multiplier to a target epsilon before any training (one client's plan)."""
 
 from __future__ import annotations
 
