@@ -189,16 +189,20 @@ def _hooks_off(hooks) -> None:
         hooks.remove_hooks()
 
 
+def _workload(model_name: str, batch: int, seq: int, micro_batches: int):
+    """The model, synthetic records, collate, local spec and adapter parameters of one configuration."""
+    bundle = model_bundle(model_config(model_name), LoraSettings(), 0)
+    data = dataset(len(bundle.tokenizer), seq)
+    collate = make_collate(bundle.pad_id, prompt_only=True)
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    return bundle.model, data, collate, local_spec(batch, micro_batches), params
+
+
 def measure_config(model_name: str, batch: int, seq: int, mode: str, seeds: int, steps: int,
                    micro_batches: int) -> dict:
     """Interleaved DP / non-DP pairs on identical Poisson batches; per-pair times and phases."""
     install_timers()
-    bundle = model_bundle(model_config(model_name), LoraSettings(), 0)
-    model = bundle.model
-    data = dataset(len(bundle.tokenizer), seq)
-    collate = make_collate(bundle.pad_id, prompt_only=True)
-    spec = local_spec(batch, micro_batches)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, data, collate, spec, params = _workload(model_name, batch, seq, micro_batches)
     pairs, sizes, setup, empty = [], [], [], 0
     phases: dict[str, dict[str, float]] = {"dp": defaultdict(float), "none": defaultdict(float)}
     model.train()
@@ -306,12 +310,7 @@ def probe(config: str, steps: int, micro_batches: int) -> dict:
     """Peak memory of one configuration in this (fresh) process, on seed 0's Poisson batches."""
     model_name, batch, seq, mode = config.split(",")
     batch, seq = int(batch), int(seq)
-    bundle = model_bundle(model_config(model_name), LoraSettings(), 0)
-    model = bundle.model
-    data = dataset(len(bundle.tokenizer), seq)
-    collate = make_collate(bundle.pad_id, prompt_only=True)
-    spec = local_spec(batch, micro_batches)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, data, collate, spec, params = _workload(model_name, batch, seq, micro_batches)
     model.train()
     base = peak_mb()
     sizes = []

@@ -218,9 +218,8 @@ def _strategy():
                           client_clip_norm=0.5, noise="seeded")
 
 
-def _recorded_round(answering: set[int]) -> tuple[ClientLevelRound, bool]:
-    """Round 1 of a client-level run in which only ``answering`` reply: what its accountant
-    recorded, and whether the round got amplification credit."""
+def _one_client_level_round(grid, strategy) -> PrivacyLedger:
+    """Round 1 of a 10-client client-level run (sampled uniformly) through the real round loop."""
     ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None, mode="client",
                            client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=DELTA,
                                                               sampled_uniformly=True))
@@ -228,7 +227,14 @@ def _recorded_round(answering: set[int]) -> tuple[ClientLevelRound, bool]:
                          uniform_weights=True, client_level=True)
     settings = LoopSettings(num_rounds=1, num_clients=10, min_train_clients=1, timeout=1.0,
                             train_config=ConfigRecord({}), policy=policy)
-    run_rounds(_Grid(answering), _strategy(), ledger, settings, arrays_record(SENT), 1, lambda *args: None)
+    run_rounds(grid, strategy, ledger, settings, arrays_record(SENT), 1, lambda *args: None)
+    return ledger
+
+
+def _recorded_round(answering: set[int]) -> tuple[ClientLevelRound, bool]:
+    """Round 1 of a client-level run in which only ``answering`` reply: what its accountant
+    recorded, and whether the round got amplification credit."""
+    ledger = _one_client_level_round(_Grid(answering), _strategy())
     [entry] = ledger.client_level.rounds
     return entry, ledger.client_level.amplified(entry)
 
@@ -252,12 +258,5 @@ def test_the_sampling_ratio_is_over_the_nodes_connected_when_the_sample_is_drawn
     strategy = build_strategy(aggregation="fedavg", trim_fraction=0.2, fraction_train=0.3, num_clients=10,
                               client_level=True, client_clipping="server", client_noise_multiplier=1.0,
                               client_clip_norm=0.5, noise="seeded", node_wait=0.01)
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None, mode="client",
-                           client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=DELTA,
-                                                              sampled_uniformly=True))
-    policy = ReplyPolicy(num_clients=10, update_norm_ratio=10.0, max_update_norm=None, require_accounting=False,
-                         uniform_weights=True, client_level=True)
-    settings = LoopSettings(num_rounds=1, num_clients=10, min_train_clients=1, timeout=1.0,
-                            train_config=ConfigRecord({}), policy=policy)
-    run_rounds(grid, strategy, ledger, settings, arrays_record(SENT), 1, lambda *args: None)
+    ledger = _one_client_level_round(grid, strategy)
     assert ledger.client_level.rounds == [ClientLevelRound(1, population=5, sampled=3, contributed=3)]  # q = 3/5
