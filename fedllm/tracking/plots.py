@@ -106,12 +106,21 @@ def plot_audit(run_dir: Path, scores: dict[str, Any], included: list[bool]) -> P
         values = list(values)
         ins = [v for v, flag in zip(values, inside, strict=True) if flag]
         outs = [v for v, flag in zip(values, inside, strict=True) if not flag]
-        bins = max(10, min(60, len(values) // 20))
-        ax.hist(outs, bins=bins, alpha=0.6, label=f"left out ({len(outs)})", color="tab:gray")
-        ax.hist(ins, bins=bins, alpha=0.6, label=f"included ({len(ins)})", color="tab:red")
+        edges = _shared_bins(values, max(10, min(60, len(values) // 20)))
+        ax.hist(outs, bins=edges, alpha=0.6, label=f"left out ({len(outs)})", color="tab:gray")
+        ax.hist(ins, bins=edges, alpha=0.6, label=f"included ({len(ins)})", color="tab:red")
         ax.set(xlabel="canary score", ylabel="canaries", title=name.replace("_", " "))
         ax.legend(fontsize="small")
     return _save(fig, run_dir / AUDIT_PNG)
+
+
+def _shared_bins(values: list[float], count: int) -> list[float]:
+    """Bin edges common to both histograms; a range too narrow for ``count`` finite bins (e.g. scores
+    that differ only by rounding, which matplotlib refuses) is widened around its centre."""
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    if high - low <= 1e-9 * max(1.0, abs(low), abs(high)):
+        low, high = low - 0.5, high + 0.5
+    return [low + (high - low) * i / count for i in range(count + 1)]
 
 
 def _save(fig, path: Path) -> Path:

@@ -145,3 +145,13 @@ def test_canary_rows_keep_their_index_through_collate(bundle):
     assert batch["canary"].tolist() == [-1] * 6 + [c.index for c in design.canaries]
     assert torch.equal(GradientCanaries(design, adapter_parameters(bundle.model)).keep(batch),
                        torch.tensor([1.0] * 6 + [0.0] * len(design.canaries)))
+
+
+def test_the_score_plot_draws_scores_that_differ_only_by_rounding(tmp_path):
+    """A canary client's update seen without noise gives scores equal up to rounding, for which
+    matplotlib cannot make finite-sized bins by itself."""
+    from fedllm.tracking.plots import plot_audit
+
+    scores = {"coordinator": [128.0, 128.00000000000003] * 30 + [0.0] * 40, "output_reader": [2.0] * 100}
+    path = plot_audit(tmp_path, scores, [True] * 60 + [False] * 40)
+    assert path.stat().st_size > 0
