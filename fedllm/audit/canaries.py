@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedllm.errors import ConfigError
 
@@ -63,6 +64,11 @@ class Layout:
     def flatten(self, state: dict) -> np.ndarray:
         """The state's tensors as one float64 vector in layout order."""
         return np.concatenate([np.asarray(state[n], dtype=np.float64).reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`flatten`: float32 tensors by name (the adapter's dtype)."""
+        return {name: torch.from_numpy(flat[start:end].reshape(shape).astype(np.float32))
+                for (name, (start, end)), shape in zip(self.offsets().items(), self.shapes, strict=True)}
 
 
 @dataclass(frozen=True)

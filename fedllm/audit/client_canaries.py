@@ -17,7 +17,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import Context, Message
 
@@ -70,14 +69,12 @@ def canary_client_app(real_app, real_clients: int, design: CanaryDesign):
 
 
 def _canary_reply(message: Message, canary: Canary, design: CanaryDesign, partition: int) -> Message:
-    sent = message.content.array_records[keys.ARRAYS].to_torch_state_dict()
-    arrays = {name: tensor.clone() for name, tensor in sent.items()}
+    arrays: dict[str, torch.Tensor] = dict(message.content.array_records[keys.ARRAYS].to_torch_state_dict())
     if canary.included:
         # moved against the canary's direction, as a gradient step along it would move it: the
         # coordinator's and the readers' "descent" then points along the designed vector
         where, values = design.direction(canary.index)
         flat = design.layout.flatten({n: t.numpy() for n, t in arrays.items()})
         flat[where] -= values
-        for name, (start, end) in design.layout.offsets().items():
-            arrays[name] = torch.from_numpy(flat[start:end].reshape(arrays[name].shape).astype(np.float32))
+        arrays = design.layout.unflatten(flat)
     return update_reply(message, arrays, TrainReport(partition, None).to_metrics())

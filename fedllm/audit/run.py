@@ -94,7 +94,7 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     folder.mkdir(parents=True, exist_ok=True)
     if client_level:
         place_on_canary_clients(design, real_clients)
-        run_cfg, app = with_canary_clients(cfg, settings.canaries), None
+        run_cfg = with_canary_clients(cfg, settings.canaries)
         extra = real_client_files(cfg, folder / "data")
         app = canary_client_app(load_object(cfg.federation.client_app), real_clients, design)
     else:
@@ -192,7 +192,7 @@ class _RecordDirections:
 
     def __call__(self, index: int, server_round: int) -> np.ndarray:
         if self.loaded_round != server_round:
-            state = _unflatten(self.design.layout, self.observed.sent[server_round])
+            state = self.design.layout.unflatten(self.observed.sent[server_round])
             load_adapter_state(self.bundle.model, state)
             self.loaded_round = server_round
         model = self.bundle.model
@@ -205,11 +205,6 @@ class _RecordDirections:
         vector = self.design.layout.flatten(grads)
         norm = float(np.linalg.norm(vector))
         return vector / norm if norm > 0 else vector
-
-
-def _unflatten(layout: Layout, flat: np.ndarray) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(flat[start:end].reshape(shape).astype(np.float32))
-            for (name, (start, end)), shape in zip(layout.offsets().items(), layout.shapes, strict=True)}
 
 
 def _reader(cfg: ExperimentConfig, design: CanaryDesign, bundle, initial: dict, final: dict) -> np.ndarray:
