@@ -121,7 +121,7 @@ def test_the_coordinator_regenerates_seeded_noise_but_not_the_nodes_own(bundle):
     order = [(name, tuple(p.shape)) for name, p in adapter_parameters(bundle.model).items()]
     attack = SeededNoise(seed_for=lambda r, k: 1234, param_order=order, layout=design.layout, steps=steps, lr=lr,
                          std_for=lambda k: noise * 1.0)
-    residual, seen = {}, {}
+    residual, known_batch, seen = {}, {}, {}
     for seed in (1234, None):
         load_adapter_state(bundle.model, bundle.initial_adapter)
         spec = LocalSpec(steps=steps, batch_size=16, lr=lr, weight_decay=0.0, objective="choices", bf16=False,
@@ -131,11 +131,16 @@ def test_the_coordinator_regenerates_seeded_noise_but_not_the_nodes_own(bundle):
                                  dp).examples_seen
         descent = before - design.layout.flatten(adapter_state(bundle.model))
         residual[seed] = np.linalg.norm(attack(1, 0, descent))
+        # with the true expected batch (16) instead of the attack's estimate of it
+        known_batch[seed] = np.linalg.norm(descent / lr * 16 - attack.noise_sum(1, 0))
     load_adapter_state(bundle.model, bundle.initial_adapter)
     # what is left is the sum of the clipped per-sample gradients: at most C per record drawn
     assert residual[1234] <= seen[1234] * 1.0 * 1.001
-    # the noise alone has norm about noise * C * sqrt(steps * d), far above any clipped sum
-    assert residual[None] > 3 * seen[None]
+    assert known_batch[1234] <= seen[1234] * 1.0 * 1.001
+    # the node's own noise stays in even when the coordinator knows the batch size: the difference
+    # of two independent noise sums has norm about noise * C * sqrt(2 * steps * d), far above any
+    # clipped sum (the attack's own estimate of the batch size is meaningless then, so it is not used)
+    assert known_batch[None] > 3 * seen[None]
 
 
 def test_canary_rows_keep_their_index_through_collate(bundle):
