@@ -20,7 +20,7 @@ from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DU
 from fedllm.errors import ConfigError, FedLLMError
 
 MODEL_SOURCES = ("embedded", "tiny", "pretrained")
-DATASETS = ("rotten_tomatoes", "jsonl")
+DATASETS = ("rotten_tomatoes", "rt_reviews", "jsonl")
 PARTITIONERS = ("iid", "dirichlet")
 OBJECTIVES = ("choices", "token")
 OPTIMIZERS = ("adamw", "sgd")
@@ -291,6 +291,25 @@ class PrivacyConfig:
         return next((cap for cap in self.client_caps if cap.client == client), None)
 
 
+RAY_ADDRESS_HELP = ("null (start a local Ray for this run), auto (the Ray cluster `ray start` runs on this machine, "
+                    "or RAY_ADDRESS) or the cluster head's <host>:<port>, e.g. 10.0.0.1:6379")
+
+
+def _ray_address_problem(address: str | None) -> str | None:
+    """What is wrong with a ``federation.ray_address`` value, or None if it is usable."""
+    if address is None or address == "auto":
+        return None
+    if address.startswith("ray://"):
+        return (f"got {address!r}: Ray Client addresses (ray://) are not supported; run fedllm on a node of "
+                "the cluster and give the head's <host>:<port> (the `ray start --head --port` address)")
+    host, _, port = address.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [IPv6]
+    host_ok = bool(bare) and all(c.isalnum() or c in ".-_:" for c in bare) and (":" not in bare or bare != host)
+    if not (host_ok and port.isdigit() and 0 < int(port) < 65536):
+        return f"got {address!r}; use {RAY_ADDRESS_HELP}"
+    return None
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """The Flower federation: how many clients, rounds and resources."""
@@ -310,6 +329,9 @@ class FederationConfig:
     # simulation engine: Flower's (Ray actors as nodes) or fedllm's in-process one (the same ServerApp
     # and ClientApp in this process, nodes one after another: no Ray start-up, for small machines)
     engine: str = "ray"
+    # ray engine: None starts a local Ray for the run (and stops it after); "auto" or "<host>:<port>" joins
+    # a running cluster, whose resources then decide where clients run (fedllm never stops that cluster)
+    ray_address: str | None = None
     # deployment: the node id `flwr supernode register` printed for each partition, in partition
     # order; a reply's partition must then match its authenticated node id (empty: the first
     # node to claim a partition keeps it for the run)
@@ -319,6 +341,11 @@ class FederationConfig:
         _check_types(self, "federation")
         _one_of(self.aggregation, AGGREGATIONS, "federation.aggregation")
         _one_of(self.engine, ENGINES, "federation.engine")
+        address_problem = _ray_address_problem(self.ray_address)
+        _require(address_problem is None, "federation.ray_address", str(address_problem))
+        _require(self.ray_address is None or self.engine == "ray", "federation.ray_address",
+                 f"joins a Ray cluster, but federation.engine={self.engine} runs without Ray: set "
+                 "federation.engine=ray or federation.ray_address=null")
         _require(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
         _require(self.update_norm_ratio > 1, "federation.update_norm_ratio",
                  "must be above 1 (an update this many times the round's median norm is rejected)")

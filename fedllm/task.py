@@ -19,7 +19,7 @@ from peft import PeftModel
 from fedllm.config import DataConfig, ExperimentConfig, LoraSettings, ModelConfig
 from fedllm.data.formatting import PromptFormat, TokenizedDataset, choice_token_ids, tokenize_records
 from fedllm.data.partition import Split, split_records
-from fedllm.data.sources import Record, load_records, load_rotten_tomatoes
+from fedllm.data.sources import Record, load_records, load_rotten_tomatoes, load_rt_reviews
 from fedllm.errors import ConfigError, DataError
 from fedllm.model.adapters import adapter_state
 from fedllm.model.base import load_model, load_tokenizer
@@ -59,6 +59,8 @@ def load_all_records(data_cfg: DataConfig) -> list[Record]:
     """Every record of the configured dataset, optionally capped by ``data.max_records``."""
     if data_cfg.name == "rotten_tomatoes":
         records = load_rotten_tomatoes()
+    elif data_cfg.name == "rt_reviews":
+        records = load_rt_reviews(duplicates=data_cfg.duplicates)
     else:
         if not data_cfg.path:  # DataConfig already requires it (data=jsonl); this narrows the type
             raise ConfigError("data=jsonl needs data.path=<file.jsonl or .csv>")

@@ -41,7 +41,7 @@ def noise_label(run: Run) -> float | str | None:
     """The noise multiplier that ran: sample-level DP-SGD's per node (from the ledger; a range when
     nodes differ; else the configured one), or client-level DP's under ``privacy=client``."""
     privacy = run.config.get("privacy") or {}
-    mode = privacy.get("mode") or run.summary.get("privacy_mode")
+    mode = privacy.get("mode") or run.summary.privacy_mode
     if mode == "none":
         return None
     if mode == "client":
@@ -67,18 +67,18 @@ def report_rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
             "status": run.status,
             "model": model_label(run.config),
             "data": data_label(run.config),
-            "privacy": s.get("privacy_mode") or (run.config.get("privacy") or {}).get("mode"),
+            "privacy": s.privacy_mode or (run.config.get("privacy") or {}).get("mode"),
             "noise_multiplier": noise_label(run),
             "lr": (run.config.get("train") or {}).get("lr"),
-            "target_epsilon": s["target_epsilon"] if "target_epsilon" in s else _configured_target(run.config),
-            "spent_epsilon": s.get("final_max_epsilon") if finished else None,
+            "target_epsilon": s.target_epsilon if s.target_epsilon is not None else _configured_target(run.config),
+            "spent_epsilon": s.final_max_epsilon if finished else None,
             "audit_coordinator": audited.get("coordinator") if finished else None,
             "audit_output_reader": audited.get("output_reader") if finished else None,
-            "zero_shot_accuracy": s.get("zero_shot_accuracy"),
-            "final_accuracy": s.get("final_accuracy") if finished else None,
-            "rounds": s.get("rounds_completed"),
-            "clients": s.get("num_clients"),
-            "wall_seconds": s.get("wall_seconds"),
+            "zero_shot_accuracy": s.zero_shot_accuracy,
+            "final_accuracy": s.final_accuracy if finished else None,
+            "rounds": s.rounds_completed,
+            "clients": s.num_clients,
+            "wall_seconds": s.wall_seconds,
             "note": failure_of(run),
         })
     return sorted(rows, key=_group_key)
@@ -132,7 +132,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 def privacy_utility_points(runs: list[Run]) -> list[dict[str, Any]]:
     """(spent epsilon, final accuracy) per finished run, with its model and data (``group``)
     for the privacy-utility plot; failed and unfinished runs are never points."""
-    return [{"epsilon": r.summary.get("final_max_epsilon"), "accuracy": r.summary.get("final_accuracy"),
-             "zero_shot": r.summary.get("zero_shot_accuracy"),
+    return [{"epsilon": r.summary.final_max_epsilon, "accuracy": r.summary.final_accuracy,
+             "zero_shot": r.summary.zero_shot_accuracy,
              "group": " / ".join(x for x in (model_label(r.config), data_label(r.config)) if x) or None}
-            for r in runs if r.finished and r.summary.get("final_accuracy") is not None]
+            for r in runs if r.finished and r.summary.final_accuracy is not None]

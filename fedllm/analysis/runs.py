@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedllm.errors import DataError
+from fedllm.tracking.run_files import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    RoundRecord,
+    RunSummary,
+    read_json,
+    read_rounds,
+    read_summary,
+)
 
-RUN_MARKER = "summary.json"
+RUN_MARKER = SUMMARY_FILE
 AUDIT_FILE = "audit.json"  # written by `fedllm audit` only
 
 
@@ -22,15 +30,15 @@ class Run:
     """One run directory: its config, per-round metrics, privacy ledger and summary.
 
     A failed run may lack metrics and ledger (they are then empty); an unfinished one (a job
-    folder without ``summary.json``: killed, or still running) has the summary
-    ``{"status": "unfinished"}`` and whatever ``failure`` its log shows.
+    folder without ``summary.json``: killed, or still running) has a summary with status
+    ``unfinished`` and whatever ``failure`` its log shows.
     """
 
     path: Path
     config: dict[str, Any]
-    rounds: list[dict[str, Any]]
+    rounds: list[RoundRecord]
     ledger: dict[str, Any]
-    summary: dict[str, Any]
+    summary: RunSummary
     audit: dict[str, Any] | None = None  # the run's privacy audit, when `fedllm audit` ran it
 
     @property
@@ -45,48 +53,27 @@ class Run:
 
     def epsilon_table(self) -> dict[int, dict[str, float]]:
         """Per round, each client's epsilon (``{round: {client: epsilon}}``); empty without DP."""
-        return {r["round"]: r["epsilon"] for r in self.rounds if r.get("epsilon")}
+        return {r.round: r.epsilon for r in self.rounds if r.epsilon}
 
 
-def run_status(summary: dict[str, Any]) -> str:
+def run_status(summary: RunSummary) -> str:
     """A summary's status; for summaries written before it was recorded, inferred the same way
     (rounds ran and none aggregated an update: failed; an early stop: stopped)."""
-    if summary.get("status"):
-        return str(summary["status"])
-    completed = summary.get("rounds_completed") or 0
-    if completed and len(summary.get("rounds_without_updates") or []) >= completed:
+    if summary.status:
+        return summary.status
+    completed = summary.rounds_completed or 0
+    if completed and len(summary.rounds_without_updates) >= completed:
         return "failed"
-    return "stopped" if summary.get("stop_reason") else "completed"
+    return "stopped" if summary.stop_reason else "completed"
 
 
 def failure_of(run: Run) -> str | None:
     """Why a run failed or stopped early, if it did (a written reason, or for an old summary the inferred one)."""
-    summary = run.summary
-    if summary.get("failure"):
-        return str(summary["failure"])
+    if run.summary.failure:
+        return run.summary.failure
     if run.status == "failed":
         return "no round aggregated a client update (every client failed, refused or was rejected)"
-    return summary.get("stop_reason")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: missing; is {path.parent} a finished fedllm run directory?") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-    return rows
+    return run.summary.stop_reason
 
 
 def load_run(path: str | Path) -> Run:
@@ -98,18 +85,17 @@ def load_run(path: str | Path) -> Run:
         DataError: a file is missing or malformed (the message names it).
     """
     path = Path(path)
-    summary = _read_json(path / RUN_MARKER)
-    if not isinstance(summary, dict):
-        raise DataError(f"{path / RUN_MARKER}: not a run summary (a JSON object)")
+    summary = read_summary(path)
     failed = run_status(summary) not in FINISHED
 
-    def optional(name: str, read, empty):
-        return read(path / name) if (path / name).is_file() or not failed else empty
+    def needed(name: str) -> bool:
+        return (path / name).is_file() or not failed
 
-    audit = _read_json(path / AUDIT_FILE) if (path / AUDIT_FILE).is_file() else None
-    return Run(path=path, config=optional("config.json", _read_json, {}),
-               rounds=optional("metrics.jsonl", _read_jsonl, []),
-               ledger=optional("privacy_ledger.json", _read_json, {}), summary=summary, audit=audit)
+    audit = read_json(path / AUDIT_FILE) if (path / AUDIT_FILE).is_file() else None
+    return Run(path=path, config=read_json(path / "config.json") if needed("config.json") else {},
+               rounds=read_rounds(path) if needed(METRICS_FILE) else [],
+               ledger=read_json(path / "privacy_ledger.json") if needed("privacy_ledger.json") else {},
+               summary=summary, audit=audit)
 
 
 def unfinished_run(path: Path) -> Run:
@@ -117,13 +103,10 @@ def unfinished_run(path: Path) -> Run:
     config = {}
     if (path / "config.json").is_file():
         try:
-            config = _read_json(path / "config.json")
+            config = read_json(path / "config.json")
         except DataError:
             config = {}
-    summary: dict[str, Any] = {"status": "unfinished"}
-    error = _last_logged_error(path)
-    if error:
-        summary["failure"] = error
+    summary = RunSummary(status="unfinished", failure=_last_logged_error(path))
     return Run(path=path, config=config, rounds=[], ledger={}, summary=summary)
 
 

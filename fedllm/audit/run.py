@@ -14,7 +14,7 @@ Outputs, next to the run's own: ``audit.json``, ``audit_scores.png``, an ``audit
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -56,6 +56,7 @@ from fedllm.node.policy import AUDIT_CANARIES
 from fedllm.planning import plan_for
 from fedllm.storage import load_key, write_json
 from fedllm.tracking.plots import plot_audit
+from fedllm.tracking.run_files import RunSummary, write_summary
 from fedllm.training.objectives import per_example_loss
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     write_json(run_dir / AUDIT_JSON, audit)
     np.savez(folder / "scores.npz", allow_pickle=False, included=np.array([c.included for c in design.canaries]),
              **scores)
-    _add_to_summary(run_dir, audit)
+    write_summary(run_dir, with_audit(summary, audit))
     plot_audit(run_dir, scores, [c.included for c in design.canaries])
     log.info("privacy audit (%d canaries, %s):\n%s", settings.canaries, settings.kind, format_audit(audit))
     return audit
@@ -227,12 +228,12 @@ def _losses(cfg: ExperimentConfig, bundle, items: list, adapter: dict) -> np.nda
 
 
 def _results(cfg: ExperimentConfig, settings: AuditConfig, design: CanaryDesign, scores: dict[str, np.ndarray],
-             summary: dict, seconds: float) -> dict:
+             summary: RunSummary, seconds: float) -> dict:
     included = [c.included for c in design.canaries]
     client_level = cfg.privacy.mode == "client"
     delta = cfg.privacy.client_delta if client_level else cfg.privacy.delta
-    accounted = (summary.get("client_level_epsilon") if client_level
-                 else summary.get("final_max_epsilon") if cfg.privacy.sample_level else None)
+    accounted = (summary.client_level_epsilon if client_level
+                 else summary.final_max_epsilon if cfg.privacy.sample_level else None)
     adversaries = {name: audit_bound(values.tolist(), included, delta=delta,
                                      confidence=settings.confidence).to_dict()
                    for name, values in scores.items()}
@@ -256,12 +257,11 @@ def _results(cfg: ExperimentConfig, settings: AuditConfig, design: CanaryDesign,
     }
 
 
-def _add_to_summary(run_dir: Path, audit: dict) -> None:
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    summary["audit"] = {"epsilon_lower_bound": audit["epsilon_lower_bound"], "canaries": audit["canaries"],
-                        "confidence": audit["confidence"], "kind": audit["kind"]}
-    write_json(path, summary)
+def with_audit(summary: RunSummary, audit: dict) -> RunSummary:
+    """The run's summary with its ``audit`` entry: each adversary's lower bound and how it was measured."""
+    return dataclasses.replace(summary, audit={
+        "epsilon_lower_bound": audit["epsilon_lower_bound"], "canaries": audit["canaries"],
+        "confidence": audit["confidence"], "kind": audit["kind"]})
 
 
 def format_audit(audit: dict) -> str:

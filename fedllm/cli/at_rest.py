@@ -65,7 +65,7 @@ def _verify_nodes(run_dir: Path, key: bytes | None) -> list[str]:
     return checked
 
 
-def _key(key_file: str | None, need: bool, command: str) -> bytes | None:
+def storage_key(key_file: str | None, need: bool, command: str) -> bytes | None:
     """The key from ``--key-file`` or the storage config's environment variable; None when
     neither is set and the command can do without one."""
     from fedllm.config import StorageConfig
@@ -89,7 +89,7 @@ def verify_cli(argv: list[str]) -> int:
     parser.add_argument("--key-file", default=None, help="file holding the 64-hex-character storage key")
     args = parser.parse_args(argv)
     try:
-        checked = verify_run(args.run_dir, _key(args.key_file, need=False, command="verify"))
+        checked = verify_run(args.run_dir, storage_key(args.key_file, need=False, command="verify"))
     except (FedLLMError, OSError) as exc:
         print(f"fedllm verify: {exc}", file=sys.stderr)
         return 1
@@ -115,7 +115,7 @@ def decrypt_cli(argv: list[str]) -> int:
         blob = args.sealed.read_bytes()
         header = read_header(blob, str(args.sealed))[0]  # a malformed file is named before a key is asked for
         # role and name: whatever the file's authenticated header says; format 1 only here, on request
-        data = unseal(blob, _key(args.key_file, need=True, command="decrypt"), role=None, name=None,
+        data = unseal(blob, storage_key(args.key_file, need=True, command="decrypt"), role=None, name=None,
                       what=str(args.sealed), legacy=True)
         atomic_write_bytes(out, data)
     except (FedLLMError, OSError) as exc:

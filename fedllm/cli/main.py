@@ -17,6 +17,8 @@ commands:
   verify     check the checksums of a run directory (adapter, checkpoint, node ledgers)
   decrypt    write the plain file of an encrypted (sealed) adapter or checkpoint file
   node-status  a node's spent epsilon, cap and last rounds, from its own --node-config string
+  evaluate   score a finished run's adapter: held-out loss, perplexity, accuracy (or on your file)
+  generate   answer a prompt with a finished run's adapter, in the run's prompt format
 
 simulate, plan and audit take Hydra overrides (KEY=VALUE, GROUP=OPTION); a rejected override is
 reported in one line and creates nothing.
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedllm.cli.node_status import node_status_cli
 
         return node_status_cli(rest)
+    if command in ("evaluate", "generate"):
+        from fedllm.cli import use
+
+        return (use.evaluate_cli if command == "evaluate" else use.generate_cli)(rest)
     if command in ("verify", "decrypt"):
         from fedllm.cli import at_rest
 

@@ -9,7 +9,7 @@ round, an engine or ServerApp failure, an impossible plan) is recorded as ``stat
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import sys
@@ -26,8 +26,9 @@ from fedllm.config import (
     from_hydra,
     hydra_error,
 )
-from fedllm.errors import FedLLMError
+from fedllm.errors import DataError, FedLLMError
 from fedllm.federation.simulation import set_quiet_env
+from fedllm.tracking.run_files import SUMMARY_FILE, RunSummary, read_summary, write_summary
 
 log = logging.getLogger("fedllm")
 
@@ -203,7 +204,7 @@ def resume_target(run_dir: Path, overrides: list[str]):
     return ExperimentConfig.from_json(config_file.read_text(encoding="utf-8")), run_dir.resolve()
 
 
-def simulate(cfg, run_dir: Path, resume: bool = False) -> dict:
+def simulate(cfg, run_dir: Path, resume: bool = False) -> RunSummary:
     """Plan, then run (or continue) the federation described by ``cfg``; outputs go to ``run_dir``.
 
     Returns:
@@ -233,43 +234,46 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> dict:
         else:
             run_simulation(cfg, run_dir, resume=resume)
     except Exception as exc:
-        from fedllm.federation.server_app import failure_text
+        from fedllm.federation.outputs import failure_text
 
-        summary = finish_summary(run_dir, cfg, started, failure=failure_text(exc))
-        raise FedLLMError(f"the run failed: {summary['failure']}; see {run_dir / 'summary.json'}") from exc
-    summary = finish_summary(run_dir, cfg, started)
-    if summary["status"] == "failed":
-        raise FedLLMError(f"the run failed: {summary['failure']}; see {run_dir / 'summary.json'}")
-    log.info("run finished in %.0f s; outputs in %s", summary["wall_seconds"], run_dir)
-    if summary["status"] == "stopped":
-        log.warning("the run ended after round %d of %d: %s", summary["rounds_completed"],
-                    summary["rounds_planned"], summary["stop_reason"])
+        summary = record_failure(run_dir, cfg, failure_text(exc), time.perf_counter() - started)
+        raise FedLLMError(f"the run failed: {summary.failure}; see {run_dir / SUMMARY_FILE}") from exc
+    summary = written_summary(run_dir, time.perf_counter() - started)
+    if summary.status == "failed":
+        raise FedLLMError(f"the run failed: {summary.failure}; see {run_dir / SUMMARY_FILE}")
+    log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, run_dir)
+    if summary.status == "stopped":
+        log.warning("the run ended after round %d of %d: %s", summary.rounds_completed,
+                    summary.rounds_planned, summary.stop_reason)
     return summary
 
 
-def finish_summary(run_dir: Path, cfg, started: float, failure: str | None = None) -> dict:
-    """``summary.json`` with the wall time added; with ``failure``, marked ``status: failed``
-    (written from scratch when the run ended before the ServerApp wrote one)."""
-    from fedllm.storage import write_json
-
-    path = run_dir / "summary.json"
+def written_summary(run_dir: Path, seconds: float) -> RunSummary:
+    """The summary the ServerApp wrote; a failed one when the engine returned without writing it
+    (``seconds``: the time this command ran)."""
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        summary = None
-    if failure is not None:
-        if summary is None:
-            summary = {"status": "failed", "failure": failure, "rounds_completed": 0,
-                       "rounds_planned": cfg.federation.num_rounds, "stop_reason": None,
-                       "num_clients": cfg.federation.num_clients, "privacy_mode": cfg.privacy.mode}
-        elif summary.get("status") != "failed":
-            summary = {"status": "failed", "failure": failure, **{k: v for k, v in summary.items()
-                                                                  if k not in ("status", "failure")}}
-    elif summary is None:
-        summary = {"status": "failed", "failure": "the engine returned without a summary.json (see the log above)"}
-    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+        return read_summary(run_dir)
+    except DataError:
+        summary = RunSummary(status="failed", wall_seconds=round(seconds, 1),
+                             failure="the engine returned without a summary.json (see the log above)")
+        write_summary(run_dir, summary)
+        return summary
+
+
+def record_failure(run_dir: Path, cfg, failure: str, seconds: float) -> RunSummary:
+    """Mark the run ``status: failed`` with ``failure`` in its ``summary.json``: the ServerApp's
+    summary (the engine failed after it was written) or, when the run ended before the ServerApp
+    wrote one, a summary of what is known (``seconds``: the time this command ran)."""
+    try:
+        summary = read_summary(run_dir)
+    except DataError:
+        summary = RunSummary(rounds_completed=0, rounds_planned=cfg.federation.num_rounds,
+                             num_clients=cfg.federation.num_clients, privacy_mode=cfg.privacy.mode,
+                             wall_seconds=round(seconds, 1))
+    if summary.status != "failed":
+        summary = dataclasses.replace(summary, status="failed", failure=failure)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, summary)
+    write_summary(run_dir, summary)
     return summary
 
 

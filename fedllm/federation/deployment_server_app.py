@@ -35,9 +35,10 @@ def main(grid: Grid, context: Context) -> None:
     from fedllm.federation.server_app import prepare_run, run_federation
     from fedllm.federation.simulation import route_flower_logs
 
+    started = time.perf_counter()  # the summary's wall time counts the preparation too
     route_flower_logs()
     cfg = compose_config(str(context.run_config.get("overrides", "")))
     output = str(context.run_config.get("output-dir", "")) or f"outputs/deployment/{time.strftime('%Y-%m-%d/%H-%M-%S')}"
     run_dir = Path(output).resolve()
     prepare_run(cfg, run_dir)
-    run_federation(grid, cfg, run_dir)
+    run_federation(grid, cfg, run_dir, started=started)

@@ -32,6 +32,7 @@ from fedllm.federation.server_app import run_federation
 from fedllm.federation.simulation import load_object, route_flower_logs
 from fedllm.model.device import usable_cpus
 from fedllm.node.policy import SIMULATED_NODES_ENV, write_simulated_nodes
+from fedllm.tracking.run_files import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def simulated_nodes(cfg: ExperimentConfig, run_dir: Path,
 
 def run_inprocess(cfg: ExperimentConfig, run_dir: Path, *, client_app=None, observer: Observer | None = None,
                   resume: bool = False, extra_node_config: Callable[[int], dict] | None = None,
-                  unreachable: Iterable[int] = ()) -> dict:
+                  unreachable: Iterable[int] = ()) -> RunSummary:
     """Run (or continue) the federation of ``cfg`` in this process; returns its summary.
 
     Args:

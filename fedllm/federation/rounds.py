@@ -1,12 +1,14 @@
 """The server's round loop: Flower strategies configure and aggregate; this loop adds what a
 private federation needs around them.
 
-Per round: send the strategy's train messages, validate every reply and sort them into
-updates, refusals (a node that would pass its privacy cap trains nothing), rejected replies
-(malformed, non-finite, or far larger than the round's others) and failures (errors, no
-reply in time), aggregate the valid updates, evaluate, checkpoint. The run ends cleanly,
-before the planned last round if need be, once fewer than ``min_train_clients`` clients can
-still train. It starts at any round, which is how an interrupted run resumes.
+Per round (:func:`play_round`): send the strategy's train messages, validate every reply and
+sort them into updates, refusals (a node that would pass its privacy cap trains nothing),
+rejected replies (malformed, non-finite, or far larger than the round's others) and failures
+(errors, no reply in time), record what was spent in the server ledger, aggregate the valid
+updates, and return the :class:`RoundResult`; the caller evaluates and checkpoints it.
+:func:`run_rounds` yields one result per round and ends cleanly, before the planned last round
+if need be, once fewer than ``min_train_clients`` clients can still train. It starts at any
+round, which is how an interrupted run resumes.
 
 Under client-level DP no update is rejected for its size relative to the others'
 (:func:`sort_replies`): that would make whether one client's update is used depend on
@@ -16,17 +18,17 @@ the clipping bound, with the count of contributing clients public.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
 from fedllm.errors import UpdateRejected
 from fedllm.federation import records as keys
@@ -49,7 +51,7 @@ class RoundReplies:
     refusals: list[Refusal] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-    sampled: int = 0  # train messages sent this round (set by run_rounds), answered or not
+    sampled: int = 0  # train messages sent this round (set by play_round), answered or not
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,10 @@ class ReplyPolicy:
 
 def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: int, sent: ArrayRecord,
                  policy: ReplyPolicy, node_partitions: dict[int, int]) -> RoundReplies:
-    """Split replies into valid updates, refusals (recorded in the ledger), rejected replies
-    and failures; every reply is parsed and validated first (:mod:`fedllm.federation.protocol`).
+    """Split replies into valid updates, refusals, rejected replies and failures; every reply
+    is parsed and validated first (:mod:`fedllm.federation.protocol`). Nothing is recorded in
+    ``ledger`` (it is read to check each DP history): the caller records what the round spent
+    (:func:`record_refusals`, :func:`record_updates`).
 
     ``node_partitions`` remembers which client each node said it was, so a node cannot
     speak for another client later. A valid update keeps only its adapter tensors and the
@@ -106,7 +110,7 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
             continue
         seen.add(client)
         if isinstance(parsed, Refusal):
-            _record_refusal(parsed, ledger, server_round, result)
+            result.refusals.append(_accountable_refusal(parsed, ledger.accountant))
         else:
             candidates.append((reply, parsed))
     norms = {i: update_norm(reply.content.array_records[keys.ARRAYS], sent) for i, (reply, _) in enumerate(candidates)}
@@ -201,14 +205,21 @@ def _for_aggregation(accepted: list[tuple[Message, TrainReport]], uniform: bool,
     return [reply for reply, _ in accepted]
 
 
-def _record_refusal(refusal: Refusal, ledger: PrivacyLedger, server_round: int, result: RoundReplies) -> None:
+def _accountable_refusal(refusal: Refusal, accountant: str) -> Refusal:
+    """``refusal``, without its DP history when ``accountant`` cannot compute an epsilon for it
+    (the refusal still counts; its unaccountable history does not)."""
     history = refusal.history
-    if history is not None and (refusal.delta is None or not accountable(history, refusal.delta, ledger.accountant)):
-        history = None  # the refusal still counts; its unaccountable history does not
-    ledger.record_refusal(refusal.partition_id, server_round, refusal.reason, cap=refusal.cap,
-                          history=history, delta=refusal.delta)
-    result.refusals.append(refusal)
-    log.warning("round %d: client %d %s", server_round, refusal.partition_id, refusal.reason)
+    if history is not None and (refusal.delta is None or not accountable(history, refusal.delta, accountant)):
+        return dataclasses.replace(refusal, history=None)
+    return refusal
+
+
+def record_refusals(ledger: PrivacyLedger, refusals: list[Refusal], server_round: int) -> None:
+    """Put each refusal (and the DP history it reported) into the server ledger."""
+    for refusal in refusals:
+        ledger.record_refusal(refusal.partition_id, server_round, refusal.reason, cap=refusal.cap,
+                              history=refusal.history, delta=refusal.delta)
+        log.warning("round %d: client %d %s", server_round, refusal.partition_id, refusal.reason)
 
 
 def record_updates(ledger: PrivacyLedger, reports: list[TrainReport], server_round: int) -> None:
@@ -244,45 +255,63 @@ class LoopSettings:
     policy: ReplyPolicy
 
 
-def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord,
-               first_round: int,
-               on_round_end: Callable[[int, ArrayRecord, RoundReplies, str | None], None]
-               ) -> tuple[ArrayRecord, str | None]:
-    """Rounds ``first_round`` .. ``num_rounds``; returns the final arrays and why it stopped early.
+@dataclass
+class RoundResult:
+    """What one round produced: the global adapter after it (the one sent when nothing was
+    aggregated), its sorted replies, and why the run must stop after it (None: go on)."""
 
-    ``on_round_end(round, arrays, replies, stop_reason)`` evaluates, logs and checkpoints.
-    """
-    node_partitions: dict[int, int] = {}
+    server_round: int
+    arrays: ArrayRecord
+    replies: RoundReplies
+    stop_reason: str | None = None
+
+
+def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord,
+               first_round: int) -> Iterator[RoundResult]:
+    """Play rounds ``first_round`` .. ``num_rounds``, yielding each one's result as it ends (the
+    caller evaluates and checkpoints it before the next round starts); stops after a round
+    whose ``stop_reason`` is set."""
+    node_partitions: dict[int, int] = {}  # which client each node said it was, for the whole run
     if settings.policy.client_level:
         log.info("client-level DP: updates are clipped, not filtered by their norm relative to the round's others "
                  "(federation.update_norm_ratio and federation.max_update_norm do not apply)")
     for server_round in range(first_round, settings.num_rounds + 1):
-        connected = len(set(grid.get_node_ids()))
-        messages = list(strategy.configure_train(server_round, arrays, settings.train_config, grid))
-        # the sample was drawn from the nodes connected then (all of them, unless the wait for
-        # them timed out): the fewest seen around it, so a sampling ratio is never understated
-        population = min(settings.num_clients, connected, len(set(grid.get_node_ids())))
-        sent_at = time.monotonic()
-        received = list(grid.send_and_receive(messages, timeout=settings.timeout))
-        waited = time.monotonic() - sent_at  # the real wait: an engine that died returns long before the timeout
-        replies = sort_replies(received, ledger, server_round, arrays, settings.policy, node_partitions)
-        replies.sampled = len(messages)  # amplification credit counts the clients sampled, not those that replied
-        replies.failures += [f"node {m.metadata.dst_node_id}: {no_reply(waited, settings.timeout)}"
-                             for m in _unanswered(messages, received)]
-        if len(replies.updates) >= settings.min_train_clients:
-            arrays = _aggregate(strategy, ledger, server_round, replies, population) or arrays
-        else:
-            log.warning("round %d: %d update(s), fewer than federation.min_train_clients=%d: not aggregated",
-                        server_round, len(replies.updates), settings.min_train_clients)
-        record_updates(ledger, replies.reports, server_round)  # trained means spent, aggregated or not
-        reason = stop_reason(ledger=ledger, num_clients=settings.num_clients,
-                             min_train_clients=settings.min_train_clients, server_round=server_round,
-                             num_rounds=settings.num_rounds)
-        on_round_end(server_round, arrays, replies, reason)
-        if reason:
-            log.warning("stopping: %s", reason)
-            return arrays, reason
-    return arrays, None
+        result = play_round(grid, strategy, ledger, settings, arrays, server_round, node_partitions)
+        yield result
+        if result.stop_reason:
+            log.warning("stopping: %s", result.stop_reason)
+            return
+        arrays = result.arrays
+
+
+def play_round(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord,
+               server_round: int, node_partitions: dict[int, int]) -> RoundResult:
+    """One round from ``arrays``: sample and send, sort the replies, record what the clients
+    spent in ``ledger``, aggregate, and decide whether the run can go on."""
+    connected = len(set(grid.get_node_ids()))
+    messages = list(strategy.configure_train(server_round, arrays, settings.train_config, grid))
+    # the sample was drawn from the nodes connected then (all of them, unless the wait for
+    # them timed out): the fewest seen around it, so a sampling ratio is never understated
+    population = min(settings.num_clients, connected, len(set(grid.get_node_ids())))
+    sent_at = time.monotonic()
+    received = list(grid.send_and_receive(messages, timeout=settings.timeout))
+    waited = time.monotonic() - sent_at  # the real wait: an engine that died returns long before the timeout
+    replies = sort_replies(received, ledger, server_round, arrays, settings.policy, node_partitions)
+    record_refusals(ledger, replies.refusals, server_round)
+    replies.sampled = len(messages)  # amplification credit counts the clients sampled, not those that replied
+    replies.failures += [f"node {m.metadata.dst_node_id}: {no_reply(waited, settings.timeout)}"
+                         for m in _unanswered(messages, received)]
+    aggregated = None
+    if len(replies.updates) >= settings.min_train_clients:
+        aggregated = _aggregate(strategy, ledger, server_round, replies, population)
+    else:
+        log.warning("round %d: %d update(s), fewer than federation.min_train_clients=%d: not aggregated",
+                    server_round, len(replies.updates), settings.min_train_clients)
+    record_updates(ledger, replies.reports, server_round)  # trained means spent, aggregated or not
+    reason = stop_reason(ledger=ledger, num_clients=settings.num_clients,
+                         min_train_clients=settings.min_train_clients, server_round=server_round,
+                         num_rounds=settings.num_rounds)
+    return RoundResult(server_round, aggregated or arrays, replies, reason)
 
 
 def no_reply(waited: float, timeout: float) -> str:
@@ -303,9 +332,6 @@ def _aggregate(strategy: Strategy, ledger: PrivacyLedger, server_round: int, rep
                population: int) -> ArrayRecord | None:
     """Aggregate the round's valid updates; under client-level DP, account the release (drawn
     from ``population`` nodes, ``replies.sampled`` of them sent a train message)."""
-    if isinstance(strategy, DifferentialPrivacyFixedClippingBase):
-        # noise std is z * C / k for the mean of the k updates that arrived: the sum always gets z * C
-        strategy.num_sampled_clients = len(replies.updates)
     try:
         aggregated, _ = strategy.aggregate_train(server_round, replies.updates)
     except Exception as exc:  # noqa: BLE001 - validated replies should never fail; if one does, skip the round

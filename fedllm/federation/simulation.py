@@ -1,4 +1,5 @@
-"""Run a federation on one machine with Flower's simulation engine (Ray actors as nodes)."""
+"""Run a federation with Flower's simulation engine (Ray actors as nodes): on a local Ray started
+for the run, or on a running Ray cluster it joins (``federation.ray_address``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from fedllm.config import ExperimentConfig, ModelConfig
 from fedllm.errors import ConfigError, FedLLMError
+from fedllm.federation import ray_cluster
 from fedllm.model.device import usable_cpus
-from fedllm.node.policy import SIMULATED_NODES_ENV, write_simulated_nodes
+from fedllm.node.policy import SIMULATED_NODES_ENV, STATE_DIR, simulated_node_config, write_simulated_nodes
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -32,6 +36,13 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+# What a client on a joined cluster's node needs from the driver's environment (its worker inherits
+# `ray start`'s environment there): where its node config is, and the offline / quiet policy. Paths
+# that differ per machine (HF_HOME, FEDLLM_CACHE) and secrets (a storage key) are not sent: they
+# belong to each node's own `ray start` environment.
+CLUSTER_ENV = (SIMULATED_NODES_ENV, *QUIET_ENV, "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def set_quiet_env() -> None:
@@ -55,7 +66,13 @@ def route_flower_logs() -> None:
 def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
     """Start ``num_clients`` virtual nodes and the ServerApp, and wait for the run to end.
 
-    Ray is shut down afterwards, so no Flower or Ray process outlives the call.
+    With ``federation.ray_address`` null, a local Ray is started and shut down afterwards, so no
+    Flower or Ray process outlives the call. Otherwise the run joins that running cluster and
+    only disconnects from it at the end (see :mod:`fedllm.federation.ray_cluster`).
+
+    Raises:
+        EngineFailed: the engine or the ServerApp failed.
+        ray_cluster.ClusterError: the cluster cannot be joined or cannot run this federation.
     """
     set_quiet_env()
     import ray
@@ -63,38 +80,86 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
 
     route_flower_logs()
     client_app = load_object(cfg.federation.client_app)
-
-    backend_config: dict[str, dict[str, Any]] = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus,
-                             "num_gpus": gpu_share(cfg.federation.client_gpus, cfg.model)},
-        "init_args": {"num_cpus": usable_cpus(), "include_dashboard": False,
-                      "logging_level": logging.WARNING},
-    }
-    # every process Ray starts inherits this tag: how stop_ray finds workers it has orphaned
-    os.environ[RAY_TAG] = uuid.uuid4().hex
-    # each virtual node's own config (state, cap, policy), from the researcher's experiment; Ray's
-    # workers inherit the variable naming it, and nothing of it travels in a server message
-    write_simulated_nodes(cfg, run_dir / "simulated_nodes.json")
-    watch = EngineWatch()
-    try:
-        flwr_run_simulation(
-            server_app=watched_server_app(cfg, run_dir, watch, resume=resume), client_app=client_app,
-            num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
-        )
-    except Exception as exc:
-        watch.stop(f"the simulation engine failed: {engine_error(exc)}")
-        if watch.server_error is not None:  # Flower re-raises what the ServerApp raised
-            raise EngineFailed(watch.server_error) from exc
-        raise EngineFailed(watch.reason) from exc
-    finally:
-        # Flower does not wait for the ServerApp thread when its engine fails: stop it (its next
-        # grid call raises) and wait, or the process would live on until every round timed out
-        watch.stop("the simulation engine ended")
-        watch.wait_server(SERVER_STOP_WAIT)
-        stop_ray(ray)
-        os.environ.pop(SIMULATED_NODES_ENV, None)
+    with ray_session(ray, cfg, run_dir) as backend_config:
+        watch = EngineWatch()
+        try:
+            flwr_run_simulation(
+                server_app=watched_server_app(cfg, run_dir, watch, resume=resume), client_app=client_app,
+                num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
+            )
+        except Exception as exc:
+            watch.stop(f"the simulation engine failed: {engine_error(exc)}")
+            if watch.server_error is not None:  # Flower re-raises what the ServerApp raised
+                raise EngineFailed(watch.server_error) from exc
+            raise EngineFailed(watch.reason) from exc
+        finally:
+            # Flower does not wait for the ServerApp thread when its engine fails: stop it (its next
+            # grid call raises) and wait, or the process would live on until every round timed out
+            watch.stop("the simulation engine ended")
+            watch.wait_server(SERVER_STOP_WAIT)
     if watch.server_error is not None:
         raise EngineFailed(watch.server_error)
+
+
+@contextmanager
+def ray_session(ray, cfg: ExperimentConfig, run_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
+    """This run's Ray, as Flower's ``backend_config``; released on exit.
+
+    A local Ray (``federation.ray_address`` null) is started by Flower's backend with the
+    returned ``init_args`` and stopped on exit with every process it started. A running
+    cluster is joined here and only disconnected from on exit: never stopped, and none of its
+    processes killed (they are the raylets', not this run's).
+    """
+    # each virtual node's own config (state, cap, policy), from the researcher's experiment; Ray's
+    # workers find it through this variable, and nothing of it travels in a server message
+    write_simulated_nodes(cfg, run_dir / "simulated_nodes.json")
+    address = cfg.federation.ray_address
+    try:
+        if address is None:
+            # every process Ray starts inherits this tag: how stop_ray finds workers it has orphaned
+            os.environ[RAY_TAG] = uuid.uuid4().hex
+            yield local_backend(cfg)
+        else:
+            yield cluster_backend(ray, cfg, run_dir, address)
+    finally:
+        if address is None:
+            stop_ray(ray)
+        else:
+            ray_cluster.disconnect(ray)
+        os.environ.pop(SIMULATED_NODES_ENV, None)
+
+
+def local_backend(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Flower's backend config for a local Ray sized to this machine."""
+    return {
+        "client_resources": client_resources(cfg, cluster_gpus=None),
+        # address "local": a new Ray even when RAY_ADDRESS is set or `ray start` ran on this
+        # machine (ray.init would join that cluster, and then refuse num_cpus)
+        "init_args": {"address": "local", "num_cpus": usable_cpus(), "include_dashboard": False,
+                      "logging_level": logging.WARNING},
+    }
+
+
+def cluster_backend(ray, cfg: ExperimentConfig, run_dir: Path, address: str) -> dict[str, dict[str, Any]]:
+    """Join the cluster at ``address``, check it can run this federation, and return Flower's
+    backend config for it.
+
+    No ``init_args``: Ray is initialised already, so Flower's backend skips ``ray.init``, and
+    the cluster's resources (not ``num_cpus``) size its actor pool; ``client_cpus`` /
+    ``client_gpus`` remain what each client asks of a node.
+    """
+    ray_cluster.connect(ray, address, ray_cluster.job_env(CLUSTER_ENV))
+    resources = client_resources(cfg, cluster_gpus=ray_cluster.cluster_gpus(ray))
+    state_root = Path(str(simulated_node_config(cfg, 0)[STATE_DIR])).parent
+    ray_cluster.check_nodes(ray, resources, [run_dir, state_root], address)
+    return {"client_resources": resources}
+
+
+def client_resources(cfg: ExperimentConfig, cluster_gpus: float | None) -> dict[str, float]:
+    """What each virtual client asks of a Ray node (``cluster_gpus``: the joined cluster's GPUs,
+    None for this machine's)."""
+    return {"num_cpus": cfg.federation.client_cpus,
+            "num_gpus": gpu_share(cfg.federation.client_gpus, cfg.model, cluster_gpus=cluster_gpus)}
 
 
 SERVER_STOP_WAIT = 120.0  # seconds to let a stopped ServerApp write its failed summary (an evaluation may be running)
@@ -219,21 +284,27 @@ def engine_error(exc: BaseException) -> str:
     return " <- ".join(parts)[:600]
 
 
-def gpu_share(client_gpus: float, model: ModelConfig) -> float:
+def gpu_share(client_gpus: float, model: ModelConfig, cluster_gpus: float | None = None) -> float:
     """Each virtual client's GPU share for Ray.
 
     Ray hides every GPU from an actor that asks for none, so a GPU setting without a share
     would fail on every client (or, with ``model.device=auto``, train them on the CPU while the
     server uses the GPU); a share without a GPU would make Ray wait forever.
 
+    Args:
+        client_gpus: ``federation.client_gpus``.
+        model: the model settings (a CUDA device or quantisation needs a share).
+        cluster_gpus: the GPUs of the joined Ray cluster; None counts this machine's.
+
     Raises:
-        ConfigError: a share without CUDA, or a GPU-only model setting without a share.
+        ConfigError: a share without a GPU, or a GPU-only model setting without a share.
     """
     import torch
 
-    gpus = torch.cuda.device_count()
+    gpus = torch.cuda.device_count() if cluster_gpus is None else cluster_gpus
     if client_gpus > 0 and gpus == 0:
-        raise ConfigError(f"federation.client_gpus={client_gpus}: no CUDA GPU is visible; set it to 0 on CPU")
+        where = "no CUDA GPU is visible" if cluster_gpus is None else "the Ray cluster has no GPU"
+        raise ConfigError(f"federation.client_gpus={client_gpus}: {where}; set it to 0 on CPU")
     if client_gpus == 0 and (model.device.startswith("cuda") or model.quantization != "none"):
         raise ConfigError("federation.client_gpus=0 hides the GPU from simulated clients, but model.device="
                           f"{model.device} / model.quantization={model.quantization} needs it: set "

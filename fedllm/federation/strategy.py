@@ -117,7 +117,16 @@ class ClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's aggregation and noise, remembering the round the noise is drawn for."""
+        """Flower's aggregation and noise, remembering the round the noise is drawn for.
+
+        The noise is calibrated to the updates that arrived: its standard deviation is
+        ``z * C / k`` for the mean of ``k`` updates, so their sum always gets ``z * C``.
+        """
+        replies = list(replies)
+        # Flower 1.42 has no per-round setter: ``num_sampled_clients`` is the public attribute its
+        # wrapper reads both for the noise (compute_stdv) and for the count check in
+        # validate_replies, so it is set here, the one place, to the updates actually aggregated
+        self.num_sampled_clients = max(1, len(replies))
         self._noise_round = server_round
         try:
             return super().aggregate_train(server_round, replies)

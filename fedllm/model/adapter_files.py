@@ -17,8 +17,9 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from peft import PeftModel, get_peft_model_state_dict
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from fedllm.errors import IntegrityError
 from fedllm.storage import (
@@ -39,33 +40,57 @@ SEALED_WEIGHTS = f"{ADAPTER_WEIGHTS}.sealed"
 CHECKSUMS_FILE = "checksums.json"
 
 
-def save_adapter(model: PeftModel, folder: Path, key: bytes | None) -> None:
+def save_adapter(model: PeftModel, folder: Path, key: bytes | None, base_name: str | None = None,
+                 card: str | None = None) -> None:
     """Save ``model``'s adapter into ``folder`` in PEFT's format and write its manifest.
 
     Args:
         model: the PEFT model whose active adapter is saved.
         folder: the adapter folder (created if needed).
         key: the storage key: the weights are then written sealed only.
+        base_name: the base model's portable name for ``adapter_config.json``
+            (:func:`fedllm.model.base.base_reference`; default: what the model was loaded from).
+        card: the model card (``README.md``; default: PEFT's template).
     """
     folder = Path(folder)
-    if key is None:
-        model.save_pretrained(str(folder))
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        model.create_or_update_model_card(str(folder))
-        _save_config(model, folder)
-        atomic_write_bytes(folder / SEALED_WEIGHTS,
-                           seal(weights_bytes(model), key, role=ROLE_FINAL_ADAPTER, name=SEALED_WEIGHTS))
-        stale = folder / ADAPTER_WEIGHTS
-        if stale.exists():  # plaintext from an earlier, unencrypted save into this folder: not this run's output
-            log.warning("%s: removing plain adapter weights left from an earlier save (this run is encrypted)", stale)
-            stale.unlink()
+    config = model.peft_config[model.active_adapter]
+    loaded_from = config.base_model_name_or_path
+    if base_name is not None:
+        config.base_model_name_or_path = base_name
+    try:
+        if key is None:
+            model.save_pretrained(str(folder), save_embedding_layers=_embeddings_trained(model))
+        else:
+            _save_sealed(model, folder, key)
+    finally:  # the live model is shared (cached): leave its config as it was
+        config.base_model_name_or_path = loaded_from
+    if card is not None:
+        atomic_write_bytes(folder / "README.md", card.encode("utf-8"))
     write_manifest(folder, key)
+
+
+def _save_sealed(model: PeftModel, folder: Path, key: bytes) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.create_or_update_model_card(str(folder))
+    _save_config(model, folder)
+    atomic_write_bytes(folder / SEALED_WEIGHTS,
+                       seal(weights_bytes(model), key, role=ROLE_FINAL_ADAPTER, name=SEALED_WEIGHTS))
+    stale = folder / ADAPTER_WEIGHTS
+    if stale.exists():  # plaintext from an earlier, unencrypted save into this folder: not this run's output
+        log.warning("%s: removing plain adapter weights left from an earlier save (this run is encrypted)", stale)
+        stale.unlink()
+
+
+def _embeddings_trained(model: PeftModel) -> bool:
+    """Whether LoRA targets an embedding. PEFT's default ("auto") otherwise looks up the base
+    model's config by its name, on the hub when the name is a hub id: a save never goes online."""
+    targets = getattr(model.peft_config[model.active_adapter], "target_modules", None) or ()
+    return any("embed" in name or name == "lm_head" for name in targets)
 
 
 def weights_bytes(model: PeftModel) -> bytes:
     """The adapter weights serialised as ``save_pretrained`` writes them (safetensors, in memory)."""
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, save_embedding_layers=_embeddings_trained(model))
     seen: set[int] = set()
     for name, tensor in state.items():
         storage = tensor.untyped_storage().data_ptr()
@@ -126,6 +151,23 @@ def verify_adapter(folder: Path, key: bytes | None) -> None:
             _check_decrypted_copy(folder, key)
         else:
             raise IntegrityError(f"{path}: not part of the saved adapter (not in {CHECKSUMS_FILE}); remove it")
+
+
+def read_adapter_weights(folder: Path, key: bytes | None) -> dict[str, torch.Tensor]:
+    """The weights of a saved adapter folder, checked against its manifest first (PEFT's names,
+    as ``set_peft_model_state_dict`` takes them); sealed weights are decrypted in memory.
+
+    Raises:
+        IntegrityError: the folder fails :func:`verify_adapter`, or sealed weights need the key.
+    """
+    folder = Path(folder)
+    verify_adapter(folder, key)
+    sealed = folder / SEALED_WEIGHTS
+    if not sealed.is_file():
+        return load((folder / ADAPTER_WEIGHTS).read_bytes())
+    if key is None:
+        raise IntegrityError(f"{sealed}: the adapter is encrypted; give the storage key")
+    return load(unseal(sealed.read_bytes(), key, role=ROLE_FINAL_ADAPTER, name=SEALED_WEIGHTS, what=str(sealed)))
 
 
 def _check_decrypted_copy(folder: Path, key: bytes | None) -> None:

@@ -13,6 +13,8 @@ Any of them can be placed on a GPU, stored in bf16/fp16, or (loaded ones) quanti
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -20,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
+from urllib.parse import parse_qsl, urlencode
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -161,3 +164,74 @@ def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
         trust_remote_code=cfg.trust_remote_code)
     # no gradient checkpointing: its recomputed forward would run Opacus's hooks twice
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+# What an adapter's ``base_model_name_or_path`` says for the built-in bases: names that work on
+# any machine (a cache path would not), and that no hub resolves by mistake ("fedllm:" is not a
+# valid repo id). :func:`resolve_base_model` turns them back into the exact base the run used.
+EMBEDDED_REFERENCE = "fedllm:embedded/SmolLM2-135M-Instruct-Q4_1"
+TINY_REFERENCE = "fedllm:tiny"
+_TINY_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_layers")
+
+
+def base_reference(cfg: ModelConfig, seed: int) -> str:
+    """The portable name of the base ``cfg`` loads (``seed`` builds the tiny model's weights).
+
+    A pretrained model keeps its hub id or folder as given; the embedded model is named by
+    :data:`EMBEDDED_REFERENCE` (its weights are the Q4_1 GGUF dequantised, not the hub's bf16
+    checkpoint); the tiny model carries every field it is rebuilt from.
+    """
+    if cfg.kind == "pretrained":
+        return str(cfg.name_or_path)
+    if cfg.kind == "embedded":
+        return EMBEDDED_REFERENCE
+    fields = {name: getattr(cfg, name) for name in _TINY_FIELDS}
+    return f"{TINY_REFERENCE}?{urlencode({**fields, 'seed': seed})}"
+
+
+def model_config_for(reference: str) -> tuple[ModelConfig, int]:
+    """The model config and seed that :func:`base_reference` named (inverse of it).
+
+    Raises:
+        ConfigError: a ``fedllm:`` name this version does not know, or a malformed tiny name.
+    """
+    if not reference.startswith("fedllm:"):
+        return ModelConfig(source="pretrained", name_or_path=reference), 0
+    if reference == EMBEDDED_REFERENCE:
+        return ModelConfig(source="embedded"), 0
+    name, _, query = reference.partition("?")
+    if name != TINY_REFERENCE:
+        raise ConfigError(f"unknown fedllm base model {reference!r}: expected {EMBEDDED_REFERENCE!r} or "
+                          f"{TINY_REFERENCE}?...")
+    fields = dict(parse_qsl(query))
+    if set(fields) != {*_TINY_FIELDS, "seed"} or not all(v.isdigit() for v in fields.values()):
+        raise ConfigError(f"malformed tiny base model name {reference!r}: it needs integer "
+                          f"{', '.join(_TINY_FIELDS)} and seed")
+    size = {k: int(v) for k, v in fields.items()}
+    return ModelConfig(source="tiny", hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
+                       num_heads=size["num_heads"], num_layers=size["num_layers"]), size["seed"]
+
+
+def resolve_base_model(reference: str, device: str = "auto") -> PreTrainedModel:
+    """The base model an adapter names in ``base_model_name_or_path``, ready for
+    ``PeftModel.from_pretrained``: the embedded or tiny base rebuilt exactly, any other
+    name loaded the normal transformers way."""
+    cfg, seed = model_config_for(reference)
+    cfg = dataclasses.replace(cfg, device=device)
+    return cast(PreTrainedModel, load_model(cfg, vocab_size=len(load_tokenizer(cfg)), seed=seed))
+
+
+def base_for_adapter(adapter_dir: str | Path, device: str = "auto") -> PreTrainedModel:
+    """The base model of a saved adapter folder (read from its ``adapter_config.json``).
+
+    Raises:
+        ConfigError: the folder has no readable ``adapter_config.json`` naming a base model.
+    """
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    try:
+        reference = json.loads(config_file.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{config_file}: no readable base_model_name_or_path ({exc})") from exc
+    if not isinstance(reference, str) or not reference:
+        raise ConfigError(f"{config_file}: base_model_name_or_path is empty; load the base model yourself")
+    return resolve_base_model(reference, device)

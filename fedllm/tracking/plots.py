@@ -5,6 +5,7 @@ Also the privacy-utility plot of a sweep. Uses matplotlib's non-interactive back
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +15,23 @@ matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedllm.tracking.run_files import RoundRecord  # noqa: E402
+
 EPSILON_PNG = "epsilon_per_client.png"
 EVAL_PNG = "eval_accuracy_loss.png"
 PRIVACY_UTILITY_PNG = "privacy_utility.png"
 AUDIT_PNG = "audit_scores.png"
 
 
-def plot_epsilon(rounds: list[dict[str, Any]], target: float | None, path: Path) -> Path | None:
+def plot_epsilon(rounds: list[RoundRecord], target: float | None, path: Path) -> Path | None:
     """Each client's epsilon after each round, with the target; None when the run had no DP."""
-    with_eps = [r for r in rounds if r.get("epsilon")]
+    with_eps = [(r.round, r.epsilon) for r in rounds if r.epsilon]
     if not with_eps:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    clients = sorted({c for r in with_eps for c in r["epsilon"]}, key=int)
+    clients = sorted({c for _, eps in with_eps for c in eps}, key=int)
     for client in clients:
-        points = [(r["round"], r["epsilon"][client]) for r in with_eps if client in r["epsilon"]]
+        points = [(number, eps[client]) for number, eps in with_eps if client in eps]
         ax.plot(*zip(*points, strict=True), marker="o", label=f"client {client}")
     if target is not None:
         ax.axhline(target, color="black", linestyle="--", label=f"target {target:g}")
@@ -39,16 +42,17 @@ def plot_epsilon(rounds: list[dict[str, Any]], target: float | None, path: Path)
     return _save(fig, path)
 
 
-def plot_eval(rounds: list[dict[str, Any]], path: Path) -> Path:
+def plot_eval(rounds: list[RoundRecord], path: Path) -> Path:
     """Held-out accuracy (if the task has fixed answers) and loss by round; round 0 is zero-shot."""
     fig, loss_ax = plt.subplots(figsize=(6, 4))
-    xs = [r["round"] for r in rounds]
-    loss_ax.plot(xs, [r["eval_loss"] for r in rounds], color="tab:red", marker="s", label="eval loss")
+    xs = [r.round for r in rounds]
+    loss_ax.plot(xs, [_or_nan(r.eval_loss) for r in rounds], color="tab:red", marker="s", label="eval loss")
     loss_ax.set(xlabel="round", ylabel="held-out loss", title="Held-out evaluation of the global adapter")
     loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if any(r.get("eval_accuracy") is not None for r in rounds):
+    accuracies = [r.eval_accuracy for r in rounds]
+    if any(a is not None for a in accuracies):
         acc_ax = loss_ax.twinx()
-        acc_ax.plot(xs, [100 * r["eval_accuracy"] for r in rounds], color="tab:blue", marker="o",
+        acc_ax.plot(xs, [100 * _or_nan(a) for a in accuracies], color="tab:blue", marker="o",
                     label="accuracy")
         acc_ax.set_ylabel("held-out accuracy (%)")
         acc_ax.legend(loc="lower right")
@@ -90,7 +94,7 @@ def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_run(run_dir: Path, rounds: list[dict[str, Any]], target: float | None) -> list[Path]:
+def plot_run(run_dir: Path, rounds: list[RoundRecord], target: float | None) -> list[Path]:
     """All of a run's plots into ``run_dir``; returns the files written."""
     written = [plot_eval(rounds, run_dir / EVAL_PNG)]
     eps = plot_epsilon(rounds, target, run_dir / EPSILON_PNG)
@@ -121,6 +125,11 @@ def _shared_bins(values: list[float], count: int) -> list[float]:
     if high - low <= 1e-9 * max(1.0, abs(low), abs(high)):
         low, high = low - 0.5, high + 0.5
     return [low + (high - low) * i / count for i in range(count + 1)]
+
+
+def _or_nan(value: float | None) -> float:
+    """A missing value as NaN, which matplotlib leaves out of a line."""
+    return math.nan if value is None else value
 
 
 def _save(fig, path: Path) -> Path:

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from fedllm.tracking.run_files import RoundRecord, RunSummary
+
 WandbMode = Literal["online", "offline", "disabled", "shared"]
 # wandb.init's modes by name; any other WANDB_MODE (e.g. the legacy "dryrun") is passed as None,
 # and wandb reads (and judges) the variable itself
@@ -31,16 +33,16 @@ class WandbSink:
             settings=wandb.Settings(console="off", silent=True),
         )
 
-    def log_round(self, record: dict[str, Any]) -> None:
+    def log_round(self, record: RoundRecord) -> None:
         """Log one ``metrics.jsonl`` record at step = round."""
-        flat = {k: v for k, v in record.items() if k not in ("epsilon", "round") and v is not None}
-        for client, value in (record.get("epsilon") or {}).items():
+        flat = {k: v for k, v in record.to_dict().items() if k not in ("epsilon", "round") and v is not None}
+        for client, value in (record.epsilon or {}).items():
             flat[f"epsilon/client_{client}"] = value
-        self.run.log(flat, step=int(record["round"]))
+        self.run.log(flat, step=record.round)
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        """Attach the run summary and close the wandb run."""
-        for key, value in summary.items():
+    def finish(self, summary: RunSummary) -> None:
+        """Attach the run summary (its numbers and words) and close the wandb run."""
+        for key, value in summary.to_dict().items():
             if isinstance(value, (int, float, str)) and value is not None:
                 self.run.summary[key] = value
         self.run.finish()

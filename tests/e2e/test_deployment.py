@@ -39,6 +39,7 @@ def test_the_run_finishes_over_tls_with_an_adapter_and_a_ledger(demo):
     outputs = Path(report["output_dir"])
     summary = json.loads((outputs / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["stop_reason"] is None
+    assert summary["wall_seconds"] >= summary["federation_seconds"] > 0  # the ServerApp times a deployed run too
     assert (outputs / "adapter" / "adapter_model.safetensors").is_file()
     ledger = json.loads((outputs / "privacy_ledger.json").read_text())
     assert ledger["clients"]["0"]["cap"] == 8.0 and ledger["clients"]["1"]["cap"] == 7.5  # the nodes' own caps

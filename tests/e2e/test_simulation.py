@@ -62,7 +62,7 @@ def test_summary_reports_accuracy_epsilon_and_time(smoke_run):
     assert summary["final_max_epsilon"] == pytest.approx(rounds[-1]["max_epsilon"])
     assert summary["target_epsilon"] == 8.0 and summary["rounds_completed"] == 2
     assert summary["rounds_without_updates"] == []
-    assert summary["wall_seconds"] > summary["federation_seconds"] > 0
+    assert summary["wall_seconds"] >= summary["federation_seconds"] > 0  # both measured by the ServerApp
 
 
 def test_resolved_config_is_saved(smoke_run):

@@ -9,6 +9,7 @@ import pytest
 from fedllm.analysis.report import report_rows, to_markdown
 from fedllm.analysis.runs import find_runs, load_run
 from fedllm.errors import DataError
+from fedllm.tracking.run_files import RunSummary
 
 
 def _write_run(path, rounds_text=None, summary=None):
@@ -72,6 +73,9 @@ def test_a_failed_run_needs_no_metrics_or_ledger(tmp_path):
 def test_summaries_written_before_the_status_field_are_classified():
     from fedllm.analysis.runs import run_status
 
-    assert run_status({"rounds_completed": 2, "rounds_without_updates": [1, 2], "stop_reason": None}) == "failed"
-    assert run_status({"rounds_completed": 2, "rounds_without_updates": [1], "stop_reason": None}) == "completed"
-    assert run_status({"rounds_completed": 1, "rounds_without_updates": [], "stop_reason": "caps"}) == "stopped"
+    def status(old: dict) -> str:
+        return run_status(RunSummary.from_dict(old))
+
+    assert status({"rounds_completed": 2, "rounds_without_updates": [1, 2], "stop_reason": None}) == "failed"
+    assert status({"rounds_completed": 2, "rounds_without_updates": [1], "stop_reason": None}) == "completed"
+    assert status({"rounds_completed": 1, "rounds_without_updates": [], "stop_reason": "caps"}) == "stopped"

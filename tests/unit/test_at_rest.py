@@ -183,16 +183,20 @@ def peft_model():
 
 
 def _write_outputs(run_dir: Path, model, key: bytes | None) -> None:
-    from fedllm.federation.server_app import new_ledger, write_outputs
+    import time
+
+    from fedllm.federation.outputs import write_outputs
+    from fedllm.federation.server_app import new_ledger
     from fedllm.model.adapters import adapter_state
+    from fedllm.tracking.run_files import RoundRecord
     from fedllm.tracking.run_log import RunLog
     from tests.conftest import tiny_config
 
     cfg = tiny_config()
     run_log = RunLog(run_dir, cfg.federation.num_rounds, False)
-    run_log.log_round(0, train_loss=None, eval_loss=1.0, eval_accuracy=0.5, epsilons=None, num_clients=0)
+    run_log.log_round(RoundRecord(round=0, eval_loss=1.0, eval_accuracy=0.5))
     state = ServerState(run_id="r", server_round=0, arrays=adapter_state(model), ledger={}, rounds=[], config={})
-    write_outputs(cfg, run_dir, model, state, new_ledger(cfg), run_log, key)
+    write_outputs(cfg, run_dir, model, state, new_ledger(cfg), run_log, key, started=time.perf_counter())
     run_log.close()
 
 

@@ -227,7 +227,8 @@ def _one_client_level_round(grid, strategy) -> PrivacyLedger:
                          uniform_weights=True, client_level=True)
     settings = LoopSettings(num_rounds=1, num_clients=10, min_train_clients=1, timeout=1.0,
                             train_config=ConfigRecord({}), policy=policy)
-    run_rounds(grid, strategy, ledger, settings, arrays_record(SENT), 1, lambda *args: None)
+    [result] = run_rounds(grid, strategy, ledger, settings, arrays_record(SENT), 1)
+    assert result.server_round == 1 and result.stop_reason is None
     return ledger
 
 

@@ -265,3 +265,42 @@ def test_wrong_types_name_the_key_and_the_expected_type():
         _compose(["train.batch_size=1.5"])
     with pytest.raises(ConfigError, match=r"^federation[.]num_rounds: expected an integer, got 'three'$"):
         _compose(["federation.num_rounds=three"])
+
+
+# Issue 16: federation.ray_address joins a running Ray cluster (null: a local Ray, as before).
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("null", None),
+    ("auto", "auto"),
+    ("127.0.0.1:6379", "127.0.0.1:6379"),
+    ("head-node.example.org:10001", "head-node.example.org:10001"),
+    ("'[::1]:6379'", "[::1]:6379"),  # quoted: unquoted brackets are a list to Hydra
+])
+def test_ray_address_takes_null_auto_or_host_and_port(value, expected):
+    assert _compose([f"federation.ray_address={value}"]).federation.ray_address == expected
+    assert _compose([]).federation.ray_address is None  # the default starts a local Ray, as before
+
+
+@pytest.mark.parametrize("value", [
+    "localhost", "10.0.0.1", "10.0.0.1:", ":6379", "10.0.0.1:0", "10.0.0.1:65536", "10.0.0.1:63a",
+    "10.0.0.1:6379:1", "head node:6379", "AUTO", "local", "", "http://10.0.0.1:6379",
+])
+def test_ray_address_that_is_not_an_address_names_the_key_and_the_forms(value):
+    with pytest.raises(ConfigError) as err:
+        _compose([f"federation.ray_address='{value}'"])
+    assert str(err.value) == (
+        f"federation.ray_address: got {value!r}; use null (start a local Ray for this run), auto (the Ray "
+        "cluster `ray start` runs on this machine, or RAY_ADDRESS) or the cluster head's <host>:<port>, "
+        "e.g. 10.0.0.1:6379")
+
+
+def test_ray_client_addresses_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"^federation[.]ray_address: got 'ray://10[.]0[.]0[.]1:10001': Ray "
+                                          r"Client addresses \(ray://\) are not supported"):
+        _compose(["federation.ray_address='ray://10.0.0.1:10001'"])
+
+
+def test_ray_address_needs_the_ray_engine():
+    with pytest.raises(ConfigError, match=r"^federation[.]ray_address: joins a Ray cluster, but "
+                                          r"federation[.]engine=inprocess runs without Ray"):
+        _compose(["federation.ray_address=auto", "federation.engine=inprocess"])

@@ -1,19 +1,34 @@
 """docker/: every container can read the keys it needs and no other, nodes reach only the Fleet
-gateway, images are pinned (issue 13, problems 1 and 11). No Docker daemon here: the compose
-file and the Dockerfiles are checked against each other and against what prepare.py writes."""
+gateway, images are pinned (issue 13, problems 1 and 11); every folder a container writes is the
+image's and its user's, the default model is prepared at build time, torch is the pinned CPU
+wheel, no secret enters an image, and the documented run trains on every node (issue 15). No
+Docker daemon here: the compose file and the Dockerfiles are checked against each other, against
+Flower's base images, and against what prepare.py writes."""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
+import inspect
 import re
 import shlex
 import stat
-import subprocess
-import sys
-from pathlib import Path
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
 from cryptography import x509
+from packaging.specifiers import SpecifierSet
+
+from fedllm.config import compose_experiment
+from fedllm.model import base
+from tests.node_budget import node_outlook, parse_flower_config, quoted_flag, run_config
+
+# flwr's CLI imports typer, which warns on import (not our code)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:typer")
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -28,12 +43,89 @@ def compose() -> dict:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
+def prepare_script():
+    """docker/prepare.py, loaded in this process (its main() is what the command line runs)."""
+    spec = importlib.util.spec_from_file_location("docker_prepare", DOCKER / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, prepare_script) -> Path:
     folder = tmp_path_factory.mktemp("docker")
-    result = subprocess.run([sys.executable, str(DOCKER / "prepare.py"), str(folder), "--host", "fl.example.org"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert prepare_script.main([str(folder), "--host", "fl.example.org"]) == 0
     return folder
+
+
+@dataclass
+class Run:
+    """One RUN instruction: the user it runs as, and its `&&`-separated commands."""
+
+    index: int
+    user: str
+    commands: list[list[str]]
+
+
+@dataclass
+class Dockerfile:
+    """What a Dockerfile does, read without Docker: instructions with continuation lines joined."""
+
+    text: str
+    instructions: list[tuple[str, str]]
+    user: str = "0:0"
+    workdir: str = "/"
+    env: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (instruction index, value)
+    args: dict[str, str] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)
+    created: set[str] = field(default_factory=set)
+    owners: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, name: str) -> Dockerfile:
+        text = (DOCKER / name).read_text()
+        lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+        image = cls(text, [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^(\w+)\s+(.*)$", joined, flags=re.M)])
+        for index, (op, rest) in enumerate(image.instructions):
+            image._apply(index, op, rest)
+        return image
+
+    def _apply(self, index: int, op: str, rest: str) -> None:
+        if op == "USER":
+            self.user = rest
+        elif op == "WORKDIR":
+            self.workdir = rest
+        elif op in ("ENV", "ARG"):
+            pairs = dict(item.split("=", 1) for item in shlex.split(rest) if "=" in item)
+            if op == "ENV":
+                self.env.update({k: (index, v) for k, v in pairs.items()})
+            else:
+                self.args.update(pairs)
+        elif op in ("COPY", "ADD"):
+            self.copies += [arg for arg in shlex.split(rest)[:-1] if not arg.startswith("--")]
+        elif op == "RUN":
+            commands = [shlex.split(part) for part in rest.split("&&")]
+            self.runs.append(Run(index, self.user, commands))
+            for command in commands:
+                self._track(command)
+
+    def _track(self, command: list[str]) -> None:
+        """Folders made and their owners (mkdir -p, chown U:G, useradd --create-home)."""
+        if command[:2] == ["mkdir", "-p"]:
+            for path in command[2:]:
+                self.created |= {str(p) for p in [PurePosixPath(path), *PurePosixPath(path).parents]}
+        elif command and command[0] == "chown":
+            self.owners.update({path: command[1] for path in command[2:]})
+        elif command and command[0] == "useradd" and "--create-home" in command:
+            # useradd's default home is /home/<login> (its last argument)
+            home = command[command.index("--home-dir") + 1] if "--home-dir" in command else f"/home/{command[-1]}"
+            self.created.add(home)
+            self.owners[home] = f"{command[command.index('--uid') + 1]}:{command[command.index('--gid') + 1]}"
+
+    def owner(self, path: str) -> str | None:
+        return self.owners.get(path)
 
 
 def dockerfile_user(service: dict) -> str:
@@ -79,7 +171,7 @@ def installs(compose: dict) -> dict[str, tuple[str, str]]:
     return found
 
 
-def test_prepare_writes_private_keys_0600_and_a_certificate_for_every_name(prepared):
+def test_prepare_writes_private_keys_0600_and_a_certificate_for_every_name(prepared, prepare_script, capsys):
     for key in PRIVATE_KEYS:
         assert stat.S_IMODE((prepared / key).stat().st_mode) == 0o600, key
     for public in ("certs/ca.crt", "certs/server.crt", "keys/node1.pub"):
@@ -88,9 +180,9 @@ def test_prepare_writes_private_keys_0600_and_a_certificate_for_every_name(prepa
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"fl.example.org", "fleet-gateway", "superlink", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
     # run again: nothing is replaced without --force
-    again = subprocess.run([sys.executable, str(DOCKER / "prepare.py"), str(prepared)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode != 0 and "--force" in again.stderr
+    before = (prepared / "certs" / "ca.key").read_bytes()
+    assert prepare_script.main([str(prepared)]) == 1 and "--force" in capsys.readouterr().err
+    assert (prepared / "certs" / "ca.key").read_bytes() == before
 
 
 def test_every_mounted_file_exists_and_every_volume_is_declared(compose, prepared):
@@ -135,12 +227,11 @@ def test_each_key_a_service_uses_is_installed_0400_for_the_user_it_runs_as(compo
 
 
 def test_the_dockerfiles_run_as_the_users_the_keys_are_installed_for():
-    superlink = (DOCKER / "Dockerfile.superlink").read_text()
-    app = (DOCKER / "Dockerfile.app").read_text()
-    assert re.findall(r"^USER\s+(\S+)", superlink, flags=re.M)[-1] == "49999:49999"
-    assert re.findall(r"^USER\s+(\S+)", app, flags=re.M)[-1] == "10001:10001"
-    assert "--uid 10001 --gid 10001" in app and "chown 10001:10001 /state /opt/fedllm/outputs" in app
-    assert "chown 49999:49999 /state" in superlink
+    superlink = Dockerfile.read("Dockerfile.superlink")
+    app = Dockerfile.read("Dockerfile.app")
+    assert superlink.user == "49999:49999" and app.user == "10001:10001"
+    assert "--uid 10001 --gid 10001" in app.text
+    assert app.owner("/state") == "10001:10001" and superlink.owner("/state") == "49999:49999"
 
 
 def test_nodes_reach_only_the_gateway_and_the_control_api_only_this_host(compose):
@@ -170,7 +261,8 @@ def test_the_superlink_runs_with_tls_node_auth_and_no_runtime_installs(compose):
 
 
 def test_images_are_pinned_to_a_release_or_a_digest(compose):
-    pinned = re.compile(r"^flwr/(superlink|supernode|superexec):1\.42\.0(@sha256:[0-9a-f]{64})?$")
+    pinned = re.compile(r"^flwr/(superlink|supernode|superexec):1\.42\.0(-py3\.\d+-ubuntu[\d.]+)?"
+                        r"(@sha256:[0-9a-f]{64})?$")
     froms = re.findall(r"^FROM\s+(\S+)", (DOCKER / "Dockerfile.superlink").read_text(), flags=re.M)
     assert froms and all(pinned.match(image) for image in froms)
     assert re.search(r"^ARG BASE_IMAGE=(\S+)", (DOCKER / "Dockerfile.app").read_text(), flags=re.M)
@@ -179,3 +271,142 @@ def test_images_are_pinned_to_a_release_or_a_digest(compose):
         assert base is None or pinned.match(base), f"{name}: {base}"
     for text in ((DOCKER / "Dockerfile.superlink").read_text(), (DOCKER / "compose.yaml").read_text()):
         assert "digest" in text  # says why there is none yet and how to add it
+
+
+# --- issue 15: the images could run as written ---------------------------------------------------
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SECRET_LIKE = re.compile(r"key|secret|token|passw|\.pem$|\.crt$|certs|node-data|\.env", re.I)
+SECRET_NAME = re.compile(r"(^|_)(KEY|SECRET|TOKEN|PASSWORD|PASSWD)(_|$)", re.I)  # not TOKENIZERS_PARALLELISM
+
+
+def image_of(service: dict) -> Dockerfile:
+    return Dockerfile.read(Path(service["build"]["dockerfile"]).name)
+
+
+def test_every_folder_a_container_writes_is_its_images_and_its_users(compose):
+    checked = 0
+    for name, service in compose["services"].items():
+        user = dockerfile_user(service)
+        if user.split(":")[0] in ("0", "root"):
+            continue  # the one-shot `keys` service
+        image = image_of(service)
+        for _, target, read_only in mounts(service):
+            if read_only:
+                continue
+            checked += 1
+            # a fresh named volume takes the folder's owner from the image; a folder the image
+            # lacks becomes a root-owned mount point the service's user cannot write
+            assert target in image.created, f"{name}: {target} is mounted writable but the image has no such folder"
+            assert image.owner(target) == user, f"{name}: {target} belongs to {image.owner(target)}, runs as {user}"
+    assert checked == 4  # superlink state, ServerApp outputs, two node states
+    # the ServerApp's default output folder (outputs/deployment/..., relative to its working
+    # directory) is inside its outputs volume
+    serverapp = compose["services"]["serverapp"]
+    writable = [target for _, target, ro in mounts(serverapp) if not ro]
+    assert f"{image_of(serverapp).workdir}/outputs" in writable
+
+
+def test_home_and_the_model_cache_belong_to_the_runtime_user(monkeypatch):
+    app = Dockerfile.read("Dockerfile.app")
+    # Flower's base images set HOME=/app, owned by their own user (49999): ours must move it
+    assert {"HOME", "FEDLLM_CACHE"} <= set(app.env), "HOME (and the model cache) left at the base image's /app"
+    home, cache = app.env["HOME"][1], app.env["FEDLLM_CACHE"][1]
+    assert app.owner(home) == app.user, f"HOME={home} is not {app.user}'s"
+    assert PurePosixPath(cache).is_relative_to(home)
+    for folder in [PurePosixPath(cache), *PurePosixPath(cache).parents]:
+        if folder.is_relative_to(home) and folder != PurePosixPath(home):
+            assert app.owner(str(folder)) == app.user, f"{folder} is not {app.user}'s: nothing can be cached below it"
+    monkeypatch.setenv("FEDLLM_CACHE", cache)
+    assert base.cache_root() == Path(cache)  # where fedllm looks
+
+
+def test_the_default_model_is_prepared_at_build_time_and_reused(monkeypatch, tmp_path):
+    app = Dockerfile.read("Dockerfile.app")
+    prepares = [run for run in app.runs if any("embedded_model_dir" in " ".join(c) for c in run.commands)]
+    assert len(prepares) == 1, "no RUN prepares the default model: every container would dequantise it at start"
+    [prepare] = prepares
+    [install] = [run for run in app.runs if any(c[-1:] == ["."] and "install" in c for c in run.commands)]
+    assert prepare.index > install.index and prepare.user == app.user  # as the user whose cache it fills
+    assert all(app.env[name][0] < prepare.index for name in ("HOME", "FEDLLM_CACHE", "HF_HUB_OFFLINE"))
+    # the build step's Python names functions that exist, and is what the default model loads
+    [snippet] = [c[c.index("-c") + 1] for c in prepare.commands if "-c" in c]
+    for node in ast.walk(ast.parse(snippet)):
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.import_module(node.module)
+            assert all(hasattr(module, alias.name) for alias in node.names), snippet
+    assert compose_experiment([]).model.kind == "embedded"
+    # a prepared cache is used as it is: nothing is dequantised again
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path))
+    baked = tmp_path / base.EMBEDDED_CACHE_NAME
+    baked.mkdir()
+    (baked / "config.json").write_text("{}")
+
+    def no_gguf():
+        raise AssertionError("the model was converted again")
+
+    monkeypatch.setattr(base, "embedded_gguf", no_gguf)
+    assert base.embedded_model_dir() == baked
+
+
+def test_torch_is_the_pinned_cpu_wheel_installed_before_fedllm():
+    app = Dockerfile.read("Dockerfile.app")
+    commands = [command for run in app.runs for command in run.commands]
+    pins = [c for c in commands if "install" in c and any(arg.startswith("torch") for arg in c)]
+    [torch] = pins
+    pinned = re.search(r"torch==([\d.]+)", " ".join(torch))
+    assert pinned and "https://download.pytorch.org/whl/cpu" in torch
+    assert f"torch=={pinned[1]}" in PYPROJECT["project"]["dependencies"] and pinned[1] == "2.13.0"
+    assert commands.index(torch) < next(i for i, c in enumerate(commands) if c[-1:] == ["."] and "install" in c)
+
+
+def test_base_images_are_ubuntu_with_a_python_fedllm_supports(compose):
+    supported = SpecifierSet(PYPROJECT["project"]["requires-python"])
+    images = [Dockerfile.read("Dockerfile.app").args["BASE_IMAGE"]]
+    images += [s["build"]["args"]["BASE_IMAGE"] for s in compose["services"].values()
+               if s["build"]["dockerfile"].endswith("Dockerfile.app")]
+    for image in images:
+        # the bare release tag (flwr/supernode:1.42.0) is Flower's Alpine image with Python 3.13:
+        # no torch wheel for musl, and outside fedllm's requires-python
+        found = re.search(r":[\d.]+-py(3\.\d+)-ubuntu", image)
+        assert found, f"{image}: pin the -pyX.Y-ubuntuZZ.ZZ variant"
+        assert supported.contains(f"{found[1]}.0"), f"{image}: Python {found[1]} is outside {supported}"
+
+
+def test_no_secret_enters_an_image(compose):
+    for name in sorted({Path(s["build"]["dockerfile"]).name for s in compose["services"].values()}):
+        image = Dockerfile.read(name)
+        assert not [s for s in image.copies if SECRET_LIKE.search(s)], f"{name} copies {image.copies}"
+        assert not [k for k in [*image.env, *image.args] if SECRET_NAME.search(k)], name
+        # the build context is the repository root: the Dockerfile's own ignore file lets through
+        # only what it copies (never docker/certs, docker/keys, docker/node-data, outputs, .venv)
+        ignore = [line.strip() for line in (DOCKER / f"{name}.dockerignore").read_text().splitlines()
+                  if line.strip() and not line.startswith("#")]
+        assert ignore[0] == "*", name
+        allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+        assert allowed == {source.rstrip("/") for source in image.copies}, name
+    for name, service in compose["services"].items():
+        environment = service.get("environment", {})
+        names = environment if isinstance(environment, dict) else [e.split("=")[0] for e in environment]
+        assert not [n for n in names if SECRET_NAME.search(n)], name
+
+
+def test_the_documented_run_trains_on_every_node_for_all_its_rounds(compose, prepare_script):
+    """The compose header's `flwr run` against the two nodes' own caps: a run planned past a
+    node's cap is refused by that node in every round (the node plans from its own records)."""
+    [line] = [line.lstrip("# ") for line in (DOCKER / "compose.yaml").read_text().splitlines()
+              if line.startswith("#") and "flwr run ." in line]
+    run = parse_flower_config(quoted_flag(line, "--run-config"))
+    cfg = run_config(run["overrides"])
+    records = inspect.signature(prepare_script.prepare).parameters["records"].default
+    nodes = {name: s for name, s in compose["services"].items() if name.startswith("supernode")}
+    partitions = []
+    for name, service in nodes.items():
+        outlook = node_outlook(cfg, flag_value(argv(service), "--node-config"), records)
+        assert outlook.rounds == outlook.planned, (
+            f"{name} trains {outlook.rounds} of {outlook.planned} rounds: the run's target "
+            f"{cfg.privacy.target_epsilon} at delta {cfg.privacy.delta} exceeds its cap")
+        partitions.append(outlook.policy.partition_id)
+    assert sorted(partitions) == list(range(cfg.federation.num_clients))
+    writable = [target for _, target, ro in mounts(compose["services"]["serverapp"]) if not ro]
+    assert any(PurePosixPath(run["output-dir"]).is_relative_to(target) for target in writable)

@@ -21,7 +21,9 @@ from fedllm.config import ClientCap, ExperimentConfig, FederationConfig, TrainCo
 from fedllm.errors import FedLLMError
 from fedllm.federation import simulation
 from fedllm.federation.inprocess import InProcessGrid, run_inprocess, server_identity
-from fedllm.federation.server_app import prepare_run, run_outcome
+from fedllm.federation.outputs import run_outcome
+from fedllm.federation.server_app import prepare_run
+from fedllm.tracking.run_files import RoundRecord, read_rounds, read_summary
 from tests.conftest import tiny_config
 
 
@@ -37,18 +39,14 @@ def always_fails(message, context):
     raise RuntimeError("node cannot start: out of memory")
 
 
-def _summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
 def test_a_run_in_which_no_client_trained_is_failed_with_the_reason(tmp_path):
     cfg, run_dir = _cfg(tmp_path), tmp_path / "run"
     prepare_run(cfg, run_dir)
     summary = run_inprocess(cfg, run_dir, client_app=always_fails)
-    assert summary == _summary(run_dir)
-    assert summary["status"] == "failed" and summary["rounds_completed"] == 2
-    assert summary["failure"].startswith("no client update in any of the 2 round(s) run: 4 failed")
-    assert "out of memory" in summary["failure"]
+    assert summary == read_summary(run_dir)
+    assert summary.status == "failed" and summary.rounds_completed == 2
+    assert summary.failure and summary.failure.startswith("no client update in any of the 2 round(s) run: 4 failed")
+    assert "out of memory" in summary.failure
 
 
 def test_a_node_that_never_answered_says_how_long_was_waited(tmp_path):
@@ -57,32 +55,32 @@ def test_a_node_that_never_answered_says_how_long_was_waited(tmp_path):
     cfg, run_dir = _cfg(tmp_path, round_timeout=3600.0, num_rounds=1), tmp_path / "run"
     prepare_run(cfg, run_dir)
     summary = run_inprocess(cfg, run_dir, unreachable=[0, 1])
-    failed = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])["failed"]
+    failed = read_rounds(run_dir)[1].failed
     assert len(failed) == 2 and all("before federation.round_timeout=3600 s" in f for f in failed)
-    assert "no reply within 3600" not in summary["failure"] and summary["status"] == "failed"
+    assert summary.status == "failed" and summary.failure and "no reply within 3600" not in summary.failure
 
 
 def test_completed_and_stopped_runs_say_so(tmp_path):
     cfg, run_dir = _cfg(tmp_path, num_rounds=1), tmp_path / "run"
     prepare_run(cfg, run_dir)
-    assert run_inprocess(cfg, run_dir)["status"] == "completed"
-    assert "failure" not in _summary(run_dir)
+    assert run_inprocess(cfg, run_dir).status == "completed"
+    assert "failure" not in json.loads((run_dir / "summary.json").read_text())
     # a node capped below one round refuses; with min_train_clients=2 the run stops after round 1
     capped = dataclasses.replace(_cfg(tmp_path / "b", min_train_clients=2), privacy=dataclasses.replace(
         cfg.privacy, state_dir=str(tmp_path / "b" / "nodes"), client_caps=(ClientCap(1, 1.0),)))
     prepare_run(capped, tmp_path / "stopped")
     stopped = run_inprocess(capped, tmp_path / "stopped")
-    assert stopped["status"] == "stopped" and stopped["stop_reason"]
+    assert stopped.status == "stopped" and stopped.stop_reason
 
 
 def test_outcome_rules():
-    trained = {"round": 1, "num_clients": 2}
-    nothing = {"round": 1, "num_clients": 0, "failed": [], "refused": [0, 1], "rejections": []}
-    assert run_outcome([{"round": 0}, trained], None) == ("completed", None)
-    assert run_outcome([{"round": 0}, trained], "caps") == ("stopped", None)
-    status, why = run_outcome([{"round": 0}, nothing], "caps")
-    assert status == "failed" and "2 refused" in why and why.endswith("then stopped: caps")
-    assert run_outcome([{"round": 0}, trained], None, failure="engine") == ("failed", "engine")
+    zero_shot, trained = RoundRecord(round=0), RoundRecord(round=1, num_clients=2)
+    nothing = RoundRecord(round=1, num_clients=0, refused=[0, 1])
+    assert run_outcome([zero_shot, trained], None) == ("completed", None)
+    assert run_outcome([zero_shot, trained], "caps") == ("stopped", None)
+    status, why = run_outcome([zero_shot, nothing], "caps")
+    assert status == "failed" and why and "2 refused" in why and why.endswith("then stopped: caps")
+    assert run_outcome([zero_shot, trained], None, failure="engine") == ("failed", "engine")
 
 
 def test_simulate_fails_with_the_reason_when_no_client_trained(tmp_path, monkeypatch):
@@ -95,8 +93,8 @@ def test_simulate_fails_with_the_reason_when_no_client_trained(tmp_path, monkeyp
     run_dir = tmp_path / "run"
     with pytest.raises(FedLLMError, match="the run failed: no client update in any of the 1 round"):
         simulate(_cfg(tmp_path, num_rounds=1), run_dir)
-    summary = _summary(run_dir)
-    assert summary["status"] == "failed" and summary["wall_seconds"] > 0
+    summary = read_summary(run_dir)
+    assert summary.status == "failed" and summary.wall_seconds is not None and summary.wall_seconds > 0
 
 
 def test_simulate_records_a_failure_before_the_first_round(tmp_path, monkeypatch):
@@ -109,9 +107,9 @@ def test_simulate_records_a_failure_before_the_first_round(tmp_path, monkeypatch
     run_dir = tmp_path / "run"
     with pytest.raises(FedLLMError, match="Ray did not start"):
         simulate(_cfg(tmp_path), run_dir)
-    summary = _summary(run_dir)
-    assert summary["status"] == "failed" and "Ray did not start" in summary["failure"]
-    assert summary["rounds_completed"] == 0
+    summary = read_summary(run_dir)
+    assert summary.status == "failed" and "Ray did not start" in (summary.failure or "")
+    assert summary.rounds_completed == 0 and summary.rounds_planned == 2
 
 
 def test_an_engine_that_fails_mid_run_stops_the_server_thread_and_the_call_returns(tmp_path, monkeypatch):
@@ -150,9 +148,9 @@ def test_an_engine_that_fails_mid_run_stops_the_server_thread_and_the_call_retur
     with server_identity(), pytest.raises(simulation.EngineFailed, match="Simulation Runtime crashed"):
         simulation.run_simulation(cfg, run_dir)
     assert time.monotonic() - started < 120
-    summary = _summary(run_dir)
-    assert summary["status"] == "failed" and "the simulation engine failed" in summary["failure"]
-    assert summary["rounds_completed"] == 0  # round 1 never ended: the zero-shot evaluation only
+    summary = read_summary(run_dir)
+    assert summary.status == "failed" and "the simulation engine failed" in (summary.failure or "")
+    assert summary.rounds_completed == 0  # round 1 never ended: the zero-shot evaluation only
 
 
 def _job(path: Path, summary: dict | None, model: str = "tiny", lr: float = 0.01) -> None:

@@ -8,14 +8,15 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from fedllm.config import ExperimentConfig, FederationConfig, PrivacyConfig, TrainConfig
 from fedllm.federation import records as keys
-from fedllm.federation.protocol import Accounting, PublicStats, TrainReport
-from fedllm.federation.rounds import ReplyPolicy, _aggregate, fedavg_weights, sort_replies
+from fedllm.federation.protocol import Accounting, PublicStats, Refusal, TrainReport
+from fedllm.federation.rounds import ReplyPolicy, _aggregate, fedavg_weights, record_refusals, sort_replies
 from fedllm.federation.strategy import build_strategy, connected_nodes
 from fedllm.federation.validation import MechanismCheck
+from fedllm.node.policy import BUDGET
 from fedllm.privacy.ledger import PrivacyLedger
 from tests.conftest import tiny_config
 from tests.flower_fakes import FakeGrid, act_as_server_process, arrays_record
@@ -191,3 +192,22 @@ def test_with_registered_node_ids_a_node_cannot_speak_for_another_client(monkeyp
     unknown = _update(42)
     unknown.content[keys.METRICS][keys.PARTITION_ID] = 4
     assert "no client" in _sort([unknown], node_ids=tuple(range(10))).rejected[0]
+
+
+def _refusal(node: int) -> Message:
+    refusal = Refusal(node, BUDGET, cap=1.0, spent=0.9, delta=1e-5, history=[(1.0, RATE, 5)])
+    return _message(node, RecordDict({keys.METRICS: MetricRecord(refusal.to_metrics()),
+                                      keys.STATUS: ConfigRecord({keys.CATEGORY: BUDGET})}))
+
+
+def test_sorting_returns_refusals_and_the_caller_records_them(monkeypatch):
+    act_as_server_process(monkeypatch)
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0)
+    result = sort_replies([_refusal(0), _update(1)], ledger, 1, arrays_record(SENT), _policy(), {})
+    assert ledger.clients == {}  # sorting reads the ledger, never writes it
+    assert [(r.partition_id, r.history) for r in result.refusals] == [(0, [(1.0, RATE, 5)])]
+    assert len(result.updates) == 1
+    record_refusals(ledger, result.refusals, 1)
+    assert list(ledger.clients) == [0] and not ledger.clients[0].can_continue
+    assert ledger.clients[0].refusals == [{"round": 1, "reason": result.refusals[0].reason}]
+    assert ledger.epsilon(0) > 0  # the refusing node's reported history counts

@@ -158,8 +158,8 @@ def test_noise_has_the_calibrated_standard_deviation(noise):
 
 
 def test_noise_std_scales_with_the_updates_that_arrived():
+    # all 20 sampled, 4 updates arrive: the noise is calibrated to the 4 aggregated (z * C / 4)
     strategy = _strategy("seeded", fraction_train=1.0, noise_multiplier=1.0, clip_norm=1.0)
-    strategy.num_sampled_clients = 4  # what the round loop sets when only 4 updates arrived
     zeros = {"w": np.zeros(100_000, dtype=np.float32)}
     strategy.configure_train(1, arrays_record(zeros), ConfigRecord(), FakeGrid(NODES))
     aggregated, _ = strategy.aggregate_train(1, [train_reply(n, zeros, 1) for n in NODES[:4]])

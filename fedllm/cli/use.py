@@ -1,0 +1,82 @@
+"""``fedllm evaluate`` and ``fedllm generate``: use a finished run's adapter.
+
+Both rebuild the run's base model from its ``config.json``, load the final adapter from
+``adapter/`` (checked against its manifest; decrypted with the storage key when sealed) and
+never train. ``evaluate`` scores the held-out split the server evaluated on (or your own file
+in the run's prompt format); ``generate`` answers a prompt in the run's prompt format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedllm.cli.at_rest import storage_key
+from fedllm.errors import FedLLMError
+
+KEY_HELP = "file holding the 64-hex-character storage key (default: $FEDLLM_ENCRYPTION_KEY), for sealed adapters"
+
+
+def evaluate_cli(argv: list[str]) -> int:
+    """``fedllm evaluate RUN_DIR [--data FILE] [--json]``."""
+    parser = argparse.ArgumentParser(
+        prog="fedllm evaluate",
+        description="Evaluate a finished run's final adapter: held-out loss, perplexity and (for fixed answers) "
+                    "accuracy, computed as the server computed them each round.")
+    parser.add_argument("run_dir", type=Path, help="a finished run folder, e.g. outputs/<date>/<time>")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a JSONL/CSV file of records to score instead of the run's held-out split "
+                             "(same field names and prompt format as the run)")
+    parser.add_argument("--key-file", default=None, help=KEY_HELP)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    from fedllm.finished_run import evaluate_run, load_finished_run, records_for
+
+    try:
+        run = load_finished_run(args.run_dir, storage_key(args.key_file, need=False, command="evaluate"))
+        result = evaluate_run(run, records_for(run, args.data))
+    except (FedLLMError, OSError) as exc:
+        print(f"fedllm evaluate: {exc}", file=sys.stderr)
+        return 1
+    figures = {"examples": result.examples, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
+               "eval_accuracy": result.accuracy, "data": str(args.data) if args.data else "held-out split"}
+    if args.json:
+        print(json.dumps(figures, sort_keys=True))
+    else:
+        for name, value in figures.items():
+            print(f"{name:16} {value:.4f}" if isinstance(value, float) else f"{name:16} {value}")
+    return 0
+
+
+def generate_cli(argv: list[str]) -> int:
+    """``fedllm generate RUN_DIR PROMPT... [--max-new-tokens N]``."""
+    parser = argparse.ArgumentParser(
+        prog="fedllm generate",
+        description="Answer prompts with a finished run's adapter (greedy decoding). Each prompt is put into the "
+                    "run's prompt template (data.prompt_template), as during training.")
+    parser.add_argument("run_dir", type=Path, help="a finished run folder, e.g. outputs/<date>/<time>")
+    parser.add_argument("prompts", nargs="+", help="one or more prompts (the {prompt} part of the template)")
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="the most tokens generated per prompt")
+    parser.add_argument("--raw", action="store_true", help="send the prompts as they are, without the template")
+    parser.add_argument("--key-file", default=None, help=KEY_HELP)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    from fedllm.evaluation.generation import generate
+    from fedllm.finished_run import load_finished_run
+    from fedllm.training.precision import use_bf16
+
+    try:
+        run = load_finished_run(args.run_dir, storage_key(args.key_file, need=False, command="generate"))
+    except (FedLLMError, OSError) as exc:
+        print(f"fedllm generate: {exc}", file=sys.stderr)
+        return 1
+    template = "{prompt}" if args.raw else run.config.data.prompt_template
+    inputs = [template.format(prompt=prompt) for prompt in args.prompts]
+    texts = generate(run.bundle.model, run.bundle.tokenizer, inputs, max_new_tokens=args.max_new_tokens,
+                     bf16=use_bf16(run.config.train.precision))
+    for prompt, text in zip(args.prompts, texts, strict=True):
+        print(f"> {prompt}\n{text}\n" if len(args.prompts) > 1 else text)
+    return 0
