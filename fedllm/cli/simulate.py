@@ -334,7 +334,8 @@ def overrides_help(command: str) -> str:
     usage, about = COMMAND_HELP[command]
     lines = [f"usage: {usage}", "", *textwrap.wrap(about, 96), "",
              *textwrap.wrap("OVERRIDE is KEY=VALUE (privacy.target_epsilon=3) or GROUP=OPTION (model=tiny); "
-                            "`fedllm simulate --cfg job` prints every value.", 96), "", "options:"]
+                            "`fedllm simulate --cfg job` prints every value; every key with its default and meaning: "
+                            "docs/config.md.", 96), "", "options:"]
     lines += _two_columns([("-h, --help", "show this help and exit"), *_OPTIONS[command]])
     try:
         groups = [g for g in _config_groups(conf_dir()) if command == "audit" or g[0] != "audit"]

@@ -8,6 +8,7 @@ format in :mod:`fedllm.federation.protocol`. Every round is written to the node'
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from flwr.app import Context, Message
@@ -54,11 +55,40 @@ def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
 
 app = ClientApp(mods=[client_clipping_mod])
 
+NODE_CONSOLE_FORMAT = "%(asctime)s fedllm node: %(message)s"
+
+
+class _NodeConsole(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each line (not at creation)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def show_node_log() -> None:
+    """Print this node's own round lines (trained with its epsilon, refused and why) on the
+    SuperNode's console, where the operator looks. Flower's ClientApp process shows only Flower's
+    logger; fedllm's INFO lines would otherwise go nowhere. Called for deployed nodes only: a
+    simulation's researcher reads the server's round lines instead of one line per virtual node."""
+    fedllm_log = logging.getLogger("fedllm")
+    if not any(isinstance(h, _NodeConsole) for h in fedllm_log.handlers):
+        handler = _NodeConsole()
+        handler.setFormatter(logging.Formatter(NODE_CONSOLE_FORMAT))
+        fedllm_log.addHandler(handler)
+    fedllm_log.setLevel(logging.INFO)
+
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round on this node: refuse, replay an update already released, or train."""
     policy = node_policy(context.node_config)
+    if not policy.simulated:
+        show_node_log()
     config = msg.content.config_records[keys.CONFIG]
     try:
         server_round = config[keys.SERVER_ROUND]

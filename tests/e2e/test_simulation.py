@@ -83,6 +83,19 @@ def test_adapter_loads_with_stock_peft_and_matches_the_final_round(smoke_run):
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
+def test_the_adapter_is_usable_from_its_folder_alone(smoke_run):
+    """What a reader of a released adapter does: the card states the run's epsilon, the base
+    resolves from its portable name, and `fedllm evaluate` reproduces the server's last round."""
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    card = (smoke_run / "adapter" / "README.md").read_text()
+    assert f"({summary['guarantees'][0]['epsilon']:.4g}, 1e-05)-DP" in card and "Review: {prompt}" in card
+    evaluated = json.loads(fedllm(["evaluate", str(smoke_run), "--json"], cwd=smoke_run).stdout)
+    assert evaluated["eval_loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-6)
+    assert evaluated["eval_accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
+    generated = fedllm(["generate", str(smoke_run), "a fine film", "--max-new-tokens", "4"], cwd=smoke_run)
+    assert generated.stdout.strip()
+
+
 def test_no_flower_or_ray_process_survives(smoke_run):
     assert stray_processes() == []
 

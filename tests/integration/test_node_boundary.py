@@ -323,3 +323,15 @@ def test_the_nodes_data_rules_are_its_own_not_the_servers(tmp_path, server_rule)
     cfg = tiny_config(data=DataConfig(prompt_template=RT_PROMPT, choices=("positive", "negative"),
                                       max_records=600, test_size=100, **server_rule))
     assert run_round(cfg, "run", 1, node_config=node).content[keys.METRICS][keys.REFUSED] == 0
+
+
+def test_a_deployed_node_tells_its_operator_each_round_on_its_console(tmp_path, capsys):
+    """The SuperNode's console is where the operator looks: one line per round, with the spent
+    epsilon and cap when it trained, and the reason when it refused."""
+    node = _deployed(tmp_path)
+    run_round(_cfg(tmp_path), "run", 1, node_config=node)
+    trained = [line for line in capsys.readouterr().err.splitlines() if "fedllm node:" in line]
+    assert any("round 1" in line and "epsilon" in line and "of cap 7" in line for line in trained), trained
+    run_round(_cfg(tmp_path, mode="none"), "run", 2, node_config=node)
+    refused = [line for line in capsys.readouterr().err.splitlines() if "fedllm node:" in line]
+    assert any("refusing round 2" in line for line in refused), refused

@@ -133,6 +133,7 @@ def test_node_keys_are_openssh_p384(tmp_path):
     assert public.read_text().startswith("ecdsa-sha2-nistp384 ") and public.read_text().endswith(" fedllm-hospital-a\n")
 
 
+@pytest.mark.slow  # subprocesses: the scripts as an operator runs them (in-process: test_operator_scripts.py)
 def test_the_scripts_refuse_to_replace_a_ca(tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "make_certs.py")]
     first = subprocess.run([*script, str(tmp_path), "localhost"], capture_output=True, text=True, cwd=ROOT,
