@@ -653,6 +653,9 @@ def unknown_key_error(key: str, known: list[str], known_label: str) -> ConfigErr
     import difflib
 
     prefix, _, name = key.rpartition(".")
+    if name in known:  # a field of the section that the chosen group option does not set
+        return ConfigError(f"{key}: not settable with the chosen {prefix or 'config'} option "
+                           f"(e.g. model.hidden_size exists only with model=tiny); see docs/config.md")
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     if close:
         return ConfigError(f"{key}: unknown key; did you mean {prefix + '.' if prefix else ''}{close[0]}?")

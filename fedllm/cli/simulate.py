@@ -139,9 +139,12 @@ def compose_checked(overrides: list[str], config_dir: Path):
     Raises:
         ConfigError: Hydra cannot compose it, or a value is invalid (one line).
     """
+    from fedllm.config import AuditConfig
+
     composed = compose_hydra(overrides, config_dir)
     if composed.get("resume"):
         return None  # the saved config of the run is what counts (checked when it is loaded)
+    AuditConfig.from_mapping(composed.get("audit"))  # `fedllm audit`'s own settings, checked as early
     return from_hydra(composed)
 
 

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 
 RAY = Path(sys.executable).with_name("ray")  # the venv's CLI: its nodes run this venv's Python
 CLUSTER_TAG = "FEDLLM_TEST_RAY_CLUSTER"  # in the environment of every process the cluster starts
-# Asks the cluster, as a second driver, for its nodes and this test's actors (JSON on stdout).
+# Asks the cluster, as a second driver, for its nodes and actors (JSON on stdout). Actors are read
+# from the GCS actor table: the public state API (ray.util.state) needs the dashboard, which a
+# cluster started with --include-dashboard=false does not serve.
 PROBE = """
 import json, sys, ray
 from ray._private import state
@@ -85,7 +87,7 @@ def stop_cluster(tag: str) -> None:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # the GCS and the autoscaler monitor ignore SIGTERM
     for proc in alive:
         try:
             proc.kill()

@@ -8,7 +8,7 @@ import pytest
 
 from fedllm.cli.main import main
 
-COMMANDS = ("simulate", "plan", "audit", "report", "verify", "decrypt", "node-status")
+COMMANDS = ("simulate", "plan", "audit", "report", "evaluate", "generate", "verify", "decrypt", "node-status")
 
 
 def _run(argv: list[str]) -> int:
@@ -68,6 +68,9 @@ def test_top_level_help_and_version(capsys):
     ("simulate", "federation.num_rounds=three", "federation.num_rounds: expected an integer, got 'three'"),
     ("plan", "federation.num_rounds=three", "federation.num_rounds: expected an integer, got 'three'"),
     ("simulate", "privacy=nonee", "Available options in 'privacy'"),
+    ("audit", "audit.canaries=-5", "audit.canaries: at least 2 canaries"),
+    ("audit", "audit.kind=foo", "audit.kind: got 'foo'"),
+    ("audit", "privacy.target_epsilion=3", "did you mean privacy.target_epsilon?"),
 ])
 def test_a_rejected_override_is_one_line_and_creates_nothing(command, override, expected, capsys):
     assert _run([command, override]) == 1

@@ -304,3 +304,26 @@ def test_ray_address_needs_the_ray_engine():
     with pytest.raises(ConfigError, match=r"^federation[.]ray_address: joins a Ray cluster, but "
                                           r"federation[.]engine=inprocess runs without Ray"):
         _compose(["federation.ray_address=auto", "federation.engine=inprocess"])
+
+
+def test_every_config_field_can_be_overridden_from_the_default_config():
+    """A field the dataclass has but the YAML lacks cannot be set on the command line (Hydra's
+    struct mode): the README's `federation.node_ids=[...]` failed that way."""
+    import dataclasses
+
+    from fedllm.config import _SECTION_TYPES, compose_hydra
+
+    composed = compose_hydra([])
+    tiny_only = {"hidden_size", "intermediate_size", "num_heads", "num_layers"}  # model=tiny's architecture
+    for section, section_type in _SECTION_TYPES.items():
+        missing = {f.name for f in dataclasses.fields(section_type)} - set(composed[section].keys())
+        assert missing <= (tiny_only if section == "model" else set()), (section, missing)
+
+
+def test_a_field_the_chosen_option_lacks_is_not_suggested_as_its_own_typo():
+    from fedllm.config import compose_experiment
+    from fedllm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        compose_experiment(["model.hidden_size=32"])
+    assert "did you mean" not in str(refused.value) and "model=tiny" in str(refused.value)
