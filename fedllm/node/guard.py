@@ -12,6 +12,10 @@ the ``seeded`` research mode.
 What leaves: the adapter and the accounting metadata, plus what the node declared public;
 a refusal says only its category, and the detail goes to this node's log. Flower-free:
 :mod:`fedllm.federation.client_app` translates messages to and from it.
+
+Before round 1 the server may ask a pre-flight (:func:`answer_preflight`): the same policy
+check, data and plan as a round, then a read-only look at the ledger (under its lock) and a
+projection of the planned rounds against the node's cap. It spends nothing and writes nothing.
 """
 
 from __future__ import annotations
@@ -34,15 +38,15 @@ from fedllm.audit.injection import (
 )
 from fedllm.config import ExperimentConfig
 from fedllm.data.formatting import TokenizedDataset, make_collate
-from fedllm.errors import DataError, LedgerError, PrivacyPlanError
-from fedllm.federation.protocol import Accounting, PublicStats, Refusal, TrainReport
+from fedllm.errors import ConfigError, DataError, LedgerError, PrivacyPlanError
+from fedllm.federation.protocol import Accounting, PreflightAnswer, PublicStats, Refusal, TrainReport
 from fedllm.federation.remote_text import escape_remote_text
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.node.policy import BUDGET, DATA, POLICY, NodePolicy, PolicyViolation, check_request
 from fedllm.node.reply_cache import ReplyCache, arrays_digest
 from fedllm.planning import plan_for
 from fedllm.privacy.accounting import History, extend_history
-from fedllm.privacy.budget import check_round, effective_budget
+from fedllm.privacy.budget import Budget, BudgetDecision, check_round, effective_budget
 from fedllm.privacy.calibration import DPPlan
 from fedllm.privacy.node_ledger import NodeLedger, Release
 from fedllm.training.local import DPSpec, LocalResult, LocalSpec, train_local
@@ -72,26 +76,143 @@ class Update:
 Answer: TypeAlias = Update | Refusal  # the node's answer to a round: an update or a refusal
 
 
+@dataclass(frozen=True)
+class PreflightRequest:
+    """The server's pre-flight query (untrusted): the run's task config, before ``first_round``."""
+
+    cfg: ExperimentConfig
+    run_id: str
+    first_round: int  # the first round still to play (1, or the round a resumed run continues with)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.first_round <= self.cfg.federation.num_rounds:
+            raise ConfigError(f"pre-flight for round {self.first_round} of a run of "
+                              f"{self.cfg.federation.num_rounds} rounds")
+
+
+# a run training on this node holds the ledger lock for a whole round; a pre-flight answer later than this
+# is of no use to a server that waits at most federation.preflight.PREFLIGHT_WAIT_S
+PREFLIGHT_LOCK_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What a round needs before it looks at the ledger: the node's view of the task, its shard and plan."""
+
+    cfg: ExperimentConfig  # the server's config with the node's own data rules
+    shard: TokenizedDataset | CanaryShard
+    fingerprint: str
+    plan: DPPlan | None  # None: the run trains without DP-SGD (the node's policy allows it)
+
+
 def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
     """Decide and carry out one round on this node (see the module docstring)."""
     node, server_round = policy.partition_id, request.server_round
+    prepared = _prepare(policy, request.cfg, f"round {server_round}")
+    if isinstance(prepared, Refusal):
+        return prepared
+    cfg, shard = prepared.cfg, prepared.shard
+    if prepared.plan is None:
+        result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round))
+        return Update(arrays=arrays, metrics=TrainReport(node, None, _public(policy, shard, result)).to_metrics())
+    return _private_round(policy, cfg, request, (shard, prepared.fingerprint), prepared.plan)
+
+
+def answer_preflight(policy: NodePolicy, request: PreflightRequest) -> PreflightAnswer | Refusal:
+    """How many of the rounds still planned (``first_round`` to ``federation.num_rounds``) this
+    node can join within its own cap, decided as :func:`answer_round` decides each round.
+
+    The same policy check, data and plan as a round (so the same refusals: ``policy`` or
+    ``data``), then the ledger's history is read under its lock and nothing is written: no
+    budget is spent, no release recorded, no reply cached, nothing trained. The rounds are
+    projected with :func:`~fedllm.privacy.budget.check_round` at the run's mechanism, from the
+    history as it is now. What the answer holds is what the train replies and refusals of these
+    rounds would send (epsilon, cap, delta; the history they carry determines the rest): see
+    :mod:`fedllm.federation.preflight`. A round this node already released before a server
+    restart is counted again (the server's update would be replayed at no cost), so after a
+    resume the answer may be one round short.
+    """
+    node, first = policy.partition_id, request.first_round
+    run = escape_remote_text(request.run_id)
+    prepared = _prepare(policy, request.cfg, f"the pre-flight of run {run}")
+    if isinstance(prepared, Refusal):
+        return prepared
+    planned = prepared.cfg.federation.num_rounds - first + 1
+    if prepared.plan is None:
+        log.info("client %d: pre-flight of run %s: no DP-SGD in this run, so no budget applies to rounds %d-%d",
+                 node, run, first, first + planned - 1)
+        return PreflightAnswer(node, rounds_planned=planned, rounds_affordable=planned, cap=policy.max_epsilon)
+    budget, dp = _mechanism(policy, prepared.cfg, prepared.plan)
+    ledger_file = _ledger(policy, prepared.fingerprint, policy.state_key())
+    with ledger_file.locked(timeout=PREFLIGHT_LOCK_TIMEOUT_S) as ledger:
+        history = ledger.history()  # read only: a consistent view, never written here
+    affordable, decision = affordable_rounds(history, dp=dp, sample_rate=prepared.plan.sample_rate,
+                                             local_steps=prepared.cfg.train.local_steps, budget=budget,
+                                             planned=planned)
+    numbers = (f"epsilon {decision.spent:.4f} spent, {decision.projected:.4f} after them; cap {budget.max_epsilon:g} "
+               f"at delta {budget.delta:g}")
+    if affordable < planned:
+        log.warning("client %d: pre-flight of run %s: this node's cap lets it train %d of the %d planned rounds; "
+                    "it will refuse from round %d (%s)", node, run, affordable, planned, first + affordable, numbers)
+    else:
+        log.info("client %d: pre-flight of run %s: can train all %d planned rounds (%s)", node, run, planned, numbers)
+    return PreflightAnswer(node, rounds_planned=planned, rounds_affordable=affordable, cap=budget.max_epsilon,
+                           spent=decision.spent, after=decision.projected, delta=budget.delta)
+
+
+
+def affordable_rounds(history: History, *, dp: DPSpec, sample_rate: float, local_steps: int, budget: Budget,
+                      planned: int) -> tuple[int, BudgetDecision]:
+    """How many of ``planned`` rounds the guard would allow one after another from ``history``,
+    and the budget decision for that many rounds at once (``projected``: the epsilon after them).
+
+    Epsilon grows with every step, so the allowed rounds are a prefix; it is found by bisection
+    (a logarithmic number of accountant calls: the server chooses ``planned``). Rounds of one
+    mechanism merge into one history entry, so ``k`` rounds at once are exactly ``k`` rounds in turn.
+    """
+    def decide(rounds: int) -> BudgetDecision:
+        return check_round(history, noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate,
+                           steps=rounds * local_steps, budget=budget, accountant=dp.accountant)
+
+    low, high = 0, planned
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if decide(middle).allowed else (low, middle - 1)
+    return low, decide(low)
+
+
+def _prepare(policy: NodePolicy, server_cfg: ExperimentConfig, what: str) -> _Prepared | Refusal:
+    """The policy check, then the node's shard and DP plan for ``what`` (a round, or the
+    pre-flight); a refusal when the policy forbids the task or the data cannot serve it."""
+    node = policy.partition_id
     try:
-        check_request(policy, request.cfg)
+        check_request(policy, server_cfg)
     except PolicyViolation as exc:
-        log.warning("client %d: refusing round %d (policy): %s", node, server_round, escape_remote_text(exc))
+        log.warning("client %d: refusing %s (policy): %s", node, what, escape_remote_text(exc))
         return Refusal(node, POLICY, cap=policy.max_epsilon)
-    cfg = node_view(request.cfg, policy)
+    cfg = node_view(server_cfg, policy)
     try:
         own, fingerprint = task.node_shard(cfg, node, policy.data_path, policy.data_format)
         shard = with_canaries(cfg, policy, own)
         plan = plan_for(cfg, len(shard)) if cfg.privacy.sample_level else None
     except (DataError, PrivacyPlanError) as exc:
-        log.error("client %d: declining round %d (data): %s", node, server_round, escape_remote_text(exc))
+        log.error("client %d: declining %s (data): %s", node, what, escape_remote_text(exc))
         return Refusal(node, DATA, cap=policy.max_epsilon)
-    if plan is None:
-        result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round))
-        return Update(arrays=arrays, metrics=TrainReport(node, None, _public(policy, shard, result)).to_metrics())
-    return _private_round(policy, cfg, request, (shard, fingerprint), plan)
+    return _Prepared(cfg, shard, fingerprint, plan)
+
+
+def _mechanism(policy: NodePolicy, cfg: ExperimentConfig, plan: DPPlan) -> tuple[Budget, DPSpec]:
+    """The cap this node enforces (the stricter of the run's and its own) and the DP-SGD it runs."""
+    budget = effective_budget(run_target=cfg.privacy.target_epsilon, run_delta=cfg.privacy.delta,
+                              node_max_epsilon=policy.max_epsilon, node_delta=policy.delta)
+    dp = DPSpec(noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
+                accountant=policy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode)
+    return budget, dp
+
+
+def _ledger(policy: NodePolicy, fingerprint: str, key: bytes | None) -> NodeLedger:
+    """This node's ledger of its dataset (``key``: the node's own storage key, from encrypt-state, or None)."""
+    return NodeLedger(policy.state_dir, policy.dataset_id, fingerprint, key=key)
 
 
 def with_canaries(cfg: ExperimentConfig, policy: NodePolicy,
@@ -116,17 +237,14 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
                    plan: DPPlan) -> Answer:
     shard, fingerprint = data
     node, run_id, server_round = policy.partition_id, request.run_id, request.server_round
-    budget = effective_budget(run_target=cfg.privacy.target_epsilon, run_delta=cfg.privacy.delta,
-                              node_max_epsilon=policy.max_epsilon, node_delta=policy.delta)
-    dp = DPSpec(noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
-                accountant=policy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode)
+    budget, dp = _mechanism(policy, cfg, plan)
     steps, rate = cfg.train.local_steps, plan.sample_rate
     key = policy.state_key()  # the node's own storage key (node config encrypt-state), or None
     cache = ReplyCache(policy.state_dir, key)
     # keyed by dataset too: one state directory may hold several datasets' budgets
     cache_key = (run_id, server_round, f"{policy.dataset_id}|{arrays_digest(request.received)}")
     # the lock covers check, training and record: a second run on this node waits, then sees this release
-    with NodeLedger(policy.state_dir, policy.dataset_id, fingerprint, key=key).locked() as ledger:
+    with _ledger(policy, fingerprint, key).locked() as ledger:
         if ledger.find(run_id, server_round) and (cached := cache.find(cache_key)):
             log.info("client %d round %d: resending the update already released (no new privacy cost)",
                      node, server_round)

@@ -20,6 +20,8 @@ from fedllm.data.sources import Record, load_rt_reviews, movie_title
 from fedllm.errors import ConfigError, DataError
 from fedllm.evaluation.generation import generate, generate_samples, sample_records
 from fedllm.evaluation.metrics import evaluate, mean_stderr, ratio_stderr
+from fedllm.model.base import load_model
+from fedllm.model.lora import apply_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -29,6 +31,16 @@ FMT = PromptFormat(prompt_template="{prompt}\nReview:", response_template=" {res
 @pytest.fixture(scope="module")
 def bundle():
     return task.model_bundle(ModelConfig(source="tiny"), LoraSettings(), 0)
+
+
+@pytest.fixture(scope="module")
+def sharp(bundle):
+    """A tiny model of its own (not the shared cached one) whose predictions are far from uniform:
+    its tied embeddings scaled up, so records differ in per-token loss and averages can be told apart."""
+    model = apply_lora(load_model(ModelConfig(source="tiny"), vocab_size=len(bundle.tokenizer), seed=1), LoraSettings())
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)
+    return model
 
 
 # --- loader -------------------------------------------------------------------------------------
@@ -142,16 +154,17 @@ def _per_record_nll(model, dataset) -> list[tuple[float, int]]:
     return out
 
 
-def test_perplexity_is_per_answer_token_over_all_records(bundle):
+def test_perplexity_is_per_answer_token_over_all_records(bundle, sharp):
     dataset = tokenize_records(_records(), bundle.tokenizer, FMT)
-    result = evaluate(bundle.model, dataset, bundle.pad_id, [], batch_size=2, bf16=False)  # padding exercised
-    nll = _per_record_nll(bundle.model, dataset)
+    result = evaluate(sharp, dataset, bundle.pad_id, [], batch_size=2, bf16=False)  # padding exercised
+    nll = _per_record_nll(sharp, dataset)
     total, tokens = sum(s for s, _ in nll), sum(c for _, c in nll)
     assert result.tokens == tokens and result.examples == 3
     assert result.loss == pytest.approx(total / tokens, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(total / tokens), rel=1e-4)
     per_record_mean = sum(s / c for s, c in nll) / len(nll)
-    assert abs(per_record_mean - result.loss) > 1e-3  # the test tells the two averages apart
+    # the two averages differ far more than the tolerance above: the test tells them apart
+    assert abs(per_record_mean - result.loss) > 500 * 1e-5 * result.loss
     # the ratio estimator's standard error over records, and the delta method for perplexity
     loss = total / tokens
     expected = math.sqrt(sum((s - loss * c) ** 2 for s, c in nll) / (3 * 2)) / (tokens / 3)
@@ -159,18 +172,18 @@ def test_perplexity_is_per_answer_token_over_all_records(bundle):
     assert result.perplexity_stderr == pytest.approx(result.perplexity * expected, rel=1e-4)
 
 
-def test_the_fixed_answer_evaluation_is_still_the_mean_over_records(bundle):
+def test_the_fixed_answer_evaluation_is_still_the_mean_over_records(bundle, sharp):
     fmt = PromptFormat(prompt_template="Review: {prompt}\nSentiment:", response_template=" {response}",
                        max_length=64, choices=("positive", "negative"))
     records = [Record("Great.", "positive"), Record("Awful and long-winded.", "negative"), Record("Meh.", "negative")]
     dataset = tokenize_records(records, bundle.tokenizer, fmt)
     ids = choice_token_ids(bundle.tokenizer, fmt)
-    result = evaluate(bundle.model, dataset, bundle.pad_id, ids, batch_size=2, bf16=False)
+    result = evaluate(sharp, dataset, bundle.pad_id, ids, batch_size=2, bf16=False)
     losses, correct = [], 0
     with torch.no_grad():
         for item_ids, labels, choice in dataset:
             prompt = item_ids[labels == IGNORE_INDEX]
-            scores = bundle.model(input_ids=prompt[None]).logits[0, -1, ids].double()
+            scores = sharp(input_ids=prompt[None]).logits[0, -1, ids].double()
             losses.append(float(-torch.log_softmax(scores, dim=0)[choice]))
             correct += int(scores.argmax() == choice)
     assert result.loss == pytest.approx(sum(losses) / 3, rel=1e-5) and result.accuracy == correct / 3
@@ -190,25 +203,25 @@ def test_standard_errors_by_hand():
 
 # --- generation ---------------------------------------------------------------------------------
 
-def test_greedy_generation_returns_text_deterministically_and_restores_the_mode(bundle):
+def test_greedy_generation_returns_text_deterministically_and_restores_the_mode(bundle, sharp):
     records = sample_records(_records() + _records(), 2)
-    bundle.model.train()
-    samples = generate_samples(bundle.model, bundle.tokenizer, records, FMT, max_new_tokens=8)
-    assert bundle.model.training
+    sharp.train()
+    samples = generate_samples(sharp, bundle.tokenizer, records, FMT, max_new_tokens=8)
+    assert sharp.training
     assert [s.prompt for s in samples] == [r.prompt for r in records]
     assert [s.reference for s in samples] == [r.response for r in records]
     assert all(isinstance(s.generated, str) and s.generated for s in samples)
-    again = generate_samples(bundle.model, bundle.tokenizer, records, FMT, max_new_tokens=8)
+    again = generate_samples(sharp, bundle.tokenizer, records, FMT, max_new_tokens=8)
     assert [s.generated for s in again] == [s.generated for s in samples]  # greedy: no sampling
     assert set(samples[0].to_dict()) == {"prompt", "generated", "reference"}
 
 
-def test_generation_is_bounded_by_max_new_tokens(bundle):
-    short, long = (generate(bundle.model, bundle.tokenizer, ["Write a review.\nReview:"], max_new_tokens=n)[0]
+def test_generation_is_bounded_by_max_new_tokens(bundle, sharp):
+    short, long = (generate(sharp, bundle.tokenizer, ["Write a review.\nReview:"], max_new_tokens=n)[0]
                    for n in (2, 12))
     assert long.startswith(short) and len(long) > len(short)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
-        generate(bundle.model, bundle.tokenizer, ["x"], max_new_tokens=0)
+        generate(sharp, bundle.tokenizer, ["x"], max_new_tokens=0)
 
 
 def test_sample_records_takes_the_first_distinct_prompts_in_order():
