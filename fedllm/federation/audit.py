@@ -1,4 +1,6 @@
-"""The node's audit log: what the server asked and exactly what left the node, per round."""
+"""The node's audit log: what the server asked and exactly what left the node, per round and
+per pre-flight query (``kind``: ``train`` or ``query``; entries written before the pre-flight
+existed have no ``kind`` and are rounds)."""
 
 from __future__ import annotations
 
@@ -12,17 +14,20 @@ from pathlib import Path
 from flwr.app import RecordDict
 
 from fedllm.federation import records as keys
+from fedllm.federation.remote_text import escape_remote_text
 
 log = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.jsonl"
+ROUND, PREFLIGHT = "train", "query"  # the Flower message types a node answers
 
 
-def audit_round(state_dir: Path, received: Mapping, sent: RecordDict) -> dict:
+def audit_round(state_dir: Path, received: Mapping, sent: RecordDict, kind: str = ROUND) -> dict:
     """Log and append to ``<state dir>/audit.jsonl`` what the server asked and exactly what left
     the node: the round's config (the task config, its SHA-256 and its privacy section), every
     tensor sent (name, shape, dtype, bytes), every metric (the DP history included) and every
-    config record (a refusal's category), for a security team."""
+    config record (a refusal's category), for a security team. ``kind`` is the message answered:
+    a round (``train``) or the pre-flight (``query``, whose ``round`` is the first round it asked about)."""
     task_json = str(received.get(keys.TASK_CONFIG, ""))
     try:
         task_config = json.loads(task_json) if task_json else {}
@@ -38,6 +43,7 @@ def audit_round(state_dir: Path, received: Mapping, sent: RecordDict) -> dict:
     sent_metrics = dict(metrics.items()) if metrics else {}
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kind": kind,
         "received": {"run_id": received.get(keys.RUN_ID), "round": received.get(keys.SERVER_ROUND),
                      "task_config_sha256": hashlib.sha256(task_json.encode()).hexdigest(),
                      "privacy": {k: privacy.get(k) for k in ("mode", "target_epsilon", "delta", "max_grad_norm",
@@ -52,6 +58,8 @@ def audit_round(state_dir: Path, received: Mapping, sent: RecordDict) -> dict:
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with (Path(state_dir) / AUDIT_FILE).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, sort_keys=True) + "\n")
-    log.info("audit: round %s of run %s: sent %d tensors (%d bytes), epsilon %s", received.get(keys.SERVER_ROUND),
-             received.get(keys.RUN_ID), len(tensors), tensor_bytes, sent_metrics.get(keys.EPSILON, "n/a"))
+    what = "pre-flight before round" if kind == PREFLIGHT else "round"
+    log.info("audit: %s %s of run %s: sent %d tensors (%d bytes), epsilon %s", what,
+             escape_remote_text(received.get(keys.SERVER_ROUND)), escape_remote_text(received.get(keys.RUN_ID)),
+             len(tensors), tensor_bytes, sent_metrics.get(keys.EPSILON, "n/a"))
     return entry

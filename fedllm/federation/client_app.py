@@ -24,14 +24,14 @@ from fedllm.config import ExperimentConfig
 from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import PREFLIGHT, audit_round
-from fedllm.federation.protocol import PreflightAnswer, Refusal, preflight_reply, refusal_reply, update_reply
+from fedllm.federation.protocol import Refusal, preflight_reply, refusal_reply, update_reply
 from fedllm.model.device import usable_cpus
-from fedllm.node.guard import PreflightRequest, RoundRequest, Update, answer_preflight, answer_round
+from fedllm.node.guard import PreflightRequest, RoundRequest, answer_preflight, answer_round
 from fedllm.node.policy import ERROR, NodePolicy, node_policy
 
 log = logging.getLogger(__name__)
 
-Answer = TypeVar("Answer", Update, PreflightAnswer)
+_Decided = TypeVar("_Decided")
 
 
 class _Refusal(Exception):
@@ -106,7 +106,7 @@ def _task(msg: Message, kind: str) -> tuple[ExperimentConfig, str, int]:
         raise ConfigError(f"the server's {kind} message is malformed: {exc}") from exc
 
 
-def _answered(policy: NodePolicy, what: str, decide: Callable[[], Answer]) -> Answer:
+def _answered(policy: NodePolicy, what: str, decide: Callable[[], _Decided]) -> _Decided | Refusal:
     """``decide()``, or an ``error`` refusal when it fails unexpectedly: Flower would send the
     exception's text (record text, sizes) to the server; the traceback stays in this node's log."""
     try:

@@ -105,7 +105,7 @@ class Guarantee:
 
 
 # written only when set (so a run without them has no such key, as before these were typed)
-_ONLY_WHEN_SET = ("failure", "warning", "client_level_epsilon", "audit")
+_ONLY_WHEN_SET = ("failure", "warning", "client_level_epsilon", "audit", "preflight")
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,9 @@ class RunSummary:
     federation_seconds: float | None = None  # the rounds: zero-shot evaluation to the last checkpoint
     wall_seconds: float | None = None  # the whole run in its process, outputs included
     audit: dict[str, Any] | None = None  # `fedllm audit`'s lower bounds (see fedllm.audit.run)
+    # what each node answered before round 1: rounds it can afford under its own cap, refusals, no answers
+    # (fedllm.federation.preflight.PreflightReport.to_dict)
+    preflight: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this summary."""

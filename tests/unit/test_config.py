@@ -327,3 +327,12 @@ def test_a_field_the_chosen_option_lacks_is_not_suggested_as_its_own_typo():
     with pytest.raises(ConfigError) as refused:
         compose_experiment(["model.hidden_size=32"])
     assert "did you mean" not in str(refused.value) and "model=tiny" in str(refused.value)
+
+
+def test_own_records_train_free_form_answers_unless_fixed_answers_are_asked_for():
+    from fedllm.config import compose_experiment
+
+    assert compose_experiment(["data=jsonl", "data.path=r.jsonl"]).train.objective == "token"
+    fixed = compose_experiment(["data=jsonl", "data.path=r.jsonl", "data.choices=[yes,no]", "train.objective=choices"])
+    assert fixed.train.objective == "choices" and fixed.data.choices == ("yes", "no")
+    assert compose_experiment([]).train.objective == "choices"  # the default sentiment task keeps its own
