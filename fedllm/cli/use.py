@@ -19,23 +19,40 @@ from fedllm.errors import FedLLMError
 KEY_HELP = "file holding the 64-hex-character storage key (default: $FEDLLM_ENCRYPTION_KEY), for sealed adapters"
 
 
+def _parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The arguments both commands share: the run folder and the storage key."""
+    parser = argparse.ArgumentParser(prog=f"fedllm {command}", description=description)
+    parser.add_argument("run_dir", type=Path, help="a finished run folder, e.g. outputs/<date>/<time>")
+    parser.add_argument("--key-file", default=None, help=KEY_HELP)
+    return parser
+
+
+def _finished_run(args: argparse.Namespace, command: str):
+    """The run of ``args.run_dir`` with its adapter loaded, or None after a one-line error."""
+    from fedllm.finished_run import load_finished_run
+
+    try:
+        return load_finished_run(args.run_dir, storage_key(args.key_file, need=False, command=command))
+    except (FedLLMError, OSError) as exc:
+        print(f"fedllm {command}: {exc}", file=sys.stderr)
+        return None
+
+
 def evaluate_cli(argv: list[str]) -> int:
     """``fedllm evaluate RUN_DIR [--data FILE] [--json]``."""
-    parser = argparse.ArgumentParser(
-        prog="fedllm evaluate",
-        description="Evaluate a finished run's final adapter: held-out loss, perplexity and (for fixed answers) "
-                    "accuracy, computed as the server computed them each round.")
-    parser.add_argument("run_dir", type=Path, help="a finished run folder, e.g. outputs/<date>/<time>")
+    parser = _parser("evaluate", "Evaluate a finished run's final adapter: held-out loss, perplexity and (for "
+                                 "fixed answers) accuracy, computed as the server computed them each round.")
     parser.add_argument("--data", type=Path, default=None,
                         help="a JSONL/CSV file of records to score instead of the run's held-out split "
                              "(same field names and prompt format as the run)")
-    parser.add_argument("--key-file", default=None, help=KEY_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    from fedllm.finished_run import evaluate_run, load_finished_run, records_for
+    from fedllm.finished_run import evaluate_run, records_for
 
+    run = _finished_run(args, "evaluate")
+    if run is None:
+        return 1
     try:
-        run = load_finished_run(args.run_dir, storage_key(args.key_file, need=False, command="evaluate"))
         result = evaluate_run(run, records_for(run, args.data))
     except (FedLLMError, OSError) as exc:
         print(f"fedllm evaluate: {exc}", file=sys.stderr)
@@ -52,26 +69,19 @@ def evaluate_cli(argv: list[str]) -> int:
 
 def generate_cli(argv: list[str]) -> int:
     """``fedllm generate RUN_DIR PROMPT... [--max-new-tokens N]``."""
-    parser = argparse.ArgumentParser(
-        prog="fedllm generate",
-        description="Answer prompts with a finished run's adapter (greedy decoding). Each prompt is put into the "
-                    "run's prompt template (data.prompt_template), as during training.")
-    parser.add_argument("run_dir", type=Path, help="a finished run folder, e.g. outputs/<date>/<time>")
+    parser = _parser("generate", "Answer prompts with a finished run's adapter (greedy decoding). Each prompt is "
+                                 "put into the run's prompt template (data.prompt_template), as during training.")
     parser.add_argument("prompts", nargs="+", help="one or more prompts (the {prompt} part of the template)")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="the most tokens generated per prompt")
     parser.add_argument("--raw", action="store_true", help="send the prompts as they are, without the template")
-    parser.add_argument("--key-file", default=None, help=KEY_HELP)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     from fedllm.evaluation.generation import generate
-    from fedllm.finished_run import load_finished_run
     from fedllm.training.precision import use_bf16
 
-    try:
-        run = load_finished_run(args.run_dir, storage_key(args.key_file, need=False, command="generate"))
-    except (FedLLMError, OSError) as exc:
-        print(f"fedllm generate: {exc}", file=sys.stderr)
+    run = _finished_run(args, "generate")
+    if run is None:
         return 1
     template = "{prompt}" if args.raw else run.config.data.prompt_template
     inputs = [template.format(prompt=prompt) for prompt in args.prompts]

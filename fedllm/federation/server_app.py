@@ -1,7 +1,9 @@
 """The server's run: wire the ledger, the strategy, the round loop, the evaluator and the
 checkpoint together, play every round, and write the outputs.
 
-Who does what: :mod:`~fedllm.federation.rounds` plays each round (and returns its result),
+Who does what: :mod:`~fedllm.federation.preflight` asks every node, before the rounds, how many
+of them it can train under its own cap (it informs; the rounds still run as planned),
+:mod:`~fedllm.federation.rounds` plays each round (and returns its result),
 :mod:`~fedllm.federation.evaluator` evaluates and logs it, :mod:`~fedllm.federation.checkpoint`
 saves it, and :mod:`~fedllm.federation.outputs` writes what the run leaves behind. The engines
 call :func:`run_federation` (:mod:`~fedllm.federation.simulation`,
@@ -10,6 +12,7 @@ call :func:`run_federation` (:mod:`~fedllm.federation.simulation`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -26,6 +29,7 @@ from fedllm.federation import records as keys
 from fedllm.federation.checkpoint import Checkpointer, ServerState
 from fedllm.federation.evaluator import RoundEvaluator
 from fedllm.federation.outputs import SEEDED_WARNING, failure_text, write_failure, write_outputs
+from fedllm.federation.preflight import PreflightReport, run_preflight
 from fedllm.federation.rounds import LoopSettings, ReplyPolicy, RoundReplies, RoundResult, run_rounds
 from fedllm.federation.strategy import build_strategy
 from fedllm.federation.validation import MechanismCheck
@@ -33,7 +37,7 @@ from fedllm.model.device import usable_cpus
 from fedllm.privacy.client_level import ClientLevelAccountant
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.storage import load_key, write_json
-from fedllm.tracking.run_files import RoundRecord, RunSummary
+from fedllm.tracking.run_files import RoundRecord, RunSummary, write_summary
 from fedllm.tracking.run_log import RunLog
 from fedllm.tracking.wandb_sink import WandbSink
 
@@ -99,6 +103,12 @@ def strategy_for(cfg: ExperimentConfig):
                           node_wait=fed.round_timeout)
 
 
+def task_record(cfg: ExperimentConfig, run_id: str) -> ConfigRecord:
+    """What every message to a node carries: the whole task config and the run id (a fresh record:
+    the strategy adds each round's number to its own)."""
+    return ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id})
+
+
 def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
     """The round loop's settings and reply policy from ``cfg``."""
     fed, privacy = cfg.federation, cfg.privacy
@@ -106,7 +116,7 @@ def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
     return LoopSettings(
         num_rounds=fed.num_rounds, num_clients=fed.num_clients, min_train_clients=fed.min_train_clients,
         timeout=fed.round_timeout,
-        train_config=ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id}),
+        train_config=task_record(cfg, run_id),
         policy=ReplyPolicy(num_clients=fed.num_clients, update_norm_ratio=fed.update_norm_ratio,
                            max_update_norm=fed.max_update_norm, require_accounting=privacy.sample_level,
                            uniform_weights=privacy.client_level, client_level=privacy.client_level,
@@ -133,6 +143,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
         started: ``time.perf_counter()`` when the run began in this process (e.g. before
             :func:`prepare_run`); the summary's ``wall_seconds`` counts from it (default: now).
 
+    Before the first round still to play, the pre-flight (:func:`run_preflight`) asks every node how
+    many of the rounds it can train under its own cap; its answers go to the log and to the
+    summary's ``preflight`` entry, and the rounds then run as planned (the plan never adapts).
+
     Returns:
         The summary (also written to ``summary.json``).
     """
@@ -148,7 +162,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
     sink = (WandbSink(project=cfg.tracking.wandb_project, run_dir=run_dir, config=cfg.to_dict())
             if cfg.tracking.wandb else None)
     evaluator = RoundEvaluator(cfg, ledger, run_log, sink)
+    preflight = None
     try:
+        if state.stop_reason is None and state.server_round < cfg.federation.num_rounds:
+            preflight = run_preflight(grid, cfg, task_record(cfg, state.run_id), max(state.server_round, 0) + 1)
         if state.server_round < 0:  # round 0: the zero-shot evaluation
             zero_shot = RoundResult(0, ArrayRecord(torch_state_dict=state.arrays), RoundReplies())
             state = end_round(state, zero_shot, evaluator, ledger, checkpoints)
@@ -160,12 +177,26 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
     except BaseException as exc:
         # the run did not finish: say so in summary.json (the checkpoint still resumes it), then re-raise
         run_log.close()
-        write_failure(cfg, run_dir, state, ledger, run_log, failure_text(exc), started=started)
+        failed = write_failure(cfg, run_dir, state, ledger, run_log, failure_text(exc), started=started)
+        if failed is not None:
+            with contextlib.suppress(Exception):  # the run's own failure is what the caller must see
+                with_preflight(run_dir, failed, preflight)
         raise
     run_log.close()
     summary = write_outputs(cfg, run_dir, evaluator.bundle.model, state, ledger, run_log, key, started=started)
+    summary = with_preflight(run_dir, summary, preflight)
     if sink:
         sink.finish(summary)
+    return summary
+
+
+def with_preflight(run_dir: Path, summary: RunSummary, preflight: PreflightReport | None) -> RunSummary:
+    """``summary`` with the pre-flight's answers, rewritten to ``summary.json`` (unchanged when no
+    pre-flight ran: the run had no round left to play)."""
+    if preflight is None:
+        return summary
+    summary = dataclasses.replace(summary, preflight=preflight.to_dict())
+    write_summary(run_dir, summary)
     return summary
 
 
