@@ -8,42 +8,49 @@ layer takes these objects (or plain values), never a DictConfig.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from fedllm.config_types import check_types as _check_types
-from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DUPLICATE_POLICIES
+from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DataFormat, DuplicatePolicy
 from fedllm.errors import ConfigError, FedLLMError
 
-MODEL_SOURCES = ("embedded", "tiny", "pretrained")
-DATASETS = ("rotten_tomatoes", "rt_reviews", "jsonl")
-PARTITIONERS = ("iid", "dirichlet")
-OBJECTIVES = ("choices", "token")
-OPTIMIZERS = ("adamw", "sgd")
-AUDIT_KINDS = ("gradient", "record")
-PRECISIONS = ("auto", "fp32", "bf16")
-PRIVACY_MODES = ("sample", "client", "both", "none")
-NOISE_SOURCES = ("secure", "seeded")
-CLIENT_CLIPPING = ("server", "client")
-AGGREGATIONS = ("fedavg", "trimmed_mean", "median")
-ENGINES = ("ray", "inprocess")
-ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("hooks", "functorch")  # per-sample gradient modes that work with our wiring
-MODEL_DTYPES = ("fp32", "bf16", "fp16")
-QUANTIZATIONS = ("none", "4bit", "8bit")
+# The config's modes, each a Literal defined once: mypy checks every use, and the allowed values
+# are read from it (typing.get_args), so the two cannot drift. Values come from YAML, so they are
+# also checked at run time: config_types.check_types refuses a value outside a field's Literal.
+# The data file's modes (DataFormat, DuplicatePolicy) live with its reader, fedllm.data.sources.
+ModelSource = Literal["embedded", "tiny", "pretrained"]
+ModelDtype = Literal["fp32", "bf16", "fp16"]
+Quantization = Literal["none", "4bit", "8bit"]
+DatasetName = Literal["rotten_tomatoes", "rt_reviews", "jsonl"]
+Partitioner = Literal["iid", "dirichlet"]
+Overlong = Literal["truncate", "refuse"]
+Objective = Literal["choices", "token"]
+OptimizerName = Literal["adamw", "sgd"]
+Precision = Literal["auto", "fp32", "bf16"]
+PrivacyMode = Literal["sample", "client", "both", "none"]
+AccountantName = Literal["rdp", "prv"]
+GradSampleMode = Literal["hooks", "functorch"]  # per-sample gradient modes that work with our wiring
+NoiseSource = Literal["secure", "seeded"]
+ClientClipping = Literal["server", "client"]
+Aggregation = Literal["fedavg", "trimmed_mean", "median"]
+Engine = Literal["ray", "inprocess"]
+AuditKind = Literal["gradient", "record"]
+
+# each mode's values, where code lists them (node configs are checked against the same choices)
+ACCOUNTANTS: tuple[AccountantName, ...] = get_args(AccountantName)
+NOISE_SOURCES: tuple[NoiseSource, ...] = get_args(NoiseSource)
+OVERLONG_POLICIES: tuple[Overlong, ...] = get_args(Overlong)
 
 
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
-
-
-def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
-    _require(value in allowed, key, f"got {value!r}; choose one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -61,22 +68,19 @@ class ModelConfig:
     (accelerate picks the GPU this process may use, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
-    source: str = "embedded"
+    source: ModelSource = "embedded"
     name_or_path: str | None = None
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 128
     trust_remote_code: bool = False
-    dtype: str = "fp32"
-    quantization: str = "none"
+    dtype: ModelDtype = "fp32"
+    quantization: Quantization = "none"
     device: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self, "model")
-        _one_of(self.source, MODEL_SOURCES, "model.source")
-        _one_of(self.dtype, MODEL_DTYPES, "model.dtype")
-        _one_of(self.quantization, QUANTIZATIONS, "model.quantization")
         _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
                  and self.device[5:].isdigit()), "model.device", f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
         _require(self.quantization == "none" or self.kind != "tiny", "model.quantization",
@@ -95,7 +99,7 @@ class ModelConfig:
                  f"must be divisible by model.num_heads ({self.num_heads})")
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> ModelSource:
         """The effective source: a set ``name_or_path`` wins over the group's default."""
         return "pretrained" if self.name_or_path else self.source
 
@@ -131,9 +135,9 @@ class DataConfig:
     On a deployed node both are the node's own (its node config), like ``overlong``.
     """
 
-    name: str = "rotten_tomatoes"
+    name: DatasetName = "rotten_tomatoes"
     path: str | None = None
-    format: str = "auto"
+    format: DataFormat = "auto"
     prompt_field: str = "prompt"
     response_field: str = "response"
     prompt_template: str = "{prompt}"
@@ -141,20 +145,15 @@ class DataConfig:
     choices: tuple[str, ...] = ()
     test_size: int = 1000
     max_records: int | None = None
-    partition: str = "iid"
+    partition: Partitioner = "iid"
     dirichlet_alpha: float = 0.5
     max_length: int = 96
-    overlong: str = "truncate"
+    overlong: Overlong = "truncate"
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS  # longer records are refused before tokenizing
-    duplicates: str = DEFAULT_DUPLICATES  # exact copies of a record: drop, keep or refuse
+    duplicates: DuplicatePolicy = DEFAULT_DUPLICATES  # exact copies of a record: drop, keep or refuse
 
     def __post_init__(self) -> None:
         _check_types(self, "data")
-        _one_of(self.name, DATASETS, "data.name")
-        _one_of(self.format, ("auto", "jsonl", "csv"), "data.format")
-        _one_of(self.partition, PARTITIONERS, "data.partition")
-        _one_of(self.overlong, ("truncate", "refuse"), "data.overlong")
-        _one_of(self.duplicates, DUPLICATE_POLICIES, "data.duplicates")
         _require(self.max_record_chars > 0, "data.max_record_chars", "must be a positive number of characters")
         if self.name == "jsonl":
             _require(bool(self.path), "data.path", "data=jsonl needs data.path=<file.jsonl or .csv>")
@@ -178,12 +177,12 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-2
     weight_decay: float = 0.0
-    objective: str = "choices"
-    precision: str = "auto"
+    objective: Objective = "choices"
+    precision: Precision = "auto"
     micro_batches: int = 2
     eval_batch_size: int = 32
     threads_per_client: int = 1
-    optimizer: str = "adamw"  # or sgd (no momentum: the round's update is linear in its noisy gradients)
+    optimizer: OptimizerName = "adamw"  # or sgd (no momentum: the round's update is linear in its noisy gradients)
 
     def __post_init__(self) -> None:
         _check_types(self, "train")
@@ -191,9 +190,6 @@ class TrainConfig:
         _require(self.batch_size > 0, "train.batch_size", "must be a positive integer")
         _require(self.lr > 0, "train.lr", "must be positive")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _one_of(self.objective, OBJECTIVES, "train.objective")
-        _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
-        _one_of(self.precision, PRECISIONS, "train.precision")
         _require(self.micro_batches > 0, "train.micro_batches", "must be a positive integer")
         _require(self.eval_batch_size > 0, "train.eval_batch_size", "must be a positive integer")
         _require(self.threads_per_client > 0, "train.threads_per_client", "must be a positive integer")
@@ -237,29 +233,24 @@ class PrivacyConfig:
     simulated nodes also report train loss, timings and shard size, which no DP covers.
     """
 
-    mode: str = "sample"
+    mode: PrivacyMode = "sample"
     target_epsilon: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
-    accountant: str = "prv"
-    grad_sample_mode: str = "hooks"
-    noise: str = "secure"
+    accountant: AccountantName = "prv"
+    grad_sample_mode: GradSampleMode = "hooks"
+    noise: NoiseSource = "secure"
     public_metrics: bool = False
     state_dir: str | None = None
     client_caps: tuple[ClientCap, ...] = ()
     client_noise_multiplier: float = 1.0
     client_clip_norm: float = 0.5
-    client_clipping: str = "server"
+    client_clipping: ClientClipping = "server"
     client_delta: float = 1e-3
 
     def __post_init__(self) -> None:
         _check_types(self, "privacy")
-        _one_of(self.mode, PRIVACY_MODES, "privacy.mode")
-        _one_of(self.accountant, ACCOUNTANTS, "privacy.accountant")
-        _one_of(self.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode")
-        _one_of(self.noise, NOISE_SOURCES, "privacy.noise")
-        _one_of(self.client_clipping, CLIENT_CLIPPING, "privacy.client_clipping")
         _require(self.target_epsilon > 0, "privacy.target_epsilon", "must be positive")
         _require(0 < self.delta < 1, "privacy.delta", "must be in (0, 1); 1e-5 is usual")
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be positive")
@@ -321,14 +312,14 @@ class FederationConfig:
     client_cpus: float = 1.0
     client_gpus: float = 0.0   # simulation: GPU share per virtual client (e.g. 0.5 = two per GPU)
     round_timeout: float = 3600.0
-    aggregation: str = "fedavg"
+    aggregation: Aggregation = "fedavg"
     trim_fraction: float = 0.2
     update_norm_ratio: float = 10.0
     max_update_norm: float | None = None
     client_app: str = "fedllm.federation.client_app:app"
     # simulation engine: Flower's (Ray actors as nodes) or fedllm's in-process one (the same ServerApp
     # and ClientApp in this process, nodes one after another: no Ray start-up, for small machines)
-    engine: str = "ray"
+    engine: Engine = "ray"
     # ray engine: None starts a local Ray for the run (and stops it after); "auto" or "<host>:<port>" joins
     # a running cluster, whose resources then decide where clients run (fedllm never stops that cluster)
     ray_address: str | None = None
@@ -339,8 +330,6 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "federation")
-        _one_of(self.aggregation, AGGREGATIONS, "federation.aggregation")
-        _one_of(self.engine, ENGINES, "federation.engine")
         address_problem = _ray_address_problem(self.ray_address)
         _require(address_problem is None, "federation.ray_address", str(address_problem))
         _require(self.ray_address is None or self.engine == "ray", "federation.ray_address",
@@ -398,14 +387,13 @@ class AuditConfig:
     of which kind, the confidence of the lower bound, and the auditor's seed (None: OS entropy)."""
 
     canaries: int = 1000
-    kind: str = "gradient"
+    kind: AuditKind = "gradient"
     confidence: float = 0.95
     seed: int | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, "audit")
         _require(self.canaries >= 2, "audit.canaries", "at least 2 canaries are needed to guess anything")
-        _one_of(self.kind, AUDIT_KINDS, "audit.kind")
         _require(0.5 < self.confidence < 1, "audit.confidence", "must be in (0.5, 1), e.g. 0.95")
         _require(self.seed is None or self.seed >= 0, "audit.seed", "must be a non-negative integer or empty")
 
@@ -563,7 +551,7 @@ def from_hydra(cfg: Any) -> ExperimentConfig:
     Raises:
         ConfigError: a key is unknown or a value is invalid.
     """
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # here, not at the top: as Hydra in compose_hydra
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     try:
@@ -650,8 +638,6 @@ def unknown_key_error(key: str, known: list[str], known_label: str) -> ConfigErr
         known: the names valid at its place (the section's keys, or the top-level ones).
         known_label: what ``known`` is, for the message (``known keys of privacy``).
     """
-    import difflib
-
     prefix, _, name = key.rpartition(".")
     if name in known:  # a field of the section that the chosen group option does not set
         return ConfigError(f"{key}: not settable with the chosen {prefix or 'config'} option "

@@ -8,7 +8,8 @@ first in ``__post_init__``, so one rule covers every field, present and future:
 - an ``int`` field takes an integer only (a float, even ``2.0``, or a bool is an error);
 - a ``float`` field takes any finite int or float and stores a float;
 - a ``bool`` field takes exactly ``true`` or ``false``;
-- a ``str`` field takes text only; a ``tuple[X, ...]`` field takes a list or tuple of ``X``;
+- a ``str`` field takes text only; a ``Literal[...]`` field (a mode) exactly one of its strings;
+- a ``tuple[X, ...]`` field takes a list or tuple of ``X``;
 - ``X | None`` also takes ``None``.
 """
 
@@ -66,6 +67,10 @@ def _conform(value: Any, hint: Any, key: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]  # our Optionals wrap exactly one type
         return _conform(value, inner, key)
+    if origin is typing.Literal:  # a mode: one of the listed strings (from YAML, so checked here)
+        _require(isinstance(value, str) and value in args, key,
+                 f"got {value!r}; choose one of {', '.join(args)}")
+        return value
     if origin is tuple:
         _require(isinstance(value, (tuple, list)), key, f"expected a list, got {value!r}")
         return tuple(_conform(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))

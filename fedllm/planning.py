@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedllm.config import ExperimentConfig
-from fedllm.privacy.calibration import DPPlan, plan_client
+from fedllm import task
+from fedllm.config import ACCOUNTANTS, AccountantName, ExperimentConfig
+from fedllm.privacy.budget import effective_budget
+from fedllm.privacy.calibration import DPPlan, epsilon_by_round, plan_client, rounds_within_cap
 
-ACCOUNTANTS = ("rdp", "prv")
 
-
-def plan_for(cfg: ExperimentConfig, shard_size: int, accountant: str | None = None) -> DPPlan:
+def plan_for(cfg: ExperimentConfig, shard_size: int, accountant: AccountantName | None = None) -> DPPlan:
     """The DP-SGD plan ``cfg`` gives a node with ``shard_size`` records: noise from the run's
     schedule and target (or ``privacy.noise_multiplier``), and the sample rate it runs.
 
@@ -45,17 +45,13 @@ class PlanRow:
     rounds_within_cap: int  # rounds it can join before the next would pass its cap
 
 
-def build_plan(cfg: ExperimentConfig, accountants: tuple[str, ...] = ACCOUNTANTS) -> list[PlanRow]:
+def build_plan(cfg: ExperimentConfig, accountants: tuple[AccountantName, ...] = ACCOUNTANTS) -> list[PlanRow]:
     """Plan every client of ``cfg`` (shard sizes come from the real split of the data) under
     ``accountants``; the epsilon curve is the one the configured accountant will report.
 
     Raises:
         PrivacyPlanError: the target cannot be met for some client.
     """
-    from fedllm import task
-    from fedllm.privacy.budget import effective_budget
-    from fedllm.privacy.calibration import epsilon_by_round, rounds_within_cap
-
     shards = task.split_for(cfg).shards
     rows = []
     for client, shard in enumerate(shards):

@@ -27,6 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from fedllm.errors import ConfigError, IntegrityError
 
 
@@ -77,9 +82,6 @@ _NEEDS_KEY = "set storage.encrypt=true (on a node: its encryption key) with the 
 
 def _subkey(key: bytes, purpose: str) -> bytes:
     """A key for one purpose only, derived from the configured key (HKDF-SHA256)."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
                 info=f"fedllm/at-rest/2/{purpose}".encode()).derive(key)
 
@@ -197,8 +199,6 @@ def seal(data: bytes, key: bytes | None, *, role: str, name: str) -> bytes:
     prefix = SEAL_MAGIC + _header_line(key is not None, role, name) + b"\n"
     if key is None:
         return prefix + data + hashlib.sha256(prefix + data).digest()
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     nonce = os.urandom(_NONCE)
     return prefix + nonce + AESGCM(_subkey(key, "seal")).encrypt(nonce, data, prefix)
 
@@ -280,9 +280,6 @@ def unseal(blob: bytes, key: bytes | None, *, role: str | None, name: str | None
 
 
 def _decrypt(key: bytes, body: bytes, associated: bytes, what: str) -> bytes:
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     try:
         return AESGCM(key).decrypt(body[:_NONCE], body[_NONCE:], associated)
     except (InvalidTag, ValueError) as exc:

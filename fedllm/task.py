@@ -19,7 +19,7 @@ from peft import PeftModel
 from fedllm.config import DataConfig, ExperimentConfig, LoraSettings, ModelConfig
 from fedllm.data.formatting import PromptFormat, TokenizedDataset, choice_token_ids, tokenize_records
 from fedllm.data.partition import Split, split_records
-from fedllm.data.sources import Record, load_records, load_rotten_tomatoes, load_rt_reviews
+from fedllm.data.sources import DataFormat, Record, load_records, load_rotten_tomatoes, load_rt_reviews
 from fedllm.errors import ConfigError, DataError
 from fedllm.model.adapters import adapter_state
 from fedllm.model.base import load_model, load_tokenizer
@@ -144,7 +144,7 @@ def shard_fingerprint(cfg: ExperimentConfig, partition_id: int) -> str:
     return fingerprint((r.prompt, r.response) for r in split_for(cfg).shards[partition_id])
 
 
-def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, data_format: str
+def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, data_format: DataFormat
                ) -> tuple[TokenizedDataset, str]:
     """The node's tokenized training data and its fingerprint: its own file when the node config
     names one (deployment), else its shard of the experiment's data (simulation).
@@ -162,7 +162,7 @@ def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, 
 
 
 @lru_cache(maxsize=4)  # a node answers every round of a run with the same file: tokenize it once
-def _local_shard(cfg: ExperimentConfig, data_path: str, data_format: str, version: tuple[int, int]
+def _local_shard(cfg: ExperimentConfig, data_path: str, data_format: DataFormat, version: tuple[int, int]
                  ) -> tuple[TokenizedDataset, str]:
     """``version`` (mtime, size) keys the cache: an edited file is read again, never served stale."""
     records = load_records(data_path, data_format, cfg.data.prompt_field, cfg.data.response_field,

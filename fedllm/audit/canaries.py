@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedllm.config import AuditKind
 from fedllm.errors import ConfigError
 
 KINDS = ("gradient", "record")
@@ -86,7 +87,7 @@ class Canary:
 class CanaryDesign:
     """Every canary of one audit and how to rebuild its gradient direction."""
 
-    kind: str
+    kind: AuditKind
     secret: int  # the auditor's; derives every direction
     clip_norm: float
     layout: Layout
@@ -133,7 +134,7 @@ class CanaryDesign:
         return path
 
 
-def design_canaries(*, count: int, kind: str, clients: int, clip_norm: float, layout: Layout,
+def design_canaries(*, count: int, kind: AuditKind, clients: int, clip_norm: float, layout: Layout,
                     choices: tuple[str, ...] = (), seed: int | None = None) -> CanaryDesign:
     """Draw ``count`` canaries: each in with probability 1/2, on a uniformly chosen client.
 

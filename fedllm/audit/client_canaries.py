@@ -18,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 
 from fedllm import task
 from fedllm.audit.canaries import Canary, CanaryDesign
 from fedllm.config import ExperimentConfig
 from fedllm.federation import records as keys
-from fedllm.federation.protocol import TrainReport, update_reply
+from fedllm.federation.protocol import PreflightAnswer, TrainReport, preflight_reply, update_reply
 from fedllm.node.policy import DATA_FORMAT, DATA_PATH, DATASET_ID
 
 
@@ -63,9 +63,21 @@ def canary_client_app(real_app, real_clients: int, design: CanaryDesign):
         partition = int(context.node_config[keys.NODE_PARTITION_ID])
         if partition < real_clients:
             return real_app(message, context)
+        if message.metadata.message_type == MessageType.QUERY:  # the pre-flight: a canary client has no budget
+            return _canary_preflight(message, partition)
         return _canary_reply(message, design.canaries[partition - real_clients], design, partition)
 
     return app
+
+
+def _canary_preflight(message: Message, partition: int) -> Message:
+    """Every planned round fits: a canary client is the auditor's stand-in, not a node with a
+    cap (its updates are what client-level DP must hide, accounted by the server)."""
+    config = message.content[keys.CONFIG]
+    cfg = ExperimentConfig.from_json(str(config[keys.TASK_CONFIG]))
+    planned = cfg.federation.num_rounds - int(str(config[keys.SERVER_ROUND])) + 1
+    return preflight_reply(message, PreflightAnswer(partition, rounds_planned=planned, rounds_affordable=planned,
+                                                    cap=cfg.privacy.target_epsilon))
 
 
 def _canary_reply(message: Message, canary: Canary, design: CanaryDesign, partition: int) -> Message:

@@ -15,7 +15,21 @@ import os
 import sys
 from pathlib import Path
 
+from fedllm.config import StorageConfig
 from fedllm.errors import FedLLMError
+from fedllm.storage import (
+    ROLE_NODE_LEDGER,
+    ROLE_NODE_REPLY,
+    atomic_write_bytes,
+    is_sealed,
+    load_json_file,
+    load_key,
+    read_header,
+    unseal,
+)
+
+# The modules that read a run's adapter, checkpoint and node files load torch, PEFT or Opacus
+# (seconds): imported in `verify` only, so that `decrypt` and `--help` answer at once
 
 
 def verify_run(run_dir: Path, key: bytes | None) -> list[str]:
@@ -49,7 +63,6 @@ def _verify_nodes(run_dir: Path, key: bytes | None) -> list[str]:
     """
     from fedllm.node.reply_cache import REPLY_FILE
     from fedllm.privacy.node_ledger import LEDGER_FILE
-    from fedllm.storage import ROLE_NODE_LEDGER, ROLE_NODE_REPLY, is_sealed, load_json_file, read_header, unseal
 
     checked = []
     for path in sorted([*run_dir.glob(f"nodes/*/{LEDGER_FILE}"), *run_dir.glob(f"nodes/*/{REPLY_FILE}")]):
@@ -68,9 +81,6 @@ def _verify_nodes(run_dir: Path, key: bytes | None) -> list[str]:
 def storage_key(key_file: str | None, need: bool, command: str) -> bytes | None:
     """The key from ``--key-file`` or the storage config's environment variable; None when
     neither is set and the command can do without one."""
-    from fedllm.config import StorageConfig
-    from fedllm.storage import load_key
-
     key_env = StorageConfig().key_env
     if not (key_file or need or os.environ.get(key_env)):
         return None
@@ -99,8 +109,6 @@ def verify_cli(argv: list[str]) -> int:
 
 def decrypt_cli(argv: list[str]) -> int:
     """``fedllm decrypt FILE.sealed [OUT] [--key-file F]``."""
-    from fedllm.storage import atomic_write_bytes, read_header, unseal
-
     parser = argparse.ArgumentParser(
         prog="fedllm decrypt",
         description="Write the plain file of a sealed (encrypted) one, e.g. an adapter saved with "

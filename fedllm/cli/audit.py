@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from fedllm.cli.simulate import JOBS, overrides_help, remove_unused_run_dir, run_hydra, wants_help, with_state_dir
+from fedllm.config import AuditConfig, from_hydra
 from fedllm.errors import FedLLMError
 
 log = logging.getLogger("fedllm")
@@ -25,10 +26,11 @@ def audit_cli(argv: list[str]) -> int:
 
 
 def _hydra_entry(dict_cfg) -> None:
+    # as in fedllm.cli.simulate: Hydra and the audit (the whole training stack) only when a job runs,
+    # so that `fedllm audit --help` answers at once
     from hydra.core.hydra_config import HydraConfig
 
     from fedllm.audit.run import run_audit
-    from fedllm.config import AuditConfig, from_hydra
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from fedllm import __version__
+
 USAGE = """usage: fedllm <command> [arguments]   (fedllm <command> --help for each; fedllm --version)
 
 commands:
@@ -34,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from fedllm import __version__
-
         print(f"fedllm {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    # each subcommand's module is imported only when it runs: `fedllm --help` and a subcommand's
+    # `--help` stay instant instead of loading torch, Flower and Hydra for every command
     if command == "simulate":
         from fedllm.cli.simulate import simulate_cli
 

@@ -18,7 +18,7 @@ from flwr.common.config import parse_config_args
 from fedllm.data.sources import load_records
 from fedllm.errors import DataError, FedLLMError
 from fedllm.federation import records as keys
-from fedllm.federation.audit import AUDIT_FILE
+from fedllm.federation.audit import AUDIT_FILE, PREFLIGHT
 from fedllm.node.policy import NodePolicy, policy_from_node_config
 from fedllm.privacy.node_ledger import NodeLedger, fingerprint
 
@@ -59,10 +59,17 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
     out = []
     for entry in entries[-last:]:
         received, sent = entry.get("received", {}), entry.get("sent", {})
+        metrics = sent.get("metrics", {})
         category = sent.get("config", {}).get(keys.STATUS, {}).get(keys.CATEGORY)
-        what = f"refused ({category})" if category else f"sent {len(sent.get('tensors', []))} tensors, " \
-            f"epsilon {sent.get('metrics', {}).get(keys.EPSILON, 'n/a')}"
-        out.append(f"{entry.get('time')} run {received.get('run_id')} round {received.get('round')}: {what}")
+        if entry.get("kind") == PREFLIGHT:  # a question answered, nothing released
+            what = f"refused ({category})" if category else \
+                f"can train {metrics.get(keys.ROUNDS_AFFORDABLE)} of {metrics.get(keys.ROUNDS_PLANNED)} rounds"
+            where = f"pre-flight before round {received.get('round')}"
+        else:
+            what = f"refused ({category})" if category else \
+                f"sent {len(sent.get('tensors', []))} tensors, epsilon {metrics.get(keys.EPSILON, 'n/a')}"
+            where = f"round {received.get('round')}"
+        out.append(f"{entry.get('time')} run {received.get('run_id')} {where}: {what}")
     return out
 
 

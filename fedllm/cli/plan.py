@@ -11,7 +11,6 @@ import sys
 from fedllm.cli.simulate import overrides_help, wants_help
 from fedllm.config import compose_experiment
 from fedllm.errors import FedLLMError
-from fedllm.planning import build_plan, format_plan
 
 log = logging.getLogger("fedllm")
 
@@ -28,6 +27,8 @@ def plan_cli(argv: list[str]) -> int:
     if wants_help(argv):
         print(overrides_help("plan"))
         return 0
+    from fedllm.planning import build_plan, format_plan  # the model stack and Opacus: not for --help
+
     try:
         cfg = compose_experiment(argv)  # a bad override: one line and exit 1, as `simulate` does
         if not cfg.privacy.sample_level:

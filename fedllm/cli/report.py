@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedllm.analysis.report import privacy_utility_points, report_rows, to_markdown, write_csv
+from fedllm.analysis.runs import find_runs
 from fedllm.errors import FedLLMError
 
 
@@ -23,10 +25,6 @@ def report_cli(argv: list[str]) -> int:
     parser.add_argument("directory", type=Path, help="a run folder (outputs/<date>/<time>) or a sweep folder "
                                                      "(multirun/<date>/<time>), or any folder of runs")
     args = parser.parse_args(argv)
-    from fedllm.analysis.report import privacy_utility_points, report_rows, to_markdown, write_csv
-    from fedllm.analysis.runs import find_runs
-    from fedllm.tracking.plots import PRIVACY_UTILITY_PNG, plot_privacy_utility
-
     root = args.directory
     try:
         runs = find_runs(root, include_incomplete=True)
@@ -40,6 +38,8 @@ def report_cli(argv: list[str]) -> int:
     written = [write_csv(rows, root / "report.csv"), root / "report.md"]
     points = privacy_utility_points(runs)
     if len(points) > 1:
+        from fedllm.tracking.plots import PRIVACY_UTILITY_PNG, plot_privacy_utility  # matplotlib: only to plot
+
         written.append(plot_privacy_utility(points, root / PRIVACY_UTILITY_PNG))
     incomplete = [run for run in runs if not run.finished]
     if incomplete:

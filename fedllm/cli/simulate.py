@@ -12,9 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from fedllm.config import (
     _SECTION_TYPES,
@@ -27,8 +31,10 @@ from fedllm.config import (
     hydra_error,
 )
 from fedllm.errors import DataError, FedLLMError
-from fedllm.federation.simulation import set_quiet_env
 from fedllm.tracking.run_files import SUMMARY_FILE, RunSummary, read_summary, write_summary
+
+# Hydra and the federation (torch, Flower, the model stack: seconds) are imported in the functions
+# that run them, so that `--help` and a rejected override answer at once (also for plan and audit)
 
 log = logging.getLogger("fedllm")
 
@@ -52,13 +58,15 @@ def run_hydra(command: str, argv: list[str], entry) -> int:
     """
     import hydra
 
-    set_quiet_env()
     try:
         config_path = str(conf_dir())
         precheck(argv, Path(config_path))
     except FedLLMError as exc:
         print(f"fedllm {command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, NoConfigDir) else 1
+    from fedllm.federation.simulation import set_quiet_env
+
+    set_quiet_env()  # before Hydra's job starts Flower or Ray
     sys.argv = [f"fedllm-{command}", *argv]
     JOBS.clear()
     hydra.main(version_base="1.3", config_path=config_path, config_name="config")(entry)()
@@ -121,7 +129,6 @@ def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
@@ -139,8 +146,6 @@ def compose_checked(overrides: list[str], config_dir: Path):
     Raises:
         ConfigError: Hydra cannot compose it, or a value is invalid (one line).
     """
-    from fedllm.config import AuditConfig
-
     composed = compose_hydra(overrides, config_dir)
     if composed.get("resume"):
         return None  # the saved config of the run is what counts (checked when it is loaded)
@@ -150,7 +155,6 @@ def compose_checked(overrides: list[str], config_dir: Path):
 
 def _hydra_entry(dict_cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-
 
     run_dir = hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -174,8 +178,6 @@ def _hydra_entry(dict_cfg) -> None:
 def remove_unused_run_dir(run_dir: Path) -> None:
     """Remove the folder Hydra made for a job whose config was rejected before anything of the
     run was written in it (only Hydra's ``.hydra/`` and its log file), so no empty run is left."""
-    import shutil
-
     try:
         entries = list(run_dir.iterdir())
     except OSError:
@@ -186,8 +188,6 @@ def remove_unused_run_dir(run_dir: Path) -> None:
 
 def with_state_dir(cfg, run_dir: Path):
     """``cfg`` with the node state folder resolved: ``privacy.state_dir`` or ``<run dir>/nodes``."""
-    import dataclasses
-
     state_dir = Path(cfg.privacy.state_dir) if cfg.privacy.state_dir else run_dir / "nodes"
     return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(state_dir.resolve())))
 
@@ -218,7 +218,9 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> RunSummary:
             update was aggregated in any round); ``summary.json`` then says ``status: failed``
             and why (``failure``).
     """
+    from fedllm import task
     from fedllm.federation.inprocess import run_inprocess
+    from fedllm.federation.outputs import failure_text
     from fedllm.federation.server_app import prepare_run
     from fedllm.federation.simulation import run_simulation
 
@@ -227,8 +229,6 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> RunSummary:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default run never touches a hub
     try:
         if resume:
-            from fedllm import task
-
             task.model_bundle(cfg.model, cfg.lora, cfg.seed)  # build caches once, before actors race for them
         else:
             prepare_run(cfg, run_dir)
@@ -237,8 +237,6 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> RunSummary:
         else:
             run_simulation(cfg, run_dir, resume=resume)
     except Exception as exc:
-        from fedllm.federation.outputs import failure_text
-
         summary = record_failure(run_dir, cfg, failure_text(exc), time.perf_counter() - started)
         raise FedLLMError(f"the run failed: {summary.failure}; see {run_dir / SUMMARY_FILE}") from exc
     summary = written_summary(run_dir, time.perf_counter() - started)
@@ -332,8 +330,6 @@ def overrides_help(command: str) -> str:
     """``fedllm <command> --help`` for the commands that take Hydra overrides: what the command
     does, its options, the config groups (with the default marked) and each section's keys, read
     from ``conf/`` and the config dataclasses so the list never goes stale."""
-    import textwrap
-
     usage, about = COMMAND_HELP[command]
     lines = [f"usage: {usage}", "", *textwrap.wrap(about, 96), "",
              *textwrap.wrap("OVERRIDE is KEY=VALUE (privacy.target_epsilon=3) or GROUP=OPTION (model=tiny); "
@@ -355,8 +351,6 @@ def overrides_help(command: str) -> str:
 
 
 def _two_columns(rows: list[tuple[str, str]], width: int = 22) -> list[str]:
-    import textwrap
-
     out = []
     for name, text in rows:
         wrapped = textwrap.wrap(text, 96 - width - 2) or [""]
@@ -367,8 +361,6 @@ def _two_columns(rows: list[tuple[str, str]], width: int = 22) -> list[str]:
 
 def _config_groups(config_dir: Path) -> list[tuple[str, str]]:
     """(group, its options with the default marked) for every folder of ``config_dir``."""
-    from omegaconf import OmegaConf
-
     defaults: dict[str, object] = {}
     raw = OmegaConf.to_container(OmegaConf.load(config_dir / "config.yaml"))
     for entry in raw.get("defaults", []) if isinstance(raw, dict) else []:
@@ -384,9 +376,6 @@ def _config_groups(config_dir: Path) -> list[tuple[str, str]]:
 
 def _section_keys(command: str) -> list[tuple[str, str]]:
     """(section, its first docstring line and its keys) for every config section."""
-    import dataclasses
-
-
     sections = dict(_SECTION_TYPES)
     if command == "audit":
         sections["audit"] = AuditConfig

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from fedllm.config import Overlong
 from fedllm.data.sources import Record
 from fedllm.errors import ConfigError, DataError
 
@@ -21,7 +22,7 @@ class PromptFormat:
     response_template: str
     max_length: int
     choices: tuple[str, ...] = ()
-    overlong: str = "truncate"  # or "refuse"
+    overlong: Overlong = "truncate"  # or "refuse"
     # "error": a record the format cannot train on (answer not among the choices, answer alone
     # longer than max_length) is an error; "mask": it stays in the data with no training
     # target (zero loss, zero gradient), so whether such a record exists never changes what a

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedllm.config import Partitioner
 from fedllm.data.sources import Record
 from fedllm.errors import DataError
 
@@ -22,7 +23,7 @@ class Split:
 
 
 def split_records(
-    records: list[Record], *, test_size: int, num_clients: int, partition: str,
+    records: list[Record], *, test_size: int, num_clients: int, partition: Partitioner,
     alpha: float, min_shard: int, seed: int,
 ) -> Split:
     """Hold out ``test_size`` records, then partition the rest into ``num_clients`` shards.

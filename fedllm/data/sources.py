@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO, get_args
 
 from fedllm.errors import DataError
 from fedllm.resources import packaged_file
@@ -38,8 +38,12 @@ DEFAULT_MAX_RECORD_CHARS = 100_000
 # drop: one person's record counted twice has twice the influence, which a per-record guarantee
 # does not cover; dropping exact copies keeps the run going and keeps the guarantee per distinct
 # record (and keeps a copy from landing in both the test set and a training shard).
-DUPLICATE_POLICIES = ("drop", "keep", "refuse")
-DEFAULT_DUPLICATES = "drop"
+DuplicatePolicy = Literal["drop", "keep", "refuse"]
+DUPLICATE_POLICIES: tuple[DuplicatePolicy, ...] = get_args(DuplicatePolicy)
+DEFAULT_DUPLICATES: DuplicatePolicy = "drop"
+# a user's file: JSONL, CSV, or by its suffix (data.format)
+DataFormat = Literal["auto", "jsonl", "csv"]
+DATA_FORMATS: tuple[DataFormat, ...] = get_args(DataFormat)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,8 @@ def load_rotten_tomatoes() -> list[Record]:
             for category, text, _ in _rt_rows(packaged_file(RT_PACKAGE, RT_FILE, DataError))]
 
 
-def load_rt_reviews(path: str | Path | None = None, *, duplicates: str = DEFAULT_DUPLICATES) -> list[Record]:
+def load_rt_reviews(path: str | Path | None = None, *,
+                    duplicates: DuplicatePolicy = DEFAULT_DUPLICATES) -> list[Record]:
     """The same corpus as a generative task: write a review of a movie with a given sentiment.
 
     Each labelled snippet becomes ``Write a {positive|negative} review of the movie {title}.``
@@ -108,7 +113,7 @@ def _rt_rows(path: Path) -> list[tuple[str, str, object]]:
     Raises:
         DataError: the file cannot be read as a CSV, or lacks one of the corpus's columns.
     """
-    import pandas as pd
+    import pandas as pd  # here: fedllm.config imports this module, and every process reads a config
 
     try:
         frame = pd.read_csv(path, compression="bz2")
@@ -125,9 +130,9 @@ def _rt_rows(path: Path) -> list[tuple[str, str, object]]:
             if isinstance(text, str) and text.strip()]
 
 
-def load_records(path: str | Path, fmt: str, prompt_field: str, response_field: str, *,
+def load_records(path: str | Path, fmt: DataFormat, prompt_field: str, response_field: str, *,
                  max_record_chars: int = DEFAULT_MAX_RECORD_CHARS,
-                 duplicates: str = DEFAULT_DUPLICATES) -> list[Record]:
+                 duplicates: DuplicatePolicy = DEFAULT_DUPLICATES) -> list[Record]:
     """Read a user's JSONL or CSV file of instruction records.
 
     A UTF-8 byte order mark is ignored. A record longer than ``max_record_chars`` is refused
@@ -167,7 +172,7 @@ def load_records(path: str | Path, fmt: str, prompt_field: str, response_field: 
     return deduplicate(records, duplicates, str(path))
 
 
-def deduplicate(records: list[Record], policy: str, source: str) -> list[Record]:
+def deduplicate(records: list[Record], policy: DuplicatePolicy, source: str) -> list[Record]:
     """Apply a ``data.duplicates`` policy to exact copies (same prompt and response).
 
     Args:

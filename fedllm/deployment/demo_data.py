@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedllm.data.sources import load_rotten_tomatoes
+
 
 def write_node_files(paths: list[Path], records: int) -> list[Path]:
     """Write ``records`` disjoint Rotten Tomatoes reviews to each path (taken from the end of the
     corpus), in the JSONL format a node's ``data-path`` expects."""
-    from fedllm.data.sources import load_rotten_tomatoes
-
     pool = load_rotten_tomatoes()[-len(paths) * records:]
     for index, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import httpx
+import uvicorn
+from flwr.superlink.routers.fleet.router import router
+from starlette.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +61,6 @@ def fleet_paths() -> frozenset[str]:
     Raises:
         RuntimeError: when the router has no such path, or one outside ``/v1/fleet/``.
     """
-    from flwr.superlink.routers.fleet.router import router
-    from starlette.routing import Route
-
     found = set()
     for route in router.routes:
         if not isinstance(route, Route):  # e.g. a mount: no single path to forward
@@ -212,8 +212,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Serve the gateway until interrupted."""
-    import uvicorn
-
     args = parse_args(argv)
     host, port = split_address(args.listen)
     split_address(args.superlink)

@@ -68,7 +68,7 @@ NODE_CONSOLE_FORMAT = "%(asctime)s fedllm node: %(message)s"
 class _NodeConsole(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of each line (not at creation)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return sys.stderr
 

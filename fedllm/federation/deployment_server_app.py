@@ -16,6 +16,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import ExperimentConfig, compose_experiment
+from fedllm.federation.server_app import prepare_run, run_federation
+from fedllm.federation.simulation import route_flower_logs
 
 app = ServerApp()
 
@@ -32,9 +34,6 @@ def compose_config(overrides: str) -> ExperimentConfig:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation the run config describes; outputs go to ``output-dir``."""
-    from fedllm.federation.server_app import prepare_run, run_federation
-    from fedllm.federation.simulation import route_flower_logs
-
     started = time.perf_counter()  # the summary's wall time counts the preparation too
     route_flower_logs()
     cfg = compose_config(str(context.run_config.get("overrides", "")))

@@ -2,7 +2,9 @@
 process, with no Ray and no network.
 
 :class:`InProcessGrid` implements Flower's ``Grid``: each message pushed is delivered (as a
-copy, the way a real engine serialises it) to the ClientApp under that node's ``Context``, and
+copy, the way a real engine serialises it) to the ClientApp under that node's ``Context``, which
+dispatches it by its message type as Flower's engines do (``train`` rounds, the ``query`` of the
+pre-flight, :mod:`~fedllm.federation.preflight`), and
 the reply (or, if the app raised, an error reply, as Flower's engine sends one) is kept until
 pulled. Nodes answer one after another. It serves ``fedllm audit`` (which records every reply,
 the coordinator's view, through ``observer``), ``federation.engine=inprocess`` runs, and the

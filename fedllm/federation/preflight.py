@@ -128,13 +128,13 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, task: ConfigRecord, first_r
 
 def _sort(report: PreflightReport, replies: list[Message], cfg: ExperimentConfig) -> None:
     """Each reply into ``report``: a checked answer, a refusal, a rejection or a failure."""
+    # an error reply's reason ends with its message (it starts with a traceback)
+    report.failed = [f"node {reply.metadata.src_node_id}: {escape_remote_text(str(reply.error.reason)[-400:])}"
+                     for reply in replies if reply.has_error()]
     seen: set[int] = set()
     claims: dict[int, int] = {}
-    for reply in replies:
+    for reply in (reply for reply in replies if not reply.has_error()):
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            report.failed.append(f"node {node}: {escape_remote_text(str(reply.error.reason)[-400:])}")
-            continue
         try:
             parsed = parse_preflight(reply.content, cfg.federation.num_clients, rounds_planned=report.rounds_planned,
                                      sample_level=cfg.privacy.sample_level)
@@ -157,8 +157,9 @@ def describe(answer: PreflightAnswer, first_round: int) -> str:
     if answer.rounds_affordable == answer.rounds_planned:
         return f"{can} (epsilon {answer.after:.2f} of cap {answer.cap:g})"
     before = "before this run" if first_round == 1 else "so far"
+    then = f", to epsilon {answer.after:.2f}" if answer.rounds_affordable else ""
     return (f"will refuse from round {first_round + answer.rounds_affordable}: cap {answer.cap:g} reached "
-            f"(epsilon {answer.spent:.2f} spent {before}; {can}, epsilon {answer.after:.2f} after them)")
+            f"(epsilon {answer.spent:.2f} spent {before}; {can}{then})")
 
 
 def _log(report: PreflightReport) -> None:

@@ -25,6 +25,9 @@ from pathlib import Path
 
 from fedllm.errors import FedLLMError
 
+# Ray itself is imported inside the functions that use it (or passed in): only a run on a joined
+# cluster needs it, and every simulation imports this module
+
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0  # a cluster's GCS answers a TCP connect at once; Ray itself retries for minutes

@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedllm.config import AccountantName
 from fedllm.errors import UpdateRejected
 from fedllm.federation import records as keys
 from fedllm.federation.protocol import Refusal, TrainReport, parse_reply
@@ -170,7 +171,7 @@ def _check_mechanism(report: TrainReport, mechanism: MechanismCheck | None, ledg
         raise UpdateRejected("dp-history: the accountant cannot compute its epsilon")
 
 
-def accountable(history, delta: float, accountant: str) -> bool:
+def accountable(history, delta: float, accountant: AccountantName) -> bool:
     """Whether ``accountant`` computes an epsilon for ``history`` (cached: the ledger asks again)."""
     try:
         return math.isfinite(epsilon(history, delta=delta, accountant=accountant))
@@ -205,7 +206,7 @@ def _for_aggregation(accepted: list[tuple[Message, TrainReport]], uniform: bool,
     return [reply for reply, _ in accepted]
 
 
-def _accountable_refusal(refusal: Refusal, accountant: str) -> Refusal:
+def _accountable_refusal(refusal: Refusal, accountant: AccountantName) -> Refusal:
     """``refusal``, without its DP history when ``accountant`` cannot compute an epsilon for it
     (the refusal still counts; its unaccountable history does not)."""
     history = refusal.history

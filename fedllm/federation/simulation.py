@@ -3,6 +3,7 @@ for the run, or on a running Ray cluster it joins (``federation.ray_address``)."
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -11,16 +12,19 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
+
+import psutil
+import torch
+from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import ExperimentConfig, ModelConfig
 from fedllm.errors import ConfigError, FedLLMError
 from fedllm.federation import ray_cluster
+from fedllm.federation.server_app import run_federation
 from fedllm.model.device import usable_cpus
 from fedllm.node.policy import SIMULATED_NODES_ENV, STATE_DIR, simulated_node_config, write_simulated_nodes
-
-if TYPE_CHECKING:
-    from flwr.serverapp import Grid
+from fedllm.processes import tagged_processes
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
         ray_cluster.ClusterError: the cluster cannot be joined or cannot run this federation.
     """
     set_quiet_env()
+    # Ray and Flower's Ray engine only when this engine runs: the in-process engine and `fedllm
+    # audit` import this module for its helpers (load_object, route_flower_logs) and never start Ray
     import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -249,10 +255,6 @@ class StoppableGrid:
 
 def watched_server_app(cfg: ExperimentConfig, run_dir: Path, watch: EngineWatch, resume: bool = False):
     """The run's ServerApp, on a :class:`StoppableGrid`, telling ``watch`` when it ends and why."""
-    from flwr.serverapp import ServerApp
-
-    from fedllm.federation.server_app import run_federation
-
     app = ServerApp()
 
     @app.main()
@@ -299,8 +301,6 @@ def gpu_share(client_gpus: float, model: ModelConfig, cluster_gpus: float | None
     Raises:
         ConfigError: a share without a GPU, or a GPU-only model setting without a share.
     """
-    import torch
-
     gpus = torch.cuda.device_count() if cluster_gpus is None else cluster_gpus
     if client_gpus > 0 and gpus == 0:
         where = "no CUDA GPU is visible" if cluster_gpus is None else "the Ray cluster has no GPU"
@@ -321,8 +321,6 @@ def load_object(spec: str):
     Raises:
         ConfigError: the module or attribute does not exist.
     """
-    import importlib
-
     module_name, _, attribute = spec.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attribute)
@@ -338,10 +336,6 @@ def stop_ray(ray, timeout: float = 20.0) -> None:
     process carrying this run's tag, and kill any that linger. A command that returns must
     leave none behind.
     """
-    import psutil
-
-    from fedllm.processes import tagged_processes
-
     me = psutil.Process()
     started = me.children(recursive=True)
     if ray.is_initialized():

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_stdv
 
+from fedllm.config import Aggregation, ClientClipping, NoiseSource
 from fedllm.federation import records as keys
 from fedllm.privacy.server_noise import ServerRandomness
 
@@ -202,7 +203,7 @@ def clip_reply(reply: Message, reference: dict[str, np.ndarray], clip_norm: floa
     return reply
 
 
-def adapter_strategy(*, aggregation: str, trim_fraction: float, fraction_train: float, min_train_nodes: int,
+def adapter_strategy(*, aggregation: Aggregation, trim_fraction: float, fraction_train: float, min_train_nodes: int,
                      min_available_nodes: int, weighted_by_key: str,
                      randomness: ServerRandomness | None = None, node_wait: float = math.inf) -> FedAvg:
     """Flower's FedAvg, FedTrimmedAvg or FedMedian over adapter arrays with our wire keys.
@@ -234,9 +235,9 @@ def adapter_strategy(*, aggregation: str, trim_fraction: float, fraction_train: 
                     randomness=randomness or ServerRandomness(), node_wait=node_wait, **extra)
 
 
-def build_strategy(*, aggregation: str, trim_fraction: float, fraction_train: float, num_clients: int,
-                   client_level: bool, client_clipping: str, client_noise_multiplier: float,
-                   client_clip_norm: float, noise: str = "secure", seed: int = 0,
+def build_strategy(*, aggregation: Aggregation, trim_fraction: float, fraction_train: float, num_clients: int,
+                   client_level: bool, client_clipping: ClientClipping, client_noise_multiplier: float,
+                   client_clip_norm: float, noise: NoiseSource = "secure", seed: int = 0,
                    node_wait: float = math.inf) -> Strategy:
     """The run's strategy; with client-level DP, wrapped in a fixed-clipping DP strategy.
 

@@ -25,6 +25,7 @@ from typing import cast
 from urllib.parse import parse_qsl, urlencode
 
 import torch
+from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from fedllm.config import ModelConfig
@@ -157,8 +158,6 @@ def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
     if quantization is None:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         return _to_device(model, device)
-    from peft import prepare_model_for_kbit_training
-
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.bfloat16, quantization_config=quantization, device_map={"": device},
         trust_remote_code=cfg.trust_remote_code)

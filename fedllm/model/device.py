@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from fedllm.config import ModelConfig
+from fedllm.config import ModelConfig, ModelDtype
 from fedllm.errors import ConfigError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES: dict[ModelDtype, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,6 +26,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")  # never MPS or another backend Opacus is not tested on
+        # imported only here, with CUDA: CPU runs and the CLI (usable_cpus) never need accelerate
         from accelerate import PartialState
 
         # accelerate: cuda:LOCAL_RANK under `accelerate launch` / torchrun, else the first visible GPU
@@ -68,6 +69,8 @@ def quantization_config(cfg: ModelConfig, device: torch.device):
         return None
     if device.type != "cuda":
         raise ConfigError(f"model.quantization={cfg.quantization} needs a CUDA GPU; this process runs on {device}")
+    # bitsandbytes is the optional `gpu` extra, and BitsAndBytesConfig pulls in transformers
+    # (~0.5 s): both imported only when quantising
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:

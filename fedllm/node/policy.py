@@ -25,9 +25,24 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from fedllm.config import ACCOUNTANTS, ExperimentConfig
-from fedllm.data.sources import DEFAULT_DUPLICATES, DEFAULT_MAX_RECORD_CHARS, DUPLICATE_POLICIES
+from fedllm.config import (
+    ACCOUNTANTS,
+    NOISE_SOURCES,
+    OVERLONG_POLICIES,
+    AccountantName,
+    ExperimentConfig,
+    Overlong,
+)
+from fedllm.data.sources import (
+    DATA_FORMATS,
+    DEFAULT_DUPLICATES,
+    DEFAULT_MAX_RECORD_CHARS,
+    DUPLICATE_POLICIES,
+    DataFormat,
+    DuplicatePolicy,
+)
 from fedllm.errors import ConfigError
 from fedllm.storage import load_key
 
@@ -90,16 +105,16 @@ class NodePolicy:
     delta: float
     dataset_id: str
     data_path: str | None = None  # None only in simulation: the node's shard of the experiment's data
-    data_format: str = "auto"
-    accountant: str = "prv"
+    data_format: DataFormat = "auto"
+    accountant: AccountantName = "prv"
     allow_nonprivate: bool = False
     allowed_models: tuple[str, ...] = DEFAULT_ALLOWED_MODELS
     trust_remote_code: bool = False
     public_size: bool = False
     public_metrics: bool = False
-    overlong: str = "truncate"
+    overlong: Overlong = "truncate"
     max_record_chars: int = DEFAULT_MAX_RECORD_CHARS
-    duplicates: str = DEFAULT_DUPLICATES
+    duplicates: DuplicatePolicy = DEFAULT_DUPLICATES
     prompt_field: str = "prompt"  # the node's file's own field names: the server cannot probe which fields exist
     response_field: str = "response"
     simulated: bool = False
@@ -114,16 +129,13 @@ class NodePolicy:
             raise ConfigError(f"node config {MAX_EPSILON}: must be a positive number, got {self.max_epsilon}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"node config {DELTA}: must be in (0, 1), got {self.delta}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"node config {ACCOUNTANT}: got {self.accountant!r}; choose one of "
-                              f"{', '.join(ACCOUNTANTS)}")
-        if self.overlong not in ("truncate", "refuse"):
-            raise ConfigError(f"node config {OVERLONG}: got {self.overlong!r}; choose truncate or refuse")
+        # checked again here (not only when read from a node config): a policy can be built directly
+        _choice(self.data_format, DATA_FORMAT, DATA_FORMATS)
+        _choice(self.accountant, ACCOUNTANT, ACCOUNTANTS)
+        _choice(self.overlong, OVERLONG, OVERLONG_POLICIES)
         if self.max_record_chars < 1:
             raise ConfigError(f"node config {MAX_RECORD_CHARS}: must be a positive number of characters")
-        if self.duplicates not in DUPLICATE_POLICIES:
-            raise ConfigError(f"node config {DUPLICATES}: got {self.duplicates!r}; choose one of "
-                              f"{', '.join(DUPLICATE_POLICIES)}")
+        _choice(self.duplicates, DUPLICATES, DUPLICATE_POLICIES)
         if self.data_path is None and not self.simulated:
             raise ConfigError(f"node config {DATA_PATH}: required: the node's own training file (JSONL or CSV)")
         if self.seeded_noise and not self.simulated:
@@ -140,6 +152,21 @@ class NodePolicy:
         if not self.encrypt_state:
             return None
         return load_key(self.state_key_file, self.state_key_env, setting=f"node config {ENCRYPT_STATE}=true")
+
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _choice(value: object, key: str, allowed: tuple[_Choice, ...]) -> _Choice:
+    """``value`` as the one of ``allowed`` it equals (typed as that choice).
+
+    Raises:
+        ConfigError: it equals none of them (names the key and the choices).
+    """
+    for option in allowed:
+        if value == option:
+            return option
+    raise ConfigError(f"node config {key}: got {value!r}; choose one of {', '.join(allowed)}")
 
 
 def _flag(value: object, key: str) -> bool:
@@ -206,16 +233,16 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         delta=_number(node_config, DELTA, "1e-5"),
         dataset_id=str(node_config.get(DATASET_ID) or _default_dataset_id(data_path, node_config)),
         data_path=data_path,
-        data_format=str(node_config.get(DATA_FORMAT, "auto")),
-        accountant=str(node_config.get(ACCOUNTANT, "prv")),
+        data_format=_choice(node_config.get(DATA_FORMAT, "auto"), DATA_FORMAT, DATA_FORMATS),
+        accountant=_choice(node_config.get(ACCOUNTANT, "prv"), ACCOUNTANT, ACCOUNTANTS),
         allow_nonprivate=_flag(node_config.get(ALLOW_NONPRIVATE, False), ALLOW_NONPRIVATE),
         allowed_models=tuple(m.strip() for m in models.split(",") if m.strip()),
         trust_remote_code=_flag(node_config.get(TRUST_REMOTE_CODE, False), TRUST_REMOTE_CODE),
         public_size=_flag(node_config.get(PUBLIC_SIZE, False), PUBLIC_SIZE),
         public_metrics=_flag(node_config.get(PUBLIC_METRICS, False), PUBLIC_METRICS),
-        overlong=str(node_config.get(OVERLONG, "truncate")),
+        overlong=_choice(node_config.get(OVERLONG, "truncate"), OVERLONG, OVERLONG_POLICIES),
         max_record_chars=_integer(node_config, MAX_RECORD_CHARS, DEFAULT_MAX_RECORD_CHARS),
-        duplicates=str(node_config.get(DUPLICATES, DEFAULT_DUPLICATES)),
+        duplicates=_choice(node_config.get(DUPLICATES, DEFAULT_DUPLICATES), DUPLICATES, DUPLICATE_POLICIES),
         prompt_field=str(node_config.get(PROMPT_FIELD, "prompt")),
         response_field=str(node_config.get(RESPONSE_FIELD, "response")),
         simulated=simulated,
@@ -228,9 +255,7 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
 
 
 def _noise_is_seeded(value: object) -> bool:
-    if str(value) not in ("secure", "seeded"):
-        raise ConfigError(f"node config {NOISE}: got {value!r}; choose secure or seeded")
-    return str(value) == "seeded"
+    return _choice(value, NOISE, NOISE_SOURCES) == "seeded"
 
 
 def _default_dataset_id(data_path: str | None, node_config: Mapping) -> str:

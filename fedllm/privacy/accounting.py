@@ -12,12 +12,13 @@ from functools import lru_cache
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
+from fedllm.config import AccountantName
 from fedllm.errors import ConfigError
 
 History = list[tuple[float, float, int]]
 
 
-def make_accountant(name: str) -> IAccountant:
+def make_accountant(name: AccountantName) -> IAccountant:
     """A fresh Opacus accountant by name (``rdp`` or ``prv``)."""
     if name == "rdp":
         return RDPAccountant()
@@ -31,7 +32,7 @@ def normalise_history(history: Sequence[Sequence[float]]) -> History:
     return [(float(noise), float(rate), int(steps)) for noise, rate, steps in history]
 
 
-def epsilon(history: Sequence[Sequence[float]], *, delta: float, accountant: str) -> float:
+def epsilon(history: Sequence[Sequence[float]], *, delta: float, accountant: AccountantName) -> float:
     """Epsilon at ``delta`` after every mechanism in ``history`` (0 for an empty history)."""
     entries = normalise_history(history)
     if not entries:
@@ -40,7 +41,7 @@ def epsilon(history: Sequence[Sequence[float]], *, delta: float, accountant: str
 
 
 @lru_cache(maxsize=1024)  # pure; the server and the budget check ask for the same history several times
-def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: AccountantName) -> float:
     acct = make_accountant(accountant)
     acct.history = list(entries)
     return float(acct.get_epsilon(delta=delta))

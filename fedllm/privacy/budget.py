@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedllm.config import AccountantName
 from fedllm.privacy.accounting import History, epsilon, extend_history
 
 
@@ -40,7 +41,7 @@ def effective_budget(*, run_target: float, run_delta: float, node_max_epsilon: f
 
 
 def check_round(history: History, *, noise_multiplier: float, sample_rate: float, steps: int,
-                budget: Budget, accountant: str) -> BudgetDecision:
+                budget: Budget, accountant: AccountantName) -> BudgetDecision:
     """Decide whether ``steps`` more DP-SGD steps keep the node within ``budget``.
 
     The projection is the exact epsilon the accountant will report after the round (every

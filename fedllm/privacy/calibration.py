@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedllm.config import AccountantName
 from fedllm.errors import PrivacyPlanError
 from fedllm.privacy.accounting import epsilon
 
@@ -21,7 +22,7 @@ class DPPlan:
     noise_multiplier: float
     total_steps: int
     delta: float
-    accountant: str
+    accountant: AccountantName
     planned_epsilon: float
 
 
@@ -45,7 +46,7 @@ def sample_rate_for(batch_size: int, shard_size: int) -> float:
 
 @lru_cache(maxsize=256)  # pure and called by every client every round: plan once per process
 def plan_client(*, shard_size: int, batch_size: int, rounds: int, local_steps: int,
-                target_epsilon: float, delta: float, accountant: str,
+                target_epsilon: float, delta: float, accountant: AccountantName,
                 noise_multiplier: float | None = None) -> DPPlan:
     """Noise for one client that takes part in every round, so its final epsilon <= target.
 
@@ -97,7 +98,7 @@ def plan_client(*, shard_size: int, batch_size: int, rounds: int, local_steps: i
 MAX_USEFUL_NOISE = 1000.0
 
 
-def _check_reachable(target_epsilon: float, delta: float, rate: float, steps: int, accountant: str) -> None:
+def _check_reachable(target_epsilon: float, delta: float, rate: float, steps: int, accountant: AccountantName) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
         floor = epsilon([(MAX_USEFUL_NOISE, rate, steps)], delta=delta, accountant=accountant)
@@ -110,14 +111,14 @@ def _check_reachable(target_epsilon: float, delta: float, rate: float, steps: in
 
 
 def epsilon_by_round(*, noise_multiplier: float, sample_rate: float, local_steps: int, rounds: int,
-                     delta: float, accountant: str) -> list[float]:
+                     delta: float, accountant: AccountantName) -> list[float]:
     """Epsilon after each of ``rounds`` rounds of ``local_steps`` DP-SGD steps (index 0 = round 1)."""
     return [epsilon([(noise_multiplier, sample_rate, r * local_steps)], delta=delta, accountant=accountant)
             for r in range(1, rounds + 1)]
 
 
 def rounds_within_cap(*, noise_multiplier: float, sample_rate: float, local_steps: int, max_rounds: int,
-                      cap: float, delta: float, accountant: str) -> int:
+                      cap: float, delta: float, accountant: AccountantName) -> int:
     """How many rounds a node can join before its epsilon would pass its own ``cap``."""
     curve = epsilon_by_round(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
                              local_steps=local_steps, rounds=max_rounds, delta=delta, accountant=accountant)

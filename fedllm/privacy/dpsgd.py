@@ -29,6 +29,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import DataLoader, Dataset
 
+from fedllm.config import AccountantName, GradSampleMode
 from fedllm.errors import ConfigError
 from fedllm.privacy.accounting import History, normalise_history
 from fedllm.privacy.randomness import DPRandomness, GaussianNoise, PoissonBatchSampler
@@ -141,7 +142,7 @@ def poisson_loader(dataset: Dataset, batch_size: int, collate: Callable,
 
 def start_round(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
                 batch_size: int, collate: Callable, noise_multiplier: float, max_grad_norm: float,
-                history: History, accountant: str, grad_sample_mode: str,
+                history: History, accountant: AccountantName, grad_sample_mode: GradSampleMode,
                 randomness: DPRandomness) -> DPRound:
     """Attach DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise) for one round.
 

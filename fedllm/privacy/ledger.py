@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedllm.config import AccountantName, PrivacyMode
 from fedllm.errors import LedgerError
 from fedllm.privacy.accounting import History, epsilon, normalise_history
 from fedllm.privacy.client_level import ClientLevelAccountant
@@ -33,7 +34,8 @@ class ClientLedger:
 class PrivacyLedger:
     """Per-client DP-SGD histories with epsilon by a real accountant, plus client-level DP."""
 
-    def __init__(self, *, accountant: str, delta: float, target_epsilon: float | None, mode: str = "sample",
+    def __init__(self, *, accountant: AccountantName, delta: float, target_epsilon: float | None,
+                 mode: PrivacyMode = "sample",
                  client_level: ClientLevelAccountant | None = None):
         self.mode = mode  # privacy.mode: sample, client, both or none
         self.accountant = accountant

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedllm.config import AccountantName
 from fedllm.errors import ConfigError, IntegrityError, LedgerError
 from fedllm.privacy.accounting import History, epsilon, extend_history
 from fedllm.storage import ROLE_NODE_LEDGER, atomic_write_bytes, dump_json_file, load_json_file
@@ -177,7 +178,7 @@ class NodeLedger:
                                      sample_rate=release.sample_rate, steps=release.steps)
         return history
 
-    def epsilon(self, *, delta: float, accountant: str) -> float:
+    def epsilon(self, *, delta: float, accountant: AccountantName) -> float:
         """Epsilon at ``delta`` spent by this dataset over the node's lifetime."""
         return epsilon(self.history(), delta=delta, accountant=accountant)
 

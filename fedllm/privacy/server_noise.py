@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedllm.config import NoiseSource
 from fedllm.errors import ConfigError
 from fedllm.privacy.randomness import DPRandomness, GaussianNoise, dp_randomness
 
@@ -41,7 +42,7 @@ class ServerRandomness:
     seed: int | None = None
 
     @classmethod
-    def from_noise(cls, noise: str, seed: int) -> ServerRandomness:
+    def from_noise(cls, noise: NoiseSource, seed: int) -> ServerRandomness:
         """The randomness a run with ``privacy.noise=noise`` uses.
 
         Args:

@@ -24,7 +24,7 @@ class WandbSink:
     """One wandb run per fedllm run."""
 
     def __init__(self, *, project: str, run_dir: Path, config: dict[str, Any]):
-        import wandb
+        import wandb  # only when tracking.wandb=true: a heavy import most runs never need
 
         self._wandb = wandb
         self.run = wandb.init(

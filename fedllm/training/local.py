@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fedllm.config import AccountantName, GradSampleMode, Objective, OptimizerName
 from fedllm.model.device import model_device, to_device
 from fedllm.privacy import dpsgd
 from fedllm.privacy.accounting import History
@@ -32,11 +33,11 @@ class LocalSpec:
     batch_size: int
     lr: float
     weight_decay: float
-    objective: str
+    objective: Objective
     bf16: bool
     seed: int | None = None
     micro_batches: int = 1
-    optimizer: str = "adamw"  # or "sgd": plain SGD, the update then linear in the noisy gradients
+    optimizer: OptimizerName = "adamw"  # or "sgd": plain SGD, the update then linear in the noisy gradients
 
 
 class GradientOverride(Protocol):
@@ -58,8 +59,8 @@ class DPSpec:
 
     noise_multiplier: float
     max_grad_norm: float
-    accountant: str
-    grad_sample_mode: str
+    accountant: AccountantName
+    grad_sample_mode: GradSampleMode
 
 
 @dataclass(frozen=True)

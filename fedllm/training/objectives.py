@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedllm.config import Objective
 from fedllm.data.formatting import IGNORE_INDEX
 
 
@@ -43,7 +44,7 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return per_token.sum(dim=1) / counts
 
 
-def per_example_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], objective: str,
+def per_example_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], objective: Objective,
                      choice_ids: list[int]) -> torch.Tensor:
     """Dispatch on ``train.objective``."""
     if objective == "choices":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fedllm.config import Precision
 from fedllm.errors import ConfigError
 
 
@@ -21,7 +22,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def use_bf16(precision: str) -> bool:
+def use_bf16(precision: Precision) -> bool:
     """Resolve ``train.precision`` (auto / fp32 / bf16) to whether we autocast to bf16.
 
     Raises:

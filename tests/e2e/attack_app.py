@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm.federation import client_app as honest
@@ -46,6 +46,8 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
     """Corrupt this node's reply if the test asked for it."""
     partition = int(context.node_config[keys.NODE_PARTITION_ID])
     attack = _attacks().get(partition)
+    if msg.metadata.message_type != MessageType.TRAIN:  # the pre-flight: answered honestly
+        return call_next(msg, context)
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
     if attack == "decline" or (attack == "crash-reference" and server_round == 1):
         content = RecordDict({keys.METRICS: MetricRecord({keys.PARTITION_ID: partition, keys.REFUSED: 1}),
@@ -65,3 +67,4 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
 
 app = ClientApp(mods=[attack_mod])
 app.train()(honest.train)
+app.query()(honest.query)

@@ -107,6 +107,8 @@ def test_the_nodes_ignore_or_refuse_what_only_they_may_decide(demo):
 
 ACCOUNTING = {"partition-id", "refused", "epsilon", "epsilon-cap", "delta", "noise-multiplier", "sample-rate",
               "total-steps", "dp-history", "can-continue"}
+PREFLIGHT = {"partition-id", "refused", "rounds-planned", "rounds-affordable", "epsilon", "epsilon-after",
+             "epsilon-cap", "delta"}
 
 
 def test_nodes_send_only_the_adapter_tensors_and_the_accounting(demo):
@@ -115,9 +117,12 @@ def test_nodes_send_only_the_adapter_tensors_and_the_accounting(demo):
     # PEFT saves without the adapter name; on the wire the names carry PEFT's full keys
     expected = {name.replace(".weight", "") for name in adapter}
     for node in ("node0", "node1"):
-        entries = [json.loads(line) for line in (workdir / node / "state" / "audit.jsonl").read_text().splitlines()]
+        logged = [json.loads(line) for line in (workdir / node / "state" / "audit.jsonl").read_text().splitlines()]
+        entries = [e for e in logged if e.get("kind", "train") == "train"]
         assert [e["received"]["round"] for e in entries] == [1, 2, 1]  # the run's two rounds, then the hostile run's
         assert entries[2]["sent"]["config"] == {"status": {"category": "policy"}}
+        for query in (e for e in logged if e.get("kind") == "query"):  # the pre-flights: numbers only
+            assert not query["sent"]["tensors"] and set(query["sent"]["metrics"]) <= PREFLIGHT
         for entry in entries:
             assert entry["sent"]["record_types"] in (["arrays", "metrics"], ["metrics", "status"])
             sent = {t["name"].replace(".weight", "").replace(".default", "") for t in entry["sent"]["tensors"]}

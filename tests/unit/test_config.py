@@ -336,3 +336,49 @@ def test_own_records_train_free_form_answers_unless_fixed_answers_are_asked_for(
     fixed = compose_experiment(["data=jsonl", "data.path=r.jsonl", "data.choices=[yes,no]", "train.objective=choices"])
     assert fixed.train.objective == "choices" and fixed.data.choices == ("yes", "no")
     assert compose_experiment([]).train.objective == "choices"  # the default sentiment task keeps its own
+
+
+# Issue 14: every mode is a Literal; the allowed values come from it, and a wrong value (from YAML,
+# so possibly not even text) is refused in one line naming the key and the choices.
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("privacy.mode=local", "privacy.mode: got 'local'; choose one of sample, client, both, none"),
+    ("train.optimizer=adam", "train.optimizer: got 'adam'; choose one of adamw, sgd"),
+    ("federation.engine=1", "federation.engine: got 1; choose one of ray, inprocess"),
+    ("data.duplicates=skip", "data.duplicates: got 'skip'; choose one of drop, keep, refuse"),
+])
+def test_a_mode_outside_its_choices_names_the_key_and_the_choices(override, expected):
+    with pytest.raises(ConfigError) as refused:
+        _compose([override])
+    assert str(refused.value) == expected
+
+
+def _mode_fields() -> list[tuple[str, type, str, tuple[str, ...]]]:
+    import typing
+
+    return [(prefix, cls, f.name, typing.get_args(hint))
+            for prefix, cls in _sections()
+            for f in dataclasses.fields(cls)
+            if typing.get_origin(hint := typing.get_type_hints(cls)[f.name]) is typing.Literal]
+
+
+def test_the_modes_of_every_section_are_literals():
+    modes = {f"{prefix}.{name}" for prefix, _, name, _ in _mode_fields()}
+    assert {"model.source", "model.dtype", "model.quantization", "data.name", "data.format", "data.partition",
+            "data.overlong", "data.duplicates", "train.objective", "train.precision", "train.optimizer",
+            "privacy.mode", "privacy.accountant", "privacy.grad_sample_mode", "privacy.noise",
+            "privacy.client_clipping", "federation.aggregation", "federation.engine"} <= modes
+
+
+@pytest.mark.parametrize(("prefix", "cls", "name", "choices"), _mode_fields())
+def test_every_mode_refuses_a_value_outside_its_literal(prefix, cls, name, choices):
+    with pytest.raises(ConfigError, match=rf"^{prefix}[.]{name}: got 'nope'; choose one of {', '.join(choices)}$"):
+        _minimal(cls, **{name: "nope"})
+
+
+def test_the_audit_kind_is_checked_like_the_experiments_modes():
+    from fedllm.config import AuditConfig
+
+    assert AuditConfig(kind="record").kind == "record"
+    with pytest.raises(ConfigError, match=r"^audit[.]kind: got 'label'; choose one of gradient, record$"):
+        AuditConfig.from_mapping({"kind": "label"})
