@@ -27,12 +27,13 @@ def plan_cli(argv: list[str]) -> int:
     if wants_help(argv):
         print(overrides_help("plan"))
         return 0
-    from fedllm.planning import build_plan, format_plan  # the model stack and Opacus: not for --help
-
     try:
         cfg = compose_experiment(argv)  # a bad override: one line and exit 1, as `simulate` does
         if not cfg.privacy.sample_level:
             raise FedLLMError(f"privacy={cfg.privacy.mode}: no DP-SGD on the nodes, so there is no noise to plan")
+        # the model stack and Opacus (seconds): only once there is a valid config to plan
+        from fedllm.planning import build_plan, format_plan
+
         print(format_plan(cfg, build_plan(cfg)))
     except FedLLMError as exc:
         print(f"fedllm plan: {exc}", file=sys.stderr)
