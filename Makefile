@@ -2,7 +2,7 @@
 #   make run   [ARGS='hydra overrides']   set up .venv (first time only) and run the default job
 #   make test  [PYTEST_ARGS='...']        set up .venv (first time only), lint (ruff, mypy), run the test suite
 #   make test-fast                        the fast tier: no engines, subprocess CLIs, notebooks or benchmarks
-#   make lint                             ruff (lint) and mypy, configured in pyproject.toml
+#   make lint                             ruff (lint, format check) and mypy, configured in pyproject.toml
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedllm-installed
@@ -34,6 +34,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check fedllm tests scripts
+	$(VENV)/bin/ruff format --check fedllm tests scripts
 	$(VENV)/bin/mypy
 
 clean:

@@ -81,22 +81,40 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "model")
-        _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
-                 and self.device[5:].isdigit()), "model.device", f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
-        _require(self.quantization == "none" or self.kind != "tiny", "model.quantization",
-                 "quantization applies to loaded weights (the embedded or a pretrained model), not model=tiny")
-        _require(self.quantization == "none" or self.device != "cpu", "model.quantization",
-                 "bitsandbytes quantization runs on a CUDA GPU; drop model.device=cpu")
-        _require(self.quantization == "none" or self.dtype == "fp32", "model.dtype",
-                 "with model.quantization the quantised weights compute in bf16 and PEFT keeps the others fp32; "
-                 "leave model.dtype=fp32")
+        _require(
+            self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+            "model.device",
+            f"got {self.device!r}; use auto, cpu, cuda or cuda:N",
+        )
+        _require(
+            self.quantization == "none" or self.kind != "tiny",
+            "model.quantization",
+            "quantization applies to loaded weights (the embedded or a pretrained model), not model=tiny",
+        )
+        _require(
+            self.quantization == "none" or self.device != "cpu",
+            "model.quantization",
+            "bitsandbytes quantization runs on a CUDA GPU; drop model.device=cpu",
+        )
+        _require(
+            self.quantization == "none" or self.dtype == "fp32",
+            "model.dtype",
+            "with model.quantization the quantised weights compute in bf16 and PEFT keeps the others fp32; "
+            "leave model.dtype=fp32",
+        )
         if self.source == "pretrained":
-            _require(bool(self.name_or_path), "model.name_or_path",
-                     "model.source=pretrained needs a hub id or a local model folder")
+            _require(
+                bool(self.name_or_path),
+                "model.name_or_path",
+                "model.source=pretrained needs a hub id or a local model folder",
+            )
         for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             _require(getattr(self, key) > 0, f"model.{key}", "must be a positive integer")
-        _require(self.hidden_size % self.num_heads == 0, "model.hidden_size",
-                 f"must be divisible by model.num_heads ({self.num_heads})")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "model.hidden_size",
+            f"must be divisible by model.num_heads ({self.num_heads})",
+        )
 
     @property
     def kind(self) -> ModelSource:
@@ -119,8 +137,7 @@ class LoraSettings:
         _require(self.r > 0, "lora.r", "must be a positive integer")
         _require(self.alpha > 0, "lora.alpha", "must be positive")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-        _require(len(self.target_modules) > 0, "lora.target_modules",
-                 "name at least one module, e.g. [q_proj, v_proj]")
+        _require(len(self.target_modules) > 0, "lora.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
 
 
 @dataclass(frozen=True)
@@ -157,14 +174,17 @@ class DataConfig:
         _require(self.max_record_chars > 0, "data.max_record_chars", "must be a positive number of characters")
         if self.name == "jsonl":
             _require(bool(self.path), "data.path", "data=jsonl needs data.path=<file.jsonl or .csv>")
-        _require("{prompt}" in self.prompt_template, "data.prompt_template",
-                 "must contain the placeholder {prompt}")
-        _require("{response}" in self.response_template, "data.response_template",
-                 "must contain the placeholder {response}")
+        _require("{prompt}" in self.prompt_template, "data.prompt_template", "must contain the placeholder {prompt}")
+        _require(
+            "{response}" in self.response_template, "data.response_template", "must contain the placeholder {response}"
+        )
         _require(len(self.choices) != 1, "data.choices", "give no choices or at least two")
         _require(self.test_size > 0, "data.test_size", "must be positive")
-        _require(self.max_records is None or self.max_records > self.test_size, "data.max_records",
-                 "must exceed data.test_size so that clients have training records")
+        _require(
+            self.max_records is None or self.max_records > self.test_size,
+            "data.max_records",
+            "must exceed data.test_size so that clients have training records",
+        )
         _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be positive")
         _require(self.max_length >= 8, "data.max_length", "must be at least 8 tokens")
 
@@ -206,8 +226,9 @@ class ClientCap:
     def __post_init__(self) -> None:
         _check_types(self, "privacy.client_caps")
         _require(self.client >= 0, "privacy.client_caps.client", "must be a client index >= 0")
-        _require(self.max_epsilon is None or self.max_epsilon > 0, "privacy.client_caps.max_epsilon",
-                 "must be positive")
+        _require(
+            self.max_epsilon is None or self.max_epsilon > 0, "privacy.client_caps.max_epsilon", "must be positive"
+        )
         _require(self.delta is None or 0 < self.delta < 1, "privacy.client_caps.delta", "must be in (0, 1)")
 
 
@@ -254,8 +275,11 @@ class PrivacyConfig:
         _require(self.target_epsilon > 0, "privacy.target_epsilon", "must be positive")
         _require(0 < self.delta < 1, "privacy.delta", "must be in (0, 1); 1e-5 is usual")
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be positive")
-        _require(self.noise_multiplier is None or self.noise_multiplier > 0,
-                 "privacy.noise_multiplier", "must be positive, or empty to plan it from the target")
+        _require(
+            self.noise_multiplier is None or self.noise_multiplier > 0,
+            "privacy.noise_multiplier",
+            "must be positive, or empty to plan it from the target",
+        )
         _require(self.client_noise_multiplier > 0, "privacy.client_noise_multiplier", "must be positive")
         _require(self.client_clip_norm > 0, "privacy.client_clip_norm", "must be positive")
         _require(0 < self.client_delta < 1, "privacy.client_delta", "must be in (0, 1)")
@@ -282,8 +306,10 @@ class PrivacyConfig:
         return next((cap for cap in self.client_caps if cap.client == client), None)
 
 
-RAY_ADDRESS_HELP = ("null (start a local Ray for this run), auto (the Ray cluster `ray start` runs on this machine, "
-                    "or RAY_ADDRESS) or the cluster head's <host>:<port>, e.g. 10.0.0.1:6379")
+RAY_ADDRESS_HELP = (
+    "null (start a local Ray for this run), auto (the Ray cluster `ray start` runs on this machine, "
+    "or RAY_ADDRESS) or the cluster head's <host>:<port>, e.g. 10.0.0.1:6379"
+)
 
 
 def _ray_address_problem(address: str | None) -> str | None:
@@ -291,8 +317,10 @@ def _ray_address_problem(address: str | None) -> str | None:
     if address is None or address == "auto":
         return None
     if address.startswith("ray://"):
-        return (f"got {address!r}: Ray Client addresses (ray://) are not supported; run fedllm on a node of "
-                "the cluster and give the head's <host>:<port> (the `ray start --head --port` address)")
+        return (
+            f"got {address!r}: Ray Client addresses (ray://) are not supported; run fedllm on a node of "
+            "the cluster and give the head's <host>:<port> (the `ray start --head --port` address)"
+        )
     host, _, port = address.rpartition(":")
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [IPv6]
     host_ok = bool(bare) and all(c.isalnum() or c in ".-_:" for c in bare) and (":" not in bare or bare != host)
@@ -310,7 +338,7 @@ class FederationConfig:
     fraction_train: float = 1.0
     min_train_clients: int = 1
     client_cpus: float = 1.0
-    client_gpus: float = 0.0   # simulation: GPU share per virtual client (e.g. 0.5 = two per GPU)
+    client_gpus: float = 0.0  # simulation: GPU share per virtual client (e.g. 0.5 = two per GPU)
     round_timeout: float = 3600.0
     aggregation: Aggregation = "fedavg"
     trim_fraction: float = 0.2
@@ -332,26 +360,41 @@ class FederationConfig:
         _check_types(self, "federation")
         address_problem = _ray_address_problem(self.ray_address)
         _require(address_problem is None, "federation.ray_address", str(address_problem))
-        _require(self.ray_address is None or self.engine == "ray", "federation.ray_address",
-                 f"joins a Ray cluster, but federation.engine={self.engine} runs without Ray: set "
-                 "federation.engine=ray or federation.ray_address=null")
+        _require(
+            self.ray_address is None or self.engine == "ray",
+            "federation.ray_address",
+            f"joins a Ray cluster, but federation.engine={self.engine} runs without Ray: set "
+            "federation.engine=ray or federation.ray_address=null",
+        )
         _require(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
-        _require(self.update_norm_ratio > 1, "federation.update_norm_ratio",
-                 "must be above 1 (an update this many times the round's median norm is rejected)")
-        _require(self.max_update_norm is None or self.max_update_norm > 0, "federation.max_update_norm",
-                 "must be positive, or empty for no absolute bound")
+        _require(
+            self.update_norm_ratio > 1,
+            "federation.update_norm_ratio",
+            "must be above 1 (an update this many times the round's median norm is rejected)",
+        )
+        _require(
+            self.max_update_norm is None or self.max_update_norm > 0,
+            "federation.max_update_norm",
+            "must be positive, or empty for no absolute bound",
+        )
         _require(":" in self.client_app, "federation.client_app", "must be 'module:attribute'")
         _require(self.min_train_clients > 0, "federation.min_train_clients", "must be a positive integer")
-        _require(self.min_train_clients <= self.num_clients, "federation.min_train_clients",
-                 f"must not exceed federation.num_clients ({self.num_clients})")
+        _require(
+            self.min_train_clients <= self.num_clients,
+            "federation.min_train_clients",
+            f"must not exceed federation.num_clients ({self.num_clients})",
+        )
         _require(self.round_timeout > 0, "federation.round_timeout", "must be positive (seconds)")
         _require(self.num_clients > 0, "federation.num_clients", "must be a positive integer")
         _require(self.num_rounds > 0, "federation.num_rounds", "must be a positive integer")
         _require(0 < self.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
         _require(self.client_cpus > 0, "federation.client_cpus", "must be positive")
         _require(self.client_gpus >= 0, "federation.client_gpus", "must be 0 (CPU) or a positive GPU share")
-        _require(not self.node_ids or len(self.node_ids) == self.num_clients, "federation.node_ids",
-                 f"list one registered node id per client ({self.num_clients}), in partition order")
+        _require(
+            not self.node_ids or len(self.node_ids) == self.num_clients,
+            "federation.node_ids",
+            f"list one registered node id per client ({self.num_clients}), in partition order",
+        )
         _require(len(set(self.node_ids)) == len(self.node_ids), "federation.node_ids", "node ids must be distinct")
 
 
@@ -425,17 +468,29 @@ class ExperimentConfig:
         _check_types(self, "")
         _require(self.seed >= 0, "seed", "must be a non-negative integer")
         if self.privacy.client_level:
-            _require(self.federation.aggregation == "fedavg", "federation.aggregation",
-                     "client-level DP is calibrated for the mean of clipped updates: use federation.aggregation=fedavg")
-            _require(self.privacy.client_delta < 1.0 / self.federation.num_clients, "privacy.client_delta",
-                     f"must be below 1/num_clients = {1.0 / self.federation.num_clients:.3g} for "
-                     "client-level DP to mean anything")
+            _require(
+                self.federation.aggregation == "fedavg",
+                "federation.aggregation",
+                "client-level DP is calibrated for the mean of clipped updates: use federation.aggregation=fedavg",
+            )
+            _require(
+                self.privacy.client_delta < 1.0 / self.federation.num_clients,
+                "privacy.client_delta",
+                f"must be below 1/num_clients = {1.0 / self.federation.num_clients:.3g} for "
+                "client-level DP to mean anything",
+            )
         for cap in self.privacy.client_caps:
-            _require(cap.client < self.federation.num_clients, "privacy.client_caps",
-                     f"client {cap.client} does not exist (federation.num_clients={self.federation.num_clients})")
+            _require(
+                cap.client < self.federation.num_clients,
+                "privacy.client_caps",
+                f"client {cap.client} does not exist (federation.num_clients={self.federation.num_clients})",
+            )
         if self.train.objective == "choices":
-            _require(len(self.data.choices) >= 2, "train.objective",
-                     "objective=choices needs data.choices (the fixed answers); use train.objective=token")
+            _require(
+                len(self.data.choices) >= 2,
+                "train.objective",
+                "objective=choices needs data.choices (the fixed answers); use train.objective=token",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
@@ -488,8 +543,9 @@ def _build_section(section_type: type, prefix: str, raw: Any) -> Any:
         raise unknown_key_error(f"{prefix}.{unknown[0]}", sorted(names), f"known keys of {prefix}")
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
     if section_type is PrivacyConfig and isinstance(values.get("client_caps"), tuple):
-        values["client_caps"] = tuple(_build_section(ClientCap, f"{prefix}.client_caps", cap)
-                                      for cap in values["client_caps"])
+        values["client_caps"] = tuple(
+            _build_section(ClientCap, f"{prefix}.client_caps", cap) for cap in values["client_caps"]
+        )
     try:
         return section_type(**values)
     except TypeError as exc:  # wrong value types surface here
@@ -569,8 +625,15 @@ def from_hydra(cfg: Any) -> ExperimentConfig:
 
 # Hydra's own messages span several lines (a hint, the full key, the search path); what we
 # keep of them, joined into one line.
-_HYDRA_NOISE = ("full_key:", "object_type", "reference_type", "config search path", "provider=", "see https://",
-                "set the environment variable hydra_full_error")
+_HYDRA_NOISE = (
+    "full_key:",
+    "object_type",
+    "reference_type",
+    "config search path",
+    "provider=",
+    "see https://",
+    "set the environment variable hydra_full_error",
+)
 
 
 def hydra_error(exc: BaseException) -> ConfigError:
@@ -621,10 +684,14 @@ def _unknown_key(exc: BaseException) -> ConfigError | None:
         return None
     section = str(full_key).partition(".")[0]
     if section in _SECTION_TYPES and "." in str(full_key):
-        return unknown_key_error(str(full_key), sorted(f.name for f in dataclasses.fields(_SECTION_TYPES[section])),
-                                 f"known keys of {section}")
-    return unknown_key_error(str(full_key), sorted([*_SECTION_TYPES, *_OTHER_TOP_LEVEL]),
-                             "known top-level keys and groups")
+        return unknown_key_error(
+            str(full_key),
+            sorted(f.name for f in dataclasses.fields(_SECTION_TYPES[section])),
+            f"known keys of {section}",
+        )
+    return unknown_key_error(
+        str(full_key), sorted([*_SECTION_TYPES, *_OTHER_TOP_LEVEL]), "known top-level keys and groups"
+    )
 
 
 _OTHER_TOP_LEVEL = ("seed", "resume", "debug", "gpu", "audit")
@@ -640,8 +707,10 @@ def unknown_key_error(key: str, known: list[str], known_label: str) -> ConfigErr
     """
     prefix, _, name = key.rpartition(".")
     if name in known:  # a field of the section that the chosen group option does not set
-        return ConfigError(f"{key}: not settable with the chosen {prefix or 'config'} option "
-                           f"(e.g. model.hidden_size exists only with model=tiny); see docs/config.md")
+        return ConfigError(
+            f"{key}: not settable with the chosen {prefix or 'config'} option "
+            f"(e.g. model.hidden_size exists only with model=tiny); see docs/config.md"
+        )
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     if close:
         return ConfigError(f"{key}: unknown key; did you mean {prefix + '.' if prefix else ''}{close[0]}?")

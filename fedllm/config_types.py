@@ -68,8 +68,7 @@ def _conform(value: Any, hint: Any, key: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]  # our Optionals wrap exactly one type
         return _conform(value, inner, key)
     if origin is typing.Literal:  # a mode: one of the listed strings (from YAML, so checked here)
-        _require(isinstance(value, str) and value in args, key,
-                 f"got {value!r}; choose one of {', '.join(args)}")
+        _require(isinstance(value, str) and value in args, key, f"got {value!r}; choose one of {', '.join(args)}")
         return value
     if origin is tuple:
         _require(isinstance(value, (tuple, list)), key, f"expected a list, got {value!r}")
@@ -77,21 +76,22 @@ def _conform(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
     elif hint is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key,
-                 f"expected an integer, got {value!r}")
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
     elif hint is float:
         return _finite(value, key)
     elif hint is str:
-        _require(isinstance(value, str), key,
-                 f"expected text, got {value!r}; quote it if it is meant as text, e.g. '{value}'")
+        _require(
+            isinstance(value, str),
+            key,
+            f"expected text, got {value!r}; quote it if it is meant as text, e.g. '{value}'",
+        )
     elif isinstance(hint, type):
         _require(isinstance(value, hint), key, f"expected a {hint.__name__}, got {value!r}")
     return value
 
 
 def _finite(value: Any, key: str) -> float:
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-             f"expected a number, got {value!r}")
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
     try:
         number = float(value)
     except OverflowError:  # an int beyond float range

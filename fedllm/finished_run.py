@@ -45,8 +45,10 @@ def load_finished_run(run_dir: Path, key: bytes | None) -> FinishedRun:
     run_dir = Path(run_dir)
     config_file, adapter = run_dir / CONFIG_FILE, run_dir / ADAPTER_DIR
     if not config_file.is_file() or not adapter.is_dir():
-        raise FedLLMError(f"{run_dir} is not a finished run: it needs {CONFIG_FILE} and {ADAPTER_DIR}/ "
-                          "(a failed run saves no adapter)")
+        raise FedLLMError(
+            f"{run_dir} is not a finished run: it needs {CONFIG_FILE} and {ADAPTER_DIR}/ "
+            "(a failed run saves no adapter)"
+        )
     cfg = ExperimentConfig.from_json(config_file.read_text(encoding="utf-8"))
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
     weights = read_adapter_weights(adapter, key)
@@ -55,8 +57,9 @@ def load_finished_run(run_dir: Path, key: bytes | None) -> FinishedRun:
     result: Any = set_peft_model_state_dict(bundle.model, weights)  # torch's _IncompatibleKeys (PEFT leaves it untyped)
     missing, unexpected = [k for k in result.missing_keys if "lora_" in k], result.unexpected_keys
     if missing or unexpected:
-        raise IntegrityError(f"{adapter}: does not fit the run's model (missing {missing[:3]}, "
-                             f"unexpected {list(unexpected)[:3]})")
+        raise IntegrityError(
+            f"{adapter}: does not fit the run's model (missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
+        )
     return FinishedRun(path=run_dir, config=cfg, bundle=bundle)
 
 
@@ -66,8 +69,9 @@ def records_for(run: FinishedRun, data_file: Path | None) -> TokenizedDataset:
     cfg = run.config
     if data_file is None:
         return task.tokenized_test(cfg)
-    records = load_records(data_file, "auto", cfg.data.prompt_field, cfg.data.response_field,
-                           max_record_chars=cfg.data.max_record_chars)
+    records = load_records(
+        data_file, "auto", cfg.data.prompt_field, cfg.data.response_field, max_record_chars=cfg.data.max_record_chars
+    )
     return tokenize_records(records, run.bundle.tokenizer, task.prompt_format(cfg.data))
 
 
@@ -75,5 +79,11 @@ def evaluate_run(run: FinishedRun, dataset: TokenizedDataset) -> EvalResult:
     """The final adapter's held-out loss (and accuracy for fixed answers) on ``dataset``,
     computed exactly as the server evaluated each round."""
     cfg = run.config
-    return evaluate(run.bundle.model, dataset, run.bundle.pad_id, task.choice_ids_for(cfg),
-                    cfg.train.eval_batch_size, use_bf16(cfg.train.precision))
+    return evaluate(
+        run.bundle.model,
+        dataset,
+        run.bundle.pad_id,
+        task.choice_ids_for(cfg),
+        cfg.train.eval_batch_size,
+        use_bf16(cfg.train.precision),
+    )

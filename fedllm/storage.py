@@ -82,11 +82,13 @@ _NEEDS_KEY = "set storage.encrypt=true (on a node: its encryption key) with the 
 
 def _subkey(key: bytes, purpose: str) -> bytes:
     """A key for one purpose only, derived from the configured key (HKDF-SHA256)."""
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
-                info=f"fedllm/at-rest/2/{purpose}".encode()).derive(key)
+    return HKDF(
+        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=f"fedllm/at-rest/2/{purpose}".encode()
+    ).derive(key)
 
 
 # ---------------------------------------------------------------- JSON files: checksum or MAC
+
 
 def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True).encode("utf-8")
@@ -156,11 +158,14 @@ def verify_json(payload: Any, key: bytes | None, *, role: str, name: str, what: 
         raise IntegrityError(
             f"{what}: carries only an unkeyed checksum, which anyone who can write the file can recompute (it was "
             "written without encryption, or by fedllm before issue 13); with a key configured it is not trusted. "
-            "Use the storage settings it was written with, or start afresh")
+            "Use the storage settings it was written with, or start afresh"
+        )
     body = {k: v for k, v in payload.items() if k != "mac"}
     if not hmac.compare_digest(str(payload["mac"]).encode("utf-8"), _mac(body, key, role, name).encode("utf-8")):
-        raise IntegrityError(f"{what}: fails its authentication check: wrong encryption key, or the file was "
-                             "edited or moved; it is not used")
+        raise IntegrityError(
+            f"{what}: fails its authentication check: wrong encryption key, or the file was "
+            "edited or moved; it is not used"
+        )
     return body
 
 
@@ -185,8 +190,9 @@ class SealedHeader:
 
 
 def _header_line(encrypted: bool, role: str, name: str) -> bytes:
-    return json.dumps({"encrypted": encrypted, "role": role, "name": name}, sort_keys=True,
-                      separators=(",", ":")).encode("utf-8")
+    return json.dumps(
+        {"encrypted": encrypted, "role": role, "name": name}, sort_keys=True, separators=(",", ":")
+    ).encode("utf-8")
 
 
 def seal(data: bytes, key: bytes | None, *, role: str, name: str) -> bytes:
@@ -227,18 +233,22 @@ def read_header(blob: bytes, what: str) -> tuple[SealedHeader, bytes, bytes]:
     except (ValueError, RecursionError):
         raise bad from None
     expected = {"encrypted": bool, "role": str, "name": str} if version == 2 else {"encrypted": bool, "sha256": str}
-    if not (isinstance(fields, dict) and set(fields) == set(expected)
-            and all(isinstance(fields[k], kind) for k, kind in expected.items())):
+    if not (
+        isinstance(fields, dict)
+        and set(fields) == set(expected)
+        and all(isinstance(fields[k], kind) for k, kind in expected.items())
+    ):
         raise bad
     if version == 2:
         header = SealedHeader(2, fields["encrypted"], fields["role"], fields["name"])
     else:
         header = SealedHeader(1, fields["encrypted"], None, None, legacy_sha256=fields["sha256"])
-    return header, blob[:end + 1], blob[end + 1:]
+    return header, blob[: end + 1], blob[end + 1 :]
 
 
-def unseal(blob: bytes, key: bytes | None, *, role: str | None, name: str | None, what: str,
-           legacy: bool = False) -> bytes:
+def unseal(
+    blob: bytes, key: bytes | None, *, role: str | None, name: str | None, what: str, legacy: bool = False
+) -> bytes:
     """The content of a sealed file, checked.
 
     Args:
@@ -263,7 +273,8 @@ def unseal(blob: bytes, key: bytes | None, *, role: str | None, name: str | None
         raise IntegrityError(
             f"{what}: is not encrypted, but a key is configured: a plaintext file where an encrypted one is expected "
             "is refused (it may have been swapped in). If it was written without encryption, read it with the "
-            "settings it was written with")
+            "settings it was written with"
+        )
     if header.version == 1:
         return _unseal_legacy(header, body, key, what, legacy)
     if key is None:
@@ -274,8 +285,10 @@ def unseal(blob: bytes, key: bytes | None, *, role: str | None, name: str | None
         data = _decrypt(_subkey(key, "seal"), body, prefix, what)
     for field, wanted, found in (("role", role, header.role), ("name", name, header.name)):
         if wanted is not None and found != wanted:
-            raise IntegrityError(f"{what}: was sealed as {field} {found!r}, expected {wanted!r}: it was moved or "
-                                 "swapped in from elsewhere, and is not used")
+            raise IntegrityError(
+                f"{what}: was sealed as {field} {found!r}, expected {wanted!r}: it was moved or "
+                "swapped in from elsewhere, and is not used"
+            )
     return data
 
 
@@ -294,7 +307,8 @@ def _unseal_legacy(header: SealedHeader, body: bytes, key: bytes | None, what: s
             raise IntegrityError(
                 f"{what}: was written by fedllm before issue 13 (sealed format 1), which does not bind a file to its "
                 "role and name, so it is not used with a key configured. `fedllm decrypt` still opens it with its "
-                "key; a checkpoint in this format cannot be resumed: start the run afresh")
+                "key; a checkpoint in this format cannot be resumed: start the run afresh"
+            )
         data = _decrypt(key, body, LEGACY_SEAL_MAGIC, what)  # format 1 used the key itself
     else:
         data = body
@@ -304,6 +318,7 @@ def _unseal_legacy(header: SealedHeader, body: bytes, key: bytes | None, what: s
 
 
 # ---------------------------------------------------------------- JSON files that may be encrypted
+
 
 def dump_json_file(payload: dict[str, Any], key: bytes | None, *, role: str, name: str) -> bytes:
     """A JSON state file's bytes: readable JSON with a checksum (no key), or sealed (key).
@@ -333,7 +348,8 @@ def load_json_file(raw: bytes, key: bytes | None, *, role: str, name: str, what:
     if key is not None:
         raise IntegrityError(
             f"{what}: is not encrypted, but a key is configured: a plaintext file where an encrypted one is expected "
-            "is refused (it may have been swapped in)")
+            "is refused (it may have been swapped in)"
+        )
     try:
         payload = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -342,6 +358,7 @@ def load_json_file(raw: bytes, key: bytes | None, *, role: str, name: str, what:
 
 
 # ---------------------------------------------------------------- keys
+
 
 def load_key(key_file: str | None, key_env: str, setting: str = "storage.encrypt=true") -> bytes:
     """The 32-byte key from ``key_file`` or the environment variable ``key_env`` (64 hex chars).
@@ -367,6 +384,7 @@ def load_key(key_file: str | None, key_env: str, setting: str = "storage.encrypt
     except ValueError:
         key = b""
     if len(key) != KEY_BYTES:
-        raise ConfigError(f"{setting} needs a 256-bit key as 64 hex characters in {source} "
-                          "(e.g. from `openssl rand -hex 32`)")
+        raise ConfigError(
+            f"{setting} needs a 256-bit key as 64 hex characters in {source} (e.g. from `openssl rand -hex 32`)"
+        )
     return key

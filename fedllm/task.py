@@ -51,8 +51,9 @@ def model_bundle(model_cfg: ModelConfig, lora_cfg: LoraSettings, seed: int) -> M
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the same initial adapter in every process and every run of a seed
         model = apply_lora(base, lora_cfg)
-    return ModelBundle(model=model, tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id),
-                       initial_adapter=adapter_state(model))
+    return ModelBundle(
+        model=model, tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id), initial_adapter=adapter_state(model)
+    )
 
 
 def load_all_records(data_cfg: DataConfig) -> list[Record]:
@@ -64,9 +65,14 @@ def load_all_records(data_cfg: DataConfig) -> list[Record]:
     else:
         if not data_cfg.path:  # DataConfig already requires it (data=jsonl); this narrows the type
             raise ConfigError("data=jsonl needs data.path=<file.jsonl or .csv>")
-        records = load_records(data_cfg.path, data_cfg.format, data_cfg.prompt_field,
-                               data_cfg.response_field, max_record_chars=data_cfg.max_record_chars,
-                               duplicates=data_cfg.duplicates)
+        records = load_records(
+            data_cfg.path,
+            data_cfg.format,
+            data_cfg.prompt_field,
+            data_cfg.response_field,
+            max_record_chars=data_cfg.max_record_chars,
+            duplicates=data_cfg.duplicates,
+        )
     return records[: data_cfg.max_records] if data_cfg.max_records else records
 
 
@@ -74,8 +80,13 @@ def load_all_records(data_cfg: DataConfig) -> list[Record]:
 def data_split(data_cfg: DataConfig, num_clients: int, min_shard: int, seed: int) -> Split:
     """The held-out test set and every client's shard (deterministic in ``seed``)."""
     return split_records(
-        load_all_records(data_cfg), test_size=data_cfg.test_size, num_clients=num_clients,
-        partition=data_cfg.partition, alpha=data_cfg.dirichlet_alpha, min_shard=min_shard, seed=seed,
+        load_all_records(data_cfg),
+        test_size=data_cfg.test_size,
+        num_clients=num_clients,
+        partition=data_cfg.partition,
+        alpha=data_cfg.dirichlet_alpha,
+        min_shard=min_shard,
+        seed=seed,
     )
 
 
@@ -83,21 +94,35 @@ def prompt_format(data_cfg: DataConfig, nonconforming: str = "error") -> PromptF
     """The prompt/answer layout of ``data_cfg``; a node's training data uses
     ``nonconforming="mask"`` (records the server's format cannot train on get no target
     instead of failing the round: a refusal would tell the server they exist)."""
-    return PromptFormat(prompt_template=data_cfg.prompt_template,
-                        response_template=data_cfg.response_template,
-                        max_length=data_cfg.max_length, choices=data_cfg.choices, overlong=data_cfg.overlong,
-                        nonconforming=nonconforming)
+    return PromptFormat(
+        prompt_template=data_cfg.prompt_template,
+        response_template=data_cfg.response_template,
+        max_length=data_cfg.max_length,
+        choices=data_cfg.choices,
+        overlong=data_cfg.overlong,
+        nonconforming=nonconforming,
+    )
 
 
 def _log_shard(name: str, shard: TokenizedDataset, max_length: int) -> None:
     """The node's own log: records truncated or kept without a target (never sent anywhere)."""
     if shard.truncated:
-        log.warning("%s: %d of %d records are longer than data.max_length=%d; their prompts were left-truncated "
-                    "(overlong=refuse in the node config stops instead)", name, shard.truncated, len(shard), max_length)
+        log.warning(
+            "%s: %d of %d records are longer than data.max_length=%d; their prompts were left-truncated "
+            "(overlong=refuse in the node config stops instead)",
+            name,
+            shard.truncated,
+            len(shard),
+            max_length,
+        )
     if shard.masked:
-        log.warning("%s: %d of %d records do not fit the run's task format (answer not among the choices, or "
-                    "longer than data.max_length): they are kept with no training target", name, shard.masked,
-                    len(shard))
+        log.warning(
+            "%s: %d of %d records do not fit the run's task format (answer not among the choices, or "
+            "longer than data.max_length): they are kept with no training target",
+            name,
+            shard.masked,
+            len(shard),
+        )
 
 
 def split_for(cfg: ExperimentConfig) -> Split:
@@ -109,8 +134,9 @@ def split_for(cfg: ExperimentConfig) -> Split:
 def tokenized_shard(cfg: ExperimentConfig, partition_id: int) -> TokenizedDataset:
     """Client ``partition_id``'s tokenized training shard."""
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
-    shard = tokenize_records(split_for(cfg).shards[partition_id], bundle.tokenizer,
-                             prompt_format(cfg.data, nonconforming="mask"))
+    shard = tokenize_records(
+        split_for(cfg).shards[partition_id], bundle.tokenizer, prompt_format(cfg.data, nonconforming="mask")
+    )
     _log_shard(f"client {partition_id}", shard, cfg.data.max_length)
     return shard
 
@@ -144,8 +170,9 @@ def shard_fingerprint(cfg: ExperimentConfig, partition_id: int) -> str:
     return fingerprint((r.prompt, r.response) for r in split_for(cfg).shards[partition_id])
 
 
-def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, data_format: DataFormat
-               ) -> tuple[TokenizedDataset, str]:
+def node_shard(
+    cfg: ExperimentConfig, partition_id: int, data_path: str | None, data_format: DataFormat
+) -> tuple[TokenizedDataset, str]:
     """The node's tokenized training data and its fingerprint: its own file when the node config
     names one (deployment), else its shard of the experiment's data (simulation).
 
@@ -162,11 +189,18 @@ def node_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | None, 
 
 
 @lru_cache(maxsize=4)  # a node answers every round of a run with the same file: tokenize it once
-def _local_shard(cfg: ExperimentConfig, data_path: str, data_format: DataFormat, version: tuple[int, int]
-                 ) -> tuple[TokenizedDataset, str]:
+def _local_shard(
+    cfg: ExperimentConfig, data_path: str, data_format: DataFormat, version: tuple[int, int]
+) -> tuple[TokenizedDataset, str]:
     """``version`` (mtime, size) keys the cache: an edited file is read again, never served stale."""
-    records = load_records(data_path, data_format, cfg.data.prompt_field, cfg.data.response_field,
-                           max_record_chars=cfg.data.max_record_chars, duplicates=cfg.data.duplicates)
+    records = load_records(
+        data_path,
+        data_format,
+        cfg.data.prompt_field,
+        cfg.data.response_field,
+        max_record_chars=cfg.data.max_record_chars,
+        duplicates=cfg.data.duplicates,
+    )
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
     shard = tokenize_records(records, bundle.tokenizer, prompt_format(cfg.data, nonconforming="mask"))
     _log_shard(data_path, shard, cfg.data.max_length)

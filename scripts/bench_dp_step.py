@@ -67,8 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", default="embedded,tiny")
     parser.add_argument("--batches", default="8,16")
     parser.add_argument("--seqs", default="64,128")
-    parser.add_argument("--modes", default="none,hooks,functorch",
-                        help="grad-sample modes; none (the non-private replay) is always measured")
+    parser.add_argument(
+        "--modes",
+        default="none,hooks,functorch",
+        help="grad-sample modes; none (the non-private replay) is always measured",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="seeds (independent rounds) per configuration")
     parser.add_argument("--steps", type=int, default=4, help="DP / non-DP step pairs per seed")
     parser.add_argument("--micro-batches", type=int, default=2, help="train.micro_batches")
@@ -103,11 +106,19 @@ def model_config(model_name: str) -> ModelConfig:
 
 def local_spec(batch: int, micro_batches: int) -> LocalSpec:
     bf16 = PLACEMENT["dtype"] == "bf16" or PLACEMENT["quantization"] != "none"
-    return LocalSpec(steps=1, batch_size=batch, lr=1e-3, weight_decay=0.0, objective="choices", bf16=bf16,
-                     micro_batches=micro_batches)
+    return LocalSpec(
+        steps=1,
+        batch_size=batch,
+        lr=1e-3,
+        weight_decay=0.0,
+        objective="choices",
+        bf16=bf16,
+        micro_batches=micro_batches,
+    )
 
 
 # ---- phase timers ----------------------------------------------------------------------------
+
 
 class Timers:
     """Seconds per named phase, accumulated while ``active`` names the step's mode."""
@@ -126,6 +137,7 @@ class Timers:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[name] += time.process_time() - started
+
         return timed
 
     def take(self) -> dict[str, float]:
@@ -148,8 +160,9 @@ def install_timers() -> None:
     local.per_example_loss = TIMERS.wrap("forward", local.per_example_loss)
     torch.Tensor.backward = TIMERS.wrap("backward", torch.Tensor.backward)
     GradSampleHooks.capture_backprops_hook = TIMERS.wrap("per_sample_grads", GradSampleHooks.capture_backprops_hook)
-    GradSampleHooks.capture_activations_hook = TIMERS.wrap("activation_capture",
-                                                           GradSampleHooks.capture_activations_hook)
+    GradSampleHooks.capture_activations_hook = TIMERS.wrap(
+        "activation_capture", GradSampleHooks.capture_activations_hook
+    )
     randomness.GaussianNoise.like = TIMERS.wrap("noise_draw", randomness.GaussianNoise.like)
     if hasattr(randomness.GaussianNoise, "like_many"):
         randomness.GaussianNoise.like_many = TIMERS.wrap("noise_draw", randomness.GaussianNoise.like_many)
@@ -158,9 +171,13 @@ def install_timers() -> None:
 
 def time_optimizer(optimizer) -> None:
     """Per-instance timers on a DP optimizer's phases (pre_step calls them through ``self``)."""
-    for name, phase in (("clip_and_accumulate", "clipping"), ("add_noise", "noise_total"),
-                        ("scale_grad", "scale_and_account"), ("step_hook", "scale_and_account"),
-                        ("zero_grad", "zero_grad")):
+    for name, phase in (
+        ("clip_and_accumulate", "clipping"),
+        ("add_noise", "noise_total"),
+        ("scale_grad", "scale_and_account"),
+        ("step_hook", "scale_and_account"),
+        ("zero_grad", "zero_grad"),
+    ):
         method = getattr(optimizer, name)
         if method is not None:
             setattr(optimizer, name, TIMERS.wrap(phase, method))
@@ -172,6 +189,7 @@ def time_plain(optimizer) -> None:
 
 # ---- one configuration -----------------------------------------------------------------------
 
+
 def _dp_step(model, session, chunks, spec) -> float:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -180,8 +198,11 @@ def _dp_step(model, session, chunks, spec) -> float:
 
 def _hooks_on(hooks) -> None:
     if not hasattr(hooks, "autograd_grad_sample_hooks"):
-        hooks.add_hooks(loss_reduction=hooks.loss_reduction, batch_first=hooks.batch_first,
-                        force_functorch=getattr(hooks, "force_functorch", False))
+        hooks.add_hooks(
+            loss_reduction=hooks.loss_reduction,
+            batch_first=hooks.batch_first,
+            force_functorch=getattr(hooks, "force_functorch", False),
+        )
 
 
 def _hooks_off(hooks) -> None:
@@ -198,8 +219,9 @@ def _workload(model_name: str, batch: int, seq: int, micro_batches: int):
     return bundle.model, data, collate, local_spec(batch, micro_batches), params
 
 
-def measure_config(model_name: str, batch: int, seq: int, mode: str, seeds: int, steps: int,
-                   micro_batches: int) -> dict:
+def measure_config(
+    model_name: str, batch: int, seq: int, mode: str, seeds: int, steps: int, micro_batches: int
+) -> dict:
     """Interleaved DP / non-DP pairs on identical Poisson batches; per-pair times and phases."""
     install_timers()
     model, data, collate, spec, params = _workload(model_name, batch, seq, micro_batches)
@@ -208,10 +230,19 @@ def measure_config(model_name: str, batch: int, seq: int, mode: str, seeds: int,
     model.train()
     for seed in range(seeds):
         started = time.perf_counter()
-        session = dpsgd.start_round(model=model, optimizer=torch.optim.AdamW(params, lr=1e-3), dataset=data,
-                                    batch_size=batch, collate=collate, noise_multiplier=NOISE_MULTIPLIER,
-                                    max_grad_norm=CLIP, history=[], accountant="rdp", grad_sample_mode=mode,
-                                    randomness=dp_randomness(seed))
+        session = dpsgd.start_round(
+            model=model,
+            optimizer=torch.optim.AdamW(params, lr=1e-3),
+            dataset=data,
+            batch_size=batch,
+            collate=collate,
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=CLIP,
+            history=[],
+            accountant="rdp",
+            grad_sample_mode=mode,
+            randomness=dp_randomness(seed),
+        )
         setup.append(time.perf_counter() - started)
         plain = torch.optim.AdamW(params, lr=1e-3)
         time_optimizer(session.optimizer)
@@ -226,7 +257,7 @@ def measure_config(model_name: str, batch: int, seq: int, mode: str, seeds: int,
                     continue
                 chunks = split_by_length(chunk_batch, micro_batches)
                 seconds = {}
-                for which in (("dp", "none") if step % 2 == 0 else ("none", "dp")):
+                for which in ("dp", "none") if step % 2 == 0 else ("none", "dp"):
                     (_hooks_on if which == "dp" else _hooks_off)(session.hooks)
                     TIMERS.active = which
                     started, cpu = time.perf_counter(), time.process_time()
@@ -253,14 +284,20 @@ def measure_config(model_name: str, batch: int, seq: int, mode: str, seeds: int,
     for clock, suffix in (("", ""), ("_cpu", "_cpu")):
         ratios = sorted(p["dp" + clock] / p["none" + clock] for p in pairs)
         quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if n > 1 else [ratios[0]] * 3
-        result.update({
-            f"dp_seconds_median{suffix}": statistics.median(p["dp" + clock] for p in pairs),
-            f"none_seconds_median{suffix}": statistics.median(p["none" + clock] for p in pairs),
-            f"ratio_median{suffix}": round(quartiles[1], 4), f"ratio_q1{suffix}": round(quartiles[0], 4),
-            f"ratio_q3{suffix}": round(quartiles[2], 4), f"ratio_min{suffix}": round(ratios[0], 4),
-            f"ratio_max{suffix}": round(ratios[-1], 4),
-            f"ratio_of_totals{suffix}": round(sum(p["dp" + clock] for p in pairs)
-                                             / sum(p["none" + clock] for p in pairs), 4)})
+        result.update(
+            {
+                f"dp_seconds_median{suffix}": statistics.median(p["dp" + clock] for p in pairs),
+                f"none_seconds_median{suffix}": statistics.median(p["none" + clock] for p in pairs),
+                f"ratio_median{suffix}": round(quartiles[1], 4),
+                f"ratio_q1{suffix}": round(quartiles[0], 4),
+                f"ratio_q3{suffix}": round(quartiles[2], 4),
+                f"ratio_min{suffix}": round(ratios[0], 4),
+                f"ratio_max{suffix}": round(ratios[-1], 4),
+                f"ratio_of_totals{suffix}": round(
+                    sum(p["dp" + clock] for p in pairs) / sum(p["none" + clock] for p in pairs), 4
+                ),
+            }
+        )
     return {
         **result,
         "round_setup_seconds": statistics.median(setup),
@@ -296,6 +333,7 @@ def breakdown(result: dict) -> dict[str, float]:
 
 # ---- memory ----------------------------------------------------------------------------------
 
+
 def peak_mb() -> float:
     """Peak memory so far, in MB: CUDA memory allocated on a GPU, else the process's peak RSS."""
     if PLACEMENT["device"] != "cpu" and torch.cuda.is_available():
@@ -318,10 +356,19 @@ def probe(config: str, steps: int, micro_batches: int) -> dict:
         loader = dpsgd.poisson_loader(data, batch, collate, dp_randomness(0))
         optimizer, session = torch.optim.AdamW(params, lr=1e-3), None
     else:
-        session = dpsgd.start_round(model=model, optimizer=torch.optim.AdamW(params, lr=1e-3), dataset=data,
-                                    batch_size=batch, collate=collate, noise_multiplier=NOISE_MULTIPLIER,
-                                    max_grad_norm=CLIP, history=[], accountant="rdp", grad_sample_mode=mode,
-                                    randomness=dp_randomness(0))
+        session = dpsgd.start_round(
+            model=model,
+            optimizer=torch.optim.AdamW(params, lr=1e-3),
+            dataset=data,
+            batch_size=batch,
+            collate=collate,
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=CLIP,
+            history=[],
+            accountant="rdp",
+            grad_sample_mode=mode,
+            randomness=dp_randomness(0),
+        )
         optimizer, loader = session.optimizer, session.loader
     batches = local._batches(loader)
     for _ in range(steps):
@@ -341,15 +388,31 @@ def probe(config: str, steps: int, micro_batches: int) -> dict:
 
 def measure_memory(config: tuple, steps: int, micro_batches: int) -> dict | None:
     placement = [f"--{key}={value}" for key, value in PLACEMENT.items()]
-    result = subprocess.run([sys.executable, __file__, "--probe", ",".join(map(str, config)), "--steps", str(steps),
-                             "--micro-batches", str(micro_batches), "--threads", "1", *placement],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--probe",
+            ",".join(map(str, config)),
+            "--steps",
+            str(steps),
+            "--micro-batches",
+            str(micro_batches),
+            "--threads",
+            "1",
+            *placement,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if result.returncode != 0:
         return None
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # ---- the run ---------------------------------------------------------------------------------
+
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
@@ -358,13 +421,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     for model_name in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
             for seq in map(int, args.seqs.split(",")):
-                memory_none = None if args.no_memory else measure_memory(
-                    (model_name, batch, seq, "none"), args.steps, args.micro_batches)
+                memory_none = (
+                    None
+                    if args.no_memory
+                    else measure_memory((model_name, batch, seq, "none"), args.steps, args.micro_batches)
+                )
                 for mode in dp_modes:
                     row = {"model": model_name, "batch": batch, "seq": seq, "mode": mode, "error": None}
                     try:
-                        row.update(measure_config(model_name, batch, seq, mode, args.repeats, args.steps,
-                                                  args.micro_batches))
+                        row.update(
+                            measure_config(model_name, batch, seq, mode, args.repeats, args.steps, args.micro_batches)
+                        )
                         row["breakdown_ms"] = breakdown(row)
                     except Exception as exc:  # a grad-sample mode that cannot handle this model: report it
                         row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
@@ -376,32 +443,44 @@ def run(args: argparse.Namespace) -> list[dict]:
                         row["peak_mb_dp"] = round(memory_dp["peak_mb"], 1) if memory_dp else None
                         row["memory_batch_sizes"] = memory_none["batch_sizes"]
                         ok = memory_dp and memory_dp["batch_sizes"] == memory_none["batch_sizes"]
-                        row["peak_mb_ratio"] = round(memory_dp["peak_mb"] / memory_none["peak_mb"], 3) \
-                            if ok and memory_none["peak_mb"] > 0 else None
+                        row["peak_mb_ratio"] = (
+                            round(memory_dp["peak_mb"] / memory_none["peak_mb"], 3)
+                            if ok and memory_none["peak_mb"] > 0
+                            else None
+                        )
                     rows.append(row)
-                    print(f"{model_name} b{batch} s{seq} {mode}: wall {_spread(row, '')}, CPU {_spread(row, '_cpu')}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"{model_name} b{batch} s{seq} {mode}: wall {_spread(row, '')}, CPU {_spread(row, '_cpu')}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     return rows
 
 
 def _spread(r: dict, suffix: str) -> str:
-    return (f"{r['ratio_median' + suffix]:.3f} [{r['ratio_q1' + suffix]:.3f}, {r['ratio_q3' + suffix]:.3f}] "
-            f"({r['ratio_min' + suffix]:.3f}-{r['ratio_max' + suffix]:.3f})")
+    return (
+        f"{r['ratio_median' + suffix]:.3f} [{r['ratio_q1' + suffix]:.3f}, {r['ratio_q3' + suffix]:.3f}] "
+        f"({r['ratio_min' + suffix]:.3f}-{r['ratio_max' + suffix]:.3f})"
+    )
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | seq | mode | pairs | non-DP s/step | DP s/step "
-             "| DP / non-DP wall: median [IQR] (min-max) | DP / non-DP CPU time: median [IQR] (min-max) "
-             "| peak MB non-DP | peak MB DP | x |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | batch | seq | mode | pairs | non-DP s/step | DP s/step "
+        "| DP / non-DP wall: median [IQR] (min-max) | DP / non-DP CPU time: median [IQR] (min-max) "
+        "| peak MB non-DP | peak MB DP | x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         head = f"| {r['model']} | {r['batch']} | {r['seq']} | {r['mode']} |"
         if r["error"]:
             lines.append(f"{head} n/a: {r['error']} |" + " |" * 7)
             continue
-        lines.append(f"{head} {r['pairs']} | {r['none_seconds_median']:.3f} | {r['dp_seconds_median']:.3f} | "
-                     f"{_spread(r, '')} | {_spread(r, '_cpu')} | {r.get('peak_mb_none', 'n/a')} | "
-                     f"{r.get('peak_mb_dp', 'n/a')} | {r.get('peak_mb_ratio', 'n/a')} |")
+        lines.append(
+            f"{head} {r['pairs']} | {r['none_seconds_median']:.3f} | {r['dp_seconds_median']:.3f} | "
+            f"{_spread(r, '')} | {_spread(r, '_cpu')} | {r.get('peak_mb_none', 'n/a')} | "
+            f"{r.get('peak_mb_dp', 'n/a')} | {r.get('peak_mb_ratio', 'n/a')} |"
+        )
     return "\n".join(lines)
 
 
@@ -410,12 +489,17 @@ def breakdown_table(rows: list[dict]) -> str:
     if not ok:
         return ""
     names = list(ok[0]["breakdown_ms"])
-    lines = ["| DP extra, CPU ms per step | " + " | ".join(f"{r['model']} b{r['batch']} s{r['seq']} {r['mode']}"
-                                                       for r in ok) + " |", "|---|" + "---|" * len(ok)]
+    lines = [
+        "| DP extra, CPU ms per step | "
+        + " | ".join(f"{r['model']} b{r['batch']} s{r['seq']} {r['mode']}" for r in ok)
+        + " |",
+        "|---|" + "---|" * len(ok),
+    ]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(f"{r['breakdown_ms'][name]:.1f}" for r in ok) + " |")
-    lines.append("| round set-up (once per round) | " + " | ".join(f"{r['round_setup_seconds'] * 1e3:.0f}"
-                                                                  for r in ok) + " |")
+    lines.append(
+        "| round set-up (once per round) | " + " | ".join(f"{r['round_setup_seconds'] * 1e3:.0f}" for r in ok) + " |"
+    )
     return "\n".join(lines)
 
 
@@ -430,13 +514,25 @@ def main() -> None:
     started = time.time()
     rows = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
-        "placement": PLACEMENT, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "method": "fair: non-DP replays the DP step's Poisson batches, interleaved; per-pair ratio",
-        "seeds": args.repeats, "steps_per_seed": args.steps, "micro_batches": args.micro_batches,
-        "command": " ".join(sys.argv), "seconds": round(time.time() - started), "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "machine": f"{platform.processor() or platform.machine()}, "
+                f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
+                "placement": PLACEMENT,
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                "method": "fair: non-DP replays the DP step's Poisson batches, interleaved; per-pair ratio",
+                "seeds": args.repeats,
+                "steps_per_seed": args.steps,
+                "micro_batches": args.micro_batches,
+                "command": " ".join(sys.argv),
+                "seconds": round(time.time() - started),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(table(rows))
     print()
     print(breakdown_table(rows))

@@ -49,8 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overhead-run", type=Path, default=None)
     parser.add_argument("--slots", type=int, default=2, help="clients a Ray run trains at a time (--overhead-run)")
     parser.add_argument("--inprocess", default="tiny", help="model of the in-process overhead run, or none")
-    parser.add_argument("--inprocess-overrides", default="",
-                        help="extra overrides for the in-process run, space-separated (e.g. federation.num_clients=4)")
+    parser.add_argument(
+        "--inprocess-overrides",
+        default="",
+        help="extra overrides for the in-process run, space-separated (e.g. federation.num_clients=4)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("outputs/bench/federation"))
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/federation.json"))
     return parser.parse_args(argv)
@@ -66,9 +69,16 @@ def wire_bytes(models: list[str]) -> list[dict]:
         for freeze_a in (False, True):
             state = model_bundle(ModelConfig(source=name), LoraSettings(freeze_a=freeze_a), 0).initial_adapter
             fp32 = sum(t.numel() * t.element_size() for t in state.values())
-            rows.append({"model": name, "lora": "FFA-LoRA (B only)" if freeze_a else "LoRA (A and B)",
-                         "tensors": len(state), "parameters": sum(t.numel() for t in state.values()),
-                         "bytes_fp32": fp32, "bytes_bf16": fp32 // 2})
+            rows.append(
+                {
+                    "model": name,
+                    "lora": "FFA-LoRA (B only)" if freeze_a else "LoRA (A and B)",
+                    "tensors": len(state),
+                    "parameters": sum(t.numel() for t in state.values()),
+                    "bytes_fp32": fp32,
+                    "bytes_bf16": fp32 // 2,
+                }
+            )
     return rows
 
 
@@ -81,11 +91,18 @@ def overhead(run_dir: Path, slots: int) -> list[dict]:
         slowest, evaluation = record.get("slowest_client_seconds") or 0.0, record.get("eval_seconds") or 0.0
         waves = -(-record["num_clients"] // slots)
         rest = wall - slowest * waves - evaluation
-        rows.append({"round": record["round"], "round_seconds": round(wall, 1), "slowest_client_seconds":
-                     round(slowest, 1), "training_at_most_s": round(slowest * waves, 1),
-                     "eval_seconds": round(evaluation, 1), "rest_at_least_s": round(rest, 1),
-                     "rest_share_at_least": round(rest / wall, 3) if wall else None,
-                     "clients": record["num_clients"]})
+        rows.append(
+            {
+                "round": record["round"],
+                "round_seconds": round(wall, 1),
+                "slowest_client_seconds": round(slowest, 1),
+                "training_at_most_s": round(slowest * waves, 1),
+                "eval_seconds": round(evaluation, 1),
+                "rest_at_least_s": round(rest, 1),
+                "rest_share_at_least": round(rest / wall, 3) if wall else None,
+                "clients": record["num_clients"],
+            }
+        )
     return rows
 
 
@@ -127,8 +144,14 @@ def inprocess_overhead(model: str, overrides: list[str], workdir: Path) -> dict:
         try:
             return client_app(message, context)
         finally:
-            calls.append({"round": training["round"], "kind": message.metadata.message_type,
-                          "seconds": time.perf_counter() - started, "train_seconds": training["seconds"]})
+            calls.append(
+                {
+                    "round": training["round"],
+                    "kind": message.metadata.message_type,
+                    "seconds": time.perf_counter() - started,
+                    "train_seconds": training["seconds"],
+                }
+            )
 
     evaluator = server_app.RoundEvaluator.__call__
 
@@ -155,12 +178,19 @@ def inprocess_overhead(model: str, overrides: list[str], workdir: Path) -> dict:
         node_other = sum(c["seconds"] for c in mine) - train
         evaluation = record.get("eval_seconds") or 0.0
         framework = wall - train - evaluation
-        rows.append({"round": record["round"], "round_seconds": round(wall, 2), "clients": len(mine),
-                     "client_training_s": round(train, 2), "eval_seconds": round(evaluation, 2),
-                     "node_work_around_training_s": round(node_other, 2),
-                     "server_and_engine_s": round(framework - node_other, 2),
-                     "framework_overhead_s": round(framework, 2),
-                     "framework_share": round(framework / wall, 4) if wall else None})
+        rows.append(
+            {
+                "round": record["round"],
+                "round_seconds": round(wall, 2),
+                "clients": len(mine),
+                "client_training_s": round(train, 2),
+                "eval_seconds": round(evaluation, 2),
+                "node_work_around_training_s": round(node_other, 2),
+                "server_and_engine_s": round(framework - node_other, 2),
+                "framework_overhead_s": round(framework, 2),
+                "framework_share": round(framework / wall, 4) if wall else None,
+            }
+        )
     return {"model": model, "overrides": [*base, *overrides], "whole_run_seconds": round(total, 1), "rounds": rows}
 
 
@@ -177,12 +207,29 @@ def _tree_rss(root: psutil.Process) -> int:
 def scale_run(clients: int, fraction: float, rounds: int, workdir: Path) -> dict:
     """One `fedllm simulate` with model=tiny; wall time and peak memory of its process tree."""
     run_dir = workdir / f"clients-{clients}"
-    args = [sys.executable, "-m", "fedllm.cli.main", "simulate", "debug=smoke", f"federation.num_clients={clients}",
-            f"federation.fraction_train={fraction}", f"federation.num_rounds={rounds}", "data.max_records=6000",
-            "data.test_size=200", "train.batch_size=8", "tracking.progress=false", f"hydra.run.dir={run_dir}"]
+    args = [
+        sys.executable,
+        "-m",
+        "fedllm.cli.main",
+        "simulate",
+        "debug=smoke",
+        f"federation.num_clients={clients}",
+        f"federation.fraction_train={fraction}",
+        f"federation.num_rounds={rounds}",
+        "data.max_records=6000",
+        "data.test_size=200",
+        "train.batch_size=8",
+        "tracking.progress=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     started = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     peak = 0
     watcher = psutil.Process(proc.pid)
 
@@ -197,34 +244,48 @@ def scale_run(clients: int, fraction: float, rounds: int, workdir: Path) -> dict
     proc.wait()
     thread.join()
     summary = json.loads((run_dir / "summary.json").read_text()) if proc.returncode == 0 else {}
-    return {"clients": clients, "sampled_per_round": max(1, round(fraction * clients)), "rounds": rounds,
-            "returncode": proc.returncode, "wall_seconds": round(time.perf_counter() - started, 1),
-            "federation_seconds": summary.get("federation_seconds"), "peak_rss_mb": round(peak / 2**20)}
+    return {
+        "clients": clients,
+        "sampled_per_round": max(1, round(fraction * clients)),
+        "rounds": rounds,
+        "returncode": proc.returncode,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "federation_seconds": summary.get("federation_seconds"),
+        "peak_rss_mb": round(peak / 2**20),
+    }
 
 
 def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-                      *("| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows)])
+    return "\n".join(
+        [
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+            *("| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows),
+        ]
+    )
 
 
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores",
-              "bytes_per_client_per_round": wire_bytes(args.models.split(","))}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores",
+        "bytes_per_client_per_round": wire_bytes(args.models.split(",")),
+    }
     print(markdown(result["bytes_per_client_per_round"]))
     if args.inprocess != "none":
-        result["inprocess_overhead"] = inprocess_overhead(args.inprocess, args.inprocess_overrides.split(),
-                                                          args.workdir)
+        result["inprocess_overhead"] = inprocess_overhead(
+            args.inprocess, args.inprocess_overrides.split(), args.workdir
+        )
         print(f"\nper-round split, in process ({result['inprocess_overhead']['overrides']}):")
         print(markdown(result["inprocess_overhead"]["rounds"]))
     if args.overhead_run:
         result["overhead"] = overhead(args.overhead_run, args.slots)
         print("\n" + markdown(result["overhead"]))
     if args.clients != "none":
-        result["scale"] = [scale_run(int(n), args.fraction, args.rounds, args.workdir)
-                           for n in args.clients.split(",")]
+        result["scale"] = [scale_run(int(n), args.fraction, args.rounds, args.workdir) for n in args.clients.split(",")]
         print("\n" + markdown(result["scale"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

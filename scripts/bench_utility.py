@@ -65,10 +65,29 @@ PRESETS = {
 DEFAULT_PRESETS = "nonprivate,dp_eps8,dp_eps3,dp_eps1,ffa_dp_eps8,centralised"
 # The defaults of each model's usual run: the default model as `make run`, tiny as debug=smoke.
 SHAPES = {"embedded": (10, 3, 5, ()), "tiny": (3, 2, 3, ("debug=smoke",))}
-COLUMNS = ("setting", "lora", "target_epsilon", "spent_epsilon", "accuracy_by_round", "final_accuracy",
-           "gain_over_zero_shot", "wall_seconds")
-REVIEW_COLUMNS = ("setting", "lora", "lr", "target_epsilon", "spent_epsilon", "perplexity_by_round",
-                  "final_perplexity", "perplexity_se", "final_loss", "loss_se", "wall_seconds")
+COLUMNS = (
+    "setting",
+    "lora",
+    "target_epsilon",
+    "spent_epsilon",
+    "accuracy_by_round",
+    "final_accuracy",
+    "gain_over_zero_shot",
+    "wall_seconds",
+)
+REVIEW_COLUMNS = (
+    "setting",
+    "lora",
+    "lr",
+    "target_epsilon",
+    "spent_epsilon",
+    "perplexity_by_round",
+    "final_perplexity",
+    "perplexity_se",
+    "final_loss",
+    "loss_se",
+    "wall_seconds",
+)
 
 
 @dataclass(frozen=True)
@@ -83,8 +102,9 @@ class Task:
 TASKS = {
     "sentiment": Task((), DEFAULT_PRESETS, generative=False),
     # data=rt_reviews selects train=token itself (conf/data/rt_reviews.yaml)
-    "reviews": Task(("data=rt_reviews",), "nonprivate,dp_eps8,dp_eps3,dp_eps1,ffa_dp_eps8,ffa_dp_eps3,ffa_dp_eps1",
-                    generative=True),
+    "reviews": Task(
+        ("data=rt_reviews",), "nonprivate,dp_eps8,dp_eps3,dp_eps1,ffa_dp_eps8,ffa_dp_eps3,ffa_dp_eps1", generative=True
+    ),
 }
 # the server's and the bench's evaluation of the same adapter must agree (same code, same split);
 # bf16 autocast in another process may reorder sums: far below the standard errors reported
@@ -95,8 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="sentiment")
     parser.add_argument("--model", choices=sorted(SHAPES), default="embedded")
-    parser.add_argument("--presets", default=None,
-                        help=f"comma-separated, from {', '.join(PRESETS)} (default: the task's table)")
+    parser.add_argument(
+        "--presets", default=None, help=f"comma-separated, from {', '.join(PRESETS)} (default: the task's table)"
+    )
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="local DP-SGD steps per client per round")
@@ -113,8 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def overrides_for(preset: Preset, model: str, clients: int, rounds: int, steps: int, extra: list[str],
-                  task: tuple[str, ...] = ()) -> list[str]:
+def overrides_for(
+    preset: Preset, model: str, clients: int, rounds: int, steps: int, extra: list[str], task: tuple[str, ...] = ()
+) -> list[str]:
     """The full override list of one preset's run (``task``: the task's own overrides)."""
     base = [*SHAPES[model][3], *task, f"federation.num_rounds={rounds}"]
     if preset.centralised:
@@ -135,8 +157,9 @@ def run_preset(name: str, overrides: list[str], workdir: Path, reuse: bool) -> P
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with (workdir / f"{name}.log").open("w") as log:
-        code = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"}).returncode
+        code = subprocess.run(
+            args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        ).returncode
     if code != 0:
         raise SystemExit(f"[{name}] fedllm simulate failed with exit code {code}; see {workdir / (name + '.log')}")
     (run_dir / "bench_wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
@@ -150,12 +173,18 @@ def row_for(name: str, preset: Preset, run_dir: Path, overrides: list[str]) -> d
     accuracies = [r["eval_accuracy"] for r in rounds]
     wall = run_dir / "bench_wall_seconds.txt"
     return {
-        "preset": name, "setting": preset.label, "lora": preset.lora,
-        "target_epsilon": summary["target_epsilon"], "spent_epsilon": summary["final_max_epsilon"],
-        "zero_shot_accuracy": accuracies[0], "accuracy_by_round": " / ".join(f"{a:.3f}" for a in accuracies[1:]),
-        "final_accuracy": summary["final_accuracy"], "gain_over_zero_shot": summary["final_accuracy"] - accuracies[0],
+        "preset": name,
+        "setting": preset.label,
+        "lora": preset.lora,
+        "target_epsilon": summary["target_epsilon"],
+        "spent_epsilon": summary["final_max_epsilon"],
+        "zero_shot_accuracy": accuracies[0],
+        "accuracy_by_round": " / ".join(f"{a:.3f}" for a in accuracies[1:]),
+        "final_accuracy": summary["final_accuracy"],
+        "gain_over_zero_shot": summary["final_accuracy"] - accuracies[0],
         "wall_seconds": float(wall.read_text()) if wall.is_file() else None,
-        "command": "fedllm simulate " + " ".join(overrides), "run_dir": str(run_dir),
+        "command": "fedllm simulate " + " ".join(overrides),
+        "run_dir": str(run_dir),
     }
 
 
@@ -165,8 +194,14 @@ def zero_shot_row(rows: list[dict]) -> dict:
     if len(values) != 1:
         raise SystemExit(f"runs disagree on the zero-shot accuracy: {sorted(values)}")
     value = rows[0]["zero_shot_accuracy"]
-    return {"preset": "zero_shot", "setting": "zero-shot (base model)", "lora": "-", "final_accuracy": value,
-            "gain_over_zero_shot": 0.0, "command": "round 0 of every run below"}
+    return {
+        "preset": "zero_shot",
+        "setting": "zero-shot (base model)",
+        "lora": "-",
+        "final_accuracy": value,
+        "gain_over_zero_shot": 0.0,
+        "command": "round 0 of every run below",
+    }
 
 
 def adapter_figures(cfg, bundle, samples: int) -> dict:
@@ -179,11 +214,18 @@ def adapter_figures(cfg, bundle, samples: int) -> dict:
     bf16 = use_bf16(cfg.train.precision)
     result = evaluate(bundle.model, task.tokenized_test(cfg), bundle.pad_id, [], cfg.train.eval_batch_size, bf16)
     held_out = task.data_split(cfg.data, 1, 1, cfg.seed).test  # the split the server evaluated on
-    generations = generate_samples(bundle.model, bundle.tokenizer, sample_records(held_out, samples),
-                                   task.prompt_format(cfg.data), bf16=bf16)
-    return {"loss": result.loss, "loss_se": result.loss_stderr, "perplexity": result.perplexity,
-            "perplexity_se": result.perplexity_stderr, "tokens": result.tokens, "examples": result.examples,
-            "samples": [g.to_dict() for g in generations]}
+    generations = generate_samples(
+        bundle.model, bundle.tokenizer, sample_records(held_out, samples), task.prompt_format(cfg.data), bf16=bf16
+    )
+    return {
+        "loss": result.loss,
+        "loss_se": result.loss_stderr,
+        "perplexity": result.perplexity,
+        "perplexity_se": result.perplexity_stderr,
+        "tokens": result.tokens,
+        "examples": result.examples,
+        "samples": [g.to_dict() for g in generations],
+    }
 
 
 def final_adapter_figures(run_dir: Path, samples: int, reuse: bool) -> dict:
@@ -217,19 +259,30 @@ def review_row(name: str, preset: Preset, run_dir: Path, overrides: list[str], f
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((run_dir / "config.json").read_text())
     if abs(figures["loss"] - summary["final_eval_loss"]) > LOSS_AGREEMENT:
-        raise SystemExit(f"[{name}] the final adapter scores {figures['loss']:.5f} here but the run's last "
-                         f"evaluation says {summary['final_eval_loss']:.5f}: is {run_dir} another run's adapter?")
+        raise SystemExit(
+            f"[{name}] the final adapter scores {figures['loss']:.5f} here but the run's last "
+            f"evaluation says {summary['final_eval_loss']:.5f}: is {run_dir} another run's adapter?"
+        )
     wall = run_dir / "bench_wall_seconds.txt"
     return {
-        "preset": name, "setting": preset.label, "lora": preset.lora, "lr": config["train"]["lr"],
-        "target_epsilon": summary["target_epsilon"], "spent_epsilon": summary["final_max_epsilon"],
+        "preset": name,
+        "setting": preset.label,
+        "lora": preset.lora,
+        "lr": config["train"]["lr"],
+        "target_epsilon": summary["target_epsilon"],
+        "spent_epsilon": summary["final_max_epsilon"],
         "zero_shot_perplexity": rounds[0]["eval_perplexity"],
         "perplexity_by_round": " / ".join(f"{r['eval_perplexity']:.2f}" for r in rounds[1:]),
-        "final_perplexity": figures["perplexity"], "perplexity_se": figures["perplexity_se"],
-        "final_loss": figures["loss"], "loss_se": figures["loss_se"], "tokens": figures["tokens"],
-        "examples": figures["examples"], "samples": figures["samples"],
+        "final_perplexity": figures["perplexity"],
+        "perplexity_se": figures["perplexity_se"],
+        "final_loss": figures["loss"],
+        "loss_se": figures["loss_se"],
+        "tokens": figures["tokens"],
+        "examples": figures["examples"],
+        "samples": figures["samples"],
         "wall_seconds": float(wall.read_text()) if wall.is_file() else None,
-        "command": "fedllm simulate " + " ".join(overrides), "run_dir": str(run_dir),
+        "command": "fedllm simulate " + " ".join(overrides),
+        "run_dir": str(run_dir),
     }
 
 
@@ -239,12 +292,23 @@ def zero_shot_review_row(rows: list[dict], figures: dict) -> dict:
     if len(values) != 1:
         raise SystemExit(f"runs disagree on the zero-shot perplexity: {sorted(values)}")
     if abs(figures["perplexity"] - rows[0]["zero_shot_perplexity"]) > LOSS_AGREEMENT * figures["perplexity"]:
-        raise SystemExit(f"the base model scores perplexity {figures['perplexity']:.4f} here but the runs' round 0 "
-                         f"says {rows[0]['zero_shot_perplexity']:.4f}")
-    return {"preset": "zero_shot", "setting": "zero-shot (base model)", "lora": "-",
-            "final_perplexity": figures["perplexity"], "perplexity_se": figures["perplexity_se"],
-            "final_loss": figures["loss"], "loss_se": figures["loss_se"], "tokens": figures["tokens"],
-            "examples": figures["examples"], "samples": figures["samples"], "command": "round 0 of every run below"}
+        raise SystemExit(
+            f"the base model scores perplexity {figures['perplexity']:.4f} here but the runs' round 0 "
+            f"says {rows[0]['zero_shot_perplexity']:.4f}"
+        )
+    return {
+        "preset": "zero_shot",
+        "setting": "zero-shot (base model)",
+        "lora": "-",
+        "final_perplexity": figures["perplexity"],
+        "perplexity_se": figures["perplexity_se"],
+        "final_loss": figures["loss"],
+        "loss_se": figures["loss_se"],
+        "tokens": figures["tokens"],
+        "examples": figures["examples"],
+        "samples": figures["samples"],
+        "command": "round 0 of every run below",
+    }
 
 
 def samples_markdown(rows: list[dict]) -> str:
@@ -292,9 +356,18 @@ def main() -> None:
     if generative:
         table += "\n" + samples_markdown(rows)
     print("\n" + table)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "task": args.task,
-              "model": args.model, "clients": clients, "rounds": rounds, "local_steps": steps,
-              "extra_overrides": extra, "rows": rows, "markdown": table}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores",
+        "task": args.task,
+        "model": args.model,
+        "clients": clients,
+        "rounds": rounds,
+        "local_steps": steps,
+        "extra_overrides": extra,
+        "rows": rows,
+        "markdown": table,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

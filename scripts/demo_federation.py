@@ -37,9 +37,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,19 +52,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--unregistered", type=int, default=0, help="nodes that try to join unregistered")
-    parser.add_argument("--broken-node", action="store_true",
-                        help="one more registered node whose data path does not exist (it declines)")
+    parser.add_argument(
+        "--broken-node",
+        action="store_true",
+        help="one more registered node whose data path does not exist (it declines)",
+    )
     parser.add_argument("--overrides", default="debug=smoke federation.num_rounds=2")
     parser.add_argument("--caps", default="", help="comma-separated max-epsilon per node (empty: 8 each)")
-    parser.add_argument("--hostile-overrides", default="",
-                        help="after the run, a second run with these overrides (e.g. privacy.noise=seeded): "
-                             "settings a node must refuse; its outputs go to <workdir>/outputs-hostile")
+    parser.add_argument(
+        "--hostile-overrides",
+        default="",
+        help="after the run, a second run with these overrides (e.g. privacy.noise=seeded): "
+        "settings a node must refuse; its outputs go to <workdir>/outputs-hostile",
+    )
     parser.add_argument("--records", type=int, default=200, help="records in each node's data file")
-    parser.add_argument("--outsider", action="store_true",
-                        help="someone with only ca.crt tries to register a node, start a run and list runs")
+    parser.add_argument(
+        "--outsider",
+        action="store_true",
+        help="someone with only ca.crt tries to register a node, start a run and list runs",
+    )
     parser.add_argument("--port", type=int, default=0, help="the port nodes connect to (default: a free one)")
-    parser.add_argument("--control-port", type=int, default=0,
-                        help="the SuperLink's own port on 127.0.0.1 (default: a free one)")
+    parser.add_argument(
+        "--control-port", type=int, default=0, help="the SuperLink's own port on 127.0.0.1 (default: a free one)"
+    )
     parser.add_argument("--timeout", type=float, default=900)
     return parser.parse_args(argv)
 
@@ -96,8 +111,9 @@ class Processes:
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         (self.workdir / f"{name}.argv.json").write_text(json.dumps(args))  # what was started, for the record
         with (self.workdir / f"{name}.log").open("w") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(args, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                args, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.started.append(proc)
         return proc
 
@@ -121,8 +137,9 @@ class Processes:
 
 
 def flwr(args: list[str], env: dict, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise RuntimeError(f"flwr {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -133,7 +150,8 @@ def flwr_home(folder: Path, name: str, address: str, ca_cert: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
-        f'root-certificates = "{ca_cert}"\n')
+        f'root-certificates = "{ca_cert}"\n'
+    )
     return folder
 
 
@@ -145,8 +163,11 @@ def listening(pid: int) -> list[str]:
     root = psutil.Process(pid)
     for proc in [root, *root.children(recursive=True)]:
         try:
-            found |= {f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN}
+            found |= {
+                f"{c.laddr.ip}:{c.laddr.port}"
+                for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            }
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return sorted(found)
@@ -156,8 +177,12 @@ def reachable_from_outside(port: int) -> dict:
     """Try this host's own non-loopback addresses on ``port``: what someone on the network would get."""
     import psutil
 
-    addresses = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-                 if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    addresses = [
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
     tried = {}
     for address in addresses:
         with socket.socket() as sock:
@@ -177,9 +202,11 @@ def outsider_attempts(workdir: Path, fleet: str, ca_cert: Path, env: dict, outpu
     home = flwr_home(own / "flwr-home", "outsider", fleet, own / "ca.crt")
     outsider_env = {**env, "FLWR_HOME": str(home)}
     run_config = f'overrides="debug=smoke federation.num_rounds=1" output-dir="{output_dir}"'
-    attempts = {"register": ["supernode", "register", str(public), "outsider"],
-                "run": ["run", str(ROOT), "outsider", "--run-config", run_config],
-                "list": ["ls", "outsider"]}
+    attempts = {
+        "register": ["supernode", "register", str(public), "outsider"],
+        "run": ["run", str(ROOT), "outsider", "--run-config", run_config],
+        "list": ["ls", "outsider"],
+    }
     report = {}
     for name, args in attempts.items():
         result = flwr(args, outsider_env, timeout=180, check=False)
@@ -189,8 +216,15 @@ def outsider_attempts(workdir: Path, fleet: str, ca_cert: Path, env: dict, outpu
 
 def node_config(index: int, data: Path, state: Path, cap: str) -> str:
     """A node's own rules: its data, its state, its cap and delta (the server can only lower them)."""
-    return " ".join([f"partition-id={index}", f'data-path="{data}"', f'state-dir="{state}"',
-                     f"max-epsilon={float(cap or 8)}", "delta=1e-5"])
+    return " ".join(
+        [
+            f"partition-id={index}",
+            f'data-path="{data}"',
+            f'state-dir="{state}"',
+            f"max-epsilon={float(cap or 8)}",
+            "delta=1e-5",
+        ]
+    )
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -211,40 +245,92 @@ def run_demo(args: argparse.Namespace) -> dict:
     procs = Processes(workdir, env)
     report: dict = {"superlink": control, "fleet": fleet, "output_dir": str(output_dir), "unregistered": []}
     try:
-        superlink = procs.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile",
-            str(tls.server_cert), "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(control_port),
-            "--database", str(workdir / "superlink.db")])
-        gateway = procs.start("fleet-gateway", [
-            sys.executable, "-m", "fedllm.deployment.fleet_gateway", "--listen", fleet, "--superlink", control,
-            "--root-certificates", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-            "--ssl-keyfile", str(tls.server_key)])
+        superlink = procs.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(tls.ca_cert),
+                "--ssl-certfile",
+                str(tls.server_cert),
+                "--ssl-keyfile",
+                str(tls.server_key),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(control_port),
+                "--database",
+                str(workdir / "superlink.db"),
+            ],
+        )
+        gateway = procs.start(
+            "fleet-gateway",
+            [
+                sys.executable,
+                "-m",
+                "fedllm.deployment.fleet_gateway",
+                "--listen",
+                fleet,
+                "--superlink",
+                control,
+                "--root-certificates",
+                str(tls.ca_cert),
+                "--ssl-certfile",
+                str(tls.server_cert),
+                "--ssl-keyfile",
+                str(tls.server_key),
+            ],
+        )
         wait_for_port(control_port, superlink)
         wait_for_port(port, gateway)
 
         def start_node(name: str, private: Path, config: str, *extra: str) -> subprocess.Popen:
-            return procs.start(name, [
-                str(BIN / "flower-supernode"), "--root-certificates", str(tls.ca_cert), "--superlink", fleet,
-                "--auth-supernode-private-key", str(private), "--port", str(free_port()), *extra,
-                "--node-config", config])
+            return procs.start(
+                name,
+                [
+                    str(BIN / "flower-supernode"),
+                    "--root-certificates",
+                    str(tls.ca_cert),
+                    "--superlink",
+                    fleet,
+                    "--auth-supernode-private-key",
+                    str(private),
+                    "--port",
+                    str(free_port()),
+                    *extra,
+                    "--node-config",
+                    config,
+                ],
+            )
 
         for index in range(args.nodes):
             private, public = make_node_keys(workdir / "keys", f"node{index}")
             flwr(["supernode", "register", str(public), "demo"], env, timeout=60)
-            start_node(f"supernode{index}", private,
-                       node_config(index, data[index], workdir / f"node{index}" / "state", caps[index]))
+            start_node(
+                f"supernode{index}",
+                private,
+                node_config(index, data[index], workdir / f"node{index}" / "state", caps[index]),
+            )
         if args.broken_node:
             private, public = make_node_keys(workdir / "keys", "broken")
             flwr(["supernode", "register", str(public), "demo"], env, timeout=60)
-            start_node("broken", private, node_config(args.nodes, workdir / "missing" / "data.jsonl",
-                                                      workdir / "broken", ""))
+            start_node(
+                "broken", private, node_config(args.nodes, workdir / "missing" / "data.jsonl", workdir / "broken", "")
+            )
         rogues = []
         for index in range(args.unregistered):
             private, _ = make_node_keys(workdir / "keys", f"unregistered{index}")
-            rogues.append(start_node(f"unregistered{index}", private,
-                                     node_config(args.nodes + 1 + index, data[0], workdir / f"unregistered{index}", ""),
-                                     "--max-retries", "0"))
+            rogues.append(
+                start_node(
+                    f"unregistered{index}",
+                    private,
+                    node_config(args.nodes + 1 + index, data[0], workdir / f"unregistered{index}", ""),
+                    "--max-retries",
+                    "0",
+                )
+            )
         report["listening"] = {"superlink": listening(superlink.pid), "fleet-gateway": listening(gateway.pid)}
         if args.outsider:
             report["outsider"] = outsider_attempts(workdir, fleet, tls.ca_cert, env, workdir / "outputs-outsider")
@@ -254,14 +340,17 @@ def run_demo(args: argparse.Namespace) -> dict:
         result = flwr(["run", str(ROOT), "demo", "--run-config", run_config, "--stream"], env, timeout=args.timeout)
         (workdir / "flwr-run.log").write_text(result.stdout + result.stderr)
         if args.hostile_overrides:
-            hostile = (f'overrides="{args.overrides} {args.hostile_overrides} federation.num_clients={clients}" '
-                       f'output-dir="{workdir / "outputs-hostile"}"')
+            hostile = (
+                f'overrides="{args.overrides} {args.hostile_overrides} federation.num_clients={clients}" '
+                f'output-dir="{workdir / "outputs-hostile"}"'
+            )
             result = flwr(["run", str(ROOT), "demo", "--run-config", hostile, "--stream"], env, timeout=args.timeout)
             (workdir / "flwr-run-hostile.log").write_text(result.stdout + result.stderr)
             report["hostile_output_dir"] = str(workdir / "outputs-hostile")
         report["runs"] = json.loads(flwr(["ls", "demo", "--format", "json"], env, timeout=60).stdout).get("runs", [])
-        report["nodes"] = json.loads(flwr(["supernode", "list", "demo", "--format", "json"], env,
-                                          timeout=60).stdout).get("nodes", [])
+        report["nodes"] = json.loads(
+            flwr(["supernode", "list", "demo", "--format", "json"], env, timeout=60).stdout
+        ).get("nodes", [])
         for rogue in rogues:
             try:
                 rogue.wait(timeout=30)
@@ -270,8 +359,9 @@ def run_demo(args: argparse.Namespace) -> dict:
             report["unregistered"].append({"returncode": rogue.poll()})
     finally:
         procs.stop()
-    report["summary"] = json.loads((output_dir / "summary.json").read_text()) if (
-        output_dir / "summary.json").is_file() else None
+    report["summary"] = (
+        json.loads((output_dir / "summary.json").read_text()) if (output_dir / "summary.json").is_file() else None
+    )
     return report
 
 

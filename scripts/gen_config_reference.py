@@ -82,7 +82,7 @@ def split_comment(text: str) -> tuple[str, str]:
         elif char in "'\"":
             quote = char
         elif char == "#" and (index == 0 or text[index - 1] in " \t"):
-            return text[:index].strip(), text[index + 1:].strip()
+            return text[:index].strip(), text[index + 1 :].strip()
         index += 1
     return text.strip(), ""
 
@@ -236,8 +236,11 @@ def build_reference(conf: Path) -> Reference:
         group = Group(name, chosen.get(name), options)
         if group.default is not None and isinstance(composed.get(name), dict):
             for option in options:
-                section = composed if option == group.default else OmegaConf.to_container(
-                    compose_hydra([f"{name}={option}"], conf), resolve=False)
+                section = (
+                    composed
+                    if option == group.default
+                    else OmegaConf.to_container(compose_hydra([f"{name}={option}"], conf), resolve=False)
+                )
                 assert isinstance(section, dict)
                 group.section[option] = flatten(section[name])
         groups.append(group)
@@ -313,9 +316,11 @@ def missing_descriptions(ref: Reference) -> list[str]:
     missing = [k for k in ref.top_values if not ref.top.notes.get(k, Note()).text]
     for group in ref.groups:
         if group.section:
-            missing += [f"{group.name}.{k}" for k in section_keys(group, ref)
-                        if not meaning(group, f"{group.name}.{k}").text
-                        and not meaning(group, f"{group.name}.{k}").shared_with]
+            missing += [
+                f"{group.name}.{k}"
+                for k in section_keys(group, ref)
+                if not meaning(group, f"{group.name}.{k}").text and not meaning(group, f"{group.name}.{k}").shared_with
+            ]
     return missing
 
 
@@ -326,8 +331,11 @@ def _default_cell(group: Group, key: str, ref: Reference) -> str:
     if all(value is MISSING for value in values.values()):  # a dataclass field no conf/ file sets
         return code(ref.fields[group.name][key]) + f" (not in conf/: set it with `+{group.name}.{key}=...`)"
     cell = code(base) if base is not MISSING else "not set"
-    others = [f"`{option}`: " + code(value) for option, value in values.items()
-              if option != group.default and value is not MISSING and value != base]
+    others = [
+        f"`{option}`: " + code(value)
+        for option, value in values.items()
+        if option != group.default and value is not MISSING and value != base
+    ]
     return cell + (f" ({'; '.join(others)})" if others else "")
 
 
@@ -370,12 +378,16 @@ def _preset_tables(group: Group, ref: Reference) -> list[str]:
     """For each option of a group of presets (or option keys outside its own section): what it sets."""
     lines: list[str] = []
     for name, conf_file in group.options.items():
-        outside = {k: v for k, v in conf_file.values.items() if not k.startswith(f"{group.name}.")
-                   or not group.section}
+        outside = {k: v for k, v in conf_file.values.items() if not k.startswith(f"{group.name}.") or not group.section}
         if not outside:
             continue
-        lines += ["", f"`{group.name}={name}` also sets:" if group.section else f"`{group.name}={name}` sets:", "",
-                  "| key | value | meaning |", "|---|---|---|"]
+        lines += [
+            "",
+            f"`{group.name}={name}` also sets:" if group.section else f"`{group.name}={name}` sets:",
+            "",
+            "| key | value | meaning |",
+            "|---|---|---|",
+        ]
         for key, value in outside.items():
             own = conf_file.notes.get(key, Note()).text
             lines.append(f"| `{key}` | {code(value)} | {escape(own or _described(ref, key))} |")
@@ -391,7 +403,7 @@ def render(ref: Reference) -> str:
         f"     .venv/bin/python {GENERATOR}   (tests fail while this file is stale) -->",
         "",
         "Every key of the experiment config that `fedllm simulate`, `fedllm plan`, `fedllm audit` and the",
-        "deployment ServerApp (`flwr run` with `overrides=\"...\"`) compose from `conf/`, with its default",
+        'deployment ServerApp (`flwr run` with `overrides="..."`) compose from `conf/`, with its default',
         "and its meaning. Set a key with `SECTION.KEY=VALUE` (`privacy.target_epsilon=3`), pick a group",
         "option with `GROUP=OPTION` (`model=tiny`); `fedllm simulate --cfg job` prints the composed config.",
         "A default in parentheses is what another option of the same group sets instead.",
@@ -402,16 +414,26 @@ def render(ref: Reference) -> str:
     for group in ref.groups:
         options = ", ".join(f"**`{o}`**" if o == group.default else f"`{o}`" for o in group.options)
         lines.append(f"| [`{group.name}`](#{group.name}) | {options}{'' if group.default else ' (none by default)'} |")
-    lines += ["", "## Top level", "", "Keys of `conf/config.yaml` itself (besides its defaults list).", "",
-              "| key | default | meaning |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Top level",
+        "",
+        "Keys of `conf/config.yaml` itself (besides its defaults list).",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
     for key, value in ref.top_values.items():
         note = ref.top.notes.get(key, Note()).text
         lines.append(f"| `{key}` | {code(value)} | {escape(note) or '(no description yet)'} |")
     for group in ref.groups:
         lines += ["", f"## {group.name}", ""]
         if group.default:
-            lines += [f"`{group.name}=OPTION`, default `{group.default}`" + (
-                f"; keys `{group.name}.KEY=VALUE`." if group.section else "."), ""]
+            lines += [
+                f"`{group.name}=OPTION`, default `{group.default}`"
+                + (f"; keys `{group.name}.KEY=VALUE`." if group.section else "."),
+                "",
+            ]
         else:
             lines += [f"`{group.name}=OPTION`: none by default; each option sets keys of other groups.", ""]
         lines += _option_rows(group)
@@ -426,8 +448,9 @@ def render(ref: Reference) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Write (or with ``--check``, compare) the reference; say which keys lack a description."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Exit status: 0 written or up to date; 1 stale (--check).")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Exit status: 0 written or up to date; 1 stale (--check)."
+    )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the reference is stale")
     parser.add_argument("--conf", type=Path, default=ROOT / "conf", help="the Hydra config folder (default: conf/)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the reference file (default: docs/config.md)")

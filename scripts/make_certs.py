@@ -24,11 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="An existing CA or certificate is never replaced without --force (exit status 1): every node "
-               "already trusts that CA. Give ca.crt to every node and operator; keep ca.key offline.")
+        "already trusts that CA. Give ca.crt to every node and operator; keep ca.key offline.",
+    )
     parser.add_argument("out_dir", type=Path, help="folder for ca.crt, ca.key, server.crt, server.key (keys 0600)")
-    parser.add_argument("hosts", nargs="*", default=[],
-                        help="every DNS name or IP address nodes use to reach the federation (subjectAltName; "
-                             "127.0.0.1 and localhost are always added)")
+    parser.add_argument(
+        "hosts",
+        nargs="*",
+        default=[],
+        help="every DNS name or IP address nodes use to reach the federation (subjectAltName; "
+        "127.0.0.1 and localhost are always added)",
+    )
     parser.add_argument("--days", type=int, default=365, help="validity of both certificates (default: 365)")
     parser.add_argument("--force", action="store_true", help="replace an existing CA and certificate")
     args = parser.parse_args(argv)
@@ -38,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, ValueError) as exc:
         print(f"make_certs: {exc}", file=sys.stderr)
         return 1
-    print(f"CA certificate {files.ca_cert} (to every node), CA key {files.ca_key} (keep offline)\n"
-          f"SuperLink certificate {files.server_cert} and key {files.server_key} (mode 0600)")
+    print(
+        f"CA certificate {files.ca_cert} (to every node), CA key {files.ca_key} (keep offline)\n"
+        f"SuperLink certificate {files.server_cert} and key {files.server_key} (mode 0600)"
+    )
     return 0
 
 

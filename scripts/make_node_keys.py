@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="An existing key is never replaced without --force (exit status 1): the SuperLink knows this node "
-               "by its registered public key. Send NAME.pub to the coordinator; NAME stays on the node.")
+        "by its registered public key. Send NAME.pub to the coordinator; NAME stays on the node.",
+    )
     parser.add_argument("out_dir", type=Path, help="folder for NAME (private, 0600) and NAME.pub")
     parser.add_argument("name", help="the key's file name, e.g. hospital-a (a plain name, no folders)")
     parser.add_argument("--force", action="store_true", help="replace an existing key pair")

@@ -59,8 +59,7 @@ def tiny_config(**overrides) -> ExperimentConfig:
     """The smoke configuration (tiny random Llama, Rotten Tomatoes subset, 3 clients)."""
     sections = {
         "model": ModelConfig(source="tiny"),
-        "data": DataConfig(prompt_template=RT_PROMPT, choices=("positive", "negative"),
-                           max_records=600, test_size=100),
+        "data": DataConfig(prompt_template=RT_PROMPT, choices=("positive", "negative"), max_records=600, test_size=100),
         "federation": FederationConfig(num_clients=3, num_rounds=2),
         "train": TrainConfig(local_steps=3),
     }

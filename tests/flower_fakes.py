@@ -41,9 +41,16 @@ def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 def train_reply(node: int, arrays: dict[str, np.ndarray], server_round: int, weight: float = 1.0) -> Message:
     """A validated update as the round loop hands it to the strategy: adapter arrays and the
     FedAvg weight the server set."""
-    content = RecordDict({keys.ARRAYS: arrays_record(arrays),
-                          keys.METRICS: MetricRecord({keys.FEDAVG_WEIGHT: weight})})
-    metadata = Metadata(run_id=1, message_id=f"reply-{node}-{server_round}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=60.0,
-                        message_type="train")
+    content = RecordDict({keys.ARRAYS: arrays_record(arrays), keys.METRICS: MetricRecord({keys.FEDAVG_WEIGHT: weight})})
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"reply-{node}-{server_round}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=metadata)

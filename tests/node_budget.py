@@ -48,11 +48,21 @@ def node_outlook(cfg: ExperimentConfig, node_config: str, records: int) -> NodeO
     """
     policy = policy_from_node_config(parse_flower_config(node_config))
     plan = _plan(cfg, records)
-    budget = effective_budget(run_target=cfg.privacy.target_epsilon, run_delta=cfg.privacy.delta,
-                              node_max_epsilon=policy.max_epsilon, node_delta=policy.delta)
-    rounds = rounds_within_cap(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                               local_steps=cfg.train.local_steps, max_rounds=cfg.federation.num_rounds,
-                               cap=budget.max_epsilon, delta=budget.delta, accountant=policy.accountant)
+    budget = effective_budget(
+        run_target=cfg.privacy.target_epsilon,
+        run_delta=cfg.privacy.delta,
+        node_max_epsilon=policy.max_epsilon,
+        node_delta=policy.delta,
+    )
+    rounds = rounds_within_cap(
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        local_steps=cfg.train.local_steps,
+        max_rounds=cfg.federation.num_rounds,
+        cap=budget.max_epsilon,
+        delta=budget.delta,
+        accountant=policy.accountant,
+    )
     return NodeOutlook(rounds, cfg.federation.num_rounds, policy)
 
 

@@ -26,14 +26,25 @@ from fedllm.node.policy import SIMULATED, SIMULATED_NODES_ENV, simulated_node_co
 
 def train_message(cfg: ExperimentConfig, run_id: str, server_round: int, arrays: dict[str, torch.Tensor]) -> Message:
     """The message the server sends a node for ``server_round``."""
-    content = RecordDict({
-        keys.ARRAYS: ArrayRecord(torch_state_dict=arrays),
-        keys.CONFIG: ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id,
-                                   keys.SERVER_ROUND: server_round}),
-    })
-    metadata = Metadata(run_id=1, message_id=f"{run_id}-{server_round}", src_node_id=0, dst_node_id=1,
-                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600.0,
-                        message_type="train")
+    content = RecordDict(
+        {
+            keys.ARRAYS: ArrayRecord(torch_state_dict=arrays),
+            keys.CONFIG: ConfigRecord(
+                {keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id, keys.SERVER_ROUND: server_round}
+            ),
+        }
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"{run_id}-{server_round}",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=metadata)
 
 
@@ -72,8 +83,14 @@ def as_simulation_driver(config: dict):
                 os.environ[SIMULATED_NODES_ENV] = previous
 
 
-def run_round(cfg: ExperimentConfig, run_id: str, server_round: int, partition_id: int = 0,
-              node_config: dict | None = None, arrays: dict | None = None) -> Message:
+def run_round(
+    cfg: ExperimentConfig,
+    run_id: str,
+    server_round: int,
+    partition_id: int = 0,
+    node_config: dict | None = None,
+    arrays: dict | None = None,
+) -> Message:
     """One round on a node (by default the simulated node ``partition_id`` of ``cfg``), starting
     from ``arrays`` (default: the initial adapter, the server's global state)."""
     initial = arrays if arrays is not None else task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter

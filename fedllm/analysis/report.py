@@ -13,9 +13,25 @@ from typing import Any
 from fedllm.analysis.runs import Run, failure_of
 
 # the first four as they always were (scripts and tests read them); rows are sorted by model and data
-COLUMNS = ("run", "privacy", "target_epsilon", "spent_epsilon", "status", "model", "data", "noise_multiplier", "lr",
-           "audit_coordinator", "audit_output_reader", "zero_shot_accuracy", "final_accuracy", "rounds", "clients",
-           "wall_seconds", "note")
+COLUMNS = (
+    "run",
+    "privacy",
+    "target_epsilon",
+    "spent_epsilon",
+    "status",
+    "model",
+    "data",
+    "noise_multiplier",
+    "lr",
+    "audit_coordinator",
+    "audit_output_reader",
+    "zero_shot_accuracy",
+    "final_accuracy",
+    "rounds",
+    "clients",
+    "wall_seconds",
+    "note",
+)
 NOTE_CHARS = 200  # a failure reason is cut to this in the Markdown table (the CSV keeps it whole)
 
 
@@ -46,8 +62,13 @@ def noise_label(run: Run) -> float | str | None:
         return None
     if mode == "client":
         return privacy.get("client_noise_multiplier")
-    used = sorted({round(c["noise_multiplier"], 4) for c in (run.ledger.get("clients") or {}).values()
-                   if c.get("noise_multiplier")})
+    used = sorted(
+        {
+            round(c["noise_multiplier"], 4)
+            for c in (run.ledger.get("clients") or {}).values()
+            if c.get("noise_multiplier")
+        }
+    )
     if not used:
         return privacy.get("noise_multiplier")
     return used[0] if len(used) == 1 else f"{used[0]:g}-{used[-1]:g}"
@@ -62,25 +83,27 @@ def report_rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
         s = run.summary
         finished = run.finished
         audited = (run.audit or {}).get("epsilon_lower_bound", {})  # `fedllm audit`'s lower bounds, if it ran
-        rows.append({
-            "run": str(run.path.relative_to(root)) if run.path != root else run.path.name,
-            "status": run.status,
-            "model": model_label(run.config),
-            "data": data_label(run.config),
-            "privacy": s.privacy_mode or (run.config.get("privacy") or {}).get("mode"),
-            "noise_multiplier": noise_label(run),
-            "lr": (run.config.get("train") or {}).get("lr"),
-            "target_epsilon": s.target_epsilon if s.target_epsilon is not None else _configured_target(run.config),
-            "spent_epsilon": s.final_max_epsilon if finished else None,
-            "audit_coordinator": audited.get("coordinator") if finished else None,
-            "audit_output_reader": audited.get("output_reader") if finished else None,
-            "zero_shot_accuracy": s.zero_shot_accuracy,
-            "final_accuracy": s.final_accuracy if finished else None,
-            "rounds": s.rounds_completed,
-            "clients": s.num_clients,
-            "wall_seconds": s.wall_seconds,
-            "note": failure_of(run),
-        })
+        rows.append(
+            {
+                "run": str(run.path.relative_to(root)) if run.path != root else run.path.name,
+                "status": run.status,
+                "model": model_label(run.config),
+                "data": data_label(run.config),
+                "privacy": s.privacy_mode or (run.config.get("privacy") or {}).get("mode"),
+                "noise_multiplier": noise_label(run),
+                "lr": (run.config.get("train") or {}).get("lr"),
+                "target_epsilon": s.target_epsilon if s.target_epsilon is not None else _configured_target(run.config),
+                "spent_epsilon": s.final_max_epsilon if finished else None,
+                "audit_coordinator": audited.get("coordinator") if finished else None,
+                "audit_output_reader": audited.get("output_reader") if finished else None,
+                "zero_shot_accuracy": s.zero_shot_accuracy,
+                "final_accuracy": s.final_accuracy if finished else None,
+                "rounds": s.rounds_completed,
+                "clients": s.num_clients,
+                "wall_seconds": s.wall_seconds,
+                "note": failure_of(run),
+            }
+        )
     return sorted(rows, key=_group_key)
 
 
@@ -97,8 +120,13 @@ def _group_key(row: dict[str, Any]) -> tuple:
     def number(value: Any) -> float:
         return value if isinstance(value, (int, float)) else float("inf")
 
-    return (text(row["model"]), text(row["data"]), text(row["privacy"]), number(row["target_epsilon"]),
-            text(row["run"]))
+    return (
+        text(row["model"]),
+        text(row["data"]),
+        text(row["privacy"]),
+        number(row["target_epsilon"]),
+        text(row["run"]),
+    )
 
 
 def _cell(value: Any, limit: int | None = None) -> str:
@@ -108,15 +136,17 @@ def _cell(value: Any, limit: int | None = None) -> str:
         return f"{value:.4g}"
     text = " ".join(str(value).split()).replace("|", "\\|")
     if limit and len(text) > limit:
-        text = text[:limit - 3] + "..."
+        text = text[: limit - 3] + "..."
     return text
 
 
 def to_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
     """A GitHub-flavoured Markdown table of ``columns`` (missing values as "-"; long notes cut)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c), NOTE_CHARS if c == "note" else None) for c in columns) + " |"
-              for row in rows]
+    lines += [
+        "| " + " | ".join(_cell(row.get(c), NOTE_CHARS if c == "note" else None) for c in columns) + " |"
+        for row in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +162,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 def privacy_utility_points(runs: list[Run]) -> list[dict[str, Any]]:
     """(spent epsilon, final accuracy) per finished run, with its model and data (``group``)
     for the privacy-utility plot; failed and unfinished runs are never points."""
-    return [{"epsilon": r.summary.final_max_epsilon, "accuracy": r.summary.final_accuracy,
-             "zero_shot": r.summary.zero_shot_accuracy,
-             "group": " / ".join(x for x in (model_label(r.config), data_label(r.config)) if x) or None}
-            for r in runs if r.finished and r.summary.final_accuracy is not None]
+    return [
+        {
+            "epsilon": r.summary.final_max_epsilon,
+            "accuracy": r.summary.final_accuracy,
+            "zero_shot": r.summary.zero_shot_accuracy,
+            "group": " / ".join(x for x in (model_label(r.config), data_label(r.config)) if x) or None,
+        }
+        for r in runs
+        if r.finished and r.summary.final_accuracy is not None
+    ]

@@ -92,10 +92,14 @@ def load_run(path: str | Path) -> Run:
         return (path / name).is_file() or not failed
 
     audit = read_json(path / AUDIT_FILE) if (path / AUDIT_FILE).is_file() else None
-    return Run(path=path, config=read_json(path / "config.json") if needed("config.json") else {},
-               rounds=read_rounds(path) if needed(METRICS_FILE) else [],
-               ledger=read_json(path / "privacy_ledger.json") if needed("privacy_ledger.json") else {},
-               summary=summary, audit=audit)
+    return Run(
+        path=path,
+        config=read_json(path / "config.json") if needed("config.json") else {},
+        rounds=read_rounds(path) if needed(METRICS_FILE) else [],
+        ledger=read_json(path / "privacy_ledger.json") if needed("privacy_ledger.json") else {},
+        summary=summary,
+        audit=audit,
+    )
 
 
 def unfinished_run(path: Path) -> Run:
@@ -130,8 +134,12 @@ def _is_job_dir(path: Path) -> bool:
 def _resume_only(path: Path) -> bool:
     """Hydra's folder of a ``resume=`` command: its log only; the run itself is the resumed folder."""
     overrides = path / ".hydra" / "overrides.yaml"
-    return (not (path / RUN_MARKER).is_file() and not (path / "config.json").is_file() and overrides.is_file()
-            and "resume=" in overrides.read_text(encoding="utf-8", errors="replace"))
+    return (
+        not (path / RUN_MARKER).is_file()
+        and not (path / "config.json").is_file()
+        and overrides.is_file()
+        and "resume=" in overrides.read_text(encoding="utf-8", errors="replace")
+    )
 
 
 def _job_dirs(path: Path) -> list[Path]:
@@ -161,11 +169,15 @@ def find_runs(path: str | Path, include_incomplete: bool = False) -> list[Run]:
     runs = [load_run(job) if (job / RUN_MARKER).is_file() else unfinished_run(job) for job in _job_dirs(path)]
     if include_incomplete:
         if not runs:
-            raise DataError(f"{path}: no finished fedllm run, nor a failed or unfinished one (no {RUN_MARKER} "
-                                "or job folder) in it or below it")
+            raise DataError(
+                f"{path}: no finished fedllm run, nor a failed or unfinished one (no {RUN_MARKER} "
+                "or job folder) in it or below it"
+            )
         return runs
     finished = [run for run in runs if run.finished]
     if not finished:
-        raise DataError(f"{path}: no finished fedllm run (no {RUN_MARKER} of a completed run) in it or below it"
-                        + (f"; {len(runs)} failed or unfinished: see `fedllm report {path}`" if runs else ""))
+        raise DataError(
+            f"{path}: no finished fedllm run (no {RUN_MARKER} of a completed run) in it or below it"
+            + (f"; {len(runs)} failed or unfinished: see `fedllm report {path}`" if runs else "")
+        )
     return finished

@@ -44,9 +44,12 @@ def _normalised(vector: np.ndarray) -> np.ndarray:
     return vector / rms if rms > 0 else vector
 
 
-def coordinator_scores(design: CanaryDesign, observed: Observed,
-                       directions: Callable[[int, int], np.ndarray] | None = None,
-                       denoise: Callable[[int, int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def coordinator_scores(
+    design: CanaryDesign,
+    observed: Observed,
+    directions: Callable[[int, int], np.ndarray] | None = None,
+    denoise: Callable[[int, int, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
     """The white-box score of every canary.
 
     Args:

@@ -68,8 +68,10 @@ class Layout:
 
     def unflatten(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`flatten`: float32 tensors by name (the adapter's dtype)."""
-        return {name: torch.from_numpy(flat[start:end].reshape(shape).astype(np.float32))
-                for (name, (start, end)), shape in zip(self.offsets().items(), self.shapes, strict=True)}
+        return {
+            name: torch.from_numpy(flat[start:end].reshape(shape).astype(np.float32))
+            for (name, (start, end)), shape in zip(self.offsets().items(), self.shapes, strict=True)
+        }
 
 
 @dataclass(frozen=True)
@@ -112,30 +114,53 @@ class CanaryDesign:
 
     def to_json(self) -> str:
         """The whole design (the auditor's file: which canaries are in is the secret the audit guesses)."""
-        return json.dumps({"kind": self.kind, "secret": str(self.secret), "clip_norm": self.clip_norm,
-                           "layout": {"names": self.layout.names, "shapes": self.layout.shapes},
-                           "canaries": [asdict(c) for c in self.canaries]})
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "secret": str(self.secret),
+                "clip_norm": self.clip_norm,
+                "layout": {"names": self.layout.names, "shapes": self.layout.shapes},
+                "canaries": [asdict(c) for c in self.canaries],
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> CanaryDesign:
         """Inverse of :meth:`to_json`."""
         raw = json.loads(text)
-        layout = Layout(names=tuple(raw["layout"]["names"]),
-                        shapes=tuple(tuple(s) for s in raw["layout"]["shapes"]))
-        return cls(kind=raw["kind"], secret=int(raw["secret"]), clip_norm=float(raw["clip_norm"]), layout=layout,
-                   canaries=[Canary(**c) for c in raw["canaries"]])
+        layout = Layout(names=tuple(raw["layout"]["names"]), shapes=tuple(tuple(s) for s in raw["layout"]["shapes"]))
+        return cls(
+            kind=raw["kind"],
+            secret=int(raw["secret"]),
+            clip_norm=float(raw["clip_norm"]),
+            layout=layout,
+            canaries=[Canary(**c) for c in raw["canaries"]],
+        )
 
     def node_file(self, client: int, path: Path) -> Path:
         """Write the design restricted to ``client``'s included canaries (what its node trains on)."""
-        own = CanaryDesign(kind=self.kind, secret=self.secret, clip_norm=self.clip_norm, layout=self.layout,
-                           canaries=self.for_client(client))
+        own = CanaryDesign(
+            kind=self.kind,
+            secret=self.secret,
+            clip_norm=self.clip_norm,
+            layout=self.layout,
+            canaries=self.for_client(client),
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(own.to_json(), encoding="utf-8")
         return path
 
 
-def design_canaries(*, count: int, kind: AuditKind, clients: int, clip_norm: float, layout: Layout,
-                    choices: tuple[str, ...] = (), seed: int | None = None) -> CanaryDesign:
+def design_canaries(
+    *,
+    count: int,
+    kind: AuditKind,
+    clients: int,
+    clip_norm: float,
+    layout: Layout,
+    choices: tuple[str, ...] = (),
+    seed: int | None = None,
+) -> CanaryDesign:
     """Draw ``count`` canaries: each in with probability 1/2, on a uniformly chosen client.
 
     Args:
@@ -164,11 +189,15 @@ def design_canaries(*, count: int, kind: AuditKind, clients: int, clip_norm: flo
         if kind == "record":
             prompt = _words(rng, 12)
             response = str(choices[rng.integers(len(choices))]) if choices else _words(rng, 6)
-        canaries.append(Canary(index=index, included=bool(included[index]), client=int(placed[index]),
-                               prompt=prompt, response=response))
+        canaries.append(
+            Canary(
+                index=index, included=bool(included[index]), client=int(placed[index]), prompt=prompt, response=response
+            )
+        )
     return CanaryDesign(kind=kind, secret=secret, clip_norm=float(clip_norm), layout=layout, canaries=canaries)
 
 
 def _words(rng: np.random.Generator, count: int) -> str:
-    return " ".join("".join(_SYLLABLES[i] for i in rng.integers(len(_SYLLABLES), size=rng.integers(2, 4)))
-                    for _ in range(count))
+    return " ".join(
+        "".join(_SYLLABLES[i] for i in rng.integers(len(_SYLLABLES), size=rng.integers(2, 4))) for _ in range(count)
+    )

@@ -30,8 +30,9 @@ from fedllm.node.policy import DATA_FORMAT, DATA_PATH, DATASET_ID
 
 def with_canary_clients(cfg: ExperimentConfig, count: int) -> ExperimentConfig:
     """``cfg`` with ``count`` more clients (the canaries), after the real ones."""
-    return dataclasses.replace(cfg, federation=dataclasses.replace(
-        cfg.federation, num_clients=cfg.federation.num_clients + count))
+    return dataclasses.replace(
+        cfg, federation=dataclasses.replace(cfg.federation, num_clients=cfg.federation.num_clients + count)
+    )
 
 
 def place_on_canary_clients(design: CanaryDesign, real_clients: int) -> CanaryDesign:
@@ -49,8 +50,9 @@ def real_client_files(cfg: ExperimentConfig, folder: Path) -> Callable[[int], di
         path = folder / f"client-{client}.jsonl"
         with path.open("w", encoding="utf-8") as handle:
             for record in shard:
-                handle.write(json.dumps({cfg.data.prompt_field: record.prompt,
-                                         cfg.data.response_field: record.response}) + "\n")
+                handle.write(
+                    json.dumps({cfg.data.prompt_field: record.prompt, cfg.data.response_field: record.response}) + "\n"
+                )
         files[client] = {DATA_PATH: str(path), DATA_FORMAT: "jsonl", DATASET_ID: f"audit-client-{client}"}
     return lambda partition: files.get(partition, {})
 
@@ -76,8 +78,10 @@ def _canary_preflight(message: Message, partition: int) -> Message:
     config = message.content[keys.CONFIG]
     cfg = ExperimentConfig.from_json(str(config[keys.TASK_CONFIG]))
     planned = cfg.federation.num_rounds - int(str(config[keys.SERVER_ROUND])) + 1
-    return preflight_reply(message, PreflightAnswer(partition, rounds_planned=planned, rounds_affordable=planned,
-                                                    cap=cfg.privacy.target_epsilon))
+    return preflight_reply(
+        message,
+        PreflightAnswer(partition, rounds_planned=planned, rounds_affordable=planned, cap=cfg.privacy.target_epsilon),
+    )
 
 
 def _canary_reply(message: Message, canary: Canary, design: CanaryDesign, partition: int) -> Message:

@@ -103,8 +103,9 @@ class GradientCanaries:
                 yield row, index
 
 
-def canary_items(design: CanaryDesign, shard: TokenizedDataset | None,
-                 tokenize: Callable[[list[Record]], TokenizedDataset]) -> list[tuple]:
+def canary_items(
+    design: CanaryDesign, shard: TokenizedDataset | None, tokenize: Callable[[list[Record]], TokenizedDataset]
+) -> list[tuple]:
     """The token items of ``design``'s canaries: record canaries tokenized by ``tokenize``;
     a gradient canary reuses a record of ``shard`` (needed only then), since its own gradient
     never counts."""

@@ -63,9 +63,11 @@ log = logging.getLogger(__name__)
 
 AUDIT_JSON = "audit.json"
 COORDINATOR, AGGREGATE_READER, READER = "coordinator", "aggregate_reader", "output_reader"
-WHAT_IT_MEANS = ("a lower bound on the run's epsilon from one attack, at the stated confidence: not a proof of "
-                 "privacy, and capped by the number of canaries (see 'ceiling'); it must never exceed the accounted "
-                 "epsilon")
+WHAT_IT_MEANS = (
+    "a lower bound on the run's epsilon from one attack, at the stated confidence: not a proof of "
+    "privacy, and capped by the number of canaries (see 'ceiling'); it must never exceed the accounted "
+    "epsilon"
+)
 
 
 def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> dict:
@@ -83,14 +85,22 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     started = time.perf_counter()
     client_level = cfg.privacy.mode == "client"
     if client_level and settings.kind != "gradient":
-        raise ConfigError("audit.kind=record: a client-level audit's canaries are whole clients with designed "
-                          "updates; use audit.kind=gradient")
+        raise ConfigError(
+            "audit.kind=record: a client-level audit's canaries are whole clients with designed "
+            "updates; use audit.kind=gradient"
+        )
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
     initial = {k: v.clone() for k, v in bundle.initial_adapter.items()}
     real_clients = cfg.federation.num_clients
-    design = design_canaries(count=settings.canaries, kind=settings.kind, clients=real_clients,
-                             clip_norm=cfg.privacy.client_clip_norm if client_level else cfg.privacy.max_grad_norm,
-                             layout=Layout.of(initial), choices=cfg.data.choices, seed=settings.seed)
+    design = design_canaries(
+        count=settings.canaries,
+        kind=settings.kind,
+        clients=real_clients,
+        clip_norm=cfg.privacy.client_clip_norm if client_level else cfg.privacy.max_grad_norm,
+        layout=Layout.of(initial),
+        choices=cfg.data.choices,
+        seed=settings.seed,
+    )
     folder = run_dir / "audit"
     folder.mkdir(parents=True, exist_ok=True)
     if client_level:
@@ -105,8 +115,9 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     (folder / "design.json").write_text(design.to_json(), encoding="utf-8")
     prepare_run(run_cfg, run_dir)
     observed = Observed()
-    summary = run_inprocess(run_cfg, run_dir, client_app=app, observer=_recorder(observed, design.layout),
-                            extra_node_config=extra)
+    summary = run_inprocess(
+        run_cfg, run_dir, client_app=app, observer=_recorder(observed, design.layout), extra_node_config=extra
+    )
     load_adapter_state(bundle.model, _final_adapter(run_dir, run_cfg, initial))
     final = adapter_state(bundle.model)
     scores = {COORDINATOR: _coordinator(cfg, design, observed, bundle)}
@@ -115,8 +126,9 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     scores[READER] = _reader(cfg, design, bundle, initial, final)
     audit = _results(cfg, settings, design, scores, summary, time.perf_counter() - started)
     write_json(run_dir / AUDIT_JSON, audit)
-    np.savez(folder / "scores.npz", allow_pickle=False, included=np.array([c.included for c in design.canaries]),
-             **scores)
+    np.savez(
+        folder / "scores.npz", allow_pickle=False, included=np.array([c.included for c in design.canaries]), **scores
+    )
     write_summary(run_dir, with_audit(summary, audit))
     plot_audit(run_dir, scores, [c.included for c in design.canaries])
     log.info("privacy audit (%d canaries, %s):\n%s", settings.canaries, settings.kind, format_audit(audit))
@@ -157,27 +169,39 @@ def _final_adapter(run_dir: Path, cfg: ExperimentConfig, initial: dict) -> dict:
 def _coordinator(cfg: ExperimentConfig, design: CanaryDesign, observed: Observed, bundle) -> np.ndarray:
     denoise = _seeded_noise(cfg, design, bundle)
     if denoise is not None:
-        log.warning("audit: privacy.noise=seeded and the seed is in the task config the coordinator sent: the "
-                    "coordinator regenerates every node's noise and removes it before scoring")
+        log.warning(
+            "audit: privacy.noise=seeded and the seed is in the task config the coordinator sent: the "
+            "coordinator regenerates every node's noise and removes it before scoring"
+        )
     if design.kind == "gradient":
         return coordinator_scores(design, observed, denoise=denoise)
-    return coordinator_scores(design, observed, directions=_RecordDirections(cfg, design, observed, bundle),
-                              denoise=denoise)
+    return coordinator_scores(
+        design, observed, directions=_RecordDirections(cfg, design, observed, bundle), denoise=denoise
+    )
 
 
 def _seeded_noise(cfg: ExperimentConfig, design: CanaryDesign, bundle) -> SeededNoise | None:
     """The seeded-noise attack, where it applies: DP-SGD whose noise anyone with the run's seed
     regenerates, and plain SGD (the update is then linear in the noise)."""
     train = cfg.train
-    if not (cfg.privacy.sample_level and cfg.privacy.noise == "seeded" and train.optimizer == "sgd"
-            and train.weight_decay == 0):
+    if not (
+        cfg.privacy.sample_level
+        and cfg.privacy.noise == "seeded"
+        and train.optimizer == "sgd"
+        and train.weight_decay == 0
+    ):
         return None
     shards = task.split_for(cfg).shards
     sizes = {k: len(shards[k]) + len(design.for_client(k)) for k in range(len(shards))}
     order = [(name, tuple(p.shape)) for name, p in adapter_parameters(bundle.model).items()]
-    return SeededNoise(seed_for=lambda r, k: research_seed(cfg, k, r), param_order=order, layout=design.layout,
-                       steps=train.local_steps, lr=train.lr,
-                       std_for=lambda k: plan_for(cfg, sizes[k]).noise_multiplier * cfg.privacy.max_grad_norm)
+    return SeededNoise(
+        seed_for=lambda r, k: research_seed(cfg, k, r),
+        param_order=order,
+        layout=design.layout,
+        steps=train.local_steps,
+        lr=train.lr,
+        std_for=lambda k: plan_for(cfg, sizes[k]).noise_multiplier * cfg.privacy.max_grad_norm,
+    )
 
 
 class _RecordDirections:
@@ -200,8 +224,10 @@ class _RecordDirections:
         model.zero_grad(set_to_none=True)
         batch = self.collate([self.items[index]])
         per_example_loss(model, batch, self.cfg.train.objective, task.choice_ids_for(self.cfg)).sum().backward()
-        grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().numpy()
-                 for name, p in self.params.items()}
+        grads = {
+            name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().numpy()
+            for name, p in self.params.items()
+        }
         model.zero_grad(set_to_none=True)
         vector = self.design.layout.flatten(grads)
         norm = float(np.linalg.norm(vector))
@@ -222,21 +248,33 @@ def _losses(cfg: ExperimentConfig, bundle, items: list, adapter: dict) -> np.nda
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
     losses = []
     for start in range(0, len(items), 32):
-        batch = collate(items[start:start + 32])
+        batch = collate(items[start : start + 32])
         losses.append(per_example_loss(bundle.model, batch, cfg.train.objective, task.choice_ids_for(cfg)))
     return torch.cat(losses).double().numpy()
 
 
-def _results(cfg: ExperimentConfig, settings: AuditConfig, design: CanaryDesign, scores: dict[str, np.ndarray],
-             summary: RunSummary, seconds: float) -> dict:
+def _results(
+    cfg: ExperimentConfig,
+    settings: AuditConfig,
+    design: CanaryDesign,
+    scores: dict[str, np.ndarray],
+    summary: RunSummary,
+    seconds: float,
+) -> dict:
     included = [c.included for c in design.canaries]
     client_level = cfg.privacy.mode == "client"
     delta = cfg.privacy.client_delta if client_level else cfg.privacy.delta
-    accounted = (summary.client_level_epsilon if client_level
-                 else summary.final_max_epsilon if cfg.privacy.sample_level else None)
-    adversaries = {name: audit_bound(values.tolist(), included, delta=delta,
-                                     confidence=settings.confidence).to_dict()
-                   for name, values in scores.items()}
+    accounted = (
+        summary.client_level_epsilon
+        if client_level
+        else summary.final_max_epsilon
+        if cfg.privacy.sample_level
+        else None
+    )
+    adversaries = {
+        name: audit_bound(values.tolist(), included, delta=delta, confidence=settings.confidence).to_dict()
+        for name, values in scores.items()
+    }
     return {
         "epsilon_accounted": accounted,
         "delta": delta,
@@ -259,21 +297,34 @@ def _results(cfg: ExperimentConfig, settings: AuditConfig, design: CanaryDesign,
 
 def with_audit(summary: RunSummary, audit: dict) -> RunSummary:
     """The run's summary with its ``audit`` entry: each adversary's lower bound and how it was measured."""
-    return dataclasses.replace(summary, audit={
-        "epsilon_lower_bound": audit["epsilon_lower_bound"], "canaries": audit["canaries"],
-        "confidence": audit["confidence"], "kind": audit["kind"]})
+    return dataclasses.replace(
+        summary,
+        audit={
+            "epsilon_lower_bound": audit["epsilon_lower_bound"],
+            "canaries": audit["canaries"],
+            "confidence": audit["confidence"],
+            "kind": audit["kind"],
+        },
+    )
 
 
 def format_audit(audit: dict) -> str:
     """The console table: each adversary's guesses, correct guesses, bound and ceiling."""
     accounted = audit["epsilon_accounted"]
-    lines = [f"accounted {audit['level']}-level epsilon {accounted:.4g} at delta {audit['delta']:g} (bounds "
-             f"{', '.join(audit['bounded_by_accounting'])})" if accounted is not None
-             else f"no DP accounted (privacy={audit['privacy_mode']})",
-             f"{'adversary':<14} {'guesses':>7} {'correct':>7} {'eps lower bound':>15} {'ceiling':>8}"]
+    lines = [
+        f"accounted {audit['level']}-level epsilon {accounted:.4g} at delta {audit['delta']:g} (bounds "
+        f"{', '.join(audit['bounded_by_accounting'])})"
+        if accounted is not None
+        else f"no DP accounted (privacy={audit['privacy_mode']})",
+        f"{'adversary':<14} {'guesses':>7} {'correct':>7} {'eps lower bound':>15} {'ceiling':>8}",
+    ]
     for name, result in audit["adversaries"].items():
-        lines.append(f"{name:<14} {result['guesses']:>7} {result['correct']:>7} "
-                     f"{result['epsilon_lower_bound']:>15.3f} {result['ceiling']:>8.3f}")
-    lines.append(f"({audit['canaries']} canaries, {audit['canaries_included']} included; confidence "
-                 f"{audit['confidence']:g}: {audit['what_it_means']})")
+        lines.append(
+            f"{name:<14} {result['guesses']:>7} {result['correct']:>7} "
+            f"{result['epsilon_lower_bound']:>15.3f} {result['ceiling']:>8.3f}"
+        )
+    lines.append(
+        f"({audit['canaries']} canaries, {audit['canaries_included']} included; confidence "
+        f"{audit['confidence']:g}: {audit['what_it_means']})"
+    )
     return "\n".join(lines)

@@ -92,9 +92,10 @@ def verify_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedllm verify",
         description="Check every protected file of a run directory (final adapter, checkpoint, each simulated "
-                    "node's ledger and reply cache) and say which one fails. With the key (--key-file or "
-                    "$FEDLLM_ENCRYPTION_KEY) encrypted files are authenticated; without it only checksums are "
-                    "checked (corruption, not tampering).")
+        "node's ledger and reply cache) and say which one fails. With the key (--key-file or "
+        "$FEDLLM_ENCRYPTION_KEY) encrypted files are authenticated; without it only checksums are "
+        "checked (corruption, not tampering).",
+    )
     parser.add_argument("run_dir", type=Path, help="a run directory, e.g. outputs/<date>/<time>")
     parser.add_argument("--key-file", default=None, help="file holding the 64-hex-character storage key")
     args = parser.parse_args(argv)
@@ -112,19 +113,27 @@ def decrypt_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedllm decrypt",
         description="Write the plain file of a sealed (encrypted) one, e.g. an adapter saved with "
-                    "storage.encrypt=true; the content is authenticated with the key before anything is written.")
+        "storage.encrypt=true; the content is authenticated with the key before anything is written.",
+    )
     parser.add_argument("sealed", type=Path, help="the sealed file (e.g. adapter/adapter_model.safetensors.sealed)")
     parser.add_argument("out", type=Path, nargs="?", help="where to write the plain file (default: without .sealed)")
-    parser.add_argument("--key-file", default=None,
-                        help="file holding the 64-hex-character key (default: $FEDLLM_ENCRYPTION_KEY)")
+    parser.add_argument(
+        "--key-file", default=None, help="file holding the 64-hex-character key (default: $FEDLLM_ENCRYPTION_KEY)"
+    )
     args = parser.parse_args(argv)
     out = args.out or args.sealed.with_suffix("")
     try:
         blob = args.sealed.read_bytes()
         header = read_header(blob, str(args.sealed))[0]  # a malformed file is named before a key is asked for
         # role and name: whatever the file's authenticated header says; format 1 only here, on request
-        data = unseal(blob, storage_key(args.key_file, need=True, command="decrypt"), role=None, name=None,
-                      what=str(args.sealed), legacy=True)
+        data = unseal(
+            blob,
+            storage_key(args.key_file, need=True, command="decrypt"),
+            role=None,
+            name=None,
+            what=str(args.sealed),
+            legacy=True,
+        )
         atomic_write_bytes(out, data)
     except (FedLLMError, OSError) as exc:
         print(f"fedllm decrypt: {exc}", file=sys.stderr)

@@ -32,10 +32,13 @@ def node_status(policy: NodePolicy, last: int = 5) -> str:
     ledger = NodeLedger(policy.state_dir, policy.dataset_id, _fingerprint(policy), key=policy.state_key())
     spent = ledger.epsilon(delta=policy.delta, accountant=policy.accountant)
     runs = sorted({r.run_id for r in ledger.releases})
-    lines = [f"state dir   {policy.state_dir}", f"dataset     {policy.dataset_id}",
-             f"releases    {len(ledger.releases)} DP-SGD rounds in {len(runs)} run(s)",
-             f"epsilon     {spent:.4f} spent of cap {policy.max_epsilon:g} at delta {policy.delta:g} "
-             f"({policy.accountant}); {max(policy.max_epsilon - spent, 0.0):.4f} left"]
+    lines = [
+        f"state dir   {policy.state_dir}",
+        f"dataset     {policy.dataset_id}",
+        f"releases    {len(ledger.releases)} DP-SGD rounds in {len(runs)} run(s)",
+        f"epsilon     {spent:.4f} spent of cap {policy.max_epsilon:g} at delta {policy.delta:g} "
+        f"({policy.accountant}); {max(policy.max_epsilon - spent, 0.0):.4f} left",
+    ]
     lines += [f"            {line}" for line in _recent_rounds(policy.state_dir / AUDIT_FILE, last)]
     return "\n".join(lines)
 
@@ -45,8 +48,14 @@ def _fingerprint(policy: NodePolicy) -> str | None:
     if policy.data_path is None:
         return None  # a simulated node: its records are its shard of the experiment's data
     try:
-        records = load_records(policy.data_path, policy.data_format, policy.prompt_field, policy.response_field,
-                               max_record_chars=policy.max_record_chars, duplicates=policy.duplicates)
+        records = load_records(
+            policy.data_path,
+            policy.data_format,
+            policy.prompt_field,
+            policy.response_field,
+            max_record_chars=policy.max_record_chars,
+            duplicates=policy.duplicates,
+        )
     except DataError:
         return None
     return fingerprint((r.prompt, r.response) for r in records)
@@ -62,12 +71,18 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
         metrics = sent.get("metrics", {})
         category = sent.get("config", {}).get(keys.STATUS, {}).get(keys.CATEGORY)
         if entry.get("kind") == PREFLIGHT:  # a question answered, nothing released
-            what = f"refused ({category})" if category else \
-                f"can train {metrics.get(keys.ROUNDS_AFFORDABLE)} of {metrics.get(keys.ROUNDS_PLANNED)} rounds"
+            what = (
+                f"refused ({category})"
+                if category
+                else f"can train {metrics.get(keys.ROUNDS_AFFORDABLE)} of {metrics.get(keys.ROUNDS_PLANNED)} rounds"
+            )
             where = f"pre-flight before round {received.get('round')}"
         else:
-            what = f"refused ({category})" if category else \
-                f"sent {len(sent.get('tensors', []))} tensors, epsilon {metrics.get(keys.EPSILON, 'n/a')}"
+            what = (
+                f"refused ({category})"
+                if category
+                else f"sent {len(sent.get('tensors', []))} tensors, epsilon {metrics.get(keys.EPSILON, 'n/a')}"
+            )
             where = f"round {received.get('round')}"
         out.append(f"{entry.get('time')} run {received.get('run_id')} {where}: {what}")
     return out
@@ -75,10 +90,13 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
 
 def node_status_cli(argv: list[str]) -> int:
     """``fedllm node-status --node-config '...' [--last N]``."""
-    parser = argparse.ArgumentParser(prog="fedllm node-status", description=" ".join(
-        __doc__.replace("``fedllm node-status``: what", "What").replace("``", "").split()))
-    parser.add_argument("--node-config", required=True,
-                        help="the node's --node-config string, e.g. 'state-dir=\"/var/lib/fedllm\" ...'")
+    parser = argparse.ArgumentParser(
+        prog="fedllm node-status",
+        description=" ".join(__doc__.replace("``fedllm node-status``: what", "What").replace("``", "").split()),
+    )
+    parser.add_argument(
+        "--node-config", required=True, help="the node's --node-config string, e.g. 'state-dir=\"/var/lib/fedllm\" ...'"
+    )
     parser.add_argument("--last", type=int, default=5, help="how many audited rounds to show")
     args = parser.parse_args(argv)
     try:

@@ -20,10 +20,15 @@ from fedllm.errors import FedLLMError
 def report_cli(argv: list[str]) -> int:
     """Summarise every run in a directory; for several finished runs also plot privacy vs utility."""
     parser = argparse.ArgumentParser(
-        prog="fedllm report", description=" ".join(__doc__.split("\n\n")[1].replace("``", "").split()),
-        epilog="writes report.csv and report.md (and privacy_utility.png) into the directory")
-    parser.add_argument("directory", type=Path, help="a run folder (outputs/<date>/<time>) or a sweep folder "
-                                                     "(multirun/<date>/<time>), or any folder of runs")
+        prog="fedllm report",
+        description=" ".join(__doc__.split("\n\n")[1].replace("``", "").split()),
+        epilog="writes report.csv and report.md (and privacy_utility.png) into the directory",
+    )
+    parser.add_argument(
+        "directory",
+        type=Path,
+        help="a run folder (outputs/<date>/<time>) or a sweep folder (multirun/<date>/<time>), or any folder of runs",
+    )
     args = parser.parse_args(argv)
     root = args.directory
     try:
@@ -43,7 +48,6 @@ def report_cli(argv: list[str]) -> int:
         written.append(plot_privacy_utility(points, root / PRIVACY_UTILITY_PNG))
     incomplete = [run for run in runs if not run.finished]
     if incomplete:
-        print(f"{len(incomplete)} of {len(runs)} runs failed or did not finish (status column); "
-              "they are not plotted")
+        print(f"{len(incomplete)} of {len(runs)} runs failed or did not finish (status column); they are not plotted")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -72,8 +72,11 @@ def run_hydra(command: str, argv: list[str], entry) -> int:
     hydra.main(version_base="1.3", config_path=config_path, config_name="config")(entry)()
     failed = [job for job in JOBS if job[1] is not None]
     if failed and len(JOBS) > 1:  # a sweep: every job ran; say which failed (each was logged as it did)
-        print(f"fedllm {command}: {len(failed)} of {len(JOBS)} jobs failed:\n"
-              + "\n".join(f"  {job}: {reason}" for job, reason in failed), file=sys.stderr)
+        print(
+            f"fedllm {command}: {len(failed)} of {len(JOBS)} jobs failed:\n"
+            + "\n".join(f"  {job}: {reason}" for job, reason in failed),
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
@@ -92,8 +95,19 @@ def wants_help(argv: list[str]) -> bool:
 
 
 # Hydra flags that print something and run no job: the config is not prechecked for them
-_INFO_FLAGS = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--version", "--shell-completion", "-sc",
-               "--resolve", "--package", "-p")
+_INFO_FLAGS = (
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--hydra-help",
+    "--version",
+    "--shell-completion",
+    "-sc",
+    "--resolve",
+    "--package",
+    "-p",
+)
 MAX_PRECHECKED_JOBS = 256
 
 
@@ -244,8 +258,12 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> RunSummary:
         raise FedLLMError(f"the run failed: {summary.failure}; see {run_dir / SUMMARY_FILE}")
     log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, run_dir)
     if summary.status == "stopped":
-        log.warning("the run ended after round %d of %d: %s", summary.rounds_completed,
-                    summary.rounds_planned, summary.stop_reason)
+        log.warning(
+            "the run ended after round %d of %d: %s",
+            summary.rounds_completed,
+            summary.rounds_planned,
+            summary.stop_reason,
+        )
     return summary
 
 
@@ -255,8 +273,11 @@ def written_summary(run_dir: Path, seconds: float) -> RunSummary:
     try:
         return read_summary(run_dir)
     except DataError:
-        summary = RunSummary(status="failed", wall_seconds=round(seconds, 1),
-                             failure="the engine returned without a summary.json (see the log above)")
+        summary = RunSummary(
+            status="failed",
+            wall_seconds=round(seconds, 1),
+            failure="the engine returned without a summary.json (see the log above)",
+        )
         write_summary(run_dir, summary)
         return summary
 
@@ -268,9 +289,13 @@ def record_failure(run_dir: Path, cfg, failure: str, seconds: float) -> RunSumma
     try:
         summary = read_summary(run_dir)
     except DataError:
-        summary = RunSummary(rounds_completed=0, rounds_planned=cfg.federation.num_rounds,
-                             num_clients=cfg.federation.num_clients, privacy_mode=cfg.privacy.mode,
-                             wall_seconds=round(seconds, 1))
+        summary = RunSummary(
+            rounds_completed=0,
+            rounds_planned=cfg.federation.num_rounds,
+            num_clients=cfg.federation.num_clients,
+            privacy_mode=cfg.privacy.mode,
+            wall_seconds=round(seconds, 1),
+        )
     if summary.status != "failed":
         summary = dataclasses.replace(summary, status="failed", failure=failure)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -279,29 +304,38 @@ def record_failure(run_dir: Path, cfg, failure: str, seconds: float) -> RunSumma
 
 
 COMMAND_HELP = {
-    "simulate": ("fedllm simulate [-m] [OVERRIDE ...]",
-                 "Run a federated, differentially private LoRA fine-tuning job on this machine: Flower's "
-                 "simulation engine runs one virtual node per client, each training on its own shard with "
-                 "DP-SGD; the server averages the adapters and evaluates them on a held-out split every "
-                 "round. Outputs (adapter/, summary.json with the run's status, metrics.jsonl, "
-                 "privacy_ledger.json, plots) go to outputs/<date>/<time>/. The command exits 1 when the "
-                 "config is rejected (nothing is created) or the run fails (summary.json says why)."),
-    "plan": ("fedllm plan [OVERRIDE ...]",
-             "Print the DP-SGD plan of the same config, before any training: the noise multiplier per "
-             "client under the RDP and PRV accountants, the epsilon after each round, which client binds, "
-             "and what to change when the target cannot be met. Nothing is written."),
-    "audit": ("fedllm audit [OVERRIDE ...]",
-              "Run the configured experiment with canaries (gradient or record) and print each adversary's "
-              "empirical epsilon lower bound (one-run audit, Steinke-Nasr-Jagielski): the coordinator, "
-              "which sees every node's update, and a reader of the outputs. audit.* keys set the audit "
-              "itself (canaries, kind, confidence, seed). Outputs go to outputs/<date>/<time>/."),
+    "simulate": (
+        "fedllm simulate [-m] [OVERRIDE ...]",
+        "Run a federated, differentially private LoRA fine-tuning job on this machine: Flower's "
+        "simulation engine runs one virtual node per client, each training on its own shard with "
+        "DP-SGD; the server averages the adapters and evaluates them on a held-out split every "
+        "round. Outputs (adapter/, summary.json with the run's status, metrics.jsonl, "
+        "privacy_ledger.json, plots) go to outputs/<date>/<time>/. The command exits 1 when the "
+        "config is rejected (nothing is created) or the run fails (summary.json says why).",
+    ),
+    "plan": (
+        "fedllm plan [OVERRIDE ...]",
+        "Print the DP-SGD plan of the same config, before any training: the noise multiplier per "
+        "client under the RDP and PRV accountants, the epsilon after each round, which client binds, "
+        "and what to change when the target cannot be met. Nothing is written.",
+    ),
+    "audit": (
+        "fedllm audit [OVERRIDE ...]",
+        "Run the configured experiment with canaries (gradient or record) and print each adversary's "
+        "empirical epsilon lower bound (one-run audit, Steinke-Nasr-Jagielski): the coordinator, "
+        "which sees every node's update, and a reader of the outputs. audit.* keys set the audit "
+        "itself (canaries, kind, confidence, seed). Outputs go to outputs/<date>/<time>/.",
+    ),
 }
 
 _OPTIONS = {
     "simulate": [
-        ("-m, --multirun", "sweep: a comma-separated value runs one job per value, e.g. "
-                           "privacy.target_epsilon=3,8; a failed job does not stop the others, the command "
-                           "then exits 1 (outputs in multirun/<date>/<time>/<job>/)"),
+        (
+            "-m, --multirun",
+            "sweep: a comma-separated value runs one job per value, e.g. "
+            "privacy.target_epsilon=3,8; a failed job does not stop the others, the command "
+            "then exits 1 (outputs in multirun/<date>/<time>/<job>/)",
+        ),
         ("resume=RUN_DIR", "continue an interrupted run from its last checkpoint, with its saved config"),
         ("hydra.run.dir=DIR", "where the outputs go (hydra.sweep.dir=DIR for a sweep)"),
         ("--cfg job", "print the composed config and exit (nothing is run)"),
@@ -316,13 +350,19 @@ _OPTIONS = {
 
 
 _EXAMPLES = {
-    "simulate": ["fedllm simulate debug=smoke                      3 clients, 2 rounds, a tiny model (minutes)",
-                 "fedllm simulate privacy.target_epsilon=3 federation.num_rounds=5",
-                 "fedllm simulate -m privacy.target_epsilon=1,3,8  a sweep; then `fedllm report multirun/...`"],
-    "plan": ["fedllm plan privacy.target_epsilon=3             the noise that target needs",
-             "fedllm plan debug=smoke federation.num_rounds=10"],
-    "audit": ["fedllm audit model=tiny privacy.target_epsilon=1 audit.canaries=500",
-              "fedllm audit privacy=none                        what an attack learns without DP"],
+    "simulate": [
+        "fedllm simulate debug=smoke                      3 clients, 2 rounds, a tiny model (minutes)",
+        "fedllm simulate privacy.target_epsilon=3 federation.num_rounds=5",
+        "fedllm simulate -m privacy.target_epsilon=1,3,8  a sweep; then `fedllm report multirun/...`",
+    ],
+    "plan": [
+        "fedllm plan privacy.target_epsilon=3             the noise that target needs",
+        "fedllm plan debug=smoke federation.num_rounds=10",
+    ],
+    "audit": [
+        "fedllm audit model=tiny privacy.target_epsilon=1 audit.canaries=500",
+        "fedllm audit privacy=none                        what an attack learns without DP",
+    ],
 }
 
 
@@ -331,10 +371,20 @@ def overrides_help(command: str) -> str:
     does, its options, the config groups (with the default marked) and each section's keys, read
     from ``conf/`` and the config dataclasses so the list never goes stale."""
     usage, about = COMMAND_HELP[command]
-    lines = [f"usage: {usage}", "", *textwrap.wrap(about, 96), "",
-             *textwrap.wrap("OVERRIDE is KEY=VALUE (privacy.target_epsilon=3) or GROUP=OPTION (model=tiny); "
-                            "`fedllm simulate --cfg job` prints every value; every key with its default and meaning: "
-                            "docs/config.md.", 96), "", "options:"]
+    lines = [
+        f"usage: {usage}",
+        "",
+        *textwrap.wrap(about, 96),
+        "",
+        *textwrap.wrap(
+            "OVERRIDE is KEY=VALUE (privacy.target_epsilon=3) or GROUP=OPTION (model=tiny); "
+            "`fedllm simulate --cfg job` prints every value; every key with its default and meaning: "
+            "docs/config.md.",
+            96,
+        ),
+        "",
+        "options:",
+    ]
     lines += _two_columns([("-h, --help", "show this help and exit"), *_OPTIONS[command]])
     try:
         groups = [g for g in _config_groups(conf_dir()) if command == "audit" or g[0] != "audit"]

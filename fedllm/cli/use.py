@@ -40,11 +40,18 @@ def _finished_run(args: argparse.Namespace, command: str):
 
 def evaluate_cli(argv: list[str]) -> int:
     """``fedllm evaluate RUN_DIR [--data FILE] [--json]``."""
-    parser = _parser("evaluate", "Evaluate a finished run's final adapter: held-out loss, perplexity and (for "
-                                 "fixed answers) accuracy, computed as the server computed them each round.")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="a JSONL/CSV file of records to score instead of the run's held-out split "
-                             "(same field names and prompt format as the run)")
+    parser = _parser(
+        "evaluate",
+        "Evaluate a finished run's final adapter: held-out loss, perplexity and (for "
+        "fixed answers) accuracy, computed as the server computed them each round.",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a JSONL/CSV file of records to score instead of the run's held-out split "
+        "(same field names and prompt format as the run)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     from fedllm.finished_run import evaluate_run, records_for
@@ -57,8 +64,13 @@ def evaluate_cli(argv: list[str]) -> int:
     except (FedLLMError, OSError) as exc:
         print(f"fedllm evaluate: {exc}", file=sys.stderr)
         return 1
-    figures = {"examples": result.examples, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
-               "eval_accuracy": result.accuracy, "data": str(args.data) if args.data else "held-out split"}
+    figures = {
+        "examples": result.examples,
+        "eval_loss": result.loss,
+        "eval_perplexity": result.perplexity,
+        "eval_accuracy": result.accuracy,
+        "data": str(args.data) if args.data else "held-out split",
+    }
     if args.json:
         print(json.dumps(figures, sort_keys=True))
     else:
@@ -69,8 +81,11 @@ def evaluate_cli(argv: list[str]) -> int:
 
 def generate_cli(argv: list[str]) -> int:
     """``fedllm generate RUN_DIR PROMPT... [--max-new-tokens N]``."""
-    parser = _parser("generate", "Answer prompts with a finished run's adapter (greedy decoding). Each prompt is "
-                                 "put into the run's prompt template (data.prompt_template), as during training.")
+    parser = _parser(
+        "generate",
+        "Answer prompts with a finished run's adapter (greedy decoding). Each prompt is "
+        "put into the run's prompt template (data.prompt_template), as during training.",
+    )
     parser.add_argument("prompts", nargs="+", help="one or more prompts (the {prompt} part of the template)")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="the most tokens generated per prompt")
     parser.add_argument("--raw", action="store_true", help="send the prompts as they are, without the template")
@@ -85,8 +100,13 @@ def generate_cli(argv: list[str]) -> int:
         return 1
     template = "{prompt}" if args.raw else run.config.data.prompt_template
     inputs = [template.format(prompt=prompt) for prompt in args.prompts]
-    texts = generate(run.bundle.model, run.bundle.tokenizer, inputs, max_new_tokens=args.max_new_tokens,
-                     bf16=use_bf16(run.config.train.precision))
+    texts = generate(
+        run.bundle.model,
+        run.bundle.tokenizer,
+        inputs,
+        max_new_tokens=args.max_new_tokens,
+        bf16=use_bf16(run.config.train.precision),
+    )
     for prompt, text in zip(args.prompts, texts, strict=True):
         print(f"> {prompt}\n{text}\n" if len(args.prompts) > 1 else text)
     return 0

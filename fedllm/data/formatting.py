@@ -38,8 +38,7 @@ class TokenizedDataset(Dataset):
     plain tensor tuples because Opacus's DP data loader inspects ``dataset[0]``.
     """
 
-    def __init__(self, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], truncated: int,
-                 masked: int = 0):
+    def __init__(self, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], truncated: int, masked: int = 0):
         self.items = items
         self.truncated = truncated
         self.masked = masked  # records kept without a training target (see PromptFormat.nonconforming)
@@ -81,8 +80,9 @@ def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> Tok
     for position, record in enumerate(records):
         where = record.origin or f"record {position}"
         prompt = tokenizer(fmt.prompt_template.format(prompt=record.prompt))["input_ids"]
-        answer = tokenizer(fmt.response_template.format(response=record.response),
-                           add_special_tokens=False)["input_ids"]
+        answer = tokenizer(fmt.response_template.format(response=record.response), add_special_tokens=False)[
+            "input_ids"
+        ]
         if not fmt.choices and tokenizer.eos_token_id is not None:
             answer = answer + [tokenizer.eos_token_id]
         problem = _nonconforming(record, answer, fmt, choice_index)
@@ -94,8 +94,10 @@ def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> Tok
             continue
         room = fmt.max_length - len(answer)
         if len(prompt) > room and fmt.overlong == "refuse":
-            raise DataError(f"{where}: {len(prompt) + len(answer)} tokens, longer than data.max_length="
-                            f"{fmt.max_length}; raise it, shorten the record, or set data.overlong=truncate")
+            raise DataError(
+                f"{where}: {len(prompt) + len(answer)} tokens, longer than data.max_length="
+                f"{fmt.max_length}; raise it, shorten the record, or set data.overlong=truncate"
+            )
         if len(prompt) > room:
             # keep the end of the prompt: it holds the instruction cue right before the answer
             prompt, truncated = prompt[-room:], truncated + 1
@@ -144,13 +146,18 @@ def make_collate(pad_id: int, prompt_only: bool):
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for row, (ids, lab, _) in enumerate(rows):
-            input_ids[row, width - len(ids):] = ids
-            labels[row, width - len(ids):] = lab
-            mask[row, width - len(ids):] = 1
+            input_ids[row, width - len(ids) :] = ids
+            labels[row, width - len(ids) :] = lab
+            mask[row, width - len(ids) :] = 1
         # explicit positions so left padding does not shift the real tokens' positions
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         choice = torch.stack([r[2] for r in rows]) if rows else torch.zeros(0, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
-                "labels": labels, "choice": choice}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "labels": labels,
+            "choice": choice,
+        }
 
     return collate

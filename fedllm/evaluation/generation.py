@@ -51,8 +51,9 @@ def sample_records(records: list[Record], count: int) -> list[Record]:
 
 
 @torch.no_grad()
-def generate(model: PeftModel, tokenizer, prompts: list[str], *,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, bf16: bool = False) -> list[str]:
+def generate(
+    model: PeftModel, tokenizer, prompts: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, bf16: bool = False
+) -> list[str]:
     """Greedy continuations of ``prompts`` (full model inputs, templates already applied).
 
     One prompt at a time: no padding, so each continuation is exactly what the model gives that
@@ -76,8 +77,13 @@ def generate(model: PeftModel, tokenizer, prompts: list[str], *,
         raise ValueError(f"max_new_tokens={max_new_tokens}; must be a positive number of tokens")
     # a fresh config: the base model's own (sampling temperature, top_p) would not apply to greedy
     # decoding and transformers warns about the mismatch
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -87,14 +93,21 @@ def generate(model: PeftModel, tokenizer, prompts: list[str], *,
             ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long, device=device)
             with autocast(bf16, device.type):
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     finally:
         model.train(was_training)
     return texts
 
 
-def generate_samples(model: PeftModel, tokenizer, records: list[Record], fmt: PromptFormat, *,
-                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, bf16: bool = False) -> list[Sample]:
+def generate_samples(
+    model: PeftModel,
+    tokenizer,
+    records: list[Record],
+    fmt: PromptFormat,
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    bf16: bool = False,
+) -> list[Sample]:
     """Greedy generations for ``records`` in the run's prompt format (see :func:`generate`).
 
     Args:
@@ -110,5 +123,6 @@ def generate_samples(model: PeftModel, tokenizer, records: list[Record], fmt: Pr
     """
     prompts = [fmt.prompt_template.format(prompt=r.prompt) for r in records]
     texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, bf16=bf16)
-    return [Sample(prompt=r.prompt, generated=text, reference=r.response)
-            for r, text in zip(records, texts, strict=True)]
+    return [
+        Sample(prompt=r.prompt, generated=text, reference=r.response) for r, text in zip(records, texts, strict=True)
+    ]

@@ -72,7 +72,7 @@ def ratio_stderr(nll_sums: torch.Tensor, counts: torch.Tensor) -> tuple[float, f
     if n < 2:
         return loss, None
     residuals = sums - loss * counts
-    return loss, math.sqrt(float((residuals ** 2).sum()) / (n * (n - 1))) / (total / n)
+    return loss, math.sqrt(float((residuals**2).sum()) / (n * (n - 1))) / (total / n)
 
 
 def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +86,9 @@ def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: TokenizedDataset, pad_id: int, choice_ids: list[int],
-             batch_size: int, bf16: bool) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module, dataset: TokenizedDataset, pad_id: int, choice_ids: list[int], batch_size: int, bf16: bool
+) -> EvalResult:
     """Evaluate on ``dataset``.
 
     With fixed answers (``choice_ids``): the loss is the cross-entropy of the correct answer
@@ -103,7 +104,7 @@ def evaluate(model: torch.nn.Module, dataset: TokenizedDataset, pad_id: int, cho
     losses, counts, correct = [], [], 0
     device = model_device(model)
     for start in range(0, len(order), batch_size):
-        batch = to_device(collate([dataset[i] for i in order[start:start + batch_size]]), device)
+        batch = to_device(collate([dataset[i] for i in order[start : start + batch_size]]), device)
         with autocast(bf16, device.type):
             if choice_ids:
                 scores = last_logits(model, batch)[:, choice_ids]

@@ -36,30 +36,47 @@ def audit_round(state_dir: Path, received: Mapping, sent: RecordDict, kind: str 
     privacy = task_config.get("privacy", {}) if isinstance(task_config, dict) else {}
     arrays = sent.array_records.get(keys.ARRAYS)
     sent_arrays = list(arrays.items()) if arrays else []
-    tensors = [{"name": name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(array.data)}
-               for name, array in sent_arrays]
+    tensors = [
+        {"name": name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(array.data)}
+        for name, array in sent_arrays
+    ]
     tensor_bytes = sum(len(array.data) for _, array in sent_arrays)
     metrics = sent.metric_records.get(keys.METRICS)
     sent_metrics = dict(metrics.items()) if metrics else {}
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kind": kind,
-        "received": {"run_id": received.get(keys.RUN_ID), "round": received.get(keys.SERVER_ROUND),
-                     "task_config_sha256": hashlib.sha256(task_json.encode()).hexdigest(),
-                     "privacy": {k: privacy.get(k) for k in ("mode", "target_epsilon", "delta", "max_grad_norm",
-                                                              "noise_multiplier", "accountant", "noise")},
-                     # the whole task config: a probe through the data format (choices, templates,
-                     # max_length) is on record too
-                     "task_config": task_config},
-        "sent": {"tensors": tensors, "tensor_bytes": tensor_bytes, "metrics": sent_metrics,
-                 "config": {name: dict(record.items()) for name, record in sent.config_records.items()},
-                 "record_types": sorted(sent.keys())},
+        "received": {
+            "run_id": received.get(keys.RUN_ID),
+            "round": received.get(keys.SERVER_ROUND),
+            "task_config_sha256": hashlib.sha256(task_json.encode()).hexdigest(),
+            "privacy": {
+                k: privacy.get(k)
+                for k in ("mode", "target_epsilon", "delta", "max_grad_norm", "noise_multiplier", "accountant", "noise")
+            },
+            # the whole task config: a probe through the data format (choices, templates,
+            # max_length) is on record too
+            "task_config": task_config,
+        },
+        "sent": {
+            "tensors": tensors,
+            "tensor_bytes": tensor_bytes,
+            "metrics": sent_metrics,
+            "config": {name: dict(record.items()) for name, record in sent.config_records.items()},
+            "record_types": sorted(sent.keys()),
+        },
     }
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with (Path(state_dir) / AUDIT_FILE).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, sort_keys=True) + "\n")
     what = "pre-flight before round" if kind == PREFLIGHT else "round"
-    log.info("audit: %s %s of run %s: sent %d tensors (%d bytes), epsilon %s", what,
-             escape_remote_text(received.get(keys.SERVER_ROUND)), escape_remote_text(received.get(keys.RUN_ID)),
-             len(tensors), tensor_bytes, sent_metrics.get(keys.EPSILON, "n/a"))
+    log.info(
+        "audit: %s %s of run %s: sent %d tensors (%d bytes), epsilon %s",
+        what,
+        escape_remote_text(received.get(keys.SERVER_ROUND)),
+        escape_remote_text(received.get(keys.RUN_ID)),
+        len(tensors),
+        tensor_bytes,
+        sent_metrics.get(keys.EPSILON, "n/a"),
+    )
     return entry

@@ -75,12 +75,24 @@ class Checkpointer:
         if sealed is None:
             sealed = seal(save(tensors), self.key, role=ROLE_CHECKPOINT_ADAPTER, name=adapter_name)
             atomic_write_bytes(self.folder / adapter_name, sealed)
-        write_json(self.folder / STATE_FILE, protect_json({
-            "run_id": state.run_id, "server_round": state.server_round, "adapter": adapter_name,
-            "adapter_sha256": hashlib.sha256(sealed).hexdigest(),  # of the sealed bytes: reveals nothing
-            "ledger": state.ledger, "rounds": state.rounds, "config": state.config,
-            "stop_reason": state.stop_reason,
-        }, self.key, role=ROLE_CHECKPOINT_STATE, name=STATE_FILE))
+        write_json(
+            self.folder / STATE_FILE,
+            protect_json(
+                {
+                    "run_id": state.run_id,
+                    "server_round": state.server_round,
+                    "adapter": adapter_name,
+                    "adapter_sha256": hashlib.sha256(sealed).hexdigest(),  # of the sealed bytes: reveals nothing
+                    "ledger": state.ledger,
+                    "rounds": state.rounds,
+                    "config": state.config,
+                    "stop_reason": state.stop_reason,
+                },
+                self.key,
+                role=ROLE_CHECKPOINT_STATE,
+                name=STATE_FILE,
+            ),
+        )
         for old in self.folder.glob(f"{ADAPTER_PREFIX}*{ADAPTER_SUFFIX}"):
             if old.name != adapter_name:
                 old.unlink()
@@ -114,12 +126,23 @@ class Checkpointer:
         if not path.is_file():
             raise LedgerError(f"no checkpoint in {self.folder}: this run cannot be resumed")
         try:
-            raw = verify_json(json.loads(path.read_text(encoding="utf-8")), self.key, role=ROLE_CHECKPOINT_STATE,
-                              name=STATE_FILE, what=str(path))
+            raw = verify_json(
+                json.loads(path.read_text(encoding="utf-8")),
+                self.key,
+                role=ROLE_CHECKPOINT_STATE,
+                name=STATE_FILE,
+                what=str(path),
+            )
             arrays = load(self._adapter_bytes(raw))
-            return ServerState(run_id=raw["run_id"], server_round=int(raw["server_round"]), arrays=arrays,
-                               ledger=raw["ledger"], rounds=raw["rounds"], config=raw["config"],
-                               stop_reason=raw.get("stop_reason"))
+            return ServerState(
+                run_id=raw["run_id"],
+                server_round=int(raw["server_round"]),
+                arrays=arrays,
+                ledger=raw["ledger"],
+                rounds=raw["rounds"],
+                config=raw["config"],
+                stop_reason=raw.get("stop_reason"),
+            )
         except IntegrityError:
             raise
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
@@ -136,6 +159,8 @@ class Checkpointer:
         expected = raw.get("adapter_sha256")  # absent in checkpoints written before issue 13
         if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
             # e.g. an older, authentic adapter of the same round (a rollback the key alone cannot see)
-            raise IntegrityError(f"{adapter}: does not match the checkpoint's {STATE_FILE} (swapped or altered "
-                                 "since it was saved); it is not used")
+            raise IntegrityError(
+                f"{adapter}: does not match the checkpoint's {STATE_FILE} (swapped or altered "
+                "since it was saved); it is not used"
+            )
         return data

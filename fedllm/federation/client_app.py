@@ -130,8 +130,12 @@ def train(msg: Message, context: Context) -> Message:
     policy = _node(context)
     cfg, run_id, server_round = _task(msg, "train")
     try:
-        request = RoundRequest(cfg=cfg, run_id=run_id, server_round=server_round,
-                               received=msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
+        request = RoundRequest(
+            cfg=cfg,
+            run_id=run_id,
+            server_round=server_round,
+            received=msg.content.array_records[keys.ARRAYS].to_torch_state_dict(),
+        )
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"the server's train message is malformed: {exc}") from exc
     torch.set_num_threads(min(request.cfg.train.threads_per_client, usable_cpus()))

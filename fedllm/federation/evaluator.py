@@ -41,22 +41,43 @@ class RoundEvaluator:
         """
         started = time.perf_counter()
         load_adapter_state(self.bundle.model, arrays.to_torch_state_dict())
-        result = evaluate(self.bundle.model, self.test_set, self.bundle.pad_id, self.choice_ids,
-                          self.cfg.train.eval_batch_size, self.bf16)
+        result = evaluate(
+            self.bundle.model,
+            self.test_set,
+            self.bundle.pad_id,
+            self.choice_ids,
+            self.cfg.train.eval_batch_size,
+            self.bf16,
+        )
         eval_seconds = time.perf_counter() - started
         if server_round > 0 and not replies.updates:
-            log.error("round %d: no client returned an update (see above); the global adapter is unchanged",
-                      server_round)
-        record = self.run_log.log_round(round_record(server_round, result, replies, self.ledger,
-                                                     sample_level=self.cfg.privacy.sample_level,
-                                                     eval_seconds=eval_seconds))
+            log.error(
+                "round %d: no client returned an update (see above); the global adapter is unchanged", server_round
+            )
+        record = self.run_log.log_round(
+            round_record(
+                server_round,
+                result,
+                replies,
+                self.ledger,
+                sample_level=self.cfg.privacy.sample_level,
+                eval_seconds=eval_seconds,
+            )
+        )
         if self.sink:
             self.sink.log_round(record)
         return record
 
 
-def round_record(server_round: int, result: EvalResult, replies: RoundReplies, ledger: PrivacyLedger, *,
-                 sample_level: bool, eval_seconds: float | None = None) -> RoundRecord:
+def round_record(
+    server_round: int,
+    result: EvalResult,
+    replies: RoundReplies,
+    ledger: PrivacyLedger,
+    *,
+    sample_level: bool,
+    eval_seconds: float | None = None,
+) -> RoundRecord:
     """The record of one round: its held-out evaluation, its replies and the privacy spent so far.
 
     Args:
@@ -87,8 +108,9 @@ def round_record(server_round: int, result: EvalResult, replies: RoundReplies, l
         rejected_updates=len(replies.rejected),
         rejections=list(replies.rejected),
         client_level_epsilon=client_level.epsilon() if client_level else None,
-        slowest_client_seconds=finite_or_none(max((r.public.train_seconds for r in replies.reports
-                                                   if r.public.train_seconds is not None), default=None)),
+        slowest_client_seconds=finite_or_none(
+            max((r.public.train_seconds for r in replies.reports if r.public.train_seconds is not None), default=None)
+        ),
         eval_seconds=finite_or_none(eval_seconds),
     )
 

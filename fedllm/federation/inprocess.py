@@ -54,8 +54,7 @@ class InProcessGrid(Grid):
         unreachable: partitions whose messages are never answered (a node that left).
     """
 
-    def __init__(self, client_app, num_nodes: int, observer: Observer | None = None,
-                 unreachable: Iterable[int] = ()):
+    def __init__(self, client_app, num_nodes: int, observer: Observer | None = None, unreachable: Iterable[int] = ()):
         self.client_app = client_app
         self.partitions = {FIRST_NODE_ID + i: i for i in range(num_nodes)}
         self.observer = observer
@@ -63,11 +62,16 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(run_id=1)
         self._replies: dict[str, Message] = {}
         # each node keeps its Context (and its state record) across rounds, as a SuperNode does
-        self._contexts = {node: Context(run_id=1, node_id=node,
-                                        node_config={keys.NODE_PARTITION_ID: part,
-                                                     keys.NODE_NUM_PARTITIONS: num_nodes},
-                                        state=RecordDict(), run_config={})
-                          for node, part in self.partitions.items()}
+        self._contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={keys.NODE_PARTITION_ID: part, keys.NODE_NUM_PARTITIONS: num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for node, part in self.partitions.items()
+        }
 
     def set_run(self, run: Run) -> None:
         """Set the run this grid serves."""
@@ -78,8 +82,9 @@ class InProcessGrid(Grid):
         """The run this grid serves."""
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         """A new instruction message (Flower deprecates this in favour of ``Message(...)``)."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
@@ -138,8 +143,7 @@ def server_identity() -> Iterator[None]:
 
 
 @contextmanager
-def simulated_nodes(cfg: ExperimentConfig, run_dir: Path,
-                    extra: Callable[[int], dict] | None = None) -> Iterator[None]:
+def simulated_nodes(cfg: ExperimentConfig, run_dir: Path, extra: Callable[[int], dict] | None = None) -> Iterator[None]:
     """Every virtual node's own config written where the ClientApp looks for it (the simulation
     driver file), with ``extra(partition)`` added to each; removed from the environment afterwards."""
     previous = os.environ.get(SIMULATED_NODES_ENV)
@@ -153,9 +157,16 @@ def simulated_nodes(cfg: ExperimentConfig, run_dir: Path,
             os.environ[SIMULATED_NODES_ENV] = previous
 
 
-def run_inprocess(cfg: ExperimentConfig, run_dir: Path, *, client_app=None, observer: Observer | None = None,
-                  resume: bool = False, extra_node_config: Callable[[int], dict] | None = None,
-                  unreachable: Iterable[int] = ()) -> RunSummary:
+def run_inprocess(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    client_app=None,
+    observer: Observer | None = None,
+    resume: bool = False,
+    extra_node_config: Callable[[int], dict] | None = None,
+    unreachable: Iterable[int] = (),
+) -> RunSummary:
     """Run (or continue) the federation of ``cfg`` in this process; returns its summary.
 
     Args:

@@ -23,12 +23,23 @@ from fedllm.tracking.run_log import RunLog
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy_ledger.json"
-SEEDED_WARNING = ("privacy.noise=seeded: DP noise and sampling were derived from the run's seed; the epsilons "
-                  "below do not hold against anyone who knows the seed (research simulations only)")
+SEEDED_WARNING = (
+    "privacy.noise=seeded: DP noise and sampling were derived from the run's seed; the epsilons "
+    "below do not hold against anyone who knows the seed (research simulations only)"
+)
 
 
-def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, state: ServerState, ledger: PrivacyLedger,
-                  run_log: RunLog, key: bytes | None = None, *, started: float) -> RunSummary:
+def write_outputs(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    model,
+    state: ServerState,
+    ledger: PrivacyLedger,
+    run_log: RunLog,
+    key: bytes | None = None,
+    *,
+    started: float,
+) -> RunSummary:
     """Save the final adapter (PEFT format; sealed when encrypting), the privacy ledger, the
     summary and the plots of a run whose rounds all ran.
 
@@ -46,8 +57,16 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, model, state: ServerStat
     return summary
 
 
-def write_failure(cfg: ExperimentConfig, run_dir: Path, state: ServerState, ledger: PrivacyLedger,
-                  run_log: RunLog, failure: str, *, started: float) -> RunSummary | None:
+def write_failure(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    state: ServerState,
+    ledger: PrivacyLedger,
+    run_log: RunLog,
+    failure: str,
+    *,
+    started: float,
+) -> RunSummary | None:
     """``summary.json`` (``status: failed``) and the privacy ledger of a run the round loop did
     not finish; no adapter. Never raises: the caller re-raises the failure itself."""
     try:
@@ -60,8 +79,15 @@ def write_failure(cfg: ExperimentConfig, run_dir: Path, state: ServerState, ledg
         return None
 
 
-def run_summary(cfg: ExperimentConfig, state: ServerState, ledger: PrivacyLedger, run_log: RunLog, *,
-                started: float, failure: str | None = None) -> RunSummary:
+def run_summary(
+    cfg: ExperimentConfig,
+    state: ServerState,
+    ledger: PrivacyLedger,
+    run_log: RunLog,
+    *,
+    started: float,
+    failure: str | None = None,
+) -> RunSummary:
     """The run's summary: the outcome first, then what the run achieved, spent and took."""
     rounds = run_log.rounds
     status, reason = run_outcome(rounds, state.stop_reason, failure)
@@ -70,7 +96,9 @@ def run_summary(cfg: ExperimentConfig, state: ServerState, ledger: PrivacyLedger
     empty = RoundRecord(round=0)  # no round ran: every result is None
     first, last = (rounds[0], rounds[-1]) if rounds else (empty, empty)
     return RunSummary(
-        status=status, failure=reason, run_id=state.run_id,
+        status=status,
+        failure=reason,
+        run_id=state.run_id,
         rounds_completed=max((r.round for r in rounds), default=0),
         rounds_planned=cfg.federation.num_rounds,
         stop_reason=state.stop_reason,
@@ -86,9 +114,12 @@ def run_summary(cfg: ExperimentConfig, state: ServerState, ledger: PrivacyLedger
         guarantees=guarantees(cfg, ledger),
         warning=SEEDED_WARNING if cfg.privacy.noise == "seeded" else None,
         client_level_epsilon=client_level.epsilon() if client_level is not None else None,
-        zero_shot_accuracy=first.eval_accuracy, final_accuracy=last.eval_accuracy,
-        zero_shot_eval_loss=first.eval_loss, final_eval_loss=last.eval_loss,
-        zero_shot_eval_perplexity=first.eval_perplexity, final_eval_perplexity=last.eval_perplexity,
+        zero_shot_accuracy=first.eval_accuracy,
+        final_accuracy=last.eval_accuracy,
+        zero_shot_eval_loss=first.eval_loss,
+        final_eval_loss=last.eval_loss,
+        zero_shot_eval_perplexity=first.eval_perplexity,
+        final_eval_perplexity=last.eval_perplexity,
         test_examples=cfg.data.test_size,
         federation_seconds=round(run_log.wall_seconds(), 1),
         wall_seconds=round(time.perf_counter() - started, 1),
@@ -99,22 +130,39 @@ def guarantees(cfg: ExperimentConfig, ledger: PrivacyLedger) -> list[Guarantee]:
     """Each guarantee that ran: what it protects, against whom, its epsilon and delta."""
     found = []
     if cfg.privacy.sample_level:
-        found.append(Guarantee(
-            level="sample", protects="any single training record of a node",
-            against=("no one who knows the run's seed" if cfg.privacy.noise == "seeded" else
-                     "the coordinator, the other nodes and every reader of the outputs (see docs/threat-model.md)"),
-            epsilon=ledger.max_epsilon(), delta=cfg.privacy.delta,
-            accounts="every use of the node's records recorded in its state directory (its lifetime ledger)"))
+        found.append(
+            Guarantee(
+                level="sample",
+                protects="any single training record of a node",
+                against=(
+                    "no one who knows the run's seed"
+                    if cfg.privacy.noise == "seeded"
+                    else "the coordinator, the other nodes and every reader of the outputs (see docs/threat-model.md)"
+                ),
+                epsilon=ledger.max_epsilon(),
+                delta=cfg.privacy.delta,
+                accounts="every use of the node's records recorded in its state directory (its lifetime ledger)",
+            )
+        )
     accountant = ledger.client_level
     if accountant is not None:
-        found.append(Guarantee(
-            level="client", protects="a client's whole dataset (all its records together)",
-            against=("the other nodes and every reader of the outputs, not the coordinator, who adds the noise"
-                     if cfg.privacy.client_clipping == "server" else
-                     "the other nodes and every reader of the outputs; the coordinator adds the noise and sees "
-                     "the clipped updates"),
-            epsilon=accountant.epsilon(), delta=accountant.delta, adjacency=accountant.adjacency,
-            noise_multiplier=accountant.noise_multiplier, clip_norm=accountant.clip_norm))
+        found.append(
+            Guarantee(
+                level="client",
+                protects="a client's whole dataset (all its records together)",
+                against=(
+                    "the other nodes and every reader of the outputs, not the coordinator, who adds the noise"
+                    if cfg.privacy.client_clipping == "server"
+                    else "the other nodes and every reader of the outputs; the coordinator adds the noise and sees "
+                    "the clipped updates"
+                ),
+                epsilon=accountant.epsilon(),
+                delta=accountant.delta,
+                adjacency=accountant.adjacency,
+                noise_multiplier=accountant.noise_multiplier,
+                clip_norm=accountant.clip_norm,
+            )
+        )
     return found
 
 
@@ -126,8 +174,9 @@ def failure_text(exc: BaseException) -> str:
     return text if isinstance(exc, FedLLMError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
-def run_outcome(rounds: list[RoundRecord], stop_reason: str | None,
-                failure: str | None = None) -> tuple[str, str | None]:
+def run_outcome(
+    rounds: list[RoundRecord], stop_reason: str | None, failure: str | None = None
+) -> tuple[str, str | None]:
     """The run's ``status`` and, when it failed, why.
 
     ``completed``: every planned round ran; ``stopped``: the privacy stop rule ended it early
@@ -170,5 +219,5 @@ def _clip(text: str, limit: int = 200) -> str:
     if len(text) <= limit:
         return text
     if sep and len(who) < limit // 2:
-        return f"{who}{sep}...{reason[-(limit - len(who) - 5):]}"
+        return f"{who}{sep}...{reason[-(limit - len(who) - 5) :]}"
     return "..." + text[-limit:]

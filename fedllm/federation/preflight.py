@@ -86,14 +86,28 @@ class PreflightReport:
     def to_dict(self) -> dict[str, Any]:
         """The ``preflight`` entry of ``summary.json``."""
         return {
-            "first_round": self.first_round, "rounds_planned": self.rounds_planned,
-            "wait_seconds": self.wait_seconds, "asked": self.asked,
-            "nodes": [{"client": a.partition_id, "node": node, "rounds_affordable": a.rounds_affordable,
-                       "rounds_planned": a.rounds_planned, "epsilon_spent": a.spent, "epsilon_after": a.after,
-                       "cap": a.cap, "delta": a.delta} for node, a in self.answers],
+            "first_round": self.first_round,
+            "rounds_planned": self.rounds_planned,
+            "wait_seconds": self.wait_seconds,
+            "asked": self.asked,
+            "nodes": [
+                {
+                    "client": a.partition_id,
+                    "node": node,
+                    "rounds_affordable": a.rounds_affordable,
+                    "rounds_planned": a.rounds_planned,
+                    "epsilon_spent": a.spent,
+                    "epsilon_after": a.after,
+                    "cap": a.cap,
+                    "delta": a.delta,
+                }
+                for node, a in self.answers
+            ],
             "short": self.short,
             "refused": [{"client": r.partition_id, "node": node, "category": r.category} for node, r in self.refusals],
-            "rejected": list(self.rejected), "failed": list(self.failed), "no_answer": list(self.unanswered),
+            "rejected": list(self.rejected),
+            "failed": list(self.failed),
+            "no_answer": list(self.unanswered),
         }
 
 
@@ -108,16 +122,30 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, task: ConfigRecord, first_r
         first_round: the first round still to play (1, or where a resumed run continues).
     """
     fed = cfg.federation
-    report = PreflightReport(first_round=first_round, rounds_planned=fed.num_rounds - first_round + 1,
-                             wait_seconds=preflight_wait(fed.round_timeout))
+    report = PreflightReport(
+        first_round=first_round,
+        rounds_planned=fed.num_rounds - first_round + 1,
+        wait_seconds=preflight_wait(fed.round_timeout),
+    )
     nodes = connected_nodes(grid, fed.num_clients, report.wait_seconds)
     query = ConfigRecord({**task, keys.SERVER_ROUND: first_round})
-    messages = [Message(content=RecordDict({keys.CONFIG: query}), dst_node_id=node, message_type=MessageType.QUERY,
-                        ttl=report.wait_seconds)  # a node that comes later never answers a stale query
-                for node in nodes]
+    messages = [
+        Message(
+            content=RecordDict({keys.CONFIG: query}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+            ttl=report.wait_seconds,
+        )  # a node that comes later never answers a stale query
+        for node in nodes
+    ]
     report.asked = len(messages)
-    log.info("pre-flight: asking %d node(s) whether they can train rounds %d-%d under their own caps (waiting up "
-             "to %g s)", len(messages), first_round, fed.num_rounds, report.wait_seconds)
+    log.info(
+        "pre-flight: asking %d node(s) whether they can train rounds %d-%d under their own caps (waiting up to %g s)",
+        len(messages),
+        first_round,
+        fed.num_rounds,
+        report.wait_seconds,
+    )
     replies = list(grid.send_and_receive(messages, timeout=report.wait_seconds))
     _sort(report, replies, cfg)
     answered = {reply.metadata.src_node_id for reply in replies}
@@ -129,15 +157,22 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, task: ConfigRecord, first_r
 def _sort(report: PreflightReport, replies: list[Message], cfg: ExperimentConfig) -> None:
     """Each reply into ``report``: a checked answer, a refusal, a rejection or a failure."""
     # an error reply's reason ends with its message (it starts with a traceback)
-    report.failed = [f"node {reply.metadata.src_node_id}: {escape_remote_text(str(reply.error.reason)[-400:])}"
-                     for reply in replies if reply.has_error()]
+    report.failed = [
+        f"node {reply.metadata.src_node_id}: {escape_remote_text(str(reply.error.reason)[-400:])}"
+        for reply in replies
+        if reply.has_error()
+    ]
     seen: set[int] = set()
     claims: dict[int, int] = {}
     for reply in (reply for reply in replies if not reply.has_error()):
         node = reply.metadata.src_node_id
         try:
-            parsed = parse_preflight(reply.content, cfg.federation.num_clients, rounds_planned=report.rounds_planned,
-                                     sample_level=cfg.privacy.sample_level)
+            parsed = parse_preflight(
+                reply.content,
+                cfg.federation.num_clients,
+                rounds_planned=report.rounds_planned,
+                sample_level=cfg.privacy.sample_level,
+            )
             _check_identity(node, parsed.partition_id, cfg.federation.node_ids, claims, seen)
         except UpdateRejected as exc:
             report.rejected.append(f"node {node}: {escape_remote_text(exc)}")
@@ -158,8 +193,10 @@ def describe(answer: PreflightAnswer, first_round: int) -> str:
         return f"{can} (epsilon {answer.after:.2f} of cap {answer.cap:g})"
     before = "before this run" if first_round == 1 else "so far"
     then = f", to epsilon {answer.after:.2f}" if answer.rounds_affordable else ""
-    return (f"will refuse from round {first_round + answer.rounds_affordable}: cap {answer.cap:g} reached "
-            f"(epsilon {answer.spent:.2f} spent {before}; {can}{then})")
+    return (
+        f"will refuse from round {first_round + answer.rounds_affordable}: cap {answer.cap:g} reached "
+        f"(epsilon {answer.spent:.2f} spent {before}; {can}{then})"
+    )
 
 
 def _log(report: PreflightReport) -> None:
@@ -167,8 +204,11 @@ def _log(report: PreflightReport) -> None:
         level = logging.INFO if answer.rounds_affordable == answer.rounds_planned else logging.WARNING
         log.log(level, "pre-flight: client %d %s", answer.partition_id, describe(answer, report.first_round))
     for _, refusal in report.refusals:
-        log.warning("pre-flight: client %d refuses this run (%s); the node's own log has the detail",
-                    refusal.partition_id, refusal.category)
+        log.warning(
+            "pre-flight: client %d refuses this run (%s); the node's own log has the detail",
+            refusal.partition_id,
+            refusal.category,
+        )
     for problem in report.rejected:
         log.warning("pre-flight: answer rejected: %s", problem)
     for failure in report.failed:
@@ -176,6 +216,14 @@ def _log(report: PreflightReport) -> None:
     for node in report.unanswered:
         log.warning("pre-flight: node %d: no answer within %g s", node, report.wait_seconds)
     full = len(report.answers) - len(report.short)
-    log.info("pre-flight: %d of %d node(s) can train every planned round; %d fewer, %d refuse, %d rejected, "
-             "%d failed, %d no answer; the rounds run as planned", full, report.asked, len(report.short),
-             len(report.refusals), len(report.rejected), len(report.failed), len(report.unanswered))
+    log.info(
+        "pre-flight: %d of %d node(s) can train every planned round; %d fewer, %d refuse, %d rejected, "
+        "%d failed, %d no answer; the rounds run as planned",
+        full,
+        report.asked,
+        len(report.short),
+        len(report.refusals),
+        len(report.rejected),
+        len(report.failed),
+        len(report.unanswered),
+    )

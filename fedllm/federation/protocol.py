@@ -50,11 +50,16 @@ class Accounting:
     def to_metrics(self) -> dict:
         """The accounting fields as wire metrics."""
         last = self.history[-1] if self.history else (0.0, 0.0, 0)
-        return {keys.EPSILON: float(self.epsilon), keys.EPSILON_CAP: float(self.cap), keys.DELTA: float(self.delta),
-                keys.NOISE_MULTIPLIER: float(last[0]), keys.SAMPLE_RATE: float(last[1]),
-                keys.TOTAL_STEPS: int(sum(s for _, _, s in self.history)),
-                keys.DP_HISTORY: [float(v) for entry in self.history for v in entry],
-                keys.CAN_CONTINUE: int(self.can_continue)}
+        return {
+            keys.EPSILON: float(self.epsilon),
+            keys.EPSILON_CAP: float(self.cap),
+            keys.DELTA: float(self.delta),
+            keys.NOISE_MULTIPLIER: float(last[0]),
+            keys.SAMPLE_RATE: float(last[1]),
+            keys.TOTAL_STEPS: int(sum(s for _, _, s in self.history)),
+            keys.DP_HISTORY: [float(v) for entry in self.history for v in entry],
+            keys.CAN_CONTINUE: int(self.can_continue),
+        }
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,12 @@ class PublicStats:
 
     def to_metrics(self) -> dict:
         """The declared-public fields as wire metrics (absent ones are not sent)."""
-        values = {keys.NUM_EXAMPLES: self.num_examples, keys.TRAIN_LOSS: self.train_loss,
-                  keys.TRAIN_SECONDS: self.train_seconds, keys.EXAMPLES_SEEN: self.examples_seen}
+        values = {
+            keys.NUM_EXAMPLES: self.num_examples,
+            keys.TRAIN_LOSS: self.train_loss,
+            keys.TRAIN_SECONDS: self.train_seconds,
+            keys.EXAMPLES_SEEN: self.examples_seen,
+        }
         return {k: v for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
@@ -152,12 +161,17 @@ class PreflightAnswer:
 
     def to_metrics(self) -> dict:
         """The MetricRecord content of this answer."""
-        metrics: dict = {keys.PARTITION_ID: self.partition_id, keys.REFUSED: 0,
-                         keys.ROUNDS_PLANNED: int(self.rounds_planned),
-                         keys.ROUNDS_AFFORDABLE: int(self.rounds_affordable), keys.EPSILON_CAP: float(self.cap)}
+        metrics: dict = {
+            keys.PARTITION_ID: self.partition_id,
+            keys.REFUSED: 0,
+            keys.ROUNDS_PLANNED: int(self.rounds_planned),
+            keys.ROUNDS_AFFORDABLE: int(self.rounds_affordable),
+            keys.EPSILON_CAP: float(self.cap),
+        }
         if self.spent is not None and self.after is not None and self.delta is not None:
-            metrics.update({keys.EPSILON: float(self.spent), keys.EPSILON_AFTER: float(self.after),
-                            keys.DELTA: float(self.delta)})
+            metrics.update(
+                {keys.EPSILON: float(self.spent), keys.EPSILON_AFTER: float(self.after), keys.DELTA: float(self.delta)}
+            )
         return metrics
 
 
@@ -171,8 +185,9 @@ def refusal_reply(msg: Message, refusal: Refusal) -> Message:
     """The reply message of a refusal (no tensors)."""
     if refusal.category not in REFUSAL_CATEGORIES:
         raise ValueError(f"unknown refusal category {refusal.category!r}")
-    content = RecordDict({keys.METRICS: MetricRecord(refusal.to_metrics()),
-                          keys.STATUS: ConfigRecord({keys.CATEGORY: refusal.category})})
+    content = RecordDict(
+        {keys.METRICS: MetricRecord(refusal.to_metrics()), keys.STATUS: ConfigRecord({keys.CATEGORY: refusal.category})}
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -227,21 +242,32 @@ def parse_history(flat: object) -> History:
     Raises:
         UpdateRejected: not a bounded list of finite, possible mechanisms.
     """
-    if not isinstance(flat, list) or len(flat) % 3 or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in flat):
+    if (
+        not isinstance(flat, list)
+        or len(flat) % 3
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in flat)
+    ):
         raise UpdateRejected("metric 'dp-history' must be a flat list of finite (noise, rate, steps) triples")
     if len(flat) > 3 * MAX_HISTORY_ENTRIES:
         raise UpdateRejected(f"metric 'dp-history' holds more than {MAX_HISTORY_ENTRIES} entries")
     triples = list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
     for noise, rate, steps in triples:
-        if (not NOISE_RANGE[0] <= noise <= NOISE_RANGE[1] or not 0 < rate <= 1 or not 0 <= steps <= MAX_STEPS
-                or steps != int(steps)):
+        if (
+            not NOISE_RANGE[0] <= noise <= NOISE_RANGE[1]
+            or not 0 < rate <= 1
+            or not 0 <= steps <= MAX_STEPS
+            or steps != int(steps)
+        ):
             raise UpdateRejected(f"metric 'dp-history' holds an impossible mechanism ({noise}, {rate}, {steps})")
     return [(float(n), float(r), int(s)) for n, r, s in triples]
 
 
-def _metrics(content: RecordDict, num_clients: int, schema: Schema = _SCHEMA,
-             lists: frozenset[str] = frozenset({keys.DP_HISTORY})) -> dict:
+def _metrics(
+    content: RecordDict,
+    num_clients: int,
+    schema: Schema = _SCHEMA,
+    lists: frozenset[str] = frozenset({keys.DP_HISTORY}),
+) -> dict:
     """The reply's one metric record, every number checked against ``schema`` (``lists``: the
     list-valued metrics it may also hold, parsed by the caller)."""
     if list(content.metric_records) != [keys.METRICS]:
@@ -268,8 +294,13 @@ def _accounting(metrics: dict) -> Accounting | None:
     history = parse_history(metrics[keys.DP_HISTORY])
     if not history:
         raise UpdateRejected("an update under DP-SGD with an empty DP history")
-    return Accounting(epsilon=metrics[keys.EPSILON], cap=metrics[keys.EPSILON_CAP], delta=metrics[keys.DELTA],
-                      history=history, can_continue=bool(metrics[keys.CAN_CONTINUE]))
+    return Accounting(
+        epsilon=metrics[keys.EPSILON],
+        cap=metrics[keys.EPSILON_CAP],
+        delta=metrics[keys.DELTA],
+        history=history,
+        can_continue=bool(metrics[keys.CAN_CONTINUE]),
+    )
 
 
 def _refusal(content: RecordDict, metrics: dict) -> Refusal:
@@ -280,13 +311,19 @@ def _refusal(content: RecordDict, metrics: dict) -> Refusal:
     if category not in REFUSAL_CATEGORIES:
         raise UpdateRejected(f"a refusal needs a category ({', '.join(REFUSAL_CATEGORIES)})")
     history = parse_history(metrics[keys.DP_HISTORY]) if keys.DP_HISTORY in metrics else None
-    return Refusal(partition_id=int(metrics[keys.PARTITION_ID]), category=category,
-                   cap=metrics.get(keys.EPSILON_CAP), spent=metrics.get(keys.EPSILON),
-                   delta=metrics.get(keys.DELTA), history=history)
+    return Refusal(
+        partition_id=int(metrics[keys.PARTITION_ID]),
+        category=category,
+        cap=metrics.get(keys.EPSILON_CAP),
+        spent=metrics.get(keys.EPSILON),
+        delta=metrics.get(keys.DELTA),
+        history=history,
+    )
 
 
-def parse_reply(content: RecordDict, expected: dict[str, TensorSpec], num_clients: int, *,
-                require_accounting: bool) -> TrainReport | Refusal:
+def parse_reply(
+    content: RecordDict, expected: dict[str, TensorSpec], num_clients: int, *, require_accounting: bool
+) -> TrainReport | Refusal:
     """Validate a reply and read it as a typed report or refusal.
 
     Args:
@@ -309,10 +346,16 @@ def parse_reply(content: RecordDict, expected: dict[str, TensorSpec], num_client
         raise UpdateRejected("an update without DP-SGD accounting in a sample-level DP run")
     public = PublicStats(
         num_examples=None if keys.NUM_EXAMPLES not in metrics else int(metrics[keys.NUM_EXAMPLES]),
-        train_loss=metrics.get(keys.TRAIN_LOSS), train_seconds=metrics.get(keys.TRAIN_SECONDS),
-        examples_seen=None if keys.EXAMPLES_SEEN not in metrics else int(metrics[keys.EXAMPLES_SEEN]))
-    return TrainReport(partition_id=int(metrics[keys.PARTITION_ID]), accounting=accounting, public=public,
-                       replayed=bool(metrics.get(keys.REPLAYED, 0)))
+        train_loss=metrics.get(keys.TRAIN_LOSS),
+        train_seconds=metrics.get(keys.TRAIN_SECONDS),
+        examples_seen=None if keys.EXAMPLES_SEEN not in metrics else int(metrics[keys.EXAMPLES_SEEN]),
+    )
+    return TrainReport(
+        partition_id=int(metrics[keys.PARTITION_ID]),
+        accounting=accounting,
+        public=public,
+        replayed=bool(metrics.get(keys.REPLAYED, 0)),
+    )
 
 
 _PREFLIGHT_SCHEMA: Schema = {
@@ -329,8 +372,9 @@ _PREFLIGHT_SCHEMA: Schema = {
 _PREFLIGHT_BUDGET = (keys.EPSILON, keys.EPSILON_AFTER, keys.DELTA)
 
 
-def parse_preflight(content: RecordDict, num_clients: int, *, rounds_planned: int,
-                    sample_level: bool) -> PreflightAnswer | Refusal:
+def parse_preflight(
+    content: RecordDict, num_clients: int, *, rounds_planned: int, sample_level: bool
+) -> PreflightAnswer | Refusal:
     """Validate a pre-flight answer and read it as a typed answer or refusal.
 
     Args:
@@ -349,8 +393,9 @@ def parse_preflight(content: RecordDict, num_clients: int, *, rounds_planned: in
     if metrics[keys.REFUSED] == 1:
         refusal = _refusal(content, metrics)
         if refusal.category == BUDGET:
-            raise UpdateRejected("a pre-flight refusal is policy, data or error: a node tells a budget shortfall "
-                                 "by rounds-affordable")
+            raise UpdateRejected(
+                "a pre-flight refusal is policy, data or error: a node tells a budget shortfall by rounds-affordable"
+            )
         return refusal
     if content.config_records:
         raise UpdateRejected("a pre-flight answer must not carry config records")
@@ -362,12 +407,17 @@ def parse_preflight(content: RecordDict, num_clients: int, *, rounds_planned: in
         raise UpdateRejected(f"rounds-planned={planned}, but the query planned {rounds_planned}")
     if affordable > planned:
         raise UpdateRejected(f"rounds-affordable={affordable} is more than rounds-planned={planned}")
-    answer = PreflightAnswer(partition_id=int(metrics[keys.PARTITION_ID]), rounds_planned=planned,
-                             rounds_affordable=affordable, cap=metrics[keys.EPSILON_CAP])
+    answer = PreflightAnswer(
+        partition_id=int(metrics[keys.PARTITION_ID]),
+        rounds_planned=planned,
+        rounds_affordable=affordable,
+        cap=metrics[keys.EPSILON_CAP],
+    )
     if not sample_level:
         if any(name in metrics for name in _PREFLIGHT_BUDGET) or affordable != planned:
-            raise UpdateRejected("without DP-SGD no node budget applies: an answer carries no epsilon and "
-                                 "affords every planned round")
+            raise UpdateRejected(
+                "without DP-SGD no node budget applies: an answer carries no epsilon and affords every planned round"
+            )
         return answer
     return _preflight_budget(answer, metrics)
 
@@ -379,9 +429,11 @@ def _preflight_budget(answer: PreflightAnswer, metrics: dict) -> PreflightAnswer
         raise UpdateRejected(f"a pre-flight answer under DP-SGD without {missing}")
     spent, after = metrics[keys.EPSILON], metrics[keys.EPSILON_AFTER]
     if after < spent or (answer.rounds_affordable == 0 and after != spent):
-        raise UpdateRejected(f"epsilon-after={after} does not follow epsilon={spent} by "
-                             f"{answer.rounds_affordable} round(s)")
+        raise UpdateRejected(
+            f"epsilon-after={after} does not follow epsilon={spent} by {answer.rounds_affordable} round(s)"
+        )
     if answer.rounds_affordable and after > answer.cap:
-        raise UpdateRejected(f"epsilon-after={after} is above the node's own cap {answer.cap} after rounds it "
-                             "says it can afford")
+        raise UpdateRejected(
+            f"epsilon-after={after} is above the node's own cap {answer.cap} after rounds it says it can afford"
+        )
     return dataclasses.replace(answer, spent=spent, after=after, delta=metrics[keys.DELTA])

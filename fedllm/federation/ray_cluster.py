@@ -65,8 +65,10 @@ def resolve(address: str) -> str:
     try:
         return canonicalize_bootstrap_address_or_die("auto")
     except (ConnectionError, ValueError) as exc:
-        raise ClusterError(f"federation.ray_address=auto: no running Ray cluster found ({one_line(exc)}); "
-                           "start one with `ray start --head`, or give its <host>:<port>") from exc
+        raise ClusterError(
+            f"federation.ray_address=auto: no running Ray cluster found ({one_line(exc)}); "
+            "start one with `ray start --head`, or give its <host>:<port>"
+        ) from exc
 
 
 def check_reachable(target: str, address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -82,9 +84,11 @@ def check_reachable(target: str, address: str, timeout: float = CONNECT_TIMEOUT_
     except OSError as exc:
         shown = address if address == target else f"{address} ({target})"
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise ClusterError(f"federation.ray_address={shown}: no Ray cluster answers there ({reason}); start "
-                           "it with `ray start --head --port=...`, check the address, or set "
-                           "federation.ray_address=null to start a local Ray") from exc
+        raise ClusterError(
+            f"federation.ray_address={shown}: no Ray cluster answers there ({reason}); start "
+            "it with `ray start --head --port=...`, check the address, or set "
+            "federation.ray_address=null to start a local Ray"
+        ) from exc
 
 
 def connect(ray, address: str, env_vars: Mapping[str, str]) -> str:
@@ -109,11 +113,17 @@ def connect(ray, address: str, env_vars: Mapping[str, str]) -> str:
     target = resolve(address)
     check_reachable(target, address)
     try:
-        ray.init(address=target, runtime_env={"env_vars": dict(env_vars)}, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(
+            address=target,
+            runtime_env={"env_vars": dict(env_vars)},
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
     except Exception as exc:
-        raise ClusterError(f"federation.ray_address={address}: cannot join the Ray cluster at {target}: "
-                           f"{one_line(exc)}"[:600]) from exc
+        raise ClusterError(
+            f"federation.ray_address={address}: cannot join the Ray cluster at {target}: {one_line(exc)}"[:600]
+        ) from exc
     log.info("joined the Ray cluster at %s: %s", target, ray.cluster_resources())
     return target
 
@@ -126,8 +136,11 @@ def cluster_gpus(ray) -> float:
 def fits(node_resources: Mapping[str, float], client_resources: Mapping[str, float]) -> bool:
     """Whether a node with ``node_resources`` (Ray's names) can host one client asking for
     ``client_resources`` (Flower's ``num_cpus`` / ``num_gpus``)."""
-    return all(node_resources.get(RAY_RESOURCE.get(key, key), 0) >= amount
-               for key, amount in client_resources.items() if amount > 0)
+    return all(
+        node_resources.get(RAY_RESOURCE.get(key, key), 0) >= amount
+        for key, amount in client_resources.items()
+        if amount > 0
+    )
 
 
 def sees_markers(markers: Sequence[str], token: str) -> list[bool]:
@@ -141,8 +154,13 @@ def sees_markers(markers: Sequence[str], token: str) -> list[bool]:
     return seen
 
 
-def check_nodes(ray, client_resources: Mapping[str, float], shared: Sequence[Path], address: str,
-                timeout: float = NODE_CHECK_TIMEOUT_S) -> None:
+def check_nodes(
+    ray,
+    client_resources: Mapping[str, float],
+    shared: Sequence[Path],
+    address: str,
+    timeout: float = NODE_CHECK_TIMEOUT_S,
+) -> None:
     """Check that the cluster can host clients, and that every node that can sees ``shared``.
 
     Any node may run any simulated node in any round, so a node's config and its privacy ledger
@@ -156,9 +174,11 @@ def check_nodes(ray, client_resources: Mapping[str, float], shared: Sequence[Pat
     nodes = [node for node in ray.nodes() if node["Alive"] and fits(node["Resources"], client_resources)]
     if not nodes:
         asked = ", ".join(f"{RAY_RESOURCE.get(k, k)}={v:g}" for k, v in client_resources.items())
-        raise ClusterError(f"federation.ray_address={address}: no node of the cluster can host a client asking "
-                           f"for {asked} (federation.client_cpus / client_gpus); the cluster has "
-                           f"{ray.cluster_resources()}")
+        raise ClusterError(
+            f"federation.ray_address={address}: no node of the cluster can host a client asking "
+            f"for {asked} (federation.client_cpus / client_gpus); the cluster has "
+            f"{ray.cluster_resources()}"
+        )
     token = secrets.token_hex(16)
     markers = []
     for directory in shared:
@@ -177,14 +197,19 @@ def _check_markers(ray, nodes: list[dict], markers: list[Path], token: str, addr
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0)(sees_markers)
-    pending = {node["NodeManagerAddress"] + " " + node["NodeID"][:8]: task.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
-        [str(m) for m in markers], token) for node in nodes}
+    pending = {
+        node["NodeManagerAddress"] + " " + node["NodeID"][:8]: task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote([str(m) for m in markers], token)
+        for node in nodes
+    }
     try:
         answers = dict(zip(pending, ray.get(list(pending.values()), timeout=timeout), strict=True))
     except Exception as exc:
-        raise ClusterError(f"federation.ray_address={address}: the cluster's nodes did not answer a file check "
-                           f"within {timeout:.0f} s: {one_line(exc)}"[:600]) from exc
+        raise ClusterError(
+            f"federation.ray_address={address}: the cluster's nodes did not answer a file check "
+            f"within {timeout:.0f} s: {one_line(exc)}"[:600]
+        ) from exc
     for node, seen in answers.items():
         unseen = [str(m.parent) for m, ok in zip(markers, seen, strict=True) if not ok]
         if unseen:
@@ -192,7 +217,8 @@ def _check_markers(ray, nodes: list[dict], markers: list[Path], token: str, addr
                 f"federation.ray_address={address}: Ray node {node} does not see {', '.join(unseen)} as this "
                 "driver does; the run directory and privacy.state_dir must be on a filesystem every Ray node "
                 "mounts at the same path (e.g. NFS), or a simulated node's config and privacy ledger would "
-                "differ between machines")
+                "differ between machines"
+            )
 
 
 def disconnect(ray) -> None:

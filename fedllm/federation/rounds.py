@@ -70,8 +70,14 @@ class ReplyPolicy:
     node_ids: tuple[int, ...] = ()  # deployment: partition i belongs to the node registered as node_ids[i]
 
 
-def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: int, sent: ArrayRecord,
-                 policy: ReplyPolicy, node_partitions: dict[int, int]) -> RoundReplies:
+def sort_replies(
+    replies: list[Message],
+    ledger: PrivacyLedger,
+    server_round: int,
+    sent: ArrayRecord,
+    policy: ReplyPolicy,
+    node_partitions: dict[int, int],
+) -> RoundReplies:
     """Split replies into valid updates, refusals, rejected replies and failures; every reply
     is parsed and validated first (:mod:`fedllm.federation.protocol`). Nothing is recorded in
     ``ledger`` (it is read to check each DP history): the caller records what the round spent
@@ -100,8 +106,9 @@ def sort_replies(replies: list[Message], ledger: PrivacyLedger, server_round: in
             result.failures.append(f"node {node}: {escape_remote_text(str(reply.error.reason)[-400:])}")
             continue
         try:
-            parsed = parse_reply(reply.content, expected, policy.num_clients,
-                                 require_accounting=policy.require_accounting)
+            parsed = parse_reply(
+                reply.content, expected, policy.num_clients, require_accounting=policy.require_accounting
+            )
             client = parsed.partition_id
             _check_identity(node, client, policy.node_ids, node_partitions, seen)
             if isinstance(parsed, TrainReport):
@@ -139,12 +146,16 @@ def _size_rejections(norms: dict[int, float], policy: ReplyPolicy) -> dict[int, 
     if policy.client_clip_norm is None:
         return {}  # the server clips every update to C
     bound = policy.client_clip_norm * CLIP_SLACK
-    return {i: f"update norm {norm:.4g} above privacy.client_clip_norm={policy.client_clip_norm:g} (the node must clip)"
-            for i, norm in norms.items() if norm > bound}
+    return {
+        i: f"update norm {norm:.4g} above privacy.client_clip_norm={policy.client_clip_norm:g} (the node must clip)"
+        for i, norm in norms.items()
+        if norm > bound
+    }
 
 
-def _check_identity(node: int, client: int, node_ids: tuple[int, ...], node_partitions: dict[int, int],
-                    seen: set[int]) -> None:
+def _check_identity(
+    node: int, client: int, node_ids: tuple[int, ...], node_partitions: dict[int, int], seen: set[int]
+) -> None:
     """A node speaks only for its own partition: the registered one when ``node_ids`` lists the
     federation's authenticated node ids, else the first it claimed in this run.
 
@@ -152,8 +163,10 @@ def _check_identity(node: int, client: int, node_ids: tuple[int, ...], node_part
         UpdateRejected: the claim is not this node's.
     """
     if node_ids and (node not in node_ids or node_ids.index(node) != client):
-        raise UpdateRejected(f"claims to be client {client}, but federation.node_ids registers "
-                             + (f"client {node_ids.index(node)} for it" if node in node_ids else "no client for it"))
+        raise UpdateRejected(
+            f"claims to be client {client}, but federation.node_ids registers "
+            + (f"client {node_ids.index(node)} for it" if node in node_ids else "no client for it")
+        )
     if node_partitions.setdefault(node, client) != client or client in seen:
         raise UpdateRejected(f"claims to be client {client}, which another reply or node already is")
 
@@ -201,8 +214,12 @@ def _for_aggregation(accepted: list[tuple[Message, TrainReport]], uniform: bool,
     weights = fedavg_weights([report for _, report in accepted], uniform)
     for (reply, _), weight in zip(accepted, weights, strict=True):
         arrays = reply.content[keys.ARRAYS]
-        reply.content = RecordDict({keys.ARRAYS: ArrayRecord({name: arrays[name] for name in sent.keys()}),
-                                    keys.METRICS: MetricRecord({keys.FEDAVG_WEIGHT: weight})})
+        reply.content = RecordDict(
+            {
+                keys.ARRAYS: ArrayRecord({name: arrays[name] for name in sent.keys()}),
+                keys.METRICS: MetricRecord({keys.FEDAVG_WEIGHT: weight}),
+            }
+        )
     return [reply for reply, _ in accepted]
 
 
@@ -218,8 +235,14 @@ def _accountable_refusal(refusal: Refusal, accountant: AccountantName) -> Refusa
 def record_refusals(ledger: PrivacyLedger, refusals: list[Refusal], server_round: int) -> None:
     """Put each refusal (and the DP history it reported) into the server ledger."""
     for refusal in refusals:
-        ledger.record_refusal(refusal.partition_id, server_round, refusal.reason, cap=refusal.cap,
-                              history=refusal.history, delta=refusal.delta)
+        ledger.record_refusal(
+            refusal.partition_id,
+            server_round,
+            refusal.reason,
+            cap=refusal.cap,
+            history=refusal.history,
+            delta=refusal.delta,
+        )
         log.warning("round %d: client %d %s", server_round, refusal.partition_id, refusal.reason)
 
 
@@ -228,19 +251,28 @@ def record_updates(ledger: PrivacyLedger, reports: list[TrainReport], server_rou
     for report in reports:
         if report.accounting is not None:
             acct = report.accounting
-            ledger.record(report.partition_id, acct.history, server_round, delta=acct.delta, cap=acct.cap,
-                          can_continue=acct.can_continue)
+            ledger.record(
+                report.partition_id,
+                acct.history,
+                server_round,
+                delta=acct.delta,
+                cap=acct.cap,
+                can_continue=acct.can_continue,
+            )
 
 
-def stop_reason(*, ledger: PrivacyLedger, num_clients: int, min_train_clients: int,
-                server_round: int, num_rounds: int) -> str | None:
+def stop_reason(
+    *, ledger: PrivacyLedger, num_clients: int, min_train_clients: int, server_round: int, num_rounds: int
+) -> str | None:
     """Why the run must end after ``server_round`` (too few clients can still train), or None."""
     exhausted = ledger.exhausted()
     able = num_clients - len(exhausted)
     if server_round < num_rounds and able < min_train_clients:
-        return (f"after round {server_round} only {able} of {num_clients} clients can train another round "
-                f"within their privacy caps (exhausted: {exhausted}); federation.min_train_clients="
-                f"{min_train_clients}")
+        return (
+            f"after round {server_round} only {able} of {num_clients} clients can train another round "
+            f"within their privacy caps (exhausted: {exhausted}); federation.min_train_clients="
+            f"{min_train_clients}"
+        )
     return None
 
 
@@ -267,15 +299,18 @@ class RoundResult:
     stop_reason: str | None = None
 
 
-def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord,
-               first_round: int) -> Iterator[RoundResult]:
+def run_rounds(
+    grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord, first_round: int
+) -> Iterator[RoundResult]:
     """Play rounds ``first_round`` .. ``num_rounds``, yielding each one's result as it ends (the
     caller evaluates and checkpoints it before the next round starts); stops after a round
     whose ``stop_reason`` is set."""
     node_partitions: dict[int, int] = {}  # which client each node said it was, for the whole run
     if settings.policy.client_level:
-        log.info("client-level DP: updates are clipped, not filtered by their norm relative to the round's others "
-                 "(federation.update_norm_ratio and federation.max_update_norm do not apply)")
+        log.info(
+            "client-level DP: updates are clipped, not filtered by their norm relative to the round's others "
+            "(federation.update_norm_ratio and federation.max_update_norm do not apply)"
+        )
     for server_round in range(first_round, settings.num_rounds + 1):
         result = play_round(grid, strategy, ledger, settings, arrays, server_round, node_partitions)
         yield result
@@ -285,8 +320,15 @@ def run_rounds(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: 
         arrays = result.arrays
 
 
-def play_round(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: LoopSettings, arrays: ArrayRecord,
-               server_round: int, node_partitions: dict[int, int]) -> RoundResult:
+def play_round(
+    grid: Grid,
+    strategy: Strategy,
+    ledger: PrivacyLedger,
+    settings: LoopSettings,
+    arrays: ArrayRecord,
+    server_round: int,
+    node_partitions: dict[int, int],
+) -> RoundResult:
     """One round from ``arrays``: sample and send, sort the replies, record what the clients
     spent in ``ledger``, aggregate, and decide whether the run can go on."""
     connected = len(set(grid.get_node_ids()))
@@ -300,18 +342,27 @@ def play_round(grid: Grid, strategy: Strategy, ledger: PrivacyLedger, settings: 
     replies = sort_replies(received, ledger, server_round, arrays, settings.policy, node_partitions)
     record_refusals(ledger, replies.refusals, server_round)
     replies.sampled = len(messages)  # amplification credit counts the clients sampled, not those that replied
-    replies.failures += [f"node {m.metadata.dst_node_id}: {no_reply(waited, settings.timeout)}"
-                         for m in _unanswered(messages, received)]
+    replies.failures += [
+        f"node {m.metadata.dst_node_id}: {no_reply(waited, settings.timeout)}" for m in _unanswered(messages, received)
+    ]
     aggregated = None
     if len(replies.updates) >= settings.min_train_clients:
         aggregated = _aggregate(strategy, ledger, server_round, replies, population)
     else:
-        log.warning("round %d: %d update(s), fewer than federation.min_train_clients=%d: not aggregated",
-                    server_round, len(replies.updates), settings.min_train_clients)
+        log.warning(
+            "round %d: %d update(s), fewer than federation.min_train_clients=%d: not aggregated",
+            server_round,
+            len(replies.updates),
+            settings.min_train_clients,
+        )
     record_updates(ledger, replies.reports, server_round)  # trained means spent, aggregated or not
-    reason = stop_reason(ledger=ledger, num_clients=settings.num_clients,
-                         min_train_clients=settings.min_train_clients, server_round=server_round,
-                         num_rounds=settings.num_rounds)
+    reason = stop_reason(
+        ledger=ledger,
+        num_clients=settings.num_clients,
+        min_train_clients=settings.min_train_clients,
+        server_round=server_round,
+        num_rounds=settings.num_rounds,
+    )
     return RoundResult(server_round, aggregated or arrays, replies, reason)
 
 
@@ -320,8 +371,10 @@ def no_reply(waited: float, timeout: float) -> str:
     timeout or an engine that gave up earlier (a node gone, a simulation engine that failed)."""
     if waited >= timeout:
         return f"no reply after {waited:.0f} s (federation.round_timeout={timeout:g} s)"
-    return (f"no reply after {waited:.1f} s, before federation.round_timeout={timeout:g} s: the engine returned "
-            "without it (node gone or engine stopped)")
+    return (
+        f"no reply after {waited:.1f} s, before federation.round_timeout={timeout:g} s: the engine returned "
+        "without it (node gone or engine stopped)"
+    )
 
 
 def _unanswered(messages: list[Message], replies: list[Message]) -> list[Message]:
@@ -329,17 +382,28 @@ def _unanswered(messages: list[Message], replies: list[Message]) -> list[Message
     return [message for message in messages if message.metadata.dst_node_id not in answered]
 
 
-def _aggregate(strategy: Strategy, ledger: PrivacyLedger, server_round: int, replies: RoundReplies,
-               population: int) -> ArrayRecord | None:
+def _aggregate(
+    strategy: Strategy, ledger: PrivacyLedger, server_round: int, replies: RoundReplies, population: int
+) -> ArrayRecord | None:
     """Aggregate the round's valid updates; under client-level DP, account the release (drawn
     from ``population`` nodes, ``replies.sampled`` of them sent a train message)."""
     try:
         aggregated, _ = strategy.aggregate_train(server_round, replies.updates)
     except Exception as exc:  # noqa: BLE001 - validated replies should never fail; if one does, skip the round
-        log.error("round %d: aggregation failed (%s: %s); the global adapter is unchanged", server_round,
-                  type(exc).__name__, escape_remote_text(exc))
+        log.error(
+            "round %d: aggregation failed (%s: %s); the global adapter is unchanged",
+            server_round,
+            type(exc).__name__,
+            escape_remote_text(exc),
+        )
         return None
     if aggregated is not None and ledger.client_level is not None:
-        ledger.client_level.record(ClientLevelRound(server_round=server_round, population=population,
-                                                    sampled=replies.sampled, contributed=len(replies.updates)))
+        ledger.client_level.record(
+            ClientLevelRound(
+                server_round=server_round,
+                population=population,
+                sampled=replies.sampled,
+                contributed=len(replies.updates),
+            )
+        )
     return aggregated

@@ -68,15 +68,21 @@ def new_ledger(cfg: ExperimentConfig) -> PrivacyLedger:
     client_level = None
     if cfg.privacy.client_level:
         client_level = ClientLevelAccountant(
-            noise_multiplier=cfg.privacy.client_noise_multiplier, clip_norm=cfg.privacy.client_clip_norm,
-            delta=cfg.privacy.client_delta, sampled_uniformly=cfg.federation.fraction_train < 1.0)
-    return PrivacyLedger(mode=cfg.privacy.mode, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta,
-                         target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.sample_level else None,
-                         client_level=client_level)
+            noise_multiplier=cfg.privacy.client_noise_multiplier,
+            clip_norm=cfg.privacy.client_clip_norm,
+            delta=cfg.privacy.client_delta,
+            sampled_uniformly=cfg.federation.fraction_train < 1.0,
+        )
+    return PrivacyLedger(
+        mode=cfg.privacy.mode,
+        accountant=cfg.privacy.accountant,
+        delta=cfg.privacy.delta,
+        target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.sample_level else None,
+        client_level=client_level,
+    )
 
 
-def start_state(cfg: ExperimentConfig, checkpoints: Checkpointer, ledger: PrivacyLedger,
-                resume: bool) -> ServerState:
+def start_state(cfg: ExperimentConfig, checkpoints: Checkpointer, ledger: PrivacyLedger, resume: bool) -> ServerState:
     """A fresh run's state, or the checkpointed state of an interrupted one.
 
     No global random generator is seeded or restored: client sampling and client-level noise
@@ -88,19 +94,27 @@ def start_state(cfg: ExperimentConfig, checkpoints: Checkpointer, ledger: Privac
         log.info("resuming run %s after round %d", state.run_id, state.server_round)
         return state
     initial = task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter
-    return ServerState(run_id=uuid.uuid4().hex, server_round=-1, arrays=initial, ledger={}, rounds=[],
-                       config=cfg.to_dict())
+    return ServerState(
+        run_id=uuid.uuid4().hex, server_round=-1, arrays=initial, ledger={}, rounds=[], config=cfg.to_dict()
+    )
 
 
 def strategy_for(cfg: ExperimentConfig):
     """The Flower strategy ``cfg`` asks for."""
     fed, privacy = cfg.federation, cfg.privacy
-    return build_strategy(aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,
-                          fraction_train=fed.fraction_train, num_clients=fed.num_clients,
-                          client_level=privacy.client_level, client_clipping=privacy.client_clipping,
-                          client_noise_multiplier=privacy.client_noise_multiplier,
-                          client_clip_norm=privacy.client_clip_norm, noise=privacy.noise, seed=cfg.seed,
-                          node_wait=fed.round_timeout)
+    return build_strategy(
+        aggregation=fed.aggregation,
+        trim_fraction=fed.trim_fraction,
+        fraction_train=fed.fraction_train,
+        num_clients=fed.num_clients,
+        client_level=privacy.client_level,
+        client_clipping=privacy.client_clipping,
+        client_noise_multiplier=privacy.client_noise_multiplier,
+        client_clip_norm=privacy.client_clip_norm,
+        noise=privacy.noise,
+        seed=cfg.seed,
+        node_wait=fed.round_timeout,
+    )
 
 
 def task_record(cfg: ExperimentConfig, run_id: str) -> ConfigRecord:
@@ -114,14 +128,23 @@ def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
     fed, privacy = cfg.federation, cfg.privacy
     client_side = privacy.client_level and privacy.client_clipping == "client"
     return LoopSettings(
-        num_rounds=fed.num_rounds, num_clients=fed.num_clients, min_train_clients=fed.min_train_clients,
+        num_rounds=fed.num_rounds,
+        num_clients=fed.num_clients,
+        min_train_clients=fed.min_train_clients,
         timeout=fed.round_timeout,
         train_config=task_record(cfg, run_id),
-        policy=ReplyPolicy(num_clients=fed.num_clients, update_norm_ratio=fed.update_norm_ratio,
-                           max_update_norm=fed.max_update_norm, require_accounting=privacy.sample_level,
-                           uniform_weights=privacy.client_level, client_level=privacy.client_level,
-                           client_clip_norm=privacy.client_clip_norm if client_side else None,
-                           mechanism=mechanism_check(cfg), node_ids=fed.node_ids))
+        policy=ReplyPolicy(
+            num_clients=fed.num_clients,
+            update_norm_ratio=fed.update_norm_ratio,
+            max_update_norm=fed.max_update_norm,
+            require_accounting=privacy.sample_level,
+            uniform_weights=privacy.client_level,
+            client_level=privacy.client_level,
+            client_clip_norm=privacy.client_clip_norm if client_side else None,
+            mechanism=mechanism_check(cfg),
+            node_ids=fed.node_ids,
+        ),
+    )
 
 
 def mechanism_check(cfg: ExperimentConfig) -> MechanismCheck | None:
@@ -131,8 +154,9 @@ def mechanism_check(cfg: ExperimentConfig) -> MechanismCheck | None:
     return MechanismCheck(cfg)
 
 
-def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False, *,
-                   started: float | None = None) -> RunSummary:
+def run_federation(
+    grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False, *, started: float | None = None
+) -> RunSummary:
     """Run (or continue) every round, and write adapter, ledger, metrics and summary.
 
     Args:
@@ -157,10 +181,17 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
     checkpoints = Checkpointer(run_dir / "checkpoint", key)
     ledger = new_ledger(cfg)
     state = start_state(cfg, checkpoints, ledger, resume)
-    run_log = RunLog(run_dir, cfg.federation.num_rounds, cfg.tracking.progress,
-                     previous=[RoundRecord.from_dict(r) for r in state.rounds])
-    sink = (WandbSink(project=cfg.tracking.wandb_project, run_dir=run_dir, config=cfg.to_dict())
-            if cfg.tracking.wandb else None)
+    run_log = RunLog(
+        run_dir,
+        cfg.federation.num_rounds,
+        cfg.tracking.progress,
+        previous=[RoundRecord.from_dict(r) for r in state.rounds],
+    )
+    sink = (
+        WandbSink(project=cfg.tracking.wandb_project, run_dir=run_dir, config=cfg.to_dict())
+        if cfg.tracking.wandb
+        else None
+    )
     evaluator = RoundEvaluator(cfg, ledger, run_log, sink)
     preflight = None
     try:
@@ -170,8 +201,14 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
             zero_shot = RoundResult(0, ArrayRecord(torch_state_dict=state.arrays), RoundReplies())
             state = end_round(state, zero_shot, evaluator, ledger, checkpoints)
         if state.stop_reason is None and state.server_round < cfg.federation.num_rounds:
-            rounds = run_rounds(grid, strategy_for(cfg), ledger, loop_settings(cfg, state.run_id),
-                                ArrayRecord(torch_state_dict=state.arrays), state.server_round + 1)
+            rounds = run_rounds(
+                grid,
+                strategy_for(cfg),
+                ledger,
+                loop_settings(cfg, state.run_id),
+                ArrayRecord(torch_state_dict=state.arrays),
+                state.server_round + 1,
+            )
             for result in rounds:
                 state = end_round(state, result, evaluator, ledger, checkpoints)
     except BaseException as exc:
@@ -200,14 +237,20 @@ def with_preflight(run_dir: Path, summary: RunSummary, preflight: PreflightRepor
     return summary
 
 
-def end_round(state: ServerState, result: RoundResult, evaluator: RoundEvaluator, ledger: PrivacyLedger,
-              checkpoints: Checkpointer) -> ServerState:
+def end_round(
+    state: ServerState, result: RoundResult, evaluator: RoundEvaluator, ledger: PrivacyLedger, checkpoints: Checkpointer
+) -> ServerState:
     """Evaluate and log a finished round, then checkpoint it; returns the state after it."""
     record = evaluator(result.server_round, result.arrays, result.replies)
     # a crash between the evaluation above and this save re-runs the round on resume: nodes
     # replay their updates, but client-level noise is drawn afresh (see docs/threat-model.md)
-    state = dataclasses.replace(state, server_round=result.server_round, arrays=result.arrays.to_torch_state_dict(),
-                                stop_reason=result.stop_reason, ledger=ledger.state_dict(),
-                                rounds=[*state.rounds, record.to_dict()])
+    state = dataclasses.replace(
+        state,
+        server_round=result.server_round,
+        arrays=result.arrays.to_torch_state_dict(),
+        stop_reason=result.stop_reason,
+        ledger=ledger.state_dict(),
+        rounds=[*state.rounds, record.to_dict()],
+    )
     checkpoints.save(state)
     return state

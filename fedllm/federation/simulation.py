@@ -90,8 +90,10 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
         watch = EngineWatch()
         try:
             flwr_run_simulation(
-                server_app=watched_server_app(cfg, run_dir, watch, resume=resume), client_app=client_app,
-                num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
+                server_app=watched_server_app(cfg, run_dir, watch, resume=resume),
+                client_app=client_app,
+                num_supernodes=cfg.federation.num_clients,
+                backend_config=backend_config,
             )
         except Exception as exc:
             watch.stop(f"the simulation engine failed: {engine_error(exc)}")
@@ -141,8 +143,12 @@ def local_backend(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
         "client_resources": client_resources(cfg, cluster_gpus=None),
         # address "local": a new Ray even when RAY_ADDRESS is set or `ray start` ran on this
         # machine (ray.init would join that cluster, and then refuse num_cpus)
-        "init_args": {"address": "local", "num_cpus": usable_cpus(), "include_dashboard": False,
-                      "logging_level": logging.WARNING},
+        "init_args": {
+            "address": "local",
+            "num_cpus": usable_cpus(),
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+        },
     }
 
 
@@ -164,8 +170,10 @@ def cluster_backend(ray, cfg: ExperimentConfig, run_dir: Path, address: str) -> 
 def client_resources(cfg: ExperimentConfig, cluster_gpus: float | None) -> dict[str, float]:
     """What each virtual client asks of a Ray node (``cluster_gpus``: the joined cluster's GPUs,
     None for this machine's)."""
-    return {"num_cpus": cfg.federation.client_cpus,
-            "num_gpus": gpu_share(cfg.federation.client_gpus, cfg.model, cluster_gpus=cluster_gpus)}
+    return {
+        "num_cpus": cfg.federation.client_cpus,
+        "num_gpus": gpu_share(cfg.federation.client_gpus, cfg.model, cluster_gpus=cluster_gpus),
+    }
 
 
 SERVER_STOP_WAIT = 120.0  # seconds to let a stopped ServerApp write its failed summary (an evaluation may be running)
@@ -306,12 +314,16 @@ def gpu_share(client_gpus: float, model: ModelConfig, cluster_gpus: float | None
         where = "no CUDA GPU is visible" if cluster_gpus is None else "the Ray cluster has no GPU"
         raise ConfigError(f"federation.client_gpus={client_gpus}: {where}; set it to 0 on CPU")
     if client_gpus == 0 and (model.device.startswith("cuda") or model.quantization != "none"):
-        raise ConfigError("federation.client_gpus=0 hides the GPU from simulated clients, but model.device="
-                          f"{model.device} / model.quantization={model.quantization} needs it: set "
-                          "federation.client_gpus (e.g. 0.5), or use the presets gpu=bf16 / gpu=qlora")
+        raise ConfigError(
+            "federation.client_gpus=0 hides the GPU from simulated clients, but model.device="
+            f"{model.device} / model.quantization={model.quantization} needs it: set "
+            "federation.client_gpus (e.g. 0.5), or use the presets gpu=bf16 / gpu=qlora"
+        )
     if client_gpus == 0 and gpus > 0 and model.device == "auto":
-        log.warning("a GPU is visible but federation.client_gpus=0: simulated clients train on the CPU "
-                    "(set federation.client_gpus, e.g. 0.5, to train them on the GPU)")
+        log.warning(
+            "a GPU is visible but federation.client_gpus=0: simulated clients train on the CPU "
+            "(set federation.client_gpus, e.g. 0.5, to train them on the GPU)"
+        )
     return client_gpus
 
 

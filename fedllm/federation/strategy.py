@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 NODE_POLL_SECONDS = 1.0
 
 
-def connected_nodes(grid: Grid, minimum: int, timeout: float = math.inf,
-                    poll_seconds: float = NODE_POLL_SECONDS) -> list[int]:
+def connected_nodes(
+    grid: Grid, minimum: int, timeout: float = math.inf, poll_seconds: float = NODE_POLL_SECONDS
+) -> list[int]:
     """The ids of the nodes connected to ``grid``, once at least ``minimum`` are or ``timeout``
     seconds have passed (a node that left for good must not stall the run).
 
@@ -74,8 +75,9 @@ class _ServerSampling(FedAvg):
         self.randomness = randomness
         self.node_wait = node_wait
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One train message for each node sampled for ``server_round``."""
         if self.fraction_train == 0.0:
             return []
@@ -110,14 +112,22 @@ class ClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
     accounts each released aggregate.
     """
 
-    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
-                 num_sampled_clients: int, *, randomness: ServerRandomness):
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+        *,
+        randomness: ServerRandomness,
+    ):
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         self.randomness = randomness
         self._noise_round: int | None = None
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's aggregation and noise, remembering the round the noise is drawn for.
 
         The noise is calibrated to the updates that arrived: its standard deviation is
@@ -141,8 +151,7 @@ class ClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
         noised = self.randomness.add_noise(aggregated_arrays.to_numpy_ndarrays(), std, self._noise_round)
         log.info("round %d: client-level DP noise with standard deviation %.4g added", self._noise_round, std)
-        return ArrayRecord({name: Array(value) for name, value in zip(aggregated_arrays.keys(), noised,
-                                                                       strict=True)})
+        return ArrayRecord({name: Array(value) for name, value in zip(aggregated_arrays.keys(), noised, strict=True)})
 
 
 class ServerSideClipping(ClientSideClipping):
@@ -154,23 +163,31 @@ class ServerSideClipping(ClientSideClipping):
     ``ZeroDivisionError`` in ``aggregate_train`` and ended the run. Here a zero update stays zero.
     """
 
-    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
-                 num_sampled_clients: int, *, randomness: ServerRandomness):
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+        *,
+        randomness: ServerRandomness,
+    ):
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients, randomness=randomness)
         self.current_arrays = ArrayRecord()
 
     def __repr__(self) -> str:
         return "Differential Privacy Strategy Wrapper (Server-Side Fixed Clipping, OS-entropy noise)"
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The wrapped strategy's messages; remembers the global adapter updates are measured from."""
         self.current_arrays = arrays
-        return self._prepare_accounting(server_round,
-                                        self.strategy.configure_train(server_round, arrays, config, grid))
+        return self._prepare_accounting(server_round, self.strategy.configure_train(server_round, arrays, config, grid))
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip every update to :attr:`clipping_norm`, then aggregate and add the noise."""
         reference = {key: array.numpy() for key, array in self.current_arrays.items()}
         clipped = [clip_reply(reply, reference, self.clipping_norm) for reply in replies]
@@ -198,14 +215,23 @@ def clip_reply(reply: Message, reference: dict[str, np.ndarray], clip_norm: floa
         updates = {key: value.astype(np.float64) - reference[key] for key, value in arrays.items()}
         norm = math.sqrt(sum(float(np.vdot(u, u)) for u in updates.values()))
         scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-        reply.content[name] = ArrayRecord({
-            key: Array((reference[key] + updates[key] * scale).astype(arrays[key].dtype)) for key in reference})
+        reply.content[name] = ArrayRecord(
+            {key: Array((reference[key] + updates[key] * scale).astype(arrays[key].dtype)) for key in reference}
+        )
     return reply
 
 
-def adapter_strategy(*, aggregation: Aggregation, trim_fraction: float, fraction_train: float, min_train_nodes: int,
-                     min_available_nodes: int, weighted_by_key: str,
-                     randomness: ServerRandomness | None = None, node_wait: float = math.inf) -> FedAvg:
+def adapter_strategy(
+    *,
+    aggregation: Aggregation,
+    trim_fraction: float,
+    fraction_train: float,
+    min_train_nodes: int,
+    min_available_nodes: int,
+    weighted_by_key: str,
+    randomness: ServerRandomness | None = None,
+    node_wait: float = math.inf,
+) -> FedAvg:
     """Flower's FedAvg, FedTrimmedAvg or FedMedian over adapter arrays with our wire keys.
 
     Evaluation is centralised on the server's held-out split, so no evaluate messages are sent.
@@ -229,16 +255,35 @@ def adapter_strategy(*, aggregation: Aggregation, trim_fraction: float, fraction
         strategy, extra = AdapterFedTrimmedAvg, {"beta": trim_fraction}
     elif aggregation == "median":
         strategy = AdapterFedMedian
-    return strategy(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
-                    min_evaluate_nodes=0, min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
-                    arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG,
-                    randomness=randomness or ServerRandomness(), node_wait=node_wait, **extra)
+    return strategy(
+        fraction_train=fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=min_train_nodes,
+        min_evaluate_nodes=0,
+        min_available_nodes=min_available_nodes,
+        weighted_by_key=weighted_by_key,
+        arrayrecord_key=keys.ARRAYS,
+        configrecord_key=keys.CONFIG,
+        randomness=randomness or ServerRandomness(),
+        node_wait=node_wait,
+        **extra,
+    )
 
 
-def build_strategy(*, aggregation: Aggregation, trim_fraction: float, fraction_train: float, num_clients: int,
-                   client_level: bool, client_clipping: ClientClipping, client_noise_multiplier: float,
-                   client_clip_norm: float, noise: NoiseSource = "secure", seed: int = 0,
-                   node_wait: float = math.inf) -> Strategy:
+def build_strategy(
+    *,
+    aggregation: Aggregation,
+    trim_fraction: float,
+    fraction_train: float,
+    num_clients: int,
+    client_level: bool,
+    client_clipping: ClientClipping,
+    client_noise_multiplier: float,
+    client_clip_norm: float,
+    noise: NoiseSource = "secure",
+    seed: int = 0,
+    node_wait: float = math.inf,
+) -> Strategy:
     """The run's strategy; with client-level DP, wrapped in a fixed-clipping DP strategy.
 
     Client-level DP clips each client's whole update (on the server, or on the node with
@@ -264,11 +309,23 @@ def build_strategy(*, aggregation: Aggregation, trim_fraction: float, fraction_t
     """
     randomness = ServerRandomness.from_noise(noise, seed)
     sampled = max(1, round(fraction_train * num_clients))
-    inner = adapter_strategy(aggregation=aggregation, trim_fraction=trim_fraction, fraction_train=fraction_train,
-                             min_train_nodes=sampled, min_available_nodes=num_clients,
-                             weighted_by_key=keys.FEDAVG_WEIGHT, randomness=randomness, node_wait=node_wait)
+    inner = adapter_strategy(
+        aggregation=aggregation,
+        trim_fraction=trim_fraction,
+        fraction_train=fraction_train,
+        min_train_nodes=sampled,
+        min_available_nodes=num_clients,
+        weighted_by_key=keys.FEDAVG_WEIGHT,
+        randomness=randomness,
+        node_wait=node_wait,
+    )
     if not client_level:
         return inner
     wrapper = ServerSideClipping if client_clipping == "server" else ClientSideClipping
-    return wrapper(inner, noise_multiplier=client_noise_multiplier, clipping_norm=client_clip_norm,
-                   num_sampled_clients=sampled, randomness=randomness)
+    return wrapper(
+        inner,
+        noise_multiplier=client_noise_multiplier,
+        clipping_norm=client_clip_norm,
+        num_sampled_clients=sampled,
+        randomness=randomness,
+    )

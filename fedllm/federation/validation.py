@@ -52,14 +52,16 @@ def validate_arrays(content: RecordDict, expected: Mapping[str, TensorSpec]) -> 
     for name, array in arrays.items():
         spec = expected[name]
         if (tuple(array.shape), str(array.dtype)) != (spec.shape, spec.dtype):
-            raise UpdateRejected(f"{name}: shape {tuple(array.shape)} {array.dtype}, "
-                                 f"expected {spec.shape} {spec.dtype}")
+            raise UpdateRejected(
+                f"{name}: shape {tuple(array.shape)} {array.dtype}, expected {spec.shape} {spec.dtype}"
+            )
         values = decoded(name, array)
         # the payload itself, not only the metadata declared beside it: a (8, 65) float64 payload
         # declared (8, 64) float32 would otherwise crash the norm or turn the global adapter float64
         if (values.shape, str(values.dtype)) != (spec.shape, spec.dtype):
-            raise UpdateRejected(f"{name}: payload holds {values.shape} {values.dtype}, declared and expected "
-                                 f"{spec.shape} {spec.dtype}")
+            raise UpdateRejected(
+                f"{name}: payload holds {values.shape} {values.dtype}, declared and expected {spec.shape} {spec.dtype}"
+            )
         if not np.isfinite(values).all():
             raise UpdateRejected(f"{name}: holds NaN or infinite values")
     return arrays
@@ -102,8 +104,10 @@ def norm_outliers(norms: Mapping[int, float], ratio: float, max_norm: float | No
         if max_norm is not None and norm > max_norm:
             rejected[index] = f"update norm {norm:.4g} above federation.max_update_norm={max_norm:g}"
         elif median is not None and median > 0 and norm > ratio * median:
-            rejected[index] = (f"update norm {norm:.4g} is {norm / median:.0f}x the round's median {median:.4g} "
-                               f"(limit federation.update_norm_ratio={ratio:g})")
+            rejected[index] = (
+                f"update norm {norm:.4g} is {norm / median:.0f}x the round's median {median:.4g} "
+                f"(limit federation.update_norm_ratio={ratio:g})"
+            )
     return rejected
 
 
@@ -120,22 +124,27 @@ class MechanismCheck:
 
     cfg: ExperimentConfig  # the run whose plan the nodes follow
 
-    def check(self, history: list[tuple[float, float, int]], previous_steps: int | None,
-              public_size: int | None) -> None:
+    def check(
+        self, history: list[tuple[float, float, int]], previous_steps: int | None, public_size: int | None
+    ) -> None:
         """Raises:
-            UpdateRejected: the history does not describe this run's mechanism.
+        UpdateRejected: the history does not describe this run's mechanism.
         """
         noise, rate, steps = history[-1]
         batches = round(1.0 / rate)
         if batches < 1 or 1.0 / batches != rate:
             raise UpdateRejected(f"dp-history: sample rate {rate!r} is not 1/k for a whole number of batches k")
         if noise != self.planned_noise(batches):
-            raise UpdateRejected(f"dp-history: noise multiplier {noise!r} is not this run's plan for sample rate 1/"
-                                 f"{batches} ({self.planned_noise(batches)!r})")
+            raise UpdateRejected(
+                f"dp-history: noise multiplier {noise!r} is not this run's plan for sample rate 1/"
+                f"{batches} ({self.planned_noise(batches)!r})"
+            )
         total, local_steps, batch = sum(s for _, _, s in history), self.cfg.train.local_steps, self.cfg.train.batch_size
         if steps < local_steps or (previous_steps is not None and total < previous_steps + local_steps):
-            raise UpdateRejected(f"dp-history: {total} steps in all, {steps} in the last mechanism: not one more "
-                                 f"round of {local_steps} steps")
+            raise UpdateRejected(
+                f"dp-history: {total} steps in all, {steps} in the last mechanism: not one more "
+                f"round of {local_steps} steps"
+            )
         if public_size is not None and not (batches - 1) * batch < public_size <= batches * batch:
             raise UpdateRejected(f"num-examples={public_size} does not fit sample rate 1/{batches} at batch {batch}")
 

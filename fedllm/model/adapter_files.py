@@ -40,8 +40,9 @@ SEALED_WEIGHTS = f"{ADAPTER_WEIGHTS}.sealed"
 CHECKSUMS_FILE = "checksums.json"
 
 
-def save_adapter(model: PeftModel, folder: Path, key: bytes | None, base_name: str | None = None,
-                 card: str | None = None) -> None:
+def save_adapter(
+    model: PeftModel, folder: Path, key: bytes | None, base_name: str | None = None, card: str | None = None
+) -> None:
     """Save ``model``'s adapter into ``folder`` in PEFT's format and write its manifest.
 
     Args:
@@ -73,8 +74,9 @@ def _save_sealed(model: PeftModel, folder: Path, key: bytes) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.create_or_update_model_card(str(folder))
     _save_config(model, folder)
-    atomic_write_bytes(folder / SEALED_WEIGHTS,
-                       seal(weights_bytes(model), key, role=ROLE_FINAL_ADAPTER, name=SEALED_WEIGHTS))
+    atomic_write_bytes(
+        folder / SEALED_WEIGHTS, seal(weights_bytes(model), key, role=ROLE_FINAL_ADAPTER, name=SEALED_WEIGHTS)
+    )
     stale = folder / ADAPTER_WEIGHTS
     if stale.exists():  # plaintext from an earlier, unencrypted save into this folder: not this run's output
         log.warning("%s: removing plain adapter weights left from an earlier save (this run is encrypted)", stale)
@@ -115,8 +117,9 @@ def write_manifest(folder: Path, key: bytes | None) -> None:
     key: authenticated by an HMAC)."""
     folder = Path(folder)
     sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
-    write_json(folder / CHECKSUMS_FILE, protect_json({"sha256": sums}, key, role=ROLE_ADAPTER_MANIFEST,
-                                                     name=CHECKSUMS_FILE))
+    write_json(
+        folder / CHECKSUMS_FILE, protect_json({"sha256": sums}, key, role=ROLE_ADAPTER_MANIFEST, name=CHECKSUMS_FILE)
+    )
 
 
 def verify_adapter(folder: Path, key: bytes | None) -> None:

@@ -141,10 +141,14 @@ def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
     dtype = DTYPES[cfg.dtype]
     if cfg.kind == "tiny":
         config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-            max_position_embeddings=512, tie_word_embeddings=True,
+            vocab_size=vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -159,8 +163,12 @@ def load_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         return _to_device(model, device)
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.bfloat16, quantization_config=quantization, device_map={"": device},
-        trust_remote_code=cfg.trust_remote_code)
+        source,
+        dtype=torch.bfloat16,
+        quantization_config=quantization,
+        device_map={"": device},
+        trust_remote_code=cfg.trust_remote_code,
+    )
     # no gradient checkpointing: its recomputed forward would run Opacus's hooks twice
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -200,15 +208,22 @@ def model_config_for(reference: str) -> tuple[ModelConfig, int]:
         return ModelConfig(source="embedded"), 0
     name, _, query = reference.partition("?")
     if name != TINY_REFERENCE:
-        raise ConfigError(f"unknown fedllm base model {reference!r}: expected {EMBEDDED_REFERENCE!r} or "
-                          f"{TINY_REFERENCE}?...")
+        raise ConfigError(
+            f"unknown fedllm base model {reference!r}: expected {EMBEDDED_REFERENCE!r} or {TINY_REFERENCE}?..."
+        )
     fields = dict(parse_qsl(query))
     if set(fields) != {*_TINY_FIELDS, "seed"} or not all(v.isdigit() for v in fields.values()):
-        raise ConfigError(f"malformed tiny base model name {reference!r}: it needs integer "
-                          f"{', '.join(_TINY_FIELDS)} and seed")
+        raise ConfigError(
+            f"malformed tiny base model name {reference!r}: it needs integer {', '.join(_TINY_FIELDS)} and seed"
+        )
     size = {k: int(v) for k, v in fields.items()}
-    return ModelConfig(source="tiny", hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
-                       num_heads=size["num_heads"], num_layers=size["num_layers"]), size["seed"]
+    return ModelConfig(
+        source="tiny",
+        hidden_size=size["hidden_size"],
+        intermediate_size=size["intermediate_size"],
+        num_heads=size["num_heads"],
+        num_layers=size["num_layers"],
+    ), size["seed"]
 
 
 def resolve_base_model(reference: str, device: str = "auto") -> PreTrainedModel:

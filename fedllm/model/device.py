@@ -35,8 +35,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         visible = torch.cuda.device_count()
         if visible == 0:
-            raise ConfigError(f"model.device={name}: no CUDA GPU is visible to this process (install a CUDA "
-                              "build of torch, check CUDA_VISIBLE_DEVICES, or use model.device=auto)")
+            raise ConfigError(
+                f"model.device={name}: no CUDA GPU is visible to this process (install a CUDA "
+                "build of torch, check CUDA_VISIBLE_DEVICES, or use model.device=auto)"
+            )
         if device.index is not None and device.index >= visible:
             raise ConfigError(f"model.device={name}: only {visible} CUDA device(s) visible")
     return device
@@ -74,14 +76,17 @@ def quantization_config(cfg: ModelConfig, device: torch.device):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
-        raise ConfigError(f"model.quantization={cfg.quantization} needs bitsandbytes: "
-                          "pip install -e '.[gpu]'") from exc
+        raise ConfigError(f"model.quantization={cfg.quantization} needs bitsandbytes: pip install -e '.[gpu]'") from exc
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def usable_cpus() -> int:

@@ -23,8 +23,12 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
             f"{sorted(n for n in names if n.endswith('proj'))}"
         )
     config = LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM",
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
     if settings.freeze_a:

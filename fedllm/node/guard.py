@@ -86,8 +86,9 @@ class PreflightRequest:
 
     def __post_init__(self) -> None:
         if not 1 <= self.first_round <= self.cfg.federation.num_rounds:
-            raise ConfigError(f"pre-flight for round {self.first_round} of a run of "
-                              f"{self.cfg.federation.num_rounds} rounds")
+            raise ConfigError(
+                f"pre-flight for round {self.first_round} of a run of {self.cfg.federation.num_rounds} rounds"
+            )
 
 
 # a run training on this node holds the ledger lock for a whole round; a pre-flight answer later than this
@@ -139,30 +140,57 @@ def answer_preflight(policy: NodePolicy, request: PreflightRequest) -> Preflight
         return prepared
     planned = prepared.cfg.federation.num_rounds - first + 1
     if prepared.plan is None:
-        log.info("client %d: pre-flight of run %s: no DP-SGD in this run, so no budget applies to rounds %d-%d",
-                 node, run, first, first + planned - 1)
+        log.info(
+            "client %d: pre-flight of run %s: no DP-SGD in this run, so no budget applies to rounds %d-%d",
+            node,
+            run,
+            first,
+            first + planned - 1,
+        )
         return PreflightAnswer(node, rounds_planned=planned, rounds_affordable=planned, cap=policy.max_epsilon)
     budget, dp = _mechanism(policy, prepared.cfg, prepared.plan)
     ledger_file = _ledger(policy, prepared.fingerprint, policy.state_key())
     with ledger_file.locked(timeout=PREFLIGHT_LOCK_TIMEOUT_S) as ledger:
         history = ledger.history()  # read only: a consistent view, never written here
-    affordable, decision = affordable_rounds(history, dp=dp, sample_rate=prepared.plan.sample_rate,
-                                             local_steps=prepared.cfg.train.local_steps, budget=budget,
-                                             planned=planned)
-    numbers = (f"epsilon {decision.spent:.4f} spent, {decision.projected:.4f} after them; cap {budget.max_epsilon:g} "
-               f"at delta {budget.delta:g}")
+    affordable, decision = affordable_rounds(
+        history,
+        dp=dp,
+        sample_rate=prepared.plan.sample_rate,
+        local_steps=prepared.cfg.train.local_steps,
+        budget=budget,
+        planned=planned,
+    )
+    numbers = (
+        f"epsilon {decision.spent:.4f} spent, {decision.projected:.4f} after them; cap {budget.max_epsilon:g} "
+        f"at delta {budget.delta:g}"
+    )
     if affordable < planned:
-        log.warning("client %d: pre-flight of run %s: this node's cap lets it train %d of the %d planned rounds; "
-                    "it will refuse from round %d (%s)", node, run, affordable, planned, first + affordable, numbers)
+        log.warning(
+            "client %d: pre-flight of run %s: this node's cap lets it train %d of the %d planned rounds; "
+            "it will refuse from round %d (%s)",
+            node,
+            run,
+            affordable,
+            planned,
+            first + affordable,
+            numbers,
+        )
     else:
         log.info("client %d: pre-flight of run %s: can train all %d planned rounds (%s)", node, run, planned, numbers)
-    return PreflightAnswer(node, rounds_planned=planned, rounds_affordable=affordable, cap=budget.max_epsilon,
-                           spent=decision.spent, after=decision.projected, delta=budget.delta)
+    return PreflightAnswer(
+        node,
+        rounds_planned=planned,
+        rounds_affordable=affordable,
+        cap=budget.max_epsilon,
+        spent=decision.spent,
+        after=decision.projected,
+        delta=budget.delta,
+    )
 
 
-
-def affordable_rounds(history: History, *, dp: DPSpec, sample_rate: float, local_steps: int, budget: Budget,
-                      planned: int) -> tuple[int, BudgetDecision]:
+def affordable_rounds(
+    history: History, *, dp: DPSpec, sample_rate: float, local_steps: int, budget: Budget, planned: int
+) -> tuple[int, BudgetDecision]:
     """How many of ``planned`` rounds the guard would allow one after another from ``history``,
     and the budget decision for that many rounds at once (``projected``: the epsilon after them).
 
@@ -170,9 +198,16 @@ def affordable_rounds(history: History, *, dp: DPSpec, sample_rate: float, local
     (a logarithmic number of accountant calls: the server chooses ``planned``). Rounds of one
     mechanism merge into one history entry, so ``k`` rounds at once are exactly ``k`` rounds in turn.
     """
+
     def decide(rounds: int) -> BudgetDecision:
-        return check_round(history, noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate,
-                           steps=rounds * local_steps, budget=budget, accountant=dp.accountant)
+        return check_round(
+            history,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=sample_rate,
+            steps=rounds * local_steps,
+            budget=budget,
+            accountant=dp.accountant,
+        )
 
     low, high = 0, planned
     while low < high:
@@ -203,10 +238,18 @@ def _prepare(policy: NodePolicy, server_cfg: ExperimentConfig, what: str) -> _Pr
 
 def _mechanism(policy: NodePolicy, cfg: ExperimentConfig, plan: DPPlan) -> tuple[Budget, DPSpec]:
     """The cap this node enforces (the stricter of the run's and its own) and the DP-SGD it runs."""
-    budget = effective_budget(run_target=cfg.privacy.target_epsilon, run_delta=cfg.privacy.delta,
-                              node_max_epsilon=policy.max_epsilon, node_delta=policy.delta)
-    dp = DPSpec(noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
-                accountant=policy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode)
+    budget = effective_budget(
+        run_target=cfg.privacy.target_epsilon,
+        run_delta=cfg.privacy.delta,
+        node_max_epsilon=policy.max_epsilon,
+        node_delta=policy.delta,
+    )
+    dp = DPSpec(
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        accountant=policy.accountant,
+        grad_sample_mode=cfg.privacy.grad_sample_mode,
+    )
     return budget, dp
 
 
@@ -215,8 +258,7 @@ def _ledger(policy: NodePolicy, fingerprint: str, key: bytes | None) -> NodeLedg
     return NodeLedger(policy.state_dir, policy.dataset_id, fingerprint, key=key)
 
 
-def with_canaries(cfg: ExperimentConfig, policy: NodePolicy,
-                  shard: TokenizedDataset) -> TokenizedDataset | CanaryShard:
+def with_canaries(cfg: ExperimentConfig, policy: NodePolicy, shard: TokenizedDataset) -> TokenizedDataset | CanaryShard:
     """The shard, plus this simulated node's audit canaries when ``fedllm audit`` placed some here
     (the key exists only in a simulation driver's node config)."""
     if not policy.audit_canaries:
@@ -228,13 +270,22 @@ def with_canaries(cfg: ExperimentConfig, policy: NodePolicy,
 
 def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:
     """The server's config with the node's own data rules in place of the server's."""
-    return dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, overlong=policy.overlong, max_record_chars=policy.max_record_chars, duplicates=policy.duplicates,
-        prompt_field=policy.prompt_field, response_field=policy.response_field))
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data,
+            overlong=policy.overlong,
+            max_record_chars=policy.max_record_chars,
+            duplicates=policy.duplicates,
+            prompt_field=policy.prompt_field,
+            response_field=policy.response_field,
+        ),
+    )
 
 
-def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequest, data: tuple,
-                   plan: DPPlan) -> Answer:
+def _private_round(
+    policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequest, data: tuple, plan: DPPlan
+) -> Answer:
     shard, fingerprint = data
     node, run_id, server_round = policy.partition_id, request.run_id, request.server_round
     budget, dp = _mechanism(policy, cfg, plan)
@@ -246,31 +297,64 @@ def _private_round(policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequ
     # the lock covers check, training and record: a second run on this node waits, then sees this release
     with _ledger(policy, fingerprint, key).locked() as ledger:
         if ledger.find(run_id, server_round) and (cached := cache.find(cache_key)):
-            log.info("client %d round %d: resending the update already released (no new privacy cost)",
-                     node, server_round)
+            log.info(
+                "client %d round %d: resending the update already released (no new privacy cost)", node, server_round
+            )
             return Update(arrays=cached.arrays, metrics=TrainReport.replay_metrics(cached.metrics))
         history = ledger.history()
-        decision = check_round(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps,
-                               budget=budget, accountant=dp.accountant)
+        decision = check_round(
+            history,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=rate,
+            steps=steps,
+            budget=budget,
+            accountant=dp.accountant,
+        )
         if not decision.allowed:
             log.warning("client %d round %d: %s", node, server_round, escape_remote_text(decision.reason))
-            return Refusal(node, BUDGET, cap=budget.max_epsilon, spent=decision.spent, delta=budget.delta,
-                           history=history)
+            return Refusal(
+                node, BUDGET, cap=budget.max_epsilon, spent=decision.spent, delta=budget.delta, history=history
+            )
         expected = extend_history(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps)
         result, arrays = _train(cfg, shard, request, dp, history, _seed(cfg, policy, server_round))
         if result.history != expected:  # the ledger must hold exactly what Opacus accounted
             raise LedgerError(f"Opacus accounted {result.history}, the ledger expected {expected}")
         # persisted before the update can leave: a crash from here on keeps the release counted
-        ledger.record(Release(run_id=run_id, server_round=server_round, noise_multiplier=dp.noise_multiplier,
-                              sample_rate=rate, steps=steps, fingerprint=fingerprint))
-        after = check_round(expected, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps,
-                            budget=budget, accountant=dp.accountant)  # its `spent` is this round's epsilon
-        accounting = Accounting(epsilon=after.spent, cap=budget.max_epsilon, delta=budget.delta, history=expected,
-                                can_continue=after.allowed)
+        ledger.record(
+            Release(
+                run_id=run_id,
+                server_round=server_round,
+                noise_multiplier=dp.noise_multiplier,
+                sample_rate=rate,
+                steps=steps,
+                fingerprint=fingerprint,
+            )
+        )
+        after = check_round(
+            expected,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=rate,
+            steps=steps,
+            budget=budget,
+            accountant=dp.accountant,
+        )  # its `spent` is this round's epsilon
+        accounting = Accounting(
+            epsilon=after.spent,
+            cap=budget.max_epsilon,
+            delta=budget.delta,
+            history=expected,
+            can_continue=after.allowed,
+        )
         metrics = TrainReport(node, accounting, _public(policy, shard, result)).to_metrics()
         cache.save(cache_key, arrays, metrics)  # under the lock: the release and its reply go together
-    log.info("client %d round %d: train loss %.4f (kept on this node), epsilon %.4f of cap %g", node,
-             server_round, result.mean_loss, after.spent, budget.max_epsilon)
+    log.info(
+        "client %d round %d: train loss %.4f (kept on this node), epsilon %.4f of cap %g",
+        node,
+        server_round,
+        result.mean_loss,
+        after.spent,
+        budget.max_epsilon,
+    )
     return Update(arrays=arrays, metrics=metrics)
 
 
@@ -289,8 +373,9 @@ def research_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -
     return cfg.seed * 1_000_003 + partition_id * 1_009 + server_round
 
 
-def _train(cfg: ExperimentConfig, shard, request: RoundRequest, dp: DPSpec | None, history: History,
-           seed: int | None) -> tuple[LocalResult, dict[str, torch.Tensor]]:
+def _train(
+    cfg: ExperimentConfig, shard, request: RoundRequest, dp: DPSpec | None, history: History, seed: int | None
+) -> tuple[LocalResult, dict[str, torch.Tensor]]:
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
     load_adapter_state(bundle.model, request.received)
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
@@ -299,10 +384,17 @@ def _train(cfg: ExperimentConfig, shard, request: RoundRequest, dp: DPSpec | Non
         collate = with_canary_column(collate)
         if shard.design.kind == "gradient":
             override = GradientCanaries(shard.design, adapter_parameters(bundle.model))
-    spec = LocalSpec(steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                     weight_decay=cfg.train.weight_decay, objective=cfg.train.objective,
-                     bf16=use_bf16(cfg.train.precision), micro_batches=cfg.train.micro_batches, seed=seed,
-                     optimizer=cfg.train.optimizer)
+    spec = LocalSpec(
+        steps=cfg.train.local_steps,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        objective=cfg.train.objective,
+        bf16=use_bf16(cfg.train.precision),
+        micro_batches=cfg.train.micro_batches,
+        seed=seed,
+        optimizer=cfg.train.optimizer,
+    )
     result = train_local(bundle.model, shard, collate, spec, task.choice_ids_for(cfg), dp, history, override)
     return result, adapter_state(bundle.model)
 
@@ -315,4 +407,3 @@ def _public(policy: NodePolicy, shard, result: LocalResult) -> PublicStats:
         train_seconds=float(result.seconds) if policy.public_metrics else None,
         examples_seen=int(result.examples_seen) if policy.public_metrics else None,
     )
-

@@ -75,10 +75,33 @@ ENCRYPT_STATE = "encrypt-state"
 STATE_KEY_FILE = "state-key-file"
 STATE_KEY_ENV = "state-key-env"
 DEFAULT_STATE_KEY_ENV = "FEDLLM_NODE_KEY"
-KNOWN_KEYS = (PARTITION_ID, "num-partitions", STATE_DIR, DATA_PATH, DATA_FORMAT, DATASET_ID, MAX_EPSILON, DELTA,
-              ACCOUNTANT, ALLOW_NONPRIVATE, ALLOWED_MODELS, TRUST_REMOTE_CODE, PUBLIC_SIZE, PUBLIC_METRICS,
-              OVERLONG, MAX_RECORD_CHARS, DUPLICATES, PROMPT_FIELD, RESPONSE_FIELD, SIMULATED, NOISE,
-              AUDIT_CANARIES, ENCRYPT_STATE, STATE_KEY_FILE, STATE_KEY_ENV)
+KNOWN_KEYS = (
+    PARTITION_ID,
+    "num-partitions",
+    STATE_DIR,
+    DATA_PATH,
+    DATA_FORMAT,
+    DATASET_ID,
+    MAX_EPSILON,
+    DELTA,
+    ACCOUNTANT,
+    ALLOW_NONPRIVATE,
+    ALLOWED_MODELS,
+    TRUST_REMOTE_CODE,
+    PUBLIC_SIZE,
+    PUBLIC_METRICS,
+    OVERLONG,
+    MAX_RECORD_CHARS,
+    DUPLICATES,
+    PROMPT_FIELD,
+    RESPONSE_FIELD,
+    SIMULATED,
+    NOISE,
+    AUDIT_CANARIES,
+    ENCRYPT_STATE,
+    STATE_KEY_FILE,
+    STATE_KEY_ENV,
+)
 DEFAULT_ALLOWED_MODELS = ("embedded", "tiny")  # the packaged SmolLM2 and the random test model
 
 # How the simulation driver hands each virtual node its config: a JSON file named by this
@@ -220,9 +243,11 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         raise ConfigError(f"node config: unknown key(s) {', '.join(unknown)}; known: {', '.join(KNOWN_KEYS)}")
     driver_only = sorted({SIMULATED, NOISE, AUDIT_CANARIES} & set(node_config))
     if driver_only and not simulated:
-        raise ConfigError(f"node config: {', '.join(driver_only)} can only be set by `fedllm simulate` / `fedllm "
-                          "audit` for their virtual nodes; a deployed node always draws its noise from OS entropy "
-                          "and trains on its own data only")
+        raise ConfigError(
+            f"node config: {', '.join(driver_only)} can only be set by `fedllm simulate` / `fedllm "
+            "audit` for their virtual nodes; a deployed node always draws its noise from OS entropy "
+            "and trains on its own data only"
+        )
     data_path = node_config.get(DATA_PATH)
     data_path = None if data_path in (None, "") else str(data_path)
     models = str(node_config.get(ALLOWED_MODELS, ",".join(DEFAULT_ALLOWED_MODELS)))
@@ -275,23 +300,32 @@ def check_request(policy: NodePolicy, cfg: ExperimentConfig) -> None:
     if not cfg.privacy.sample_level and not policy.allow_nonprivate:
         raise PolicyViolation(
             f"the run trains without DP-SGD (privacy.mode={cfg.privacy.mode}); this node allows it only with "
-            f"{ALLOW_NONPRIVATE}=true in its node config")
+            f"{ALLOW_NONPRIVATE}=true in its node config"
+        )
     if cfg.privacy.noise != "secure" and not policy.seeded_noise:
         raise PolicyViolation(
             f"the server asked for privacy.noise={cfg.privacy.noise}: noise the server could reproduce; this node "
-            "draws its noise from its own OS entropy")
-    for key, template, field in (("data.prompt_template", cfg.data.prompt_template, "prompt"),
-                                 ("data.response_template", cfg.data.response_template, "response")):
+            "draws its noise from its own OS entropy"
+        )
+    for key, template, field in (
+        ("data.prompt_template", cfg.data.prompt_template, "prompt"),
+        ("data.response_template", cfg.data.response_template, "response"),
+    ):
         if not bare_placeholders(template, field):
-            raise PolicyViolation(f"{key} may hold only the bare placeholder {{{field}}} (no format spec, conversion, "
-                                  "index or other field): a format spec would quote a record's text in an error")
+            raise PolicyViolation(
+                f"{key} may hold only the bare placeholder {{{field}}} (no format spec, conversion, "
+                "index or other field): a format spec would quote a record's text in an error"
+            )
     model = model_name(cfg)
     if model not in policy.allowed_models:
-        raise PolicyViolation(f"model {model!r} is not in this node's {ALLOWED_MODELS} "
-                              f"({', '.join(policy.allowed_models) or 'none'})")
+        raise PolicyViolation(
+            f"model {model!r} is not in this node's {ALLOWED_MODELS} ({', '.join(policy.allowed_models) or 'none'})"
+        )
     if cfg.model.trust_remote_code and not policy.trust_remote_code:
-        raise PolicyViolation("the server asked to run the model's remote code (model.trust_remote_code=true); "
-                              f"this node allows it only with {TRUST_REMOTE_CODE}=true in its node config")
+        raise PolicyViolation(
+            "the server asked to run the model's remote code (model.trust_remote_code=true); "
+            f"this node allows it only with {TRUST_REMOTE_CODE}=true in its node config"
+        )
 
 
 def bare_placeholders(template: str, field: str) -> bool:
@@ -300,8 +334,9 @@ def bare_placeholders(template: str, field: str) -> bool:
         parsed = list(string.Formatter().parse(template))
     except ValueError:
         return False
-    return all(name is None or (name == field and not spec and conversion is None)
-               for _, name, spec, conversion in parsed)
+    return all(
+        name is None or (name == field and not spec and conversion is None) for _, name, spec, conversion in parsed
+    )
 
 
 def model_name(cfg: ExperimentConfig) -> str:
@@ -352,8 +387,10 @@ def write_simulated_nodes(cfg: ExperimentConfig, path: Path, extra=None) -> None
 
     ``extra(partition)``, if given, adds driver-only keys (e.g. :data:`AUDIT_CANARIES`) to a node's config.
     """
-    nodes = {str(p): {**simulated_node_config(cfg, p), **(extra(p) if extra else {})}
-             for p in range(cfg.federation.num_clients)}
+    nodes = {
+        str(p): {**simulated_node_config(cfg, p), **(extra(p) if extra else {})}
+        for p in range(cfg.federation.num_clients)
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(nodes, indent=1), encoding="utf-8")
     os.environ[SIMULATED_NODES_ENV] = str(path)

@@ -64,8 +64,12 @@ class ReplyCache:
     def save(self, key: tuple[str, int, str], arrays: Mapping[str, torch.Tensor], metrics: dict) -> None:
         """Persist the reply (atomically) before it is sent."""
         run_id, server_round, digest = key
-        meta = {"run_id": run_id, "server_round": str(server_round), "input_digest": digest,
-                "metrics": json.dumps(metrics)}
+        meta = {
+            "run_id": run_id,
+            "server_round": str(server_round),
+            "input_digest": digest,
+            "metrics": json.dumps(metrics),
+        }
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in arrays.items()}
         sealed = seal(save(tensors, metadata=meta), self.key, role=ROLE_NODE_REPLY, name=REPLY_FILE)
         atomic_write_bytes(self.path, sealed)
@@ -75,12 +79,14 @@ class ReplyCache:
         if not self.path.exists():
             return None
         try:
-            data = unseal(self.path.read_bytes(), self.key, role=ROLE_NODE_REPLY, name=REPLY_FILE,
-                          what=str(self.path))
+            data = unseal(self.path.read_bytes(), self.key, role=ROLE_NODE_REPLY, name=REPLY_FILE, what=str(self.path))
             header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
             if (meta.get("run_id"), meta.get("server_round"), meta.get("input_digest")) != (
-                    key[0], str(key[1]), key[2]):
+                key[0],
+                str(key[1]),
+                key[2],
+            ):
                 return None
             return CachedReply(arrays=load(data), metrics=json.loads(meta["metrics"]))
         except IntegrityError as exc:

@@ -47,8 +47,9 @@ def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accoun
     return float(acct.get_epsilon(delta=delta))
 
 
-def extend_history(history: Sequence[Sequence[float]], *, noise_multiplier: float,
-                   sample_rate: float, steps: int) -> History:
+def extend_history(
+    history: Sequence[Sequence[float]], *, noise_multiplier: float, sample_rate: float, steps: int
+) -> History:
     """History after ``steps`` more DP-SGD steps, merged like Opacus merges repeated steps."""
     entries = normalise_history(history)
     if entries and entries[-1][0] == noise_multiplier and entries[-1][1] == sample_rate:

@@ -32,16 +32,24 @@ class BudgetDecision:
     reason: str
 
 
-def effective_budget(*, run_target: float, run_delta: float, node_max_epsilon: float | None,
-                     node_delta: float | None) -> Budget:
+def effective_budget(
+    *, run_target: float, run_delta: float, node_max_epsilon: float | None, node_delta: float | None
+) -> Budget:
     """The stricter of the run's budget and the node's own."""
     cap = run_target if node_max_epsilon is None else min(run_target, node_max_epsilon)
     delta = run_delta if node_delta is None else min(run_delta, node_delta)
     return Budget(max_epsilon=float(cap), delta=float(delta))
 
 
-def check_round(history: History, *, noise_multiplier: float, sample_rate: float, steps: int,
-                budget: Budget, accountant: AccountantName) -> BudgetDecision:
+def check_round(
+    history: History,
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    budget: Budget,
+    accountant: AccountantName,
+) -> BudgetDecision:
     """Decide whether ``steps`` more DP-SGD steps keep the node within ``budget``.
 
     The projection is the exact epsilon the accountant will report after the round (every
@@ -53,6 +61,8 @@ def check_round(history: History, *, noise_multiplier: float, sample_rate: float
     projected = epsilon(after, delta=budget.delta, accountant=accountant)
     if projected <= budget.max_epsilon:
         return BudgetDecision(True, spent, projected, budget.max_epsilon, "")
-    reason = (f"refused: this round would take epsilon from {spent:.4f} to {projected:.4f}, "
-              f"above this node's cap {budget.max_epsilon:g} at delta {budget.delta:g}")
+    reason = (
+        f"refused: this round would take epsilon from {spent:.4f} to {projected:.4f}, "
+        f"above this node's cap {budget.max_epsilon:g} at delta {budget.delta:g}"
+    )
     return BudgetDecision(False, spent, projected, budget.max_epsilon, reason)

@@ -45,9 +45,17 @@ def sample_rate_for(batch_size: int, shard_size: int) -> float:
 
 
 @lru_cache(maxsize=256)  # pure and called by every client every round: plan once per process
-def plan_client(*, shard_size: int, batch_size: int, rounds: int, local_steps: int,
-                target_epsilon: float, delta: float, accountant: AccountantName,
-                noise_multiplier: float | None = None) -> DPPlan:
+def plan_client(
+    *,
+    shard_size: int,
+    batch_size: int,
+    rounds: int,
+    local_steps: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: AccountantName,
+    noise_multiplier: float | None = None,
+) -> DPPlan:
     """Noise for one client that takes part in every round, so its final epsilon <= target.
 
     Args:
@@ -79,8 +87,12 @@ def plan_client(*, shard_size: int, batch_size: int, rounds: int, local_steps: i
                 # its RDP orders could be widened; the final epsilon below is computed unfiltered
                 warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
                 noise_multiplier = get_noise_multiplier(
-                    target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate,
-                    steps=steps, accountant=accountant, epsilon_tolerance=0.01,
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=0.01,
                 )
         except ValueError as exc:
             raise PrivacyPlanError(
@@ -89,8 +101,14 @@ def plan_client(*, shard_size: int, batch_size: int, rounds: int, local_steps: i
                 f"train.local_steps / train.batch_size ({exc})"
             ) from exc
     reached = epsilon([(noise_multiplier, rate, steps)], delta=delta, accountant=accountant)
-    return DPPlan(sample_rate=rate, noise_multiplier=float(noise_multiplier), total_steps=steps,
-                  delta=delta, accountant=accountant, planned_epsilon=reached)
+    return DPPlan(
+        sample_rate=rate,
+        noise_multiplier=float(noise_multiplier),
+        total_steps=steps,
+        delta=delta,
+        accountant=accountant,
+        planned_epsilon=reached,
+    )
 
 
 # Noise beyond this leaves no useful model; an epsilon the accountant cannot certify even here
@@ -107,19 +125,43 @@ def _check_reachable(target_epsilon: float, delta: float, rate: float, steps: in
             f"no noise level reaches epsilon {target_epsilon} after {steps} steps at sample rate {rate:.4f}: even "
             f"noise multiplier {MAX_USEFUL_NOISE:g} gives epsilon {floor:.3g} with the {accountant} accountant at "
             f"delta {delta:g}; raise privacy.target_epsilon, or lower federation.num_rounds / train.local_steps / "
-            "train.batch_size")
+            "train.batch_size"
+        )
 
 
-def epsilon_by_round(*, noise_multiplier: float, sample_rate: float, local_steps: int, rounds: int,
-                     delta: float, accountant: AccountantName) -> list[float]:
+def epsilon_by_round(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    local_steps: int,
+    rounds: int,
+    delta: float,
+    accountant: AccountantName,
+) -> list[float]:
     """Epsilon after each of ``rounds`` rounds of ``local_steps`` DP-SGD steps (index 0 = round 1)."""
-    return [epsilon([(noise_multiplier, sample_rate, r * local_steps)], delta=delta, accountant=accountant)
-            for r in range(1, rounds + 1)]
+    return [
+        epsilon([(noise_multiplier, sample_rate, r * local_steps)], delta=delta, accountant=accountant)
+        for r in range(1, rounds + 1)
+    ]
 
 
-def rounds_within_cap(*, noise_multiplier: float, sample_rate: float, local_steps: int, max_rounds: int,
-                      cap: float, delta: float, accountant: AccountantName) -> int:
+def rounds_within_cap(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    local_steps: int,
+    max_rounds: int,
+    cap: float,
+    delta: float,
+    accountant: AccountantName,
+) -> int:
     """How many rounds a node can join before its epsilon would pass its own ``cap``."""
-    curve = epsilon_by_round(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
-                             local_steps=local_steps, rounds=max_rounds, delta=delta, accountant=accountant)
+    curve = epsilon_by_round(
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        local_steps=local_steps,
+        rounds=max_rounds,
+        delta=delta,
+        accountant=accountant,
+    )
     return sum(1 for value in curve if value <= cap)

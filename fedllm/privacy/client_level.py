@@ -100,18 +100,25 @@ class ClientLevelAccountant:
             sampled = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
             gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0)
             # RDP composes by adding: each distinct round is computed once, times its count
-            events = Counter((entry.population, entry.sampled) if self.amplified(entry) else None
-                             for entry in self.rounds)
+            events = Counter(
+                (entry.population, entry.sampled) if self.amplified(entry) else None for entry in self.rounds
+            )
             for key, count in events.items():
-                sampled.compose(gaussian if key is None else
-                                dp_accounting.SampledWithoutReplacementDpEvent(*key, gaussian), count)
+                sampled.compose(
+                    gaussian if key is None else dp_accounting.SampledWithoutReplacementDpEvent(*key, gaussian), count
+                )
             best = min(best, sampled.get_epsilon(self.delta))
         return float(best)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after a restart."""
-        return {"noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm, "delta": self.delta,
-                "sampled_uniformly": self.sampled_uniformly, "rounds": [asdict(r) for r in self.rounds]}
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.clip_norm,
+            "delta": self.delta,
+            "sampled_uniformly": self.sampled_uniformly,
+            "rounds": [asdict(r) for r in self.rounds],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the rounds recorded by :meth:`state_dict` (of this version or an earlier one)."""
@@ -120,6 +127,10 @@ class ClientLevelAccountant:
 
     def to_report(self) -> dict[str, Any]:
         """The ``client_level`` section of ``privacy_ledger.json``."""
-        return {**self.state_dict(), "adjacency": self.adjacency, "epsilon": self.epsilon(),
-                "amplified_rounds": [r.server_round for r in self.rounds if self.amplified(r)],
-                "protects": "all of one client's records together (its whole contribution)"}
+        return {
+            **self.state_dict(),
+            "adjacency": self.adjacency,
+            "epsilon": self.epsilon(),
+            "amplified_rounds": [r.server_round for r in self.rounds if self.amplified(r)],
+            "protects": "all of one client's records together (its whole contribution)",
+        }

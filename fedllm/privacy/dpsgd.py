@@ -56,11 +56,17 @@ class NodeNoiseDPOptimizer(DPOptimizer):
                 whose noise this class would not reproduce faithfully.
         """
         if type(built) is not DPOptimizer:
-            raise ConfigError(f"node-side noise supports Opacus's DPOptimizer only, got {type(built).__name__}; "
-                              "use privacy.grad_sample_mode=hooks or functorch")
-        super().__init__(built.original_optimizer, noise_multiplier=built.noise_multiplier,
-                         max_grad_norm=built.max_grad_norm, expected_batch_size=built.expected_batch_size,
-                         loss_reduction=built.loss_reduction)
+            raise ConfigError(
+                f"node-side noise supports Opacus's DPOptimizer only, got {type(built).__name__}; "
+                "use privacy.grad_sample_mode=hooks or functorch"
+            )
+        super().__init__(
+            built.original_optimizer,
+            noise_multiplier=built.noise_multiplier,
+            max_grad_norm=built.max_grad_norm,
+            expected_batch_size=built.expected_batch_size,
+            loss_reduction=built.loss_reduction,
+        )
         self.attach_step_hook(built.step_hook)  # the accountant: one step per (possibly empty) batch
         self.noise = noise
 
@@ -125,8 +131,7 @@ class DPRound:
         self.hooks.cleanup()
 
 
-def poisson_loader(dataset: Dataset, batch_size: int, collate: Callable,
-                   randomness: DPRandomness) -> DataLoader:
+def poisson_loader(dataset: Dataset, batch_size: int, collate: Callable, randomness: DPRandomness) -> DataLoader:
     """A loader of ``ceil(n / b)`` Poisson batches drawn from the node's sampling stream.
 
     Args:
@@ -140,10 +145,20 @@ def poisson_loader(dataset: Dataset, batch_size: int, collate: Callable,
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 
-def start_round(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
-                batch_size: int, collate: Callable, noise_multiplier: float, max_grad_norm: float,
-                history: History, accountant: AccountantName, grad_sample_mode: GradSampleMode,
-                randomness: DPRandomness) -> DPRound:
+def start_round(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: Dataset,
+    batch_size: int,
+    collate: Callable,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    history: History,
+    accountant: AccountantName,
+    grad_sample_mode: GradSampleMode,
+    randomness: DPRandomness,
+) -> DPRound:
     """Attach DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise) for one round.
 
     Args:
@@ -170,9 +185,14 @@ def start_round(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dat
     loader = poisson_loader(dataset, batch_size, collate, randomness)
     # poisson_sampling=False: Opacus keeps our loader (already Poisson) and accounts 1 / len(loader)
     hooks, built, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader,
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        poisson_sampling=False, grad_sample_mode=grad_sample_mode, wrap_model=False,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=False,
+        grad_sample_mode=grad_sample_mode,
+        wrap_model=False,
     )
     hooks.forbid_grad_accumulation()  # what Opacus sets for its own Poisson loader
     dp_optimizer = NodeNoiseDPOptimizer(built, GaussianNoise(randomness.noise))

@@ -34,9 +34,15 @@ class ClientLedger:
 class PrivacyLedger:
     """Per-client DP-SGD histories with epsilon by a real accountant, plus client-level DP."""
 
-    def __init__(self, *, accountant: AccountantName, delta: float, target_epsilon: float | None,
-                 mode: PrivacyMode = "sample",
-                 client_level: ClientLevelAccountant | None = None):
+    def __init__(
+        self,
+        *,
+        accountant: AccountantName,
+        delta: float,
+        target_epsilon: float | None,
+        mode: PrivacyMode = "sample",
+        client_level: ClientLevelAccountant | None = None,
+    ):
         self.mode = mode  # privacy.mode: sample, client, both or none
         self.accountant = accountant
         self.delta = delta
@@ -47,15 +53,31 @@ class PrivacyLedger:
     def _entry(self, client: int) -> ClientLedger:
         return self.clients.setdefault(client, ClientLedger())
 
-    def record(self, client: int, history: History, server_round: int, *, delta: float | None = None,
-               cap: float | None = None, can_continue: bool = True) -> None:
+    def record(
+        self,
+        client: int,
+        history: History,
+        server_round: int,
+        *,
+        delta: float | None = None,
+        cap: float | None = None,
+        can_continue: bool = True,
+    ) -> None:
         """Replace a client's history with the one it reported after ``server_round``."""
         entry = self._entry(client)
         entry.history, entry.last_round = normalise_history(history), server_round
         entry.delta, entry.cap, entry.can_continue = delta, cap, can_continue
 
-    def record_refusal(self, client: int, server_round: int, reason: str, *, cap: float | None,
-                       history: History | None = None, delta: float | None = None) -> None:
+    def record_refusal(
+        self,
+        client: int,
+        server_round: int,
+        reason: str,
+        *,
+        cap: float | None,
+        history: History | None = None,
+        delta: float | None = None,
+    ) -> None:
         """Note that a client refused ``server_round`` (it trained nothing) and why."""
         entry = self._entry(client)
         entry.refusals.append({"round": server_round, "reason": reason})
@@ -88,25 +110,40 @@ class PrivacyLedger:
         for client, entry in sorted(self.clients.items()):
             last = entry.history[-1] if entry.history else (0.0, 0.0, 0)
             clients[str(client)] = {
-                "accountant": self.accountant, "delta": entry.delta or self.delta, "cap": entry.cap,
-                "noise_multiplier": last[0], "sample_rate": last[1],
-                "steps": sum(s for _, _, s in entry.history), "epsilon": self.epsilon(client),
-                "last_round": entry.last_round, "history": [list(h) for h in entry.history],
+                "accountant": self.accountant,
+                "delta": entry.delta or self.delta,
+                "cap": entry.cap,
+                "noise_multiplier": last[0],
+                "sample_rate": last[1],
+                "steps": sum(s for _, _, s in entry.history),
+                "epsilon": self.epsilon(client),
+                "last_round": entry.last_round,
+                "history": [list(h) for h in entry.history],
                 "refusals": entry.refusals,
             }
-        report = {"privacy_mode": self.mode, "accountant": self.accountant, "delta": self.delta,
-                  "target_epsilon": self.target_epsilon,
-                  "max_epsilon": self.max_epsilon(), "clients": clients}
+        report = {
+            "privacy_mode": self.mode,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "max_epsilon": self.max_epsilon(),
+            "clients": clients,
+        }
         if self.client_level is not None:
             report["client_level"] = self.client_level.to_report()
         return report
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the ledger after a restart."""
-        return {"accountant": self.accountant, "delta": self.delta, "target_epsilon": self.target_epsilon,
-                "clients": {str(c): {**asdict(e), "history": [list(h) for h in e.history]}
-                            for c, e in self.clients.items()},
-                "client_level": self.client_level.state_dict() if self.client_level else None}
+        return {
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "clients": {
+                str(c): {**asdict(e), "history": [list(h) for h in e.history]} for c, e in self.clients.items()
+            },
+            "client_level": self.client_level.state_dict() if self.client_level else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; refuses a ledger kept with another accountant.
@@ -118,7 +155,9 @@ class PrivacyLedger:
             raise LedgerError(f"ledger was kept with {state['accountant']!r}, not {self.accountant!r}")
         self.delta = float(state["delta"])
         self.target_epsilon = state["target_epsilon"]
-        self.clients = {int(c): ClientLedger(**{**e, "history": normalise_history(e["history"])})
-                        for c, e in state["clients"].items()}
+        self.clients = {
+            int(c): ClientLedger(**{**e, "history": normalise_history(e["history"])})
+            for c, e in state["clients"].items()
+        }
         if self.client_level is not None and state.get("client_level"):
             self.client_level.load_state_dict(state["client_level"])

@@ -44,8 +44,10 @@ FORMAT_VERSION = 2
 LOCK_TIMEOUT_S = 600.0
 _LOCK_POLL_S = 0.05
 
-_NEVER_RESET = ("it is never reset automatically: restore it from a backup or, knowing the privacy it "
-                "recorded is lost, move it away")
+_NEVER_RESET = (
+    "it is never reset automatically: restore it from a backup or, knowing the privacy it "
+    "recorded is lost, move it away"
+)
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,7 @@ class NodeLedger:
     One object serves one thread.
     """
 
-    def __init__(self, state_dir: Path, dataset_id: str, fingerprint: str | None = None, *,
-                 key: bytes | None = None):
+    def __init__(self, state_dir: Path, dataset_id: str, fingerprint: str | None = None, *, key: bytes | None = None):
         """Read the ledger of ``dataset_id`` in ``state_dir`` (no lock taken).
 
         Args:
@@ -139,9 +140,16 @@ class NodeLedger:
         dataset has claimed (they may be this dataset's), the releases of other dataset names
         that trained on these very records (same fingerprint), then its own."""
         unclaimed = [r for key in sorted(self._legacy) for r in self._legacy[key]]
-        same_records = [r for key in sorted(self._datasets) if key != self.dataset_id
-                        and any(x.fingerprint == self.fingerprint for x in self._datasets[key])
-                        for r in self._datasets[key]] if self.fingerprint else []
+        same_records = (
+            [
+                r
+                for key in sorted(self._datasets)
+                if key != self.dataset_id and any(x.fingerprint == self.fingerprint for x in self._datasets[key])
+                for r in self._datasets[key]
+            ]
+            if self.fingerprint
+            else []
+        )
         return tuple(unclaimed + same_records + self._datasets.get(self.dataset_id, []))
 
     @contextmanager
@@ -174,8 +182,9 @@ class NodeLedger:
         """The DP-SGD history of every release this dataset's budget composes."""
         history: History = []
         for release in self.releases:
-            history = extend_history(history, noise_multiplier=release.noise_multiplier,
-                                     sample_rate=release.sample_rate, steps=release.steps)
+            history = extend_history(
+                history, noise_multiplier=release.noise_multiplier, sample_rate=release.sample_rate, steps=release.steps
+            )
         return history
 
     def epsilon(self, *, delta: float, accountant: AccountantName) -> float:
@@ -198,8 +207,10 @@ class NodeLedger:
                 the ledger cannot be written.
         """
         if self._lock_fd is None:
-            raise LedgerError("NodeLedger.record outside `with ledger.locked()`: the budget check and the "
-                              "record must be made under one lock, or two runs can both spend the last of it")
+            raise LedgerError(
+                "NodeLedger.record outside `with ledger.locked()`: the budget check and the "
+                "record must be made under one lock, or two runs can both spend the last of it"
+            )
         legacy = dict(self._legacy)
         claimed = legacy.pop(release.fingerprint, [])
         datasets = {**self._datasets, self.dataset_id: claimed + self._datasets.get(self.dataset_id, []) + [release]}
@@ -209,14 +220,19 @@ class NodeLedger:
             payload = {"format": FORMAT_VERSION, "datasets": _dump(datasets), "legacy": _dump(legacy)}
             atomic_write_bytes(self.path, dump_json_file(payload, self.key, role=ROLE_NODE_LEDGER, name=LEDGER_FILE))
         except OSError as exc:
-            raise LedgerError(f"{self.path}: cannot write the privacy ledger ({exc}); the release is not "
-                              "recorded, so nothing may leave the node") from exc
+            raise LedgerError(
+                f"{self.path}: cannot write the privacy ledger ({exc}); the release is not "
+                "recorded, so nothing may leave the node"
+            ) from exc
         self._datasets, self._legacy, self._v1_raw = datasets, legacy, None
 
     def state_dict(self) -> dict[str, Any]:
         """This dataset's id and every release its budget composes (``releases``), JSON-able."""
-        return {"format": FORMAT_VERSION, "dataset_id": self.dataset_id,
-                "releases": [r.to_dict() for r in self.releases]}
+        return {
+            "format": FORMAT_VERSION,
+            "dataset_id": self.dataset_id,
+            "releases": [r.to_dict() for r in self.releases],
+        }
 
 
 def _acquire(path: Path, timeout: float) -> int:
@@ -229,8 +245,9 @@ def _acquire(path: Path, timeout: float) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise LedgerError(f"{path}: cannot open the ledger lock file ({exc}); the node's state directory "
-                          "must be writable") from exc
+        raise LedgerError(
+            f"{path}: cannot open the ledger lock file ({exc}); the node's state directory must be writable"
+        ) from exc
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -243,7 +260,8 @@ def _acquire(path: Path, timeout: float) -> int:
                 raise LedgerError(
                     f"another run on this node holds its ledger lock ({path}) and did not release it within "
                     f"{timeout:g} s; try again when it has finished (the lock belongs to a live process: a "
-                    "crashed one releases it)") from None
+                    "crashed one releases it)"
+                ) from None
             time.sleep(min(_LOCK_POLL_S, remaining))
         except OSError as exc:
             os.close(fd)
@@ -273,8 +291,10 @@ def _load(path: Path, storage_key: bytes | None) -> tuple[Books, Books, bytes | 
         version = payload.get("format")
         if version == 1:
             # format 1 keyed histories by content fingerprint, and its releases had no fingerprint field
-            legacy = {key: [{**entry, "fingerprint": key} for entry in book["releases"]]
-                      for key, book in payload["datasets"].items()}
+            legacy = {
+                key: [{**entry, "fingerprint": key} for entry in book["releases"]]
+                for key, book in payload["datasets"].items()
+            }
             return {}, _books(legacy), raw
         if version == FORMAT_VERSION:
             datasets = {key: book["releases"] for key, book in payload["datasets"].items()}

@@ -74,9 +74,11 @@ def dp_randomness(seed: int | None = None) -> DPRandomness:
     else:
         raise ConfigError(f"a seeded DP stream needs a non-negative int seed, got {seed!r}")
     sampling, noise = np.random.SeedSequence(entropy).spawn(2)
-    return DPRandomness(sampling=np.random.Generator(np.random.Philox(sampling)),
-                        noise=np.random.Generator(np.random.Philox(noise)),
-                        seeded=seed is not None)
+    return DPRandomness(
+        sampling=np.random.Generator(np.random.Philox(sampling)),
+        noise=np.random.Generator(np.random.Philox(noise)),
+        seeded=seed is not None,
+    )
 
 
 def torch_generator(rng: np.random.Generator) -> torch.Generator:
@@ -181,7 +183,7 @@ class GaussianNoise:
         noises = []
         for reference in references:
             size = reference.numel()
-            block = self._scratch[:4 * size]
+            block = self._scratch[: 4 * size]
             self._rng.standard_normal(out=block)
             block = block.reshape(4, size)
             total = block[0] + block[1]  # ((d1 + d2) + d3) + d4, in float64

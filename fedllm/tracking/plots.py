@@ -52,8 +52,7 @@ def plot_eval(rounds: list[RoundRecord], path: Path) -> Path:
     accuracies = [r.eval_accuracy for r in rounds]
     if any(a is not None for a in accuracies):
         acc_ax = loss_ax.twinx()
-        acc_ax.plot(xs, [100 * _or_nan(a) for a in accuracies], color="tab:blue", marker="o",
-                    label="accuracy")
+        acc_ax.plot(xs, [100 * _or_nan(a) for a in accuracies], color="tab:blue", marker="o", label="accuracy")
         acc_ax.set_ylabel("held-out accuracy (%)")
         acc_ax.legend(loc="lower right")
     loss_ax.legend(loc="upper right")
@@ -82,14 +81,22 @@ def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
         if private:
             ax.plot(*zip(*private, strict=True), marker="o", color=color, label=f"{prefix}DP-SGD (sample level)")
         for number, baseline in enumerate(p for p in members if p["epsilon"] is None):
-            ax.axhline(100 * baseline["accuracy"], color=color if several else "gray", linestyle="--",
-                       label=f"{prefix}non-private" if number == 0 else None)
+            ax.axhline(
+                100 * baseline["accuracy"],
+                color=color if several else "gray",
+                linestyle="--",
+                label=f"{prefix}non-private" if number == 0 else None,
+            )
         zero_shot = [p["zero_shot"] for p in members if p.get("zero_shot") is not None]
         if zero_shot:
-            ax.axhline(100 * zero_shot[0], color=color if several else "black", linestyle=":",
-                       label=f"{prefix}zero-shot")
-    ax.set(xlabel="epsilon spent (max over clients)", ylabel="final held-out accuracy (%)",
-           title="Privacy-utility trade-off")
+            ax.axhline(
+                100 * zero_shot[0], color=color if several else "black", linestyle=":", label=f"{prefix}zero-shot"
+            )
+    ax.set(
+        xlabel="epsilon spent (max over clients)",
+        ylabel="final held-out accuracy (%)",
+        title="Privacy-utility trade-off",
+    )
     ax.legend(fontsize="small")
     return _save(fig, path)
 

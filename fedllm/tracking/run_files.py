@@ -160,8 +160,9 @@ class RunSummary:
     def from_dict(cls, raw: dict[str, Any]) -> RunSummary:
         """A summary from its JSON object (lenient, see the module docstring)."""
         guarantees = [Guarantee.from_dict(g) for g in raw.get("guarantees") or []]
-        return _known_fields(cls, {**raw, "guarantees": guarantees,
-                                   "rounds_without_updates": raw.get("rounds_without_updates") or []})
+        return _known_fields(
+            cls, {**raw, "guarantees": guarantees, "rounds_without_updates": raw.get("rounds_without_updates") or []}
+        )
 
 
 def _read_text(path: Path) -> str:

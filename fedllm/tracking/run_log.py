@@ -27,8 +27,14 @@ class RunLog:
         # a resumed run drops any round logged after its last checkpoint: it runs again
         self.path.write_text("".join(r.to_line() for r in self.rounds))
         self.started = time.perf_counter() - ((self.rounds[-1].wall_seconds or 0.0) if self.rounds else 0.0)
-        self.bar = tqdm(total=num_rounds, desc="rounds", unit="round", disable=not show_progress,
-                        dynamic_ncols=True, initial=max(0, len(self.rounds) - 1))
+        self.bar = tqdm(
+            total=num_rounds,
+            desc="rounds",
+            unit="round",
+            disable=not show_progress,
+            dynamic_ncols=True,
+            initial=max(0, len(self.rounds) - 1),
+        )
 
     def log_round(self, record: RoundRecord) -> RoundRecord:
         """Append one round (round 0 is the evaluation before any training), stamped with
@@ -42,14 +48,21 @@ class RunLog:
 
     def _show(self, record: RoundRecord) -> None:
         accuracy = None if record.eval_accuracy is None else 100 * record.eval_accuracy
-        shown = [("train loss", record.train_loss, "{:.4f}"), ("eval loss", record.eval_loss, "{:.4f}"),
-                 ("accuracy", accuracy, "{:.1f}%"), ("perplexity", record.eval_perplexity, "{:.2f}"),
-                 ("max epsilon", record.max_epsilon, "{:.3f}"),
-                 ("client-level epsilon", record.client_level_epsilon, "{:.3f}"),
-                 ("refused", record.refused or None, "{}"), ("rejected", record.rejected_updates or None, "{}"),
-                 ("failed", len(record.failed) or None, "{}")]
-        parts = [f"round {record.round}", *(f"{label} {form.format(value)}" for label, value, form in shown
-                                            if value is not None)]
+        shown = [
+            ("train loss", record.train_loss, "{:.4f}"),
+            ("eval loss", record.eval_loss, "{:.4f}"),
+            ("accuracy", accuracy, "{:.1f}%"),
+            ("perplexity", record.eval_perplexity, "{:.2f}"),
+            ("max epsilon", record.max_epsilon, "{:.3f}"),
+            ("client-level epsilon", record.client_level_epsilon, "{:.3f}"),
+            ("refused", record.refused or None, "{}"),
+            ("rejected", record.rejected_updates or None, "{}"),
+            ("failed", len(record.failed) or None, "{}"),
+        ]
+        parts = [
+            f"round {record.round}",
+            *(f"{label} {form.format(value)}" for label, value, form in shown if value is not None),
+        ]
         line = " | ".join(parts)
         if record.round > 0:
             self.bar.update(1)

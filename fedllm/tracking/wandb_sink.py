@@ -16,8 +16,12 @@ from fedllm.tracking.run_files import RoundRecord, RunSummary
 WandbMode = Literal["online", "offline", "disabled", "shared"]
 # wandb.init's modes by name; any other WANDB_MODE (e.g. the legacy "dryrun") is passed as None,
 # and wandb reads (and judges) the variable itself
-_INIT_MODES: dict[str, WandbMode] = {"online": "online", "offline": "offline", "disabled": "disabled",
-                                     "shared": "shared"}
+_INIT_MODES: dict[str, WandbMode] = {
+    "online": "online",
+    "offline": "offline",
+    "disabled": "disabled",
+    "shared": "shared",
+}
 
 
 class WandbSink:
@@ -28,7 +32,10 @@ class WandbSink:
 
         self._wandb = wandb
         self.run = wandb.init(
-            project=project, dir=str(run_dir), config=config, name=run_dir.name,
+            project=project,
+            dir=str(run_dir),
+            config=config,
+            name=run_dir.name,
             mode=_INIT_MODES.get(os.environ.get("WANDB_MODE", "offline")),
             settings=wandb.Settings(console="off", silent=True),
         )

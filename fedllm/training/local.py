@@ -74,9 +74,16 @@ class LocalResult:
     history: History
 
 
-def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spec: LocalSpec,
-                choice_ids: list[int], dp: DPSpec | None = None,
-                history: History | None = None, override: GradientOverride | None = None) -> LocalResult:
+def train_local(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    collate: Callable,
+    spec: LocalSpec,
+    choice_ids: list[int],
+    dp: DPSpec | None = None,
+    history: History | None = None,
+    override: GradientOverride | None = None,
+) -> LocalResult:
     """Run ``spec.steps`` optimizer steps on the trainable (adapter) parameters.
 
     Args:
@@ -99,14 +106,26 @@ def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spe
     started = time.perf_counter()
     session = None
     if dp is None:
-        loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, collate_fn=collate,
-                            generator=torch_generator(randomness.sampling))
+        loader = DataLoader(
+            dataset,
+            batch_size=spec.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch_generator(randomness.sampling),
+        )
     else:
         session = dpsgd.start_round(
-            model=model, optimizer=optimizer, dataset=dataset, batch_size=spec.batch_size,
-            collate=collate, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            history=list(history or []), accountant=dp.accountant,
-            grad_sample_mode=dp.grad_sample_mode, randomness=randomness,
+            model=model,
+            optimizer=optimizer,
+            dataset=dataset,
+            batch_size=spec.batch_size,
+            collate=collate,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            history=list(history or []),
+            accountant=dp.accountant,
+            grad_sample_mode=dp.grad_sample_mode,
+            randomness=randomness,
         )
         optimizer, loader = session.optimizer, session.loader
     try:
@@ -117,8 +136,13 @@ def train_local(model: torch.nn.Module, dataset: Dataset, collate: Callable, spe
         if session is not None:
             session.close()  # last: the DP optimizer's zero_grad re-creates grad_sample attributes
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
-    return LocalResult(mean_loss=mean_loss, steps=spec.steps, examples_seen=seen,
-                       seconds=time.perf_counter() - started, history=new_history)
+    return LocalResult(
+        mean_loss=mean_loss,
+        steps=spec.steps,
+        examples_seen=seen,
+        seconds=time.perf_counter() - started,
+        history=new_history,
+    )
 
 
 def make_optimizer(spec: LocalSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -147,8 +171,9 @@ def split_by_length(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str
     return chunks
 
 
-def _run_steps(model, optimizer, loader, spec: LocalSpec, choice_ids, session,
-               override: GradientOverride | None) -> tuple[list[float], int]:
+def _run_steps(
+    model, optimizer, loader, spec: LocalSpec, choice_ids, session, override: GradientOverride | None
+) -> tuple[list[float], int]:
     losses: list[float] = []
     seen = 0
     batches = _batches(loader)
@@ -159,14 +184,22 @@ def _run_steps(model, optimizer, loader, spec: LocalSpec, choice_ids, session,
             # an empty Poisson batch is still a DP step: noise is added and accounted
             session.empty_step()
             continue
-        losses.append(_step(model, optimizer, split_by_length(batch, spec.micro_batches), spec,
-                            choice_ids, session, override))
+        losses.append(
+            _step(model, optimizer, split_by_length(batch, spec.micro_batches), spec, choice_ids, session, override)
+        )
         seen += size
     return losses, seen
 
 
-def _step(model, optimizer, chunks, spec: LocalSpec, choice_ids, session: dpsgd.DPRound | None,
-          override: GradientOverride | None = None) -> float:
+def _step(
+    model,
+    optimizer,
+    chunks,
+    spec: LocalSpec,
+    choice_ids,
+    session: dpsgd.DPRound | None,
+    override: GradientOverride | None = None,
+) -> float:
     """One optimizer step over a batch given as length-sorted chunks.
 
     Under DP every chunk's per-sample gradients are clipped and summed by Opacus

@@ -50,8 +50,12 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
     if attack == "decline" or (attack == "crash-reference" and server_round == 1):
-        content = RecordDict({keys.METRICS: MetricRecord({keys.PARTITION_ID: partition, keys.REFUSED: 1}),
-                              keys.STATUS: ConfigRecord({keys.CATEGORY: "policy"})})
+        content = RecordDict(
+            {
+                keys.METRICS: MetricRecord({keys.PARTITION_ID: partition, keys.REFUSED: 1}),
+                keys.STATUS: ConfigRecord({keys.CATEGORY: "policy"}),
+            }
+        )
         return Message(content=content, reply_to=msg)
     if attack == "crash" and server_round == 1:
         raise RuntimeError("simulated node crash mid-round")
@@ -59,8 +63,9 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
     if attack is None or attack.startswith("crash"):
         return reply
     sent = msg.content[keys.ARRAYS].to_torch_state_dict()
-    arrays, metrics = _corrupt(attack, sent, reply.content[keys.ARRAYS].to_torch_state_dict(),
-                               dict(reply.content[keys.METRICS]))
+    arrays, metrics = _corrupt(
+        attack, sent, reply.content[keys.ARRAYS].to_torch_state_dict(), dict(reply.content[keys.METRICS])
+    )
     content = RecordDict({keys.ARRAYS: ArrayRecord(torch_state_dict=arrays), keys.METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

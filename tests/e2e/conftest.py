@@ -21,9 +21,19 @@ SESSION_TAG = ("FEDLLM_TEST_SESSION", uuid.uuid4().hex)
 
 def fedllm(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run the `fedllm` command as a user would; fail with its output when it fails."""
-    result = subprocess.run([*FEDLLM, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning",
-                                 SESSION_TAG[0]: SESSION_TAG[1], **(env or {})})
+    result = subprocess.run(
+        [*FEDLLM, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "PYTHONWARNINGS": "ignore::DeprecationWarning",
+            SESSION_TAG[0]: SESSION_TAG[1],
+            **(env or {}),
+        },
+    )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -52,8 +62,19 @@ def smoke_run(tmp_path_factory) -> Path:
 def smoke_sweep(tmp_path_factory) -> Path:
     """A sweep over target epsilon 3 and 8 plus a non-private baseline, one round each."""
     sweep = tmp_path_factory.mktemp("sweep")
-    fedllm(["simulate", "-m", "debug=smoke", "federation.num_rounds=1", "privacy.target_epsilon=3,8",
-            f"hydra.sweep.dir={sweep}"], cwd=sweep)
-    fedllm(["simulate", "debug=smoke", "federation.num_rounds=1", "privacy=none",
-            f"hydra.run.dir={sweep / 'baseline'}"], cwd=sweep)
+    fedllm(
+        [
+            "simulate",
+            "-m",
+            "debug=smoke",
+            "federation.num_rounds=1",
+            "privacy.target_epsilon=3,8",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=sweep,
+    )
+    fedllm(
+        ["simulate", "debug=smoke", "federation.num_rounds=1", "privacy=none", f"hydra.run.dir={sweep / 'baseline'}"],
+        cwd=sweep,
+    )
     return sweep

@@ -10,8 +10,17 @@ from .conftest import fedllm
 
 def test_fedllm_audit_writes_its_outputs_and_the_report_shows_them(tmp_path):
     run_dir = tmp_path / "audited"
-    result = fedllm(["audit", "debug=smoke", "audit.canaries=60", "audit.seed=3", "tracking.progress=false",
-                     f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    result = fedllm(
+        [
+            "audit",
+            "debug=smoke",
+            "audit.canaries=60",
+            "audit.seed=3",
+            "tracking.progress=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     console = result.stdout + result.stderr
     assert "privacy audit (60 canaries, gradient)" in console and "coordinator" in console
     audit = json.loads((run_dir / "audit.json").read_text())
@@ -28,7 +37,8 @@ def test_fedllm_audit_writes_its_outputs_and_the_report_shows_them(tmp_path):
 
 
 def test_fedllm_audit_rejects_a_bad_audit_setting_in_one_line(tmp_path):
-    result = fedllm(["audit", "debug=smoke", "audit.kind=loud", f"hydra.run.dir={tmp_path / 'x'}"], cwd=tmp_path,
-                    check=False)
+    result = fedllm(
+        ["audit", "debug=smoke", "audit.kind=loud", f"hydra.run.dir={tmp_path / 'x'}"], cwd=tmp_path, check=False
+    )
     assert result.returncode != 0
     assert "audit.kind" in result.stderr + result.stdout

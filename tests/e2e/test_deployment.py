@@ -22,14 +22,34 @@ ROOT = Path(__file__).resolve().parents[2]
 def demo(tmp_path_factory) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("demo")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo_federation.py"), "--workdir", str(workdir), "--nodes", "2",
-         "--unregistered", "1", "--broken-node", "--outsider", "--caps", "8,7.5", "--timeout", "600",
-         # settings only the nodes may decide, sent by the coordinator: ignored (state dir) ...
-         "--overrides", f"debug=smoke federation.num_rounds=2 privacy.state_dir={workdir / 'server-says'}",
-         # ... or refused (reproducible noise, remote code)
-         "--hostile-overrides", "privacy.noise=seeded model.trust_remote_code=true"],
-        cwd=ROOT, capture_output=True, text=True, timeout=800,
-        env={**os.environ, SESSION_TAG[0]: SESSION_TAG[1], "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "demo_federation.py"),
+            "--workdir",
+            str(workdir),
+            "--nodes",
+            "2",
+            "--unregistered",
+            "1",
+            "--broken-node",
+            "--outsider",
+            "--caps",
+            "8,7.5",
+            "--timeout",
+            "600",
+            # settings only the nodes may decide, sent by the coordinator: ignored (state dir) ...
+            "--overrides",
+            f"debug=smoke federation.num_rounds=2 privacy.state_dir={workdir / 'server-says'}",
+            # ... or refused (reproducible noise, remote code)
+            "--hostile-overrides",
+            "privacy.noise=seeded model.trust_remote_code=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=800,
+        env={**os.environ, SESSION_TAG[0]: SESSION_TAG[1], "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir, json.loads(result.stdout.split("\noutputs:")[0])
 
@@ -105,10 +125,28 @@ def test_the_nodes_ignore_or_refuse_what_only_they_may_decide(demo):
     assert summary["stop_reason"] and "warning" in summary  # the seeded run says what it is worth
 
 
-ACCOUNTING = {"partition-id", "refused", "epsilon", "epsilon-cap", "delta", "noise-multiplier", "sample-rate",
-              "total-steps", "dp-history", "can-continue"}
-PREFLIGHT = {"partition-id", "refused", "rounds-planned", "rounds-affordable", "epsilon", "epsilon-after",
-             "epsilon-cap", "delta"}
+ACCOUNTING = {
+    "partition-id",
+    "refused",
+    "epsilon",
+    "epsilon-cap",
+    "delta",
+    "noise-multiplier",
+    "sample-rate",
+    "total-steps",
+    "dp-history",
+    "can-continue",
+}
+PREFLIGHT = {
+    "partition-id",
+    "refused",
+    "rounds-planned",
+    "rounds-affordable",
+    "epsilon",
+    "epsilon-after",
+    "epsilon-cap",
+    "delta",
+}
 
 
 def test_nodes_send_only_the_adapter_tensors_and_the_accounting(demo):

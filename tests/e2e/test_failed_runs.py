@@ -15,10 +15,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_a_sweep_of_failing_jobs_exits_1_and_the_report_says_failed(tmp_path):
     sweep = tmp_path / "sweep"
-    result = fedllm(["simulate", "-m", "debug=smoke", "federation.num_rounds=1", "privacy.target_epsilon=3,8",
-                     "federation.client_app=tests.e2e.attack_app:app", f"hydra.sweep.dir={sweep}"],
-                    cwd=tmp_path, env={"FEDLLM_TEST_ATTACKS": "0:crash,1:crash,2:crash", "PYTHONPATH": str(ROOT)},
-                    check=False)
+    result = fedllm(
+        [
+            "simulate",
+            "-m",
+            "debug=smoke",
+            "federation.num_rounds=1",
+            "privacy.target_epsilon=3,8",
+            "federation.client_app=tests.e2e.attack_app:app",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env={"FEDLLM_TEST_ATTACKS": "0:crash,1:crash,2:crash", "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert "2 of 2 jobs failed" in result.stderr

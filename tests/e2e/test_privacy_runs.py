@@ -30,9 +30,19 @@ def _rounds(run_dir: Path) -> list[dict]:
 
 def test_node_caps_refuse_rounds_and_the_run_stops_when_too_few_can_train(tmp_path):
     run_dir = tmp_path / "run"
-    fedllm(["simulate", "debug=smoke", "privacy=both", "federation.num_rounds=3", "federation.min_train_clients=2",
-            "privacy.client_delta=1e-2", "privacy.client_caps=[{client: 1, max_epsilon: 6.5}, {client: 2, "
-            "max_epsilon: 7, delta: 1e-6}]", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    fedllm(
+        [
+            "simulate",
+            "debug=smoke",
+            "privacy=both",
+            "federation.num_rounds=3",
+            "federation.min_train_clients=2",
+            "privacy.client_delta=1e-2",
+            "privacy.client_caps=[{client: 1, max_epsilon: 6.5}, {client: 2, max_epsilon: 7, delta: 1e-6}]",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     summary = _json(run_dir / "summary.json")
     ledger = _json(run_dir / "privacy_ledger.json")
     # at the 3-round plan, one round costs ~6 of the 8: clients 1 and 2 cannot afford a second
@@ -49,8 +59,16 @@ def test_node_caps_refuse_rounds_and_the_run_stops_when_too_few_can_train(tmp_pa
 
 def test_client_level_dp_reports_its_epsilon_every_round(tmp_path):
     run_dir = tmp_path / "run"
-    fedllm(["simulate", "debug=smoke", "privacy=client", "privacy.client_noise_multiplier=1.5",
-            f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    fedllm(
+        [
+            "simulate",
+            "debug=smoke",
+            "privacy=client",
+            "privacy.client_noise_multiplier=1.5",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     rounds = _rounds(run_dir)
     for record in rounds[1:]:
         # every client every round: a Gaussian mechanism with multiplier 1.5 per round, composed
@@ -92,9 +110,14 @@ KEY = {"FEDLLM_ENCRYPTION_KEY": "11" * 32}
 def test_a_killed_encrypted_server_resumes_and_ends_with_the_uninterrupted_epsilons(tmp_path, smoke_run):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning", SESSION_TAG[0]: SESSION_TAG[1], **KEY}
-    proc = subprocess.Popen([*FEDLLM, "simulate", "debug=smoke", "storage.encrypt=true", f"hydra.run.dir={run_dir}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [*FEDLLM, "simulate", "debug=smoke", "storage.encrypt=true", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         _wait_for_checkpoint(run_dir, 1, proc)
     finally:
@@ -103,22 +126,25 @@ def test_a_killed_encrypted_server_resumes_and_ends_with_the_uninterrupted_epsil
         _reap_tagged_processes()
     assert not (run_dir / "summary.json").exists()  # it really was interrupted
 
-    wrong = fedllm(["simulate", f"resume={run_dir}"], cwd=tmp_path, check=False,
-                   env={"FEDLLM_ENCRYPTION_KEY": "22" * 32})
+    wrong = fedllm(
+        ["simulate", f"resume={run_dir}"], cwd=tmp_path, check=False, env={"FEDLLM_ENCRYPTION_KEY": "22" * 32}
+    )
     assert wrong.returncode == 1 and "wrong encryption key" in wrong.stdout + wrong.stderr
     _reap_tagged_processes()
     fedllm(["simulate", f"resume={run_dir}"], cwd=tmp_path, env=KEY)
     resumed, reference = _json(run_dir / "privacy_ledger.json"), _json(smoke_run / "privacy_ledger.json")
     assert {c: e["epsilon"] for c, e in resumed["clients"].items()} == {
-        c: e["epsilon"] for c, e in reference["clients"].items()}
+        c: e["epsilon"] for c, e in reference["clients"].items()
+    }
     assert [r["round"] for r in _rounds(run_dir)] == [0, 1, 2]
     summary = _json(run_dir / "summary.json")
     assert summary["rounds_completed"] == 2 and summary["stop_reason"] is None
     for client in range(3):  # every node released each round exactly once
         node = run_dir / "nodes" / f"client-{client}"
         assert (node / "privacy_ledger.json").read_bytes().startswith(b"FEDLLM-SEALED")  # encrypted like the run
-        releases = NodeLedger(node, f"simulated-shard-{client}",
-                              key=bytes.fromhex(KEY["FEDLLM_ENCRYPTION_KEY"])).releases
+        releases = NodeLedger(
+            node, f"simulated-shard-{client}", key=bytes.fromhex(KEY["FEDLLM_ENCRYPTION_KEY"])
+        ).releases
         assert [r.server_round for r in releases] == [1, 2]
         assert {r.run_id for r in releases} == {summary["run_id"]}
     assert not (run_dir / "adapter" / "adapter_model.safetensors").exists()  # only the encrypted form

@@ -54,9 +54,17 @@ def _free_port() -> int:
 
 def _node_ports() -> list[str]:
     """Ports of one node's own services: two nodes on one machine must not share Ray's defaults."""
-    return [f"--{name}={_free_port()}" for name in ("node-manager-port", "object-manager-port",
-                                                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "runtime-env-agent-port", "metrics-export-port")]
+    return [
+        f"--{name}={_free_port()}"
+        for name in (
+            "node-manager-port",
+            "object-manager-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    ]
 
 
 def cluster_processes(tag: str) -> list[psutil.Process]:
@@ -106,8 +114,9 @@ class Cluster:
 
     def probe(self) -> dict:
         """The cluster's nodes and actors, as a new driver sees them (fails if it is gone)."""
-        result = subprocess.run([sys.executable, "-c", PROBE, self.address], capture_output=True, text=True,
-                                env=self.env, timeout=180)
+        result = subprocess.run(
+            [sys.executable, "-c", PROBE, self.address], capture_output=True, text=True, env=self.env, timeout=180
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -118,8 +127,9 @@ def _servers(tag: str) -> set[int]:
 
 
 def _ray_start(args: list[str], env: dict) -> None:
-    result = subprocess.run([str(RAY), "start", "--disable-usage-stats", *args], capture_output=True, text=True,
-                            env=env, timeout=180)
+    result = subprocess.run(
+        [str(RAY), "start", "--disable-usage-stats", *args], capture_output=True, text=True, env=env, timeout=180
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
@@ -132,9 +142,20 @@ def cluster() -> Iterator[Cluster]:
     env.pop("RAY_ADDRESS", None)
     dirs = [tempfile.mkdtemp(prefix="fedllm-ray-", dir="/tmp") for _ in range(2)]
     try:
-        _ray_start(["--head", f"--port={port}", "--num-cpus=1", '--resources={"head_node": 1}',
-                    "--include-dashboard=false", f"--dashboard-port={_free_port()}",
-                    f"--ray-client-server-port={_free_port()}", f"--temp-dir={dirs[0]}", *_node_ports()], env)
+        _ray_start(
+            [
+                "--head",
+                f"--port={port}",
+                "--num-cpus=1",
+                '--resources={"head_node": 1}',
+                "--include-dashboard=false",
+                f"--dashboard-port={_free_port()}",
+                f"--ray-client-server-port={_free_port()}",
+                f"--temp-dir={dirs[0]}",
+                *_node_ports(),
+            ],
+            env,
+        )
         _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={dirs[1]}", *_node_ports()], env)
         started = Cluster(address=f"127.0.0.1:{port}", tag=tag, env=env)
         deadline = time.monotonic() + 60
@@ -155,9 +176,18 @@ def test_a_run_on_a_two_node_cluster_uses_both_nodes_and_leaves_the_cluster_runn
     assert len(servers) == 3  # one GCS, two raylets
     run_dir, rounds = tmp_path / "run", 2
     started = time.monotonic()
-    fedllm(["simulate", "debug=smoke", "federation.num_clients=4", f"federation.num_rounds={rounds}",
-            f"federation.ray_address={cluster.address}", f"privacy.state_dir={tmp_path / 'nodes'}",
-            f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    fedllm(
+        [
+            "simulate",
+            "debug=smoke",
+            "federation.num_clients=4",
+            f"federation.num_rounds={rounds}",
+            f"federation.ray_address={cluster.address}",
+            f"privacy.state_dir={tmp_path / 'nodes'}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     print(f"two-node run: {time.monotonic() - started:.1f} s")  # the figure reported in issue 16
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -169,14 +199,17 @@ def test_a_run_on_a_two_node_cluster_uses_both_nodes_and_leaves_the_cluster_runn
     node_ids = {node["id"] for node in before["nodes"] if node["alive"]}
     assert len(node_ids) == 2 and {node["id"] for node in after["nodes"] if node["alive"]} == node_ids
     earlier_jobs = {actor["job"] for actor in before["actors"]}
-    clients = [actor for actor in after["actors"]
-               if actor["class"] == "ClientAppActor" and actor["job"] not in earlier_jobs]
+    clients = [
+        actor for actor in after["actors"] if actor["class"] == "ClientAppActor" and actor["job"] not in earlier_jobs
+    ]
     # one 1-CPU client actor per 1-CPU node: every node ran clients
     assert {actor["node"] for actor in clients} == node_ids and len(clients) == 2
     # the run's job ended with it: the cluster stopped its actors, and nothing of the driver is left
     assert {actor["state"] for actor in clients} == {"DEAD"}
-    assert not any(psutil.pid_exists(actor["pid"]) and psutil.Process(actor["pid"]).status() != psutil.STATUS_ZOMBIE
-                   for actor in clients)
+    assert not any(
+        psutil.pid_exists(actor["pid"]) and psutil.Process(actor["pid"]).status() != psutil.STATUS_ZOMBIE
+        for actor in clients
+    )
     assert stray_processes() == []
     # ... while the cluster itself runs on
     assert _servers(cluster.tag) == servers
@@ -188,16 +221,31 @@ def test_a_run_on_a_two_node_cluster_uses_both_nodes_and_leaves_the_cluster_runn
     assert set(ledger["clients"]) == {"0", "1", "2", "3"}
     for client in ledger["clients"].values():
         assert client["steps"] == rounds * cfg.train.local_steps
-        assert client["epsilon"] == pytest.approx(epsilon(
-            [(client["noise_multiplier"], client["sample_rate"], client["steps"])],
-            delta=cfg.privacy.delta, accountant=cfg.privacy.accountant), rel=1e-12)
+        assert client["epsilon"] == pytest.approx(
+            epsilon(
+                [(client["noise_multiplier"], client["sample_rate"], client["steps"])],
+                delta=cfg.privacy.delta,
+                accountant=cfg.privacy.accountant,
+            ),
+            rel=1e-12,
+        )
 
 
 def test_a_second_run_joins_the_same_cluster_with_auto(cluster, tmp_path):
     """`auto` finds the cluster through RAY_ADDRESS, as Ray does."""
     run_dir = tmp_path / "run"
-    fedllm(["simulate", "debug=smoke", "federation.num_clients=2", "federation.num_rounds=1",
-            "federation.ray_address=auto", f"privacy.state_dir={tmp_path / 'nodes'}", f"hydra.run.dir={run_dir}"],
-           cwd=tmp_path, env={"RAY_ADDRESS": cluster.address})
+    fedllm(
+        [
+            "simulate",
+            "debug=smoke",
+            "federation.num_clients=2",
+            "federation.num_rounds=1",
+            "federation.ray_address=auto",
+            f"privacy.state_dir={tmp_path / 'nodes'}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={"RAY_ADDRESS": cluster.address},
+    )
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert sum(node["alive"] for node in cluster.probe()["nodes"]) == 2

@@ -21,9 +21,19 @@ def _run(tmp_path: Path, name: str, attacks: dict[int, str]) -> Path:
     run_dir = tmp_path / name
     spec = ",".join(f"{client}:{attack}" for client, attack in attacks.items())
     # seeded: the attacked and the honest-only run must shuffle alike to be compared bit for bit
-    fedllm(["simulate", "debug=smoke", "privacy=none", "privacy.noise=seeded", f"federation.num_clients={CLIENTS}",
-            "federation.client_app=tests.e2e.attack_app:app", f"hydra.run.dir={run_dir}"],
-           cwd=tmp_path, env={"FEDLLM_TEST_ATTACKS": spec, "PYTHONPATH": str(ROOT)})
+    fedllm(
+        [
+            "simulate",
+            "debug=smoke",
+            "privacy=none",
+            "privacy.noise=seeded",
+            f"federation.num_clients={CLIENTS}",
+            "federation.client_app=tests.e2e.attack_app:app",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={"FEDLLM_TEST_ATTACKS": spec, "PYTHONPATH": str(ROOT)},
+    )
     return run_dir
 
 
@@ -59,10 +69,24 @@ def test_no_client_text_reaches_anything_the_server_writes(tmp_path):
                 prompt += f" {CANARY}"  # planted in records that land in clients' shards and the test split
             handle.write(json.dumps({"text": prompt, "label": "positive" if i % 2 else "negative", "id": i}) + "\n")
     run_dir = tmp_path / "run"
-    result = fedllm(["simulate", "debug=smoke", "federation.num_rounds=1", "data=jsonl", f"data.path={data}",
-                     "data.prompt_field=text", "data.response_field=label", "data.choices=[positive,negative]",
-                     "data.prompt_template='Review: {prompt}\\nSentiment:'", "data.test_size=50", "tracking=wandb",
-                     f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    result = fedllm(
+        [
+            "simulate",
+            "debug=smoke",
+            "federation.num_rounds=1",
+            "data=jsonl",
+            f"data.path={data}",
+            "data.prompt_field=text",
+            "data.response_field=label",
+            "data.choices=[positive,negative]",
+            "data.prompt_template='Review: {prompt}\\nSentiment:'",
+            "data.test_size=50",
+            "tracking=wandb",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline"},
+    )
     assert CANARY not in result.stdout + result.stderr
     written = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any("wandb" in p.parts for p in written) and (run_dir / "checkpoint" / "state.json").is_file()

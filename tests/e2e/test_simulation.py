@@ -21,8 +21,15 @@ def _rounds(run_dir: Path) -> list[dict]:
 
 
 def test_run_writes_every_output(smoke_run):
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl",
-                 "privacy_ledger.json", "summary.json", "config.json", ".hydra/config.yaml"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "privacy_ledger.json",
+        "summary.json",
+        "config.json",
+        ".hydra/config.yaml",
+    ):
         assert (smoke_run / name).is_file(), name
 
 
@@ -45,8 +52,11 @@ def test_ledger_epsilon_is_the_one_shot_value_for_all_steps_and_under_target(smo
     assert set(ledger["clients"]) == {"0", "1", "2"}
     for client in ledger["clients"].values():
         assert client["steps"] == total_steps
-        one_shot = epsilon([(client["noise_multiplier"], client["sample_rate"], total_steps)],
-                           delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        one_shot = epsilon(
+            [(client["noise_multiplier"], client["sample_rate"], total_steps)],
+            delta=cfg.privacy.delta,
+            accountant=cfg.privacy.accountant,
+        )
         assert client["epsilon"] == pytest.approx(one_shot, rel=1e-12)
         assert client["epsilon"] <= cfg.privacy.target_epsilon
         assert client["epsilon"] > cfg.privacy.target_epsilon - 0.05  # the plan spends the budget
@@ -121,8 +131,11 @@ def test_a_sweep_writes_one_run_directory_per_job(smoke_sweep):
 
 
 def test_impossible_privacy_plan_fails_fast_with_a_clear_message(tmp_path):
-    result = fedllm(["simulate", "debug=smoke", "privacy.target_epsilon=0.0001",
-                     f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    result = fedllm(
+        ["simulate", "debug=smoke", "privacy.target_epsilon=0.0001", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode != 0
     assert "raise privacy.target_epsilon" in result.stdout + result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -57,8 +57,11 @@ def test_report_on_a_directory_without_runs_says_so(tmp_path):
 
 def test_wandb_offline_run_logs_per_round_metrics(tmp_path):
     run_dir = tmp_path / "run"
-    fedllm(["simulate", "debug=smoke", "tracking=wandb", "federation.num_rounds=1", f"hydra.run.dir={run_dir}"],
-           cwd=tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    fedllm(
+        ["simulate", "debug=smoke", "tracking=wandb", "federation.num_rounds=1", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     history = list(offline_runs[0].glob("*.wandb"))
@@ -69,13 +72,15 @@ def test_wandb_offline_run_logs_per_round_metrics(tmp_path):
 
 def _execute(notebook: Path, env: dict[str, str]) -> nbformat.NotebookNode:
     book = nbformat.read(notebook, as_version=4)
-    assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code"), \
+    assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code"), (
         f"{notebook.name} is committed with outputs"
+    )
     previous = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        NotebookClient(book, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        NotebookClient(
+            book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
     finally:
         for key, value in previous.items():
             if value is None:
@@ -116,8 +121,11 @@ def test_run_analysis_notebook_shows_an_audit(tmp_path):
     from fedllm.config import AuditConfig
 
     cfg = tiny_config()
-    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")),
-                              tracking=dataclasses.replace(cfg.tracking, progress=False))
+    cfg = dataclasses.replace(
+        cfg,
+        privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")),
+        tracking=dataclasses.replace(cfg.tracking, progress=False),
+    )
     audit = run_audit(cfg, AuditConfig(canaries=50, seed=1), tmp_path / "audited")
     book = _execute(NOTEBOOKS / "run_analysis.ipynb", {"FEDLLM_RUN_DIR": str(tmp_path / "audited")})
     text, images = _text_and_images(book)

@@ -24,13 +24,23 @@ STRICT = 0.9995  # per adversary: a false alarm in fewer than 1 in 1,000 audits
 CANARIES = 200
 
 
-def audited(tmp_path, name: str, *, privacy: PrivacyConfig, confidence: float = STRICT, optimizer: str = "adamw",
-            kind: str = "gradient") -> dict:
+def audited(
+    tmp_path,
+    name: str,
+    *,
+    privacy: PrivacyConfig,
+    confidence: float = STRICT,
+    optimizer: str = "adamw",
+    kind: str = "gradient",
+) -> dict:
     """Audit the tiny federation (3 clients, 2 rounds of 3 steps, expected batch 64: with ~200
     records per client a canary is drawn at least once with probability ~0.8)."""
     cfg = tiny_config(train=TrainConfig(local_steps=3, batch_size=64, eval_batch_size=50, optimizer=optimizer))
-    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(privacy, state_dir=str(tmp_path / name / "nodes")),
-                              tracking=dataclasses.replace(cfg.tracking, progress=False))
+    cfg = dataclasses.replace(
+        cfg,
+        privacy=dataclasses.replace(privacy, state_dir=str(tmp_path / name / "nodes")),
+        tracking=dataclasses.replace(cfg.tracking, progress=False),
+    )
     settings = AuditConfig(canaries=CANARIES, kind=kind, confidence=confidence, seed=7)
     audit = run_audit(cfg, settings, tmp_path / name)
     assert json.loads((tmp_path / name / AUDIT_JSON).read_text()) == audit
@@ -68,8 +78,9 @@ def test_seeded_noise_is_caught_and_node_side_noise_is_not(tmp_path):
     who sent the seed, regenerates each node's noise and subtracts it; the same run with the
     node's own OS-entropy noise keeps the bound under the accounted epsilon."""
     planned = PrivacyConfig(target_epsilon=0.5)
-    seeded = audited(tmp_path, "seeded", privacy=dataclasses.replace(planned, noise="seeded"), confidence=0.95,
-                     optimizer="sgd")
+    seeded = audited(
+        tmp_path, "seeded", privacy=dataclasses.replace(planned, noise="seeded"), confidence=0.95, optimizer="sgd"
+    )
     assert seeded["epsilon_accounted"] <= 0.5
     assert bounds(seeded)[COORDINATOR] > 2 * seeded["epsilon_accounted"], seeded["adversaries"][COORDINATOR]
     secure = audited(tmp_path, "secure", privacy=planned, optimizer="sgd")
@@ -88,8 +99,9 @@ def client_audit(tmp_path, name: str, noise: float, confidence: float) -> dict:
     """A client-level audit: 100 canary clients beside the 3 real ones, 2 rounds."""
     cfg = tiny_config()
     # delta 1e-8: the bound's delta term (2 m delta) stays far below the tests' significance levels
-    privacy = PrivacyConfig(mode="client", client_noise_multiplier=noise, client_delta=1e-8,
-                            state_dir=str(tmp_path / name / "nodes"))
+    privacy = PrivacyConfig(
+        mode="client", client_noise_multiplier=noise, client_delta=1e-8, state_dir=str(tmp_path / name / "nodes")
+    )
     cfg = dataclasses.replace(cfg, privacy=privacy, tracking=dataclasses.replace(cfg.tracking, progress=False))
     return run_audit(cfg, AuditConfig(canaries=100, confidence=confidence, seed=11), tmp_path / name)
 

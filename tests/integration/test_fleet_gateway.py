@@ -52,13 +52,38 @@ def federation(tmp_path_factory):
     env = {**os.environ, "FLWR_HOME": str(folder / "flwr-home"), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     commands = {
         # --isolation process: no SuperExec child to clean up; the Runtime API is served all the same
-        "superlink": [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert),
-                      "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
-                      "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--isolation",
-                      "process", "--host", "127.0.0.1", "--port", str(link_port)],
-        "gateway": [sys.executable, "-m", "fedllm.deployment.fleet_gateway", "--listen", f"127.0.0.1:{gateway_port}",
-                    "--superlink", f"127.0.0.1:{link_port}", "--root-certificates", str(tls.ca_cert),
-                    "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)],
+        "superlink": [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--isolation",
+            "process",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
+        ],
+        "gateway": [
+            sys.executable,
+            "-m",
+            "fedllm.deployment.fleet_gateway",
+            "--listen",
+            f"127.0.0.1:{gateway_port}",
+            "--superlink",
+            f"127.0.0.1:{link_port}",
+            "--root-certificates",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ],
     }
     procs = {}
     try:
@@ -91,8 +116,16 @@ def test_the_superlink_itself_serves_its_control_and_runtime_apis_to_anyone(fede
     assert post(link, ca_cert, "/v1/runtime/acquire-task").status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/v1/control/list-runs", "/v1/control/register-node", "/v1/control/start-run",
-                                  "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/control/list-runs",
+        "/v1/control/register-node",
+        "/v1/control/start-run",
+        "/v1/runtime/acquire-task",
+        "/v1/runtime/pull-task-input",
+    ],
+)
 def test_through_the_gateway_the_control_and_runtime_apis_are_gone(federation, path):
     _, gateway, ca_cert = federation
     assert post(gateway, ca_cert, path).status_code == 404

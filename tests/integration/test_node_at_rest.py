@@ -22,8 +22,11 @@ KEY = bytes(range(32))
 
 
 def _cfg(state_dir: Path, encrypt: bool) -> ExperimentConfig:
-    return tiny_config(privacy=PrivacyConfig(state_dir=str(state_dir)), storage=StorageConfig(encrypt=encrypt),
-                       federation=FederationConfig(num_clients=3, num_rounds=2))
+    return tiny_config(
+        privacy=PrivacyConfig(state_dir=str(state_dir)),
+        storage=StorageConfig(encrypt=encrypt),
+        federation=FederationConfig(num_clients=3, num_rounds=2),
+    )
 
 
 def test_an_encrypted_simulation_encrypts_each_nodes_ledger_and_reply_cache(tmp_path, monkeypatch):
@@ -62,8 +65,7 @@ def test_a_plaintext_ledger_with_a_recomputed_checksum_is_refused_with_a_key(tmp
 
 
 def test_a_deployed_node_reads_its_key_from_its_own_variable_or_file(tmp_path, monkeypatch):
-    base = {"partition-id": 0, "state-dir": str(tmp_path), "data-path": "x.jsonl", "max-epsilon": 8,
-            "delta": 1e-5}
+    base = {"partition-id": 0, "state-dir": str(tmp_path), "data-path": "x.jsonl", "max-epsilon": 8, "delta": 1e-5}
     assert policy_from_node_config(base).state_key() is None
     policy = policy_from_node_config({**base, "encrypt-state": "true"})
     monkeypatch.delenv("FEDLLM_NODE_KEY", raising=False)
@@ -72,5 +74,6 @@ def test_a_deployed_node_reads_its_key_from_its_own_variable_or_file(tmp_path, m
     monkeypatch.setenv("FEDLLM_NODE_KEY", KEY.hex())
     assert policy.state_key() == KEY
     (tmp_path / "key").write_text(bytes(32).hex())
-    assert policy_from_node_config({**base, "encrypt-state": "true", "state-key-file": str(tmp_path / "key")}
-                                   ).state_key() == bytes(32)
+    assert policy_from_node_config(
+        {**base, "encrypt-state": "true", "state-key-file": str(tmp_path / "key")}
+    ).state_key() == bytes(32)

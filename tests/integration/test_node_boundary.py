@@ -27,13 +27,25 @@ from fedllm.training.local import DPSpec
 from tests.conftest import RT_PROMPT, tiny_config
 from tests.node_driver import node_context, run_round, simulated_node, train_message
 
-ACCOUNTING_KEYS = {keys.PARTITION_ID, keys.REFUSED, keys.EPSILON, keys.EPSILON_CAP, keys.DELTA,
-                   keys.NOISE_MULTIPLIER, keys.SAMPLE_RATE, keys.TOTAL_STEPS, keys.DP_HISTORY, keys.CAN_CONTINUE}
+ACCOUNTING_KEYS = {
+    keys.PARTITION_ID,
+    keys.REFUSED,
+    keys.EPSILON,
+    keys.EPSILON_CAP,
+    keys.DELTA,
+    keys.NOISE_MULTIPLIER,
+    keys.SAMPLE_RATE,
+    keys.TOTAL_STEPS,
+    keys.DP_HISTORY,
+    keys.CAN_CONTINUE,
+}
 
 
 def _cfg(tmp_path: Path, noise: str = "secure", **privacy):
-    return tiny_config(privacy=PrivacyConfig(state_dir=str(tmp_path / "server-says"), noise=noise, **privacy),
-                       federation=FederationConfig(num_clients=3, num_rounds=2))
+    return tiny_config(
+        privacy=PrivacyConfig(state_dir=str(tmp_path / "server-says"), noise=noise, **privacy),
+        federation=FederationConfig(num_clients=3, num_rounds=2),
+    )
 
 
 def _arrays(reply) -> dict[str, torch.Tensor]:
@@ -49,8 +61,12 @@ def _coordinator_replay(cfg, partition_id: int, server_round: int, seed: int) ->
     node's index, the round, the adapter it sent, fedllm's code and here even the node's records."""
     shard = task.tokenized_shard(cfg, partition_id)
     plan = plan_for(cfg, len(shard))
-    dp = DPSpec(noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
-                accountant=cfg.privacy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode)
+    dp = DPSpec(
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        accountant=cfg.privacy.accountant,
+        grad_sample_mode=cfg.privacy.grad_sample_mode,
+    )
     initial = task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter
     request = RoundRequest(cfg=cfg, run_id="run", server_round=server_round, received=initial)
     return _train(cfg, shard, request, dp, [], seed)[1]
@@ -68,8 +84,9 @@ def test_the_coordinator_cannot_replay_a_nodes_noise(tmp_path):
     for seed in _public_seeds(cfg, 1, 1):
         assert not _same(update, _coordinator_replay(cfg, 1, 1, seed))
     # and the node itself never repeats its noise: the same round on a fresh node state differs
-    again = run_round(cfg, "run", 1, partition_id=1,
-                      node_config=simulated_node(cfg, 1, state_dir=str(tmp_path / "fresh")))
+    again = run_round(
+        cfg, "run", 1, partition_id=1, node_config=simulated_node(cfg, 1, state_dir=str(tmp_path / "fresh"))
+    )
     assert not _same(update, _arrays(again))
 
 
@@ -85,15 +102,27 @@ def test_seeded_noise_is_replayed_bit_for_bit_as_its_warning_says(tmp_path):
 
 def _records_file(path: Path, count: int = 120) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"prompt": f"review number {i} was {'great' if i % 2 else 'dull'}",
-                         "response": "positive" if i % 2 else "negative"}) for i in range(count)]
+    lines = [
+        json.dumps(
+            {
+                "prompt": f"review number {i} was {'great' if i % 2 else 'dull'}",
+                "response": "positive" if i % 2 else "negative",
+            }
+        )
+        for i in range(count)
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 def _deployed(tmp_path: Path, **extra) -> dict:
-    config = {keys.NODE_PARTITION_ID: 0, "state-dir": str(tmp_path / "node-state"),
-              "data-path": str(_records_file(tmp_path / "node-data.jsonl")), "max-epsilon": 7.0, "delta": 1e-5}
+    config = {
+        keys.NODE_PARTITION_ID: 0,
+        "state-dir": str(tmp_path / "node-state"),
+        "data-path": str(_records_file(tmp_path / "node-data.jsonl")),
+        "max-epsilon": 7.0,
+        "delta": 1e-5,
+    }
     config.update({k.replace("_", "-"): v for k, v in extra.items()})
     return config
 
@@ -106,9 +135,16 @@ def _refusal_category(reply) -> str:
 
 def test_a_deployed_node_keeps_its_own_state_dir_data_and_cap(tmp_path):
     cfg = _cfg(tmp_path)
-    cfg = dataclasses.replace(cfg, data=DataConfig(name="jsonl", path=str(tmp_path / "server-data.jsonl"),
-                                                   prompt_template=RT_PROMPT, choices=("positive", "negative"),
-                                                   test_size=100))
+    cfg = dataclasses.replace(
+        cfg,
+        data=DataConfig(
+            name="jsonl",
+            path=str(tmp_path / "server-data.jsonl"),
+            prompt_template=RT_PROMPT,
+            choices=("positive", "negative"),
+            test_size=100,
+        ),
+    )
     node = _deployed(tmp_path)
     metrics = run_round(cfg, "run", 1, node_config=node).content[keys.METRICS]
     assert metrics[keys.REFUSED] == 0 and metrics[keys.EPSILON_CAP] == 7.0  # the node's cap, under the target 8
@@ -137,13 +173,16 @@ def test_appending_records_keeps_the_nodes_spent_epsilon(tmp_path):
     assert len({r.fingerprint for r in ledger.releases}) == 2  # the content changed and is on record
 
 
-@pytest.mark.parametrize("override, expected", [
-    (dict(privacy=PrivacyConfig(mode="none")), "policy"),
-    (dict(privacy=PrivacyConfig(mode="client")), "policy"),
-    (dict(privacy=PrivacyConfig(noise="seeded")), "policy"),
-    (dict(model=ModelConfig(name_or_path="/srv/coordinator/backdoored-model")), "policy"),
-    (dict(model=ModelConfig(source="tiny", trust_remote_code=True)), "policy"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (dict(privacy=PrivacyConfig(mode="none")), "policy"),
+        (dict(privacy=PrivacyConfig(mode="client")), "policy"),
+        (dict(privacy=PrivacyConfig(noise="seeded")), "policy"),
+        (dict(model=ModelConfig(name_or_path="/srv/coordinator/backdoored-model")), "policy"),
+        (dict(model=ModelConfig(source="tiny", trust_remote_code=True)), "policy"),
+    ],
+)
 def test_a_deployed_node_refuses_what_its_policy_does_not_allow(tmp_path, override, expected):
     cfg = tiny_config(**override)
     sent = task.model_bundle(ModelConfig(source="tiny"), cfg.lora, cfg.seed).initial_adapter
@@ -250,8 +289,14 @@ def test_a_policy_refusal_tells_the_operator_what_to_change(tmp_path, caplog):
 
 def test_a_format_spec_in_a_template_cannot_quote_a_record(tmp_path):
     # "{prompt:{prompt}}" would make str.format raise with the record's text as the "format spec"
-    cfg = tiny_config(data=DataConfig(prompt_template="Review: {prompt:{prompt}}", choices=("positive", "negative"),
-                                      max_records=600, test_size=100))
+    cfg = tiny_config(
+        data=DataConfig(
+            prompt_template="Review: {prompt:{prompt}}",
+            choices=("positive", "negative"),
+            max_records=600,
+            test_size=100,
+        )
+    )
     reply = run_round(cfg, "run", 1, node_config=_deployed(tmp_path))
     assert _refusal_category(reply) == "policy"
     assert "review number" not in json.dumps(dict(reply.content[keys.METRICS]))
@@ -290,8 +335,9 @@ def test_renaming_the_data_file_keeps_the_spent_epsilon_of_the_same_records(tmp_
 def test_the_task_format_cannot_probe_whether_a_record_exists(tmp_path):
     # choices without "negative": a node holding a negative record used to decline ("data"), one
     # without trained; now both train, the record kept with no target (zero gradient)
-    cfg = tiny_config(data=DataConfig(prompt_template=RT_PROMPT, choices=("positive", "neutral"),
-                                      max_records=600, test_size=100))
+    cfg = tiny_config(
+        data=DataConfig(prompt_template=RT_PROMPT, choices=("positive", "neutral"), max_records=600, test_size=100)
+    )
     nodes = [_deployed(tmp_path / "with"), _deployed(tmp_path / "without")]  # each writes a mixed file
     lines = [json.dumps({"prompt": f"review number {i}", "response": "positive"}) for i in range(120)]
     Path(nodes[1]["data-path"]).write_text("\n".join(lines) + "\n", encoding="utf-8")  # no negative record
@@ -305,7 +351,8 @@ def test_the_operator_sees_what_the_node_spent_and_sent(tmp_path, capsys):
     run_round(_cfg(tmp_path), "run-a", 1, node_config=node)
     run_round(_cfg(tmp_path, target_epsilon=50.0), "run-b", 1, node_config=node)  # refused: budget
     spent = NodeLedger(tmp_path / "node-state", str((tmp_path / "node-data.jsonl").resolve())).epsilon(
-        delta=1e-5, accountant="prv")
+        delta=1e-5, accountant="prv"
+    )
     config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node.items())
     assert node_status_cli(["--node-config", config]) == 0
     out = capsys.readouterr().out
@@ -320,8 +367,11 @@ def test_the_nodes_data_rules_are_its_own_not_the_servers(tmp_path, server_rule)
     node = _deployed(tmp_path)
     with open(node["data-path"], "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"prompt": "review number 1 was great", "response": "positive"}) + "\n")
-    cfg = tiny_config(data=DataConfig(prompt_template=RT_PROMPT, choices=("positive", "negative"),
-                                      max_records=600, test_size=100, **server_rule))
+    cfg = tiny_config(
+        data=DataConfig(
+            prompt_template=RT_PROMPT, choices=("positive", "negative"), max_records=600, test_size=100, **server_rule
+        )
+    )
     assert run_round(cfg, "run", 1, node_config=node).content[keys.METRICS][keys.REFUSED] == 0
 
 

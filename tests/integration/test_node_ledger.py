@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(state_dir: Path, rounds: int = 2, **privacy) -> ExperimentConfig:
-    return tiny_config(privacy=PrivacyConfig(state_dir=str(state_dir), **privacy),
-                       federation=FederationConfig(num_clients=3, num_rounds=rounds))
+    return tiny_config(
+        privacy=PrivacyConfig(state_dir=str(state_dir), **privacy),
+        federation=FederationConfig(num_clients=3, num_rounds=rounds),
+    )
 
 
 def _ledger(cfg: ExperimentConfig, client: int = 0) -> NodeLedger:
@@ -65,9 +67,15 @@ def test_the_node_config_cap_wins_over_the_server_target(tmp_path):
 
 
 def _node_process(config: Path, run_id: str, rounds: list[int]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.node_driver", str(config), run_id, *map(str, rounds)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.node_driver", str(config), run_id, *map(str, rounds)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        start_new_session=True,
+    )
 
 
 @pytest.mark.slow  # node processes started and killed

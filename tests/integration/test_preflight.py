@@ -36,15 +36,21 @@ from fedllm.tracking.run_files import read_summary
 from tests.conftest import tiny_config
 from tests.node_driver import node_context
 
-PRIOR = Release(run_id="an-earlier-run", server_round=1, noise_multiplier=2.0, sample_rate=0.1, steps=10,
-                fingerprint="")  # what client 1's records already went through before this run
+PRIOR = Release(
+    run_id="an-earlier-run", server_round=1, noise_multiplier=2.0, sample_rate=0.1, steps=10, fingerprint=""
+)  # what client 1's records already went through before this run
 
 
 def _cfg(tmp_path: Path, **federation) -> ExperimentConfig:
-    cfg = tiny_config(train=TrainConfig(local_steps=1, eval_batch_size=50),
-                      federation=FederationConfig(**{"num_clients": 3, "num_rounds": 3, **federation}))
-    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")),
-                               tracking=dataclasses.replace(cfg.tracking, progress=False))
+    cfg = tiny_config(
+        train=TrainConfig(local_steps=1, eval_batch_size=50),
+        federation=FederationConfig(**{"num_clients": 3, "num_rounds": 3, **federation}),
+    )
+    return dataclasses.replace(
+        cfg,
+        privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")),
+        tracking=dataclasses.replace(cfg.tracking, progress=False),
+    )
 
 
 def _spent_before(cfg: ExperimentConfig, tmp_path: Path, client: int) -> NodeLedger:
@@ -63,8 +69,9 @@ def _independent_outlook(cfg: ExperimentConfig, history, cap: float) -> tuple[in
     accountant, delta = cfg.privacy.accountant, cfg.privacy.delta
     now = after = epsilon(history, delta=delta, accountant=accountant)
     for rounds in range(cfg.federation.num_rounds):
-        history = extend_history(history, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                                 steps=cfg.train.local_steps)
+        history = extend_history(
+            history, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=cfg.train.local_steps
+        )
         projected = epsilon(history, delta=delta, accountant=accountant)
         if projected > cap:
             return rounds, now, after
@@ -88,8 +95,12 @@ def test_a_capped_node_is_reported_before_round_1_without_touching_its_ledger(tm
 
     prepare_run(cfg, tmp_path / "run")
     with caplog.at_level(logging.INFO, logger="fedllm"):
-        summary = run_inprocess(cfg, tmp_path / "run", observer=watch,
-                                extra_node_config=lambda p: {"allowed-models": "embedded"} if p == 2 else {})
+        summary = run_inprocess(
+            cfg,
+            tmp_path / "run",
+            observer=watch,
+            extra_node_config=lambda p: {"allowed-models": "embedded"} if p == 2 else {},
+        )
     assert order[:3] == ["query"] * 3 and set(order[3:]) == {"train"}  # every node asked, before round 1
     preflight = read_summary(tmp_path / "run").preflight
     assert preflight is not None and preflight == summary.preflight
@@ -128,8 +139,9 @@ def _hostile_app(bad: dict):
 def test_a_malformed_answer_is_rejected_and_counted_and_the_run_goes_on(tmp_path):
     cfg = _cfg(tmp_path, num_rounds=1)
     prepare_run(cfg, tmp_path / "run")
-    summary = run_inprocess(cfg, tmp_path / "run", client_app=_hostile_app({keys.EPSILON: float("nan")}),
-                            unreachable=[2])
+    summary = run_inprocess(
+        cfg, tmp_path / "run", client_app=_hostile_app({keys.EPSILON: float("nan")}), unreachable=[2]
+    )
     assert summary.preflight is not None
     assert len(summary.preflight["rejected"]) == 1 and "not finite" in summary.preflight["rejected"][0]
     assert summary.preflight["no_answer"] == [FIRST_NODE_ID + 2]  # a silent node stalls nothing
@@ -139,8 +151,16 @@ def test_a_malformed_answer_is_rejected_and_counted_and_the_run_goes_on(tmp_path
 
 # ---- the server's side, with hand-built answers (no model) ---------------------------------------------
 
-GOOD = {keys.PARTITION_ID: 0, keys.REFUSED: 0, keys.ROUNDS_PLANNED: 3, keys.ROUNDS_AFFORDABLE: 2,
-        keys.EPSILON: 0.5, keys.EPSILON_AFTER: 3.5, keys.EPSILON_CAP: 4.0, keys.DELTA: 1e-5}
+GOOD = {
+    keys.PARTITION_ID: 0,
+    keys.REFUSED: 0,
+    keys.ROUNDS_PLANNED: 3,
+    keys.ROUNDS_AFFORDABLE: 2,
+    keys.EPSILON: 0.5,
+    keys.EPSILON_AFTER: 3.5,
+    keys.EPSILON_CAP: 4.0,
+    keys.DELTA: 1e-5,
+}
 
 
 def _content(metrics: dict, status: str | None = None, arrays: bool = False) -> RecordDict:
@@ -160,25 +180,28 @@ def test_a_well_formed_answer_reads_back_as_the_node_sent_it():
     assert parse_preflight(_content(plain.to_metrics()), 3, rounds_planned=3, sample_level=False) == plain
 
 
-@pytest.mark.parametrize("change, status, why", [
-    ({keys.ROUNDS_AFFORDABLE: [1, 2]}, None, "not a number"),  # a list where a number belongs
-    ({keys.ROUNDS_AFFORDABLE: 1.5}, None, "whole number"),
-    ({keys.EPSILON: -0.5}, None, "out of range"),
-    ({keys.EPSILON: float("nan")}, None, "not finite"),
-    ({keys.EPSILON_AFTER: float("inf")}, None, "not finite"),
-    ({keys.ROUNDS_AFFORDABLE: 4}, None, "more than rounds-planned"),
-    ({keys.ROUNDS_PLANNED: 5, keys.ROUNDS_AFFORDABLE: 5}, None, "the query planned 3"),
-    ({keys.EPSILON_AFTER: 0.25}, None, "does not follow"),
-    ({keys.ROUNDS_AFFORDABLE: 0}, None, "does not follow"),  # no round, yet epsilon grew
-    ({keys.EPSILON_AFTER: 4.5}, None, "above the node's own cap"),
-    ({keys.DELTA: 0.5}, None, "out of range"),
-    ({keys.PARTITION_ID: 3}, None, "only 3 clients"),
-    ({keys.PARTITION_ID: None}, None, "partition-id' is missing"),
-    ({keys.EPSILON_AFTER: None}, None, "without ['epsilon-after']"),
-    ({"train-loss": 0.1}, None, "unexpected metric"),
-    ({keys.REFUSED: 1}, "budget", "policy, data or error"),
-    ({keys.REFUSED: 1}, "curious", "needs a category"),
-])
+@pytest.mark.parametrize(
+    "change, status, why",
+    [
+        ({keys.ROUNDS_AFFORDABLE: [1, 2]}, None, "not a number"),  # a list where a number belongs
+        ({keys.ROUNDS_AFFORDABLE: 1.5}, None, "whole number"),
+        ({keys.EPSILON: -0.5}, None, "out of range"),
+        ({keys.EPSILON: float("nan")}, None, "not finite"),
+        ({keys.EPSILON_AFTER: float("inf")}, None, "not finite"),
+        ({keys.ROUNDS_AFFORDABLE: 4}, None, "more than rounds-planned"),
+        ({keys.ROUNDS_PLANNED: 5, keys.ROUNDS_AFFORDABLE: 5}, None, "the query planned 3"),
+        ({keys.EPSILON_AFTER: 0.25}, None, "does not follow"),
+        ({keys.ROUNDS_AFFORDABLE: 0}, None, "does not follow"),  # no round, yet epsilon grew
+        ({keys.EPSILON_AFTER: 4.5}, None, "above the node's own cap"),
+        ({keys.DELTA: 0.5}, None, "out of range"),
+        ({keys.PARTITION_ID: 3}, None, "only 3 clients"),
+        ({keys.PARTITION_ID: None}, None, "partition-id' is missing"),
+        ({keys.EPSILON_AFTER: None}, None, "without ['epsilon-after']"),
+        ({"train-loss": 0.1}, None, "unexpected metric"),
+        ({keys.REFUSED: 1}, "budget", "policy, data or error"),
+        ({keys.REFUSED: 1}, "curious", "needs a category"),
+    ],
+)
 def test_a_hostile_answer_is_rejected_with_the_reason(change, status, why):
     metrics = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
     with pytest.raises(UpdateRejected, match=re.escape(why)):
@@ -218,10 +241,12 @@ def _preflight(cfg: ExperimentConfig, answers: dict[int, object], unreachable=()
 
 def test_the_server_sorts_answers_refusals_impostors_errors_and_silence(tmp_path, caplog):
     cfg = _cfg(tmp_path, num_clients=5)
-    answers = {0: {**GOOD, keys.ROUNDS_AFFORDABLE: 3, keys.EPSILON_AFTER: 3.9},
-               1: ({keys.PARTITION_ID: 1, keys.REFUSED: 1, keys.CAN_CONTINUE: 0, keys.EPSILON_CAP: 4.0}, "data"),
-               2: {**GOOD, keys.PARTITION_ID: 0},  # speaks for client 0, which already answered
-               3: RuntimeError("out of memory")}
+    answers = {
+        0: {**GOOD, keys.ROUNDS_AFFORDABLE: 3, keys.EPSILON_AFTER: 3.9},
+        1: ({keys.PARTITION_ID: 1, keys.REFUSED: 1, keys.CAN_CONTINUE: 0, keys.EPSILON_CAP: 4.0}, "data"),
+        2: {**GOOD, keys.PARTITION_ID: 0},  # speaks for client 0, which already answered
+        3: RuntimeError("out of memory"),
+    }
     with caplog.at_level(logging.INFO, logger="fedllm"):
         report = _preflight(cfg, answers, unreachable=[4])
     assert report.asked == 5 and [a.partition_id for _, a in report.answers] == [0]
@@ -245,23 +270,52 @@ def test_the_wait_is_bounded_by_the_round_timeout_and_two_minutes():
 
 def _records(path: Path, count: int = 120) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": f"review number {i} was {'great' if i % 2 else 'dull'}",
-                                        "response": "positive" if i % 2 else "negative"}) + "\n"
-                            for i in range(count)), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"review number {i} was {'great' if i % 2 else 'dull'}",
+                    "response": "positive" if i % 2 else "negative",
+                }
+            )
+            + "\n"
+            for i in range(count)
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
 def _deployed(tmp_path: Path, **extra) -> dict:
-    config = {keys.NODE_PARTITION_ID: 0, "state-dir": str(tmp_path / "node-state"),
-              "data-path": str(_records(tmp_path / "node-data.jsonl")), "max-epsilon": 4.0, "delta": 1e-5}
+    config = {
+        keys.NODE_PARTITION_ID: 0,
+        "state-dir": str(tmp_path / "node-state"),
+        "data-path": str(_records(tmp_path / "node-data.jsonl")),
+        "max-epsilon": 4.0,
+        "delta": 1e-5,
+    }
     return {**config, **{k.replace("_", "-"): v for k, v in extra.items()}}
 
 
 def _query(cfg: ExperimentConfig, first_round: int = 1) -> Message:
-    content = RecordDict({keys.CONFIG: ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: "run",
-                                                     keys.SERVER_ROUND: first_round})})
-    metadata = Metadata(run_id=1, message_id="preflight", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=120.0, message_type="query")
+    content = RecordDict(
+        {
+            keys.CONFIG: ConfigRecord(
+                {keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: "run", keys.SERVER_ROUND: first_round}
+            )
+        }
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id="preflight",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=120.0,
+        message_type="query",
+    )
     return Message(content=content, metadata=metadata)
 
 
@@ -273,14 +327,26 @@ def test_the_operator_sees_the_answer_on_the_nodes_console_and_in_its_audit_log(
     node = _deployed(tmp_path)  # cap 4 under a plan that needs 8
     reply = app(_query(_node_cfg()), node_context(node))
     metrics = dict(reply.content[keys.METRICS])
-    assert set(metrics) == {keys.PARTITION_ID, keys.REFUSED, keys.ROUNDS_PLANNED, keys.ROUNDS_AFFORDABLE,
-                            keys.EPSILON, keys.EPSILON_AFTER, keys.EPSILON_CAP, keys.DELTA}
+    assert set(metrics) == {
+        keys.PARTITION_ID,
+        keys.REFUSED,
+        keys.ROUNDS_PLANNED,
+        keys.ROUNDS_AFFORDABLE,
+        keys.EPSILON,
+        keys.EPSILON_AFTER,
+        keys.EPSILON_CAP,
+        keys.DELTA,
+    }
     assert metrics[keys.ROUNDS_PLANNED] == 5 and metrics[keys.ROUNDS_AFFORDABLE] < 5
     assert metrics[keys.EPSILON_CAP] == 4.0 and metrics[keys.EPSILON_AFTER] <= 4.0
     console = [line for line in capsys.readouterr().err.splitlines() if "fedllm node:" in line]
     affordable = metrics[keys.ROUNDS_AFFORDABLE]
-    assert any("pre-flight of run run" in line and f"train {affordable} of the 5 planned" in line
-               and f"refuse from round {affordable + 1}" in line for line in console), console
+    assert any(
+        "pre-flight of run run" in line
+        and f"train {affordable} of the 5 planned" in line
+        and f"refuse from round {affordable + 1}" in line
+        for line in console
+    ), console
     entry = json.loads((tmp_path / "node-state" / AUDIT_FILE).read_text().splitlines()[-1])
     assert entry["kind"] == "query" and entry["sent"]["metrics"] == json.loads(json.dumps(metrics))
     assert entry["sent"]["tensors"] == [] and entry["received"]["round"] == 1
@@ -289,12 +355,15 @@ def test_the_operator_sees_the_answer_on_the_nodes_console_and_in_its_audit_log(
     assert f"pre-flight before round 1: can train {affordable} of 5 rounds" in status, status
 
 
-@pytest.mark.parametrize("privacy, node, expected", [
-    (dict(mode="none"), {}, "policy"),  # no DP-SGD, and the node does not allow training without it
-    (dict(mode="client"), {}, "policy"),
-    (dict(mode="none"), {"allow_nonprivate": True}, 5),  # allowed: no sample-level budget applies
-    (dict(mode="client"), {"allow_nonprivate": True}, 5),
-])
+@pytest.mark.parametrize(
+    "privacy, node, expected",
+    [
+        (dict(mode="none"), {}, "policy"),  # no DP-SGD, and the node does not allow training without it
+        (dict(mode="client"), {}, "policy"),
+        (dict(mode="none"), {"allow_nonprivate": True}, 5),  # allowed: no sample-level budget applies
+        (dict(mode="client"), {"allow_nonprivate": True}, 5),
+    ],
+)
 def test_without_sample_level_dp_a_node_answers_by_its_policy(tmp_path, privacy, node, expected):
     reply = app(_query(_node_cfg(**privacy)), node_context(_deployed(tmp_path, **node)))
     metrics = dict(reply.content[keys.METRICS])

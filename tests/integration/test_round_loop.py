@@ -22,10 +22,15 @@ from tests.e2e.attack_app import app as attack_app
 
 
 def _cfg(tmp_path: Path, **federation) -> ExperimentConfig:
-    cfg = tiny_config(train=TrainConfig(local_steps=1, eval_batch_size=50),
-                      federation=FederationConfig(**{"num_clients": 3, "num_rounds": 2, **federation}))
-    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")),
-                               tracking=dataclasses.replace(cfg.tracking, progress=False))
+    cfg = tiny_config(
+        train=TrainConfig(local_steps=1, eval_batch_size=50),
+        federation=FederationConfig(**{"num_clients": 3, "num_rounds": 2, **federation}),
+    )
+    return dataclasses.replace(
+        cfg,
+        privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")),
+        tracking=dataclasses.replace(cfg.tracking, progress=False),
+    )
 
 
 def _run(cfg: ExperimentConfig, run_dir: Path, **kwargs) -> tuple[RunSummary, list[RoundRecord]]:

@@ -39,8 +39,11 @@ def test_every_base_name_resolves_to_the_config_it_came_from():
     assert base_reference(ModelConfig(), seed=3) == EMBEDDED_REFERENCE
     hub = ModelConfig(source="pretrained", name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     assert model_config_for(base_reference(hub, seed=0))[0] == hub
-    for bad in ("fedllm:huge", "fedllm:tiny?hidden_size=64", "fedllm:tiny?hidden_size=x&intermediate_size=1"
-                "&num_heads=1&num_layers=1&seed=0"):
+    for bad in (
+        "fedllm:huge",
+        "fedllm:tiny?hidden_size=64",
+        "fedllm:tiny?hidden_size=x&intermediate_size=1&num_heads=1&num_layers=1&seed=0",
+    ):
         with pytest.raises(ConfigError):
             model_config_for(bad)
 
@@ -57,14 +60,35 @@ def trained(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
-    summary = RunSummary(status="completed", rounds_completed=2, test_examples=100, accountant="prv",
-                         guarantees=[Guarantee(level="sample", protects="any single training record of a node",
-                                               against="the coordinator", epsilon=7.91234, delta=1e-5)],
-                         zero_shot_accuracy=0.5, final_accuracy=0.61, zero_shot_eval_loss=0.7, final_eval_loss=0.65)
+    summary = RunSummary(
+        status="completed",
+        rounds_completed=2,
+        test_examples=100,
+        accountant="prv",
+        guarantees=[
+            Guarantee(
+                level="sample",
+                protects="any single training record of a node",
+                against="the coordinator",
+                epsilon=7.91234,
+                delta=1e-5,
+            )
+        ],
+        zero_shot_accuracy=0.5,
+        final_accuracy=0.61,
+        zero_shot_eval_loss=0.7,
+        final_eval_loss=0.65,
+    )
     name = base_reference(cfg.model, cfg.seed)
     save_adapter(bundle.model, run_dir / "adapter", None, base_name=name, card=model_card(cfg, summary, name))
-    expected = evaluate(bundle.model, task.tokenized_test(cfg), bundle.pad_id, task.choice_ids_for(cfg),
-                        cfg.train.eval_batch_size, use_bf16(cfg.train.precision))
+    expected = evaluate(
+        bundle.model,
+        task.tokenized_test(cfg),
+        bundle.pad_id,
+        task.choice_ids_for(cfg),
+        cfg.train.eval_batch_size,
+        use_bf16(cfg.train.precision),
+    )
     yield run_dir, moved, expected
     load_adapter_state(bundle.model, bundle.initial_adapter)
 

@@ -17,8 +17,9 @@ def _write_run(path, rounds_text=None, summary=None):
     (path / "config.json").write_text("{}")
     (path / "privacy_ledger.json").write_text(json.dumps({"clients": {}, "accountant": "rdp"}))
     (path / "summary.json").write_text(json.dumps(summary or {"privacy_mode": "none", "final_accuracy": 0.5}))
-    (path / "metrics.jsonl").write_text(rounds_text if rounds_text is not None else
-                                        json.dumps({"round": 0, "epsilon": None}) + "\n")
+    (path / "metrics.jsonl").write_text(
+        rounds_text if rounds_text is not None else json.dumps({"round": 0, "epsilon": None}) + "\n"
+    )
 
 
 def test_malformed_metrics_line_names_file_and_line(tmp_path):
@@ -36,8 +37,15 @@ def test_missing_file_says_which(tmp_path):
 
 def test_sweep_directories_are_found_in_order_and_tabulated(tmp_path):
     for job, eps in (("1", 3.0), ("0", 8.0)):
-        _write_run(tmp_path / job, summary={"privacy_mode": "sample", "target_epsilon": eps,
-                                            "final_max_epsilon": eps - 0.01, "final_accuracy": 0.8})
+        _write_run(
+            tmp_path / job,
+            summary={
+                "privacy_mode": "sample",
+                "target_epsilon": eps,
+                "final_max_epsilon": eps - 0.01,
+                "final_accuracy": 0.8,
+            },
+        )
     runs = find_runs(tmp_path)
     assert [r.path.name for r in runs] == ["0", "1"]
     table = to_markdown(report_rows(runs, tmp_path))
@@ -50,6 +58,7 @@ def test_a_directory_without_runs_is_an_error(tmp_path):
 
 
 # Issue 15: failed and unfinished jobs are found and labelled, never taken for results.
+
 
 def test_jobs_without_a_summary_are_unfinished_and_a_resume_folder_is_not_a_job(tmp_path):
     _write_run(tmp_path / "0", summary={"status": "completed", "privacy_mode": "none", "final_accuracy": 0.5})

@@ -23,8 +23,9 @@ V1_MAGIC = b"FEDLLM-SEALED\x01"  # the sealed format fedllm wrote before issue 1
 
 
 def _state(value: float = 1.0, server_round: int = 1) -> ServerState:
-    return ServerState(run_id="r", server_round=server_round, arrays={"a": torch.full((4,), value)}, ledger={},
-                       rounds=[], config={})
+    return ServerState(
+        run_id="r", server_round=server_round, arrays={"a": torch.full((4,), value)}, ledger={}, rounds=[], config={}
+    )
 
 
 def _v1_plain(data: bytes) -> bytes:
@@ -51,8 +52,9 @@ def test_a_plaintext_sealed_file_is_refused_where_a_key_is_configured(fmt):
     """Even where no other record names the file (a node's reply cache, a final adapter)."""
     data = b"forged weights"
     blob = _v1_plain(data) if fmt == "format-1" else seal(data, None, role=ROLE_CHECKPOINT_ADAPTER, name="f")
-    assert unseal(blob, None, role=ROLE_CHECKPOINT_ADAPTER if fmt == "format-2" else None, name=None,
-                  what="f") == data  # readable as what it is: an unencrypted file
+    assert (
+        unseal(blob, None, role=ROLE_CHECKPOINT_ADAPTER if fmt == "format-2" else None, name=None, what="f") == data
+    )  # readable as what it is: an unencrypted file
     with pytest.raises(IntegrityError, match="not encrypted, but a key is configured"):
         unseal(blob, KEY, role=ROLE_CHECKPOINT_ADAPTER, name="f", what="f")
 
@@ -134,9 +136,11 @@ def test_a_forged_plaintext_reply_cache_is_not_replayed_by_a_node_with_a_key(tmp
     assert ReplyCache(tmp_path, KEY).find(cache_key) is None
 
 
-@pytest.mark.parametrize("header", [b"{}", b"[]", b"null", b'{"encrypted": "yes", "sha256": 1}',
-                                    b"[" * 5000, b'{"encrypted": true}', b"\xff\xfe"],
-                         ids=["empty", "list", "null", "types", "nested", "fields", "not-utf8"])
+@pytest.mark.parametrize(
+    "header",
+    [b"{}", b"[]", b"null", b'{"encrypted": "yes", "sha256": 1}', b"[" * 5000, b'{"encrypted": true}', b"\xff\xfe"],
+    ids=["empty", "list", "null", "types", "nested", "fields", "not-utf8"],
+)
 def test_decrypt_of_a_malformed_header_is_a_clean_error(tmp_path, monkeypatch, capsys, header):
     monkeypatch.setenv("FEDLLM_ENCRYPTION_KEY", KEY.hex())
     for magic in (V1_MAGIC, b"FEDLLM-SEALED\x02"):
@@ -166,6 +170,7 @@ def test_verify_reports_an_unreadable_node_ledger_cleanly(tmp_path):
 
 
 # ---------------------------------------------------------------- the final adapter
+
 
 @pytest.fixture(scope="module")
 def peft_model():
@@ -210,6 +215,7 @@ def test_an_encrypted_run_never_writes_the_final_adapter_in_plaintext(tmp_path, 
         def write(tensors, filename, *args, **kwargs):
             plain_writes.append(str(filename))
             return original(tensors, filename, *args, **kwargs)
+
         return write
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", recording(peft.peft_model.safe_save_file))
@@ -221,7 +227,11 @@ def test_an_encrypted_run_never_writes_the_final_adapter_in_plaintext(tmp_path, 
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or weights not in path.read_bytes(), path
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors.sealed", "checksums.json"]
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors.sealed",
+        "checksums.json",
+    ]
 
 
 def test_the_decrypted_final_adapter_is_what_peft_writes(tmp_path, monkeypatch, peft_model, capsys):
@@ -271,8 +281,7 @@ def test_an_adapter_manifest_with_a_recomputed_checksum_is_refused_with_a_key(tm
         verify_adapter(tmp_path, KEY)
 
 
-def test_verify_checks_an_encrypted_run_and_says_what_is_only_checksummed(tmp_path, peft_model, capsys,
-                                                                          monkeypatch):
+def test_verify_checks_an_encrypted_run_and_says_what_is_only_checksummed(tmp_path, peft_model, capsys, monkeypatch):
     from fedllm.cli.at_rest import verify_cli
     from fedllm.model.adapter_files import save_adapter
     from fedllm.privacy.node_ledger import LEDGER_FILE
@@ -289,7 +298,8 @@ def test_verify_checks_an_encrypted_run_and_says_what_is_only_checksummed(tmp_pa
     assert capsys.readouterr().out.strip() == (
         "ok: adapter, checkpoint, nodes/client-0/last_reply.sealed, nodes/client-0/privacy_ledger.json, "
         "nodes/client-1/last_reply.sealed (not encrypted: checksum only), "
-        "nodes/client-1/privacy_ledger.json (not encrypted: checksum only)")
+        "nodes/client-1/privacy_ledger.json (not encrypted: checksum only)"
+    )
     monkeypatch.setenv("FEDLLM_ENCRYPTION_KEY", OTHER.hex())
     assert verify_cli([str(tmp_path)]) == 1
     assert "wrong encryption key" in capsys.readouterr().err

@@ -54,9 +54,14 @@ def test_delta_zero_bound_matches_exact_brute_force(r: int, v: int) -> None:
         assert got > 0.1  # the cases are not all trivially zero
 
 
-@pytest.mark.parametrize(("m", "r", "v", "q", "delta"), [(50, 30, 25, Fraction(3, 4), Fraction(1, 1000)),
-                                                      (200, 40, 36, Fraction(9, 10), Fraction(1, 10**5)),
-                                                      (20, 12, 7, Fraction(3, 5), Fraction(1, 50))])
+@pytest.mark.parametrize(
+    ("m", "r", "v", "q", "delta"),
+    [
+        (50, 30, 25, Fraction(3, 4), Fraction(1, 1000)),
+        (200, 40, 36, Fraction(9, 10), Fraction(1, 10**5)),
+        (20, 12, 7, Fraction(3, 5), Fraction(1, 50)),
+    ],
+)
 def test_p_value_with_delta_matches_exact_formula(m: int, r: int, v: int, q: Fraction, delta: Fraction) -> None:
     eps = math.log(q / (1 - q))
     expected = float(_exact_p_value(m, r, v, q, delta))
@@ -86,20 +91,24 @@ def test_ceiling_figures(r: int, expected: float) -> None:
 
 def test_more_correct_never_lowers_the_bound_and_chance_gives_zero() -> None:
     for delta in (0.0, 1e-5):
-        bounds = [epsilon_lower_bound(canaries=500, guesses=200, correct=v, delta=delta, confidence=0.95)
-                  for v in range(0, 201, 5)]
+        bounds = [
+            epsilon_lower_bound(canaries=500, guesses=200, correct=v, delta=delta, confidence=0.95)
+            for v in range(0, 201, 5)
+        ]
         assert all(a <= b for a, b in zip(bounds, bounds[1:], strict=False))
         assert bounds[-1] == max_lower_bound(canaries=500, guesses=200, delta=delta, confidence=0.95)
         assert bounds[-1] > 3.0
     for v in (0, 90, 100, 105):  # at or around chance (100 of 200): nothing rejected
         assert epsilon_lower_bound(canaries=500, guesses=200, correct=v, delta=0.0, confidence=0.95) == 0.0
     # a higher confidence demands more, never less
-    assert (epsilon_lower_bound(canaries=500, guesses=200, correct=170, delta=0.0, confidence=0.99)
-            < epsilon_lower_bound(canaries=500, guesses=200, correct=170, delta=0.0, confidence=0.95))
+    assert epsilon_lower_bound(
+        canaries=500, guesses=200, correct=170, delta=0.0, confidence=0.99
+    ) < epsilon_lower_bound(canaries=500, guesses=200, correct=170, delta=0.0, confidence=0.95)
 
 
-@pytest.mark.parametrize(("m", "r", "v", "delta"), [(1000, 100, 90, 1e-5), (10**5, 1000, 990, 1e-5),
-                                                   (100, 50, 30, 1e-3), (50, 50, 50, 1e-2)])
+@pytest.mark.parametrize(
+    ("m", "r", "v", "delta"), [(1000, 100, 90, 1e-5), (10**5, 1000, 990, 1e-5), (100, 50, 30, 1e-3), (50, 50, 50, 1e-2)]
+)
 def test_p_value_grows_with_eps(m: int, r: int, v: int, delta: float) -> None:
     # bisection relies on it
     ps = [p_value(canaries=m, guesses=r, correct=v, eps=e, delta=delta) for e in np.linspace(0, 12, 241)]
@@ -144,8 +153,12 @@ def test_audit_bound_reports_a_bonferroni_corrected_grid_point() -> None:
     for r in (20, 40, 200, 400):
         for k_plus in (r // 2, r):
             g = guess_from_scores(scores, included, k_plus, r - k_plus)
-            assert epsilon_lower_bound(canaries=m, guesses=r, correct=g.correct, delta=1e-5,
-                                       confidence=res.test_confidence) <= res.epsilon_lower_bound
+            assert (
+                epsilon_lower_bound(
+                    canaries=m, guesses=r, correct=g.correct, delta=1e-5, confidence=res.test_confidence
+                )
+                <= res.epsilon_lower_bound
+            )
     d = res.to_dict()
     assert d["epsilon_lower_bound"] == res.epsilon_lower_bound and d["confidence"] == 0.95
     # duplicate rules (tiny m) count once in the correction: r=1 gives (0 in, 1 out) and (1 in), r=2 (1, 1) and (2, 0)

@@ -28,8 +28,15 @@ def bundle():
 
 
 def _design(bundle, count=50, seed=3, kind="gradient"):
-    return design_canaries(count=count, kind=kind, clients=3, clip_norm=1.0, layout=Layout.of(bundle.initial_adapter),
-                           choices=("positive", "negative"), seed=seed)
+    return design_canaries(
+        count=count,
+        kind=kind,
+        clients=3,
+        clip_norm=1.0,
+        layout=Layout.of(bundle.initial_adapter),
+        choices=("positive", "negative"),
+        seed=seed,
+    )
 
 
 def test_the_design_is_the_auditors_secret_and_fair(bundle):
@@ -39,10 +46,14 @@ def test_the_design_is_the_auditors_secret_and_fair(bundle):
     assert abs(included - 1000) < 5 * np.sqrt(2000 * 0.25)  # each canary in with probability 1/2
     assert {c.client for c in a.canaries} == {0, 1, 2}
     assert sorted(c.index for c in a.for_client(1)) == [c.index for c in a.canaries if c.included and c.client == 1]
-    assert design_canaries(count=10, kind="gradient", clients=3, clip_norm=1.0,
-                           layout=Layout.of(bundle.initial_adapter)).secret != \
-        design_canaries(count=10, kind="gradient", clients=3, clip_norm=1.0,
-                        layout=Layout.of(bundle.initial_adapter)).secret  # unseeded: fresh OS entropy
+    assert (
+        design_canaries(
+            count=10, kind="gradient", clients=3, clip_norm=1.0, layout=Layout.of(bundle.initial_adapter)
+        ).secret
+        != design_canaries(
+            count=10, kind="gradient", clients=3, clip_norm=1.0, layout=Layout.of(bundle.initial_adapter)
+        ).secret
+    )  # unseeded: fresh OS entropy
 
 
 def test_gradient_canaries_have_norm_c_and_are_nearly_orthogonal(bundle):
@@ -67,8 +78,14 @@ def test_record_canaries_are_random_words_with_a_task_answer(bundle):
 
 
 def test_only_the_simulation_driver_can_plant_canaries_on_a_node(tmp_path):
-    deployed = {"partition-id": 0, "state-dir": str(tmp_path), "data-path": str(tmp_path / "d.jsonl"),
-                "max-epsilon": 8, "delta": 1e-5, AUDIT_CANARIES: str(tmp_path / "c.json")}
+    deployed = {
+        "partition-id": 0,
+        "state-dir": str(tmp_path),
+        "data-path": str(tmp_path / "d.jsonl"),
+        "max-epsilon": 8,
+        "delta": 1e-5,
+        AUDIT_CANARIES: str(tmp_path / "c.json"),
+    }
     with pytest.raises(ConfigError, match=AUDIT_CANARIES):
         policy_from_node_config(deployed)
     assert policy_from_node_config(deployed, simulated=True).audit_canaries == str(tmp_path / "c.json")
@@ -92,10 +109,12 @@ def test_a_planted_gradient_canary_moves_the_adapter_along_its_direction(bundle,
     load_adapter_state(bundle.model, bundle.initial_adapter)
     dataset = _shard(bundle, design)
     collate = with_canary_column(make_collate(bundle.pad_id, prompt_only=True))
-    spec = LocalSpec(steps=3, batch_size=len(dataset), lr=0.5, weight_decay=0.0, objective="choices", bf16=False,
-                     optimizer="sgd")
-    dp = (DPSpec(noise_multiplier=0.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
-          if private else None)
+    spec = LocalSpec(
+        steps=3, batch_size=len(dataset), lr=0.5, weight_decay=0.0, objective="choices", bf16=False, optimizer="sgd"
+    )
+    dp = (
+        DPSpec(noise_multiplier=0.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks") if private else None
+    )
     override = GradientCanaries(design, adapter_parameters(bundle.model))
     before = adapter_state(bundle.model)
     train_local(bundle.model, dataset, collate, spec, choice_token_ids(bundle.tokenizer, FMT), dp, override=override)
@@ -119,16 +138,31 @@ def test_the_coordinator_regenerates_seeded_noise_but_not_the_nodes_own(bundle):
     noise, lr, steps = 4.0, 0.1, 3
     dp = DPSpec(noise_multiplier=noise, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
     order = [(name, tuple(p.shape)) for name, p in adapter_parameters(bundle.model).items()]
-    attack = SeededNoise(seed_for=lambda r, k: 1234, param_order=order, layout=design.layout, steps=steps, lr=lr,
-                         std_for=lambda k: noise * 1.0)
+    attack = SeededNoise(
+        seed_for=lambda r, k: 1234,
+        param_order=order,
+        layout=design.layout,
+        steps=steps,
+        lr=lr,
+        std_for=lambda k: noise * 1.0,
+    )
     residual, known_batch, seen = {}, {}, {}
     for seed in (1234, None):
         load_adapter_state(bundle.model, bundle.initial_adapter)
-        spec = LocalSpec(steps=steps, batch_size=16, lr=lr, weight_decay=0.0, objective="choices", bf16=False,
-                         optimizer="sgd", seed=seed)
+        spec = LocalSpec(
+            steps=steps,
+            batch_size=16,
+            lr=lr,
+            weight_decay=0.0,
+            objective="choices",
+            bf16=False,
+            optimizer="sgd",
+            seed=seed,
+        )
         before = design.layout.flatten(adapter_state(bundle.model))
-        seen[seed] = train_local(bundle.model, shard, collate, spec, choice_token_ids(bundle.tokenizer, FMT),
-                                 dp).examples_seen
+        seen[seed] = train_local(
+            bundle.model, shard, collate, spec, choice_token_ids(bundle.tokenizer, FMT), dp
+        ).examples_seen
         descent = before - design.layout.flatten(adapter_state(bundle.model))
         residual[seed] = np.linalg.norm(attack(1, 0, descent))
         # with the true expected batch (16) instead of the attack's estimate of it
@@ -148,8 +182,10 @@ def test_canary_rows_keep_their_index_through_collate(bundle):
     dataset = _shard(bundle, design, n=6)
     batch = with_canary_column(make_collate(bundle.pad_id, prompt_only=True))([dataset[i] for i in range(len(dataset))])
     assert batch["canary"].tolist() == [-1] * 6 + [c.index for c in design.canaries]
-    assert torch.equal(GradientCanaries(design, adapter_parameters(bundle.model)).keep(batch),
-                       torch.tensor([1.0] * 6 + [0.0] * len(design.canaries)))
+    assert torch.equal(
+        GradientCanaries(design, adapter_parameters(bundle.model)).keep(batch),
+        torch.tensor([1.0] * 6 + [0.0] * len(design.canaries)),
+    )
 
 
 def test_the_score_plot_draws_scores_that_differ_only_by_rounding(tmp_path):

@@ -15,16 +15,39 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
 
 def test_bench_dp_step_tiny_mode(tmp_path):
     out = tmp_path / "dp.json"
-    result = _script("bench_dp_step.py", "--models", "tiny", "--batches", "4", "--seqs", "16", "--modes",
-                     "none,hooks", "--repeats", "2", "--steps", "2", "--threads", "1", "--out", str(out))
+    result = _script(
+        "bench_dp_step.py",
+        "--models",
+        "tiny",
+        "--batches",
+        "4",
+        "--seqs",
+        "16",
+        "--modes",
+        "none,hooks",
+        "--repeats",
+        "2",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["hooks"]  # each DP mode against the non-DP replay of its batches
     row = rows[0]
@@ -32,8 +55,13 @@ def test_bench_dp_step_tiny_mode(tmp_path):
     assert row["pairs"] + row["empty_batches_skipped"] == 2 * 2 and len(row["batch_sizes"]) == row["pairs"]
     assert all(p["dp"] > 0 and p["none"] > 0 for p in row["step_seconds_per_pair"])
     for clock in ("", "_cpu"):
-        assert row[f"ratio_min{clock}"] <= row[f"ratio_q1{clock}"] <= row[f"ratio_median{clock}"] \
-            <= row[f"ratio_q3{clock}"] <= row[f"ratio_max{clock}"]
+        assert (
+            row[f"ratio_min{clock}"]
+            <= row[f"ratio_q1{clock}"]
+            <= row[f"ratio_median{clock}"]
+            <= row[f"ratio_q3{clock}"]
+            <= row[f"ratio_max{clock}"]
+        )
     # peak memory of both modes on the same batches, each in a fresh process
     assert row["peak_mb_dp"] is not None and row["peak_mb_none"] is not None and row["peak_mb_ratio"] > 0
     breakdown = row["breakdown_ms"]
@@ -44,8 +72,21 @@ def test_bench_dp_step_tiny_mode(tmp_path):
 
 def test_bench_federation_tiny_mode(tmp_path):
     out = tmp_path / "fed.json"
-    _script("bench_federation.py", "--models", "tiny", "--clients", "3", "--fraction", "1.0", "--rounds", "1",
-            "--workdir", str(tmp_path / "runs"), "--out", str(out))
+    _script(
+        "bench_federation.py",
+        "--models",
+        "tiny",
+        "--clients",
+        "3",
+        "--fraction",
+        "1.0",
+        "--rounds",
+        "1",
+        "--workdir",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     standard, ffa = result["bytes_per_client_per_round"]
     assert ffa["bytes_fp32"] * 2 == standard["bytes_fp32"]  # FFA-LoRA halves communication
@@ -59,8 +100,19 @@ def test_bench_federation_tiny_mode(tmp_path):
 
 def test_bench_utility_tiny_mode(tmp_path):
     out = tmp_path / "utility.json"
-    result = _script("bench_utility.py", "--model", "tiny", "--presets", "ffa_dp_eps1", "--rounds", "1",
-                     "--workdir", str(tmp_path / "runs"), "--out", str(out))
+    result = _script(
+        "bench_utility.py",
+        "--model",
+        "tiny",
+        "--presets",
+        "ffa_dp_eps1",
+        "--rounds",
+        "1",
+        "--workdir",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    )
     rows = {r["preset"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["zero_shot", "ffa_dp_eps1"]
     assert 0 < rows["ffa_dp_eps1"]["spent_epsilon"] <= 1.0
@@ -77,7 +129,8 @@ def test_bench_utility_centralised_reference_takes_every_clients_steps():
     centralised = bench.overrides_for(bench.PRESETS["centralised"], "embedded", 10, 3, 5, [])
     assert "federation.num_clients=10" in federated and "train.local_steps=5" in federated
     assert "federation.num_clients=1" in centralised and "train.local_steps=50" in centralised
-    assert {o for o in federated if "num_clients" not in o and "local_steps" not in o} == \
-        {o for o in centralised if "num_clients" not in o and "local_steps" not in o}
+    assert {o for o in federated if "num_clients" not in o and "local_steps" not in o} == {
+        o for o in centralised if "num_clients" not in o and "local_steps" not in o
+    }
     with pytest.raises(SystemExit, match="disagree"):
         bench.zero_shot_row([{"zero_shot_accuracy": 0.5}, {"zero_shot_accuracy": 0.6}])

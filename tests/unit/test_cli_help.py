@@ -37,8 +37,15 @@ def test_every_command_has_help_that_says_what_it_does(command, capsys):
 def test_override_commands_list_their_options_groups_and_keys(capsys):
     assert _run(["simulate", "-h"]) == 0
     out = capsys.readouterr().out
-    for expected in ("-m, --multirun", "resume=RUN_DIR", "privacy ", "sample*", "target_epsilon",
-                     "num_rounds", "summary.json"):
+    for expected in (
+        "-m, --multirun",
+        "resume=RUN_DIR",
+        "privacy ",
+        "sample*",
+        "target_epsilon",
+        "num_rounds",
+        "summary.json",
+    ):
         assert expected in out
     assert _run(["audit", "--help"]) == 0
     assert "audit.canaries" in capsys.readouterr().out
@@ -56,22 +63,28 @@ def test_top_level_help_and_version(capsys):
     assert _run(["help", "plan"]) == 0 and capsys.readouterr().out.startswith("usage: fedllm plan")
 
 
-@pytest.mark.parametrize(("command", "override", "expected"), [
-    ("simulate", "privacy.target_epsilion=3", "privacy.target_epsilion: unknown key; did you mean "
-                                              "privacy.target_epsilon?"),
-    ("plan", "privacy.target_epsilion=3", "did you mean privacy.target_epsilon?"),
-    ("simulate", "federation.num_round=3", "did you mean federation.num_rounds?"),
-    ("simulate", "seeed=1", "seeed: unknown key; did you mean seed?"),
-    ("simulate", "privcy=none", "privcy: unknown key; did you mean privacy?"),
-    ("simulate", "+privacy.target_epsilion=3", "did you mean privacy.target_epsilon?"),
-    ("simulate", "train.batch_size=1.5", "train.batch_size: expected an integer, got 1.5"),
-    ("simulate", "federation.num_rounds=three", "federation.num_rounds: expected an integer, got 'three'"),
-    ("plan", "federation.num_rounds=three", "federation.num_rounds: expected an integer, got 'three'"),
-    ("simulate", "privacy=nonee", "Available options in 'privacy'"),
-    ("audit", "audit.canaries=-5", "audit.canaries: at least 2 canaries"),
-    ("audit", "audit.kind=foo", "audit.kind: got 'foo'"),
-    ("audit", "privacy.target_epsilion=3", "did you mean privacy.target_epsilon?"),
-])
+@pytest.mark.parametrize(
+    ("command", "override", "expected"),
+    [
+        (
+            "simulate",
+            "privacy.target_epsilion=3",
+            "privacy.target_epsilion: unknown key; did you mean privacy.target_epsilon?",
+        ),
+        ("plan", "privacy.target_epsilion=3", "did you mean privacy.target_epsilon?"),
+        ("simulate", "federation.num_round=3", "did you mean federation.num_rounds?"),
+        ("simulate", "seeed=1", "seeed: unknown key; did you mean seed?"),
+        ("simulate", "privcy=none", "privcy: unknown key; did you mean privacy?"),
+        ("simulate", "+privacy.target_epsilion=3", "did you mean privacy.target_epsilon?"),
+        ("simulate", "train.batch_size=1.5", "train.batch_size: expected an integer, got 1.5"),
+        ("simulate", "federation.num_rounds=three", "federation.num_rounds: expected an integer, got 'three'"),
+        ("plan", "federation.num_rounds=three", "federation.num_rounds: expected an integer, got 'three'"),
+        ("simulate", "privacy=nonee", "Available options in 'privacy'"),
+        ("audit", "audit.canaries=-5", "audit.canaries: at least 2 canaries"),
+        ("audit", "audit.kind=foo", "audit.kind: got 'foo'"),
+        ("audit", "privacy.target_epsilion=3", "did you mean privacy.target_epsilon?"),
+    ],
+)
 def test_a_rejected_override_is_one_line_and_creates_nothing(command, override, expected, capsys):
     assert _run([command, override]) == 1
     out, err = capsys.readouterr()

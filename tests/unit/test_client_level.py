@@ -31,12 +31,19 @@ DELTA = 1e-3
 ORDERS = [1 + i / 10 for i in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
 
 
-def _accountant(z: float, population: int, sampled: int, rounds: int, contributed: int | None = None,
-                uniformly: bool = True) -> ClientLevelAccountant:
+def _accountant(
+    z: float, population: int, sampled: int, rounds: int, contributed: int | None = None, uniformly: bool = True
+) -> ClientLevelAccountant:
     accountant = ClientLevelAccountant(noise_multiplier=z, clip_norm=0.5, delta=DELTA, sampled_uniformly=uniformly)
     for r in range(1, rounds + 1):
-        accountant.record(ClientLevelRound(server_round=r, population=population, sampled=sampled,
-                                           contributed=sampled if contributed is None else contributed))
+        accountant.record(
+            ClientLevelRound(
+                server_round=r,
+                population=population,
+                sampled=sampled,
+                contributed=sampled if contributed is None else contributed,
+            )
+        )
     return accountant
 
 
@@ -71,8 +78,10 @@ def _worst_pair_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
     mass = {shift: np.diff(ndtr((edges - shift) / z)) for shift in (0.0, 1.0, 2.0)}
     real, zeroed = (1 - q) * mass[0.0] + q * mass[2.0], (1 - q) * mass[0.0] + q * mass[1.0]
     pld = privacy_loss_distribution.from_two_probability_mass_functions(
-        {i: math.log(p) for i, p in enumerate(zeroed) if p > 0}, {i: math.log(p) for i, p in enumerate(real) if p > 0},
-        value_discretization_interval=1e-4)
+        {i: math.log(p) for i, p in enumerate(zeroed) if p > 0},
+        {i: math.log(p) for i, p in enumerate(real) if p > 0},
+        value_discretization_interval=1e-4,
+    )
     return pld.self_compose(rounds).get_epsilon_for_delta(delta) if rounds > 1 else pld.get_epsilon_for_delta(delta)
 
 
@@ -103,11 +112,15 @@ def test_sampling_a_fraction_never_reports_more_than_every_client(z, population,
     assert _accountant(z, population, sampled, rounds, contributed=sampled - 1).epsilon() == every
 
 
-@pytest.mark.parametrize("z, population, sampled, rounds", [
-    (1.0, 10, 5, 1), (1.0, 10, 5, 3),  # no amplification: the Gaussian bound
-    (1.0, 10, 1, 30),  # amplified: the sampled bound is below the Gaussian one
-    (2.0, 10, 1, 100),
-])
+@pytest.mark.parametrize(
+    "z, population, sampled, rounds",
+    [
+        (1.0, 10, 5, 1),
+        (1.0, 10, 5, 3),  # no amplification: the Gaussian bound
+        (1.0, 10, 1, 30),  # amplified: the sampled bound is below the Gaussian one
+        (2.0, 10, 1, 100),
+    ],
+)
 def test_epsilon_covers_a_worst_case_pair_of_neighbouring_federations(z, population, sampled, rounds):
     accountant = _accountant(z, population, sampled, rounds)
     assert accountant.epsilon() >= _worst_pair_epsilon(z, sampled / population, rounds, DELTA)
@@ -132,8 +145,13 @@ def test_amplification_needs_a_uniform_sample_of_part_of_the_population_all_cont
 
 
 def test_a_checkpointed_accountant_of_an_earlier_version_still_loads():
-    old = {"noise_multiplier": 1.0, "clip_norm": 0.5, "delta": DELTA, "sampled_uniformly": False,
-           "rounds": [{"server_round": 1, "population": 3, "sampled": 3, "contributed": 3}]}
+    old = {
+        "noise_multiplier": 1.0,
+        "clip_norm": 0.5,
+        "delta": DELTA,
+        "sampled_uniformly": False,
+        "rounds": [{"server_round": 1, "population": 3, "sampled": 3, "contributed": 3}],
+    }
     accountant = ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=DELTA, sampled_uniformly=False)
     accountant.load_state_dict(old)
     assert accountant.rounds == [ClientLevelRound(1, 3, 3, 3)]
@@ -147,17 +165,32 @@ SENT = {"a": np.zeros((4, 8), dtype=np.float32), "b": np.zeros(4, dtype=np.float
 
 
 def _reply(node: int, partition: int, value: float, server_round: int = 1) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
-                        group_id=str(server_round), created_at=time.time(), ttl=60.0, message_type="train")
-    content = RecordDict({keys.ARRAYS: arrays_record({k: np.full_like(v, value) for k, v in SENT.items()}),
-                          keys.METRICS: MetricRecord(TrainReport(partition, None).to_metrics())})
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    content = RecordDict(
+        {
+            keys.ARRAYS: arrays_record({k: np.full_like(v, value) for k, v in SENT.items()}),
+            keys.METRICS: MetricRecord(TrainReport(partition, None).to_metrics()),
+        }
+    )
     return Message(content=content, metadata=metadata)
 
 
 def _client_policy(clipping: str = "server") -> ReplyPolicy:
     """The reply policy of a privacy=client run, as the server builds it."""
-    cfg = tiny_config(privacy=PrivacyConfig(mode="client", client_clipping=clipping, client_clip_norm=0.5),
-                      federation=FederationConfig(num_clients=4, num_rounds=1))
+    cfg = tiny_config(
+        privacy=PrivacyConfig(mode="client", client_clipping=clipping, client_clip_norm=0.5),
+        federation=FederationConfig(num_clients=4, num_rounds=1),
+    )
     return loop_settings(cfg, "run").policy
 
 
@@ -180,8 +213,9 @@ def test_under_client_level_dp_one_clients_update_cannot_get_another_rejected(mo
     # Whether B's update is used must not depend on A's data: every update is used either way
     assert round_with(quiet) == round_with(loud) == [0, 1, 2, 3]
     # the same round under sample-level rules: A's update decides B's fate (why the filter is off above)
-    sample = ReplyPolicy(num_clients=4, update_norm_ratio=10.0, max_update_norm=None, require_accounting=False,
-                         uniform_weights=False)
+    sample = ReplyPolicy(
+        num_clients=4, update_norm_ratio=10.0, max_update_norm=None, require_accounting=False, uniform_weights=False
+    )
     assert _accepted([_reply(10, 0, quiet), _reply(11, 1, loud), _reply(12, 2, quiet)], sample) == [0, 2]
     assert _accepted([_reply(10, 0, loud), _reply(11, 1, loud), _reply(12, 2, quiet)], sample) == [0, 1, 2]
 
@@ -207,26 +241,48 @@ class _Grid(FakeGrid):
         self.answering = answering
 
     def send_and_receive(self, messages, *, timeout=None):
-        return [_reply(m.metadata.dst_node_id, m.metadata.dst_node_id - 100, 0.01)
-                for m in messages if m.metadata.dst_node_id in self.answering]
+        return [
+            _reply(m.metadata.dst_node_id, m.metadata.dst_node_id - 100, 0.01)
+            for m in messages
+            if m.metadata.dst_node_id in self.answering
+        ]
 
 
 def _strategy():
     # 3 of 10 sampled; seeded, so the sample of round 1 is the same for every instance
-    return build_strategy(aggregation="fedavg", trim_fraction=0.2, fraction_train=0.3, num_clients=10,
-                          client_level=True, client_clipping="server", client_noise_multiplier=1.0,
-                          client_clip_norm=0.5, noise="seeded")
+    return build_strategy(
+        aggregation="fedavg",
+        trim_fraction=0.2,
+        fraction_train=0.3,
+        num_clients=10,
+        client_level=True,
+        client_clipping="server",
+        client_noise_multiplier=1.0,
+        client_clip_norm=0.5,
+        noise="seeded",
+    )
 
 
 def _one_client_level_round(grid, strategy) -> PrivacyLedger:
     """Round 1 of a 10-client client-level run (sampled uniformly) through the real round loop."""
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None, mode="client",
-                           client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=DELTA,
-                                                              sampled_uniformly=True))
-    policy = ReplyPolicy(num_clients=10, update_norm_ratio=10.0, max_update_norm=None, require_accounting=False,
-                         uniform_weights=True, client_level=True)
-    settings = LoopSettings(num_rounds=1, num_clients=10, min_train_clients=1, timeout=1.0,
-                            train_config=ConfigRecord({}), policy=policy)
+    ledger = PrivacyLedger(
+        accountant="rdp",
+        delta=1e-5,
+        target_epsilon=None,
+        mode="client",
+        client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=DELTA, sampled_uniformly=True),
+    )
+    policy = ReplyPolicy(
+        num_clients=10,
+        update_norm_ratio=10.0,
+        max_update_norm=None,
+        require_accounting=False,
+        uniform_weights=True,
+        client_level=True,
+    )
+    settings = LoopSettings(
+        num_rounds=1, num_clients=10, min_train_clients=1, timeout=1.0, train_config=ConfigRecord({}), policy=policy
+    )
     [result] = run_rounds(grid, strategy, ledger, settings, arrays_record(SENT), 1)
     assert result.server_round == 1 and result.stop_reason is None
     return ledger
@@ -242,8 +298,10 @@ def _recorded_round(answering: set[int]) -> tuple[ClientLevelRound, bool]:
 
 def test_a_sampled_node_that_never_replied_voids_the_rounds_amplification(monkeypatch):
     act_as_server_process(monkeypatch)
-    sampled = [m.metadata.dst_node_id
-               for m in _strategy().configure_train(1, arrays_record(SENT), ConfigRecord({}), _Grid(set()))]
+    sampled = [
+        m.metadata.dst_node_id
+        for m in _strategy().configure_train(1, arrays_record(SENT), ConfigRecord({}), _Grid(set()))
+    ]
     assert len(sampled) == 3
     entry, amplified = _recorded_round(set(sampled))
     assert (entry.population, entry.sampled, entry.contributed, amplified) == (10, 3, 3, True)
@@ -256,8 +314,17 @@ def test_the_sampling_ratio_is_over_the_nodes_connected_when_the_sample_is_drawn
     act_as_server_process(monkeypatch)
     grid = _Grid(set(range(100, 110)))
     grid.nodes = grid.nodes[:5]  # five of ten connected; the wait for the others times out
-    strategy = build_strategy(aggregation="fedavg", trim_fraction=0.2, fraction_train=0.3, num_clients=10,
-                              client_level=True, client_clipping="server", client_noise_multiplier=1.0,
-                              client_clip_norm=0.5, noise="seeded", node_wait=0.01)
+    strategy = build_strategy(
+        aggregation="fedavg",
+        trim_fraction=0.2,
+        fraction_train=0.3,
+        num_clients=10,
+        client_level=True,
+        client_clipping="server",
+        client_noise_multiplier=1.0,
+        client_clip_norm=0.5,
+        noise="seeded",
+        node_wait=0.01,
+    )
     ledger = _one_client_level_round(grid, strategy)
     assert ledger.client_level.rounds == [ClientLevelRound(1, population=5, sampled=3, contributed=3)]  # q = 3/5

@@ -25,8 +25,12 @@ def _compose(overrides: list[str]) -> ExperimentConfig:
 
 
 def _group_options() -> list[tuple[str, str]]:
-    return [(group.name, option.stem) for group in sorted(CONF.iterdir()) if group.is_dir()
-            for option in sorted(group.glob("*.yaml"))]
+    return [
+        (group.name, option.stem)
+        for group in sorted(CONF.iterdir())
+        if group.is_dir()
+        for option in sorted(group.glob("*.yaml"))
+    ]
 
 
 def test_default_config_is_the_documented_default_run():
@@ -64,19 +68,22 @@ def test_json_round_trip_is_exact():
     assert ExperimentConfig.from_json(cfg.to_json()) == cfg
 
 
-@pytest.mark.parametrize(("build", "key"), [
-    (lambda: PrivacyConfig(target_epsilon=0), "privacy.target_epsilon"),
-    (lambda: PrivacyConfig(delta=1.5), "privacy.delta"),
-    (lambda: PrivacyConfig(mode="local"), "privacy.mode"),
-    (lambda: PrivacyConfig(accountant="gdp"), "privacy.accountant"),
-    (lambda: TrainConfig(batch_size=0), "train.batch_size"),
-    (lambda: TrainConfig(objective="dpo"), "train.objective"),
-    (lambda: DataConfig(name="jsonl"), "data.path"),
-    (lambda: DataConfig(prompt_template="no placeholder"), "data.prompt_template"),
-    (lambda: ModelConfig(source="pretrained"), "model.name_or_path"),
-    (lambda: ModelConfig(hidden_size=65, num_heads=4), "model.hidden_size"),
-    (lambda: ExperimentConfig(data=DataConfig(choices=())), "train.objective"),
-])
+@pytest.mark.parametrize(
+    ("build", "key"),
+    [
+        (lambda: PrivacyConfig(target_epsilon=0), "privacy.target_epsilon"),
+        (lambda: PrivacyConfig(delta=1.5), "privacy.delta"),
+        (lambda: PrivacyConfig(mode="local"), "privacy.mode"),
+        (lambda: PrivacyConfig(accountant="gdp"), "privacy.accountant"),
+        (lambda: TrainConfig(batch_size=0), "train.batch_size"),
+        (lambda: TrainConfig(objective="dpo"), "train.objective"),
+        (lambda: DataConfig(name="jsonl"), "data.path"),
+        (lambda: DataConfig(prompt_template="no placeholder"), "data.prompt_template"),
+        (lambda: ModelConfig(source="pretrained"), "model.name_or_path"),
+        (lambda: ModelConfig(hidden_size=65, num_heads=4), "model.hidden_size"),
+        (lambda: ExperimentConfig(data=DataConfig(choices=())), "train.objective"),
+    ],
+)
 def test_invalid_values_raise_config_error_naming_the_key(build, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build()
@@ -95,10 +102,13 @@ def test_config_sections_are_frozen():
         cfg.privacy.target_epsilon = 100  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    (["model=pretrained"], "model.name_or_path"),
-    (["data=jsonl", "train.objective=token"], "data.path"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model=pretrained"], "model.name_or_path"),
+        (["data=jsonl", "train.objective=token"], "data.path"),
+    ],
+)
 def test_required_values_left_unset_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: required"):
         _compose(overrides)
@@ -107,25 +117,29 @@ def test_required_values_left_unset_name_the_key(overrides, key):
 # Issue 13, problem 9: every numeric setting finite and of its declared type, booleans strict,
 # and `fedllm plan` errors as cleanly as `fedllm simulate`.
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("privacy.max_grad_norm=inf", "privacy.max_grad_norm"),
-    ("train.lr=inf", "train.lr"),
-    ("train.local_steps=1.5", "train.local_steps"),
-    ("train.batch_size=2.5", "train.batch_size"),
-    ("train.batch_size=1.5", "train.batch_size"),  # issue 15: these ran as if nothing were wrong
-    ("federation.num_rounds=three", "federation.num_rounds"),
-    ("privacy.target_epsilon=inf", "privacy.target_epsilon"),
-    ("privacy.delta=nan", "privacy.delta"),
-    ("seed=abc", "seed"),
-    ("seed=1.0", "seed"),
-    ("storage.encrypt=no", "storage.encrypt"),
-    ("tracking.progress=1", "tracking.progress"),
-    ("train.local_steps=true", "train.local_steps"),
-    ("data.choices=[1,2]", "data.choices"),
-    ("model.name_or_path=2024", "model.name_or_path"),
-    ("privacy.client_caps=[{client: 1, max_epsilon: inf}]", "privacy.client_caps.max_epsilon"),
-    ("privacy.client_caps=[{client: 1.5}]", "privacy.client_caps.client"),
-])
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("privacy.max_grad_norm=inf", "privacy.max_grad_norm"),
+        ("train.lr=inf", "train.lr"),
+        ("train.local_steps=1.5", "train.local_steps"),
+        ("train.batch_size=2.5", "train.batch_size"),
+        ("train.batch_size=1.5", "train.batch_size"),  # issue 15: these ran as if nothing were wrong
+        ("federation.num_rounds=three", "federation.num_rounds"),
+        ("privacy.target_epsilon=inf", "privacy.target_epsilon"),
+        ("privacy.delta=nan", "privacy.delta"),
+        ("seed=abc", "seed"),
+        ("seed=1.0", "seed"),
+        ("storage.encrypt=no", "storage.encrypt"),
+        ("tracking.progress=1", "tracking.progress"),
+        ("train.local_steps=true", "train.local_steps"),
+        ("data.choices=[1,2]", "data.choices"),
+        ("model.name_or_path=2024", "model.name_or_path"),
+        ("privacy.client_caps=[{client: 1, max_epsilon: inf}]", "privacy.client_caps.max_epsilon"),
+        ("privacy.client_caps=[{client: 1.5}]", "privacy.client_caps.client"),
+    ],
+)
 def test_overrides_of_the_wrong_type_or_not_finite_name_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}(\[\d+\])?: "):
         _compose([override])
@@ -135,7 +149,9 @@ def _sections():
     from fedllm import config as module
 
     return [(prefix, cls) for prefix, cls in module._SECTION_TYPES.items()] + [
-        ("privacy.client_caps", module.ClientCap), ("", ExperimentConfig)]
+        ("privacy.client_caps", module.ClientCap),
+        ("", ExperimentConfig),
+    ]
 
 
 def _fields_of(kind: type) -> list[tuple[str, type, str]]:
@@ -189,8 +205,14 @@ def test_the_type_checks_cover_every_kind_of_numeric_and_boolean_setting():
     # the generic check must see the fields the issue names, not just some
     floats = {f"{p}.{n}" for p, _, n in _fields_of(float)}
     ints = {f"{p}.{n}" if p else n for p, _, n in _fields_of(int)}
-    assert {"privacy.max_grad_norm", "train.lr", "privacy.target_epsilon", "federation.round_timeout",
-            "federation.max_update_norm", "privacy.noise_multiplier"} <= floats
+    assert {
+        "privacy.max_grad_norm",
+        "train.lr",
+        "privacy.target_epsilon",
+        "federation.round_timeout",
+        "federation.max_update_norm",
+        "privacy.noise_multiplier",
+    } <= floats
     assert {"train.local_steps", "train.batch_size", "seed", "data.max_records"} <= ints
     assert {"storage.encrypt", "tracking.wandb"} <= {f"{p}.{n}" for p, _, n in _fields_of(bool)}
 
@@ -218,17 +240,20 @@ def test_from_json_rejects_a_float_seed_and_a_string_flag():
         ExperimentConfig.from_dict({**raw, "privacy": {**raw["privacy"], "client_caps": [3]}})
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("privacy.epsilon=3", "privacy.epsilon: unknown key; did you mean privacy.target_epsilon?"),
-    ("privacy.zzz=3", "privacy.zzz: unknown key; known keys of privacy: accountant,"),
-    ("nogroup=x", "nogroup: unknown key"),
-    ("privacy.client_caps.x=1", "cannot apply the overrides"),
-    ("privacy=nonexistent", "privacy/nonexistent"),
-    ("train.lr=[1", "train.lr=[1"),
-    ("seed=abc", "seed: expected an integer"),
-    ("train.lr=inf", "train.lr: must be a finite number"),
-    ("seed=${oops}", "oops"),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("privacy.epsilon=3", "privacy.epsilon: unknown key; did you mean privacy.target_epsilon?"),
+        ("privacy.zzz=3", "privacy.zzz: unknown key; known keys of privacy: accountant,"),
+        ("nogroup=x", "nogroup: unknown key"),
+        ("privacy.client_caps.x=1", "cannot apply the overrides"),
+        ("privacy=nonexistent", "privacy/nonexistent"),
+        ("train.lr=[1", "train.lr=[1"),
+        ("seed=abc", "seed: expected an integer"),
+        ("train.lr=inf", "train.lr: must be a finite number"),
+        ("seed=${oops}", "oops"),
+    ],
+)
 def test_plan_reports_config_errors_in_one_line_and_fails(override, expected, capsys):
     from fedllm.cli.plan import plan_cli
 
@@ -240,12 +265,16 @@ def test_plan_reports_config_errors_in_one_line_and_fails(override, expected, ca
 
 # Issue 15, item 5: key typos get a "did you mean", from the compose API as from the CLI.
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("privacy.target_epsilion=3", "privacy.target_epsilion: unknown key; did you mean privacy.target_epsilon?"),
-    ("train.batchsize=4", "train.batchsize: unknown key; did you mean train.batch_size?"),
-    ("sed=1", "sed: unknown key; did you mean seed?"),
-    ("+federation.num_round=2", "federation.num_round: unknown key; did you mean federation.num_rounds?"),
-])
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("privacy.target_epsilion=3", "privacy.target_epsilion: unknown key; did you mean privacy.target_epsilon?"),
+        ("train.batchsize=4", "train.batchsize: unknown key; did you mean train.batch_size?"),
+        ("sed=1", "sed: unknown key; did you mean seed?"),
+        ("+federation.num_round=2", "federation.num_round: unknown key; did you mean federation.num_rounds?"),
+    ],
+)
 def test_a_key_typo_suggests_the_key(override, expected):
     from hydra.errors import HydraException
 
@@ -269,40 +298,65 @@ def test_wrong_types_name_the_key_and_the_expected_type():
 
 # Issue 16: federation.ray_address joins a running Ray cluster (null: a local Ray, as before).
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("null", None),
-    ("auto", "auto"),
-    ("127.0.0.1:6379", "127.0.0.1:6379"),
-    ("head-node.example.org:10001", "head-node.example.org:10001"),
-    ("'[::1]:6379'", "[::1]:6379"),  # quoted: unquoted brackets are a list to Hydra
-])
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("null", None),
+        ("auto", "auto"),
+        ("127.0.0.1:6379", "127.0.0.1:6379"),
+        ("head-node.example.org:10001", "head-node.example.org:10001"),
+        ("'[::1]:6379'", "[::1]:6379"),  # quoted: unquoted brackets are a list to Hydra
+    ],
+)
 def test_ray_address_takes_null_auto_or_host_and_port(value, expected):
     assert _compose([f"federation.ray_address={value}"]).federation.ray_address == expected
     assert _compose([]).federation.ray_address is None  # the default starts a local Ray, as before
 
 
-@pytest.mark.parametrize("value", [
-    "localhost", "10.0.0.1", "10.0.0.1:", ":6379", "10.0.0.1:0", "10.0.0.1:65536", "10.0.0.1:63a",
-    "10.0.0.1:6379:1", "head node:6379", "AUTO", "local", "", "http://10.0.0.1:6379",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "localhost",
+        "10.0.0.1",
+        "10.0.0.1:",
+        ":6379",
+        "10.0.0.1:0",
+        "10.0.0.1:65536",
+        "10.0.0.1:63a",
+        "10.0.0.1:6379:1",
+        "head node:6379",
+        "AUTO",
+        "local",
+        "",
+        "http://10.0.0.1:6379",
+    ],
+)
 def test_ray_address_that_is_not_an_address_names_the_key_and_the_forms(value):
     with pytest.raises(ConfigError) as err:
         _compose([f"federation.ray_address='{value}'"])
     assert str(err.value) == (
         f"federation.ray_address: got {value!r}; use null (start a local Ray for this run), auto (the Ray "
         "cluster `ray start` runs on this machine, or RAY_ADDRESS) or the cluster head's <host>:<port>, "
-        "e.g. 10.0.0.1:6379")
+        "e.g. 10.0.0.1:6379"
+    )
 
 
 def test_ray_client_addresses_are_refused_with_the_reason():
-    with pytest.raises(ConfigError, match=r"^federation[.]ray_address: got 'ray://10[.]0[.]0[.]1:10001': Ray "
-                                          r"Client addresses \(ray://\) are not supported"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^federation[.]ray_address: got 'ray://10[.]0[.]0[.]1:10001': Ray "
+        r"Client addresses \(ray://\) are not supported",
+    ):
         _compose(["federation.ray_address='ray://10.0.0.1:10001'"])
 
 
 def test_ray_address_needs_the_ray_engine():
-    with pytest.raises(ConfigError, match=r"^federation[.]ray_address: joins a Ray cluster, but "
-                                          r"federation[.]engine=inprocess runs without Ray"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^federation[.]ray_address: joins a Ray cluster, but "
+        r"federation[.]engine=inprocess runs without Ray",
+    ):
         _compose(["federation.ray_address=auto", "federation.engine=inprocess"])
 
 
@@ -341,12 +395,16 @@ def test_own_records_train_free_form_answers_unless_fixed_answers_are_asked_for(
 # Issue 14: every mode is a Literal; the allowed values come from it, and a wrong value (from YAML,
 # so possibly not even text) is refused in one line naming the key and the choices.
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("privacy.mode=local", "privacy.mode: got 'local'; choose one of sample, client, both, none"),
-    ("train.optimizer=adam", "train.optimizer: got 'adam'; choose one of adamw, sgd"),
-    ("federation.engine=1", "federation.engine: got 1; choose one of ray, inprocess"),
-    ("data.duplicates=skip", "data.duplicates: got 'skip'; choose one of drop, keep, refuse"),
-])
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("privacy.mode=local", "privacy.mode: got 'local'; choose one of sample, client, both, none"),
+        ("train.optimizer=adam", "train.optimizer: got 'adam'; choose one of adamw, sgd"),
+        ("federation.engine=1", "federation.engine: got 1; choose one of ray, inprocess"),
+        ("data.duplicates=skip", "data.duplicates: got 'skip'; choose one of drop, keep, refuse"),
+    ],
+)
 def test_a_mode_outside_its_choices_names_the_key_and_the_choices(override, expected):
     with pytest.raises(ConfigError) as refused:
         _compose([override])
@@ -356,18 +414,36 @@ def test_a_mode_outside_its_choices_names_the_key_and_the_choices(override, expe
 def _mode_fields() -> list[tuple[str, type, str, tuple[str, ...]]]:
     import typing
 
-    return [(prefix, cls, f.name, typing.get_args(hint))
-            for prefix, cls in _sections()
-            for f in dataclasses.fields(cls)
-            if typing.get_origin(hint := typing.get_type_hints(cls)[f.name]) is typing.Literal]
+    return [
+        (prefix, cls, f.name, typing.get_args(hint))
+        for prefix, cls in _sections()
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hint := typing.get_type_hints(cls)[f.name]) is typing.Literal
+    ]
 
 
 def test_the_modes_of_every_section_are_literals():
     modes = {f"{prefix}.{name}" for prefix, _, name, _ in _mode_fields()}
-    assert {"model.source", "model.dtype", "model.quantization", "data.name", "data.format", "data.partition",
-            "data.overlong", "data.duplicates", "train.objective", "train.precision", "train.optimizer",
-            "privacy.mode", "privacy.accountant", "privacy.grad_sample_mode", "privacy.noise",
-            "privacy.client_clipping", "federation.aggregation", "federation.engine"} <= modes
+    assert {
+        "model.source",
+        "model.dtype",
+        "model.quantization",
+        "data.name",
+        "data.format",
+        "data.partition",
+        "data.overlong",
+        "data.duplicates",
+        "train.objective",
+        "train.precision",
+        "train.optimizer",
+        "privacy.mode",
+        "privacy.accountant",
+        "privacy.grad_sample_mode",
+        "privacy.noise",
+        "privacy.client_clipping",
+        "federation.aggregation",
+        "federation.engine",
+    } <= modes
 
 
 @pytest.mark.parametrize(("prefix", "cls", "name", "choices"), _mode_fields())

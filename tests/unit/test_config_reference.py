@@ -40,7 +40,8 @@ def reference(gen):
 def test_the_committed_reference_is_what_conf_says_now(gen, reference):
     committed = (ROOT / "docs" / "config.md").read_text()
     assert committed == gen.render(reference), (
-        "docs/config.md is stale: run .venv/bin/python scripts/gen_config_reference.py and commit it")
+        "docs/config.md is stale: run .venv/bin/python scripts/gen_config_reference.py and commit it"
+    )
 
 
 def test_every_key_has_a_description(gen, reference):
@@ -72,18 +73,33 @@ def test_every_group_lists_every_option_and_its_default(reference):
     assert groups["gpu"].default is None and not groups["gpu"].section
 
 
-@pytest.mark.parametrize(("value", "shown"), [
-    (1e-5, "1e-5"), (0.001, "0.001"), (8.0, "8.0"), (16, "16"), (None, "null"), (True, "true"), ("???", "required"),
-    ("fedavg", "fedavg"), (" {response}", '" {response}"'), ("8", '"8"'), ("null", '"null"'),
-    (["q_proj", "v_proj"], "[q_proj, v_proj]"), ("Review: {prompt}\nSentiment:", '"Review: {prompt}\\nSentiment:"'),
-])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (1e-5, "1e-5"),
+        (0.001, "0.001"),
+        (8.0, "8.0"),
+        (16, "16"),
+        (None, "null"),
+        (True, "true"),
+        ("???", "required"),
+        ("fedavg", "fedavg"),
+        (" {response}", '" {response}"'),
+        ("8", '"8"'),
+        ("null", '"null"'),
+        (["q_proj", "v_proj"], "[q_proj, v_proj]"),
+        ("Review: {prompt}\nSentiment:", '"Review: {prompt}\\nSentiment:"'),
+    ],
+)
 def test_values_are_shown_as_one_would_override_them(gen, value, shown):
     assert gen.show(value) == shown
 
 
 def test_trailing_comments_ignore_a_hash_inside_quotes(gen):
-    assert gen.split_comment('"### Instruction:\\n{prompt}"   # the template') == ('"### Instruction:\\n{prompt}"',
-                                                                              "the template")
+    assert gen.split_comment('"### Instruction:\\n{prompt}"   # the template') == (
+        '"### Instruction:\\n{prompt}"',
+        "the template",
+    )
     assert gen.split_comment("'a # b' # c") == ("'a # b'", "c")
     assert gen.split_comment("value#not-a-comment") == ("value#not-a-comment", "")
 
@@ -150,8 +166,9 @@ def test_comments_become_meanings_as_conf_writes_them(gen, tiny_conf):
     assert basic.notes["thing.beta"].text == "A block for beta and gamma."
     assert basic.notes["thing.gamma"] == gen.Note(shared_with="thing.beta")
     assert basic.notes["thing.delta"].text == "delta's own"
-    assert basic.notes["thing.epsilon"].text == ("epsilon's own. A block right above a key that has its own "
-                                                 "comment too.")
+    assert basic.notes["thing.epsilon"].text == (
+        "epsilon's own. A block right above a key that has its own comment too."
+    )
     assert basic.notes["thing.floating"].text == ""  # a blank line ends a block
     assert basic.values["thing.beta"] == "# not a comment"
     preset = gen.parse_conf_file(tiny_conf / "preset" / "fast.yaml", "preset")

@@ -12,8 +12,9 @@ from fedllm.federation.simulation import route_flower_logs
 def test_flower_lines_go_through_the_root_logger_only(caplog, capsys):
     route_flower_logs()
     flower = logging.getLogger("flwr")
-    assert not [h for h in flower.handlers if isinstance(h, logging.StreamHandler)
-                and not isinstance(h, logging.FileHandler)]
+    assert not [
+        h for h in flower.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     with caplog.at_level(logging.INFO):
         flower.info("aggregate_train: Received 3 results and 0 failures")
     assert [r.getMessage() for r in caplog.records].count("aggregate_train: Received 3 results and 0 failures") == 1

@@ -36,8 +36,9 @@ def _write(tmp_path, name, text):
 
 
 def test_jsonl_records_load_with_configurable_fields(tmp_path):
-    path = _write(tmp_path, "d.jsonl", json.dumps({"q": "hi", "a": "there"}) + "\n\n"
-                  + json.dumps({"q": "x", "a": "y"}) + "\n")
+    path = _write(
+        tmp_path, "d.jsonl", json.dumps({"q": "hi", "a": "there"}) + "\n\n" + json.dumps({"q": "x", "a": "y"}) + "\n"
+    )
     assert load_records(path, "auto", "q", "a") == [Record("hi", "there"), Record("x", "y")]
 
 
@@ -46,14 +47,17 @@ def test_csv_records_load(tmp_path):
     assert load_records(path, "auto", "prompt", "response") == [Record("hello", "world")]
 
 
-@pytest.mark.parametrize(("name", "text", "message"), [
-    ("bad.jsonl", '{"prompt": "a", "response": "b"}\n{not json}\n', r"bad\.jsonl:2: not valid JSON"),
-    ("missing.jsonl", '{"prompt": "a"}\n', r"missing\.jsonl:1: missing field 'response'"),
-    ("empty_field.jsonl", '{"prompt": "", "response": "b"}\n', r"empty_field\.jsonl:1: field 'prompt'"),
-    ("list.jsonl", '[1, 2]\n', r"list\.jsonl:1: expected a JSON object"),
-    ("nothing.jsonl", "\n\n", r"nothing\.jsonl: contains no records"),
-    ("rows.csv", "prompt,response\na,b\nc,\n", r"rows\.csv:3: field 'response'"),
-])
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.jsonl", '{"prompt": "a", "response": "b"}\n{not json}\n', r"bad\.jsonl:2: not valid JSON"),
+        ("missing.jsonl", '{"prompt": "a"}\n', r"missing\.jsonl:1: missing field 'response'"),
+        ("empty_field.jsonl", '{"prompt": "", "response": "b"}\n', r"empty_field\.jsonl:1: field 'prompt'"),
+        ("list.jsonl", "[1, 2]\n", r"list\.jsonl:1: expected a JSON object"),
+        ("nothing.jsonl", "\n\n", r"nothing\.jsonl: contains no records"),
+        ("rows.csv", "prompt,response\na,b\nc,\n", r"rows\.csv:3: field 'response'"),
+    ],
+)
 def test_malformed_files_name_file_and_line(tmp_path, name, text, message):
     with pytest.raises(DataError, match=message):
         load_records(_write(tmp_path, name, text), "auto", "prompt", "response")
@@ -77,8 +81,7 @@ def _labelled(n):
 
 def test_split_holds_out_a_test_set_no_client_sees():
     records = _labelled(1000)
-    split = split_records(records, test_size=200, num_clients=4, partition="iid", alpha=0.5,
-                          min_shard=16, seed=1)
+    split = split_records(records, test_size=200, num_clients=4, partition="iid", alpha=0.5, min_shard=16, seed=1)
     shard_prompts = [r.prompt for shard in split.shards for r in shard]
     assert len(split.test) == 200 and len(shard_prompts) == 800
     assert len(set(shard_prompts)) == 800
@@ -96,8 +99,7 @@ def test_split_is_deterministic_in_the_seed():
 
 def test_dirichlet_partition_skews_labels():
     records = _labelled(3000)
-    split = split_records(records, test_size=1, num_clients=5, partition="dirichlet", alpha=0.1,
-                          min_shard=16, seed=0)
+    split = split_records(records, test_size=1, num_clients=5, partition="dirichlet", alpha=0.1, min_shard=16, seed=0)
     shares = [Counter(r.response for r in s)["positive"] / len(s) for s in split.shards]
     assert max(shares) - min(shares) > 0.3
     assert sum(map(len, split.shards)) == 2999
@@ -108,8 +110,12 @@ def test_too_few_records_is_a_clear_error():
         split_records(_labelled(50), test_size=40, num_clients=3, partition="iid", alpha=1, min_shard=16, seed=0)
 
 
-FMT = PromptFormat(prompt_template="Review: {prompt}\nSentiment:", response_template=" {response}",
-                   max_length=24, choices=("positive", "negative"))
+FMT = PromptFormat(
+    prompt_template="Review: {prompt}\nSentiment:",
+    response_template=" {response}",
+    max_length=24,
+    choices=("positive", "negative"),
+)
 
 
 def test_loss_only_on_answer_tokens(tokenizer):
@@ -139,8 +145,9 @@ def test_choices_must_be_single_tokens(tokenizer):
 
 
 def test_collate_left_pads_with_positions_and_mask(tokenizer):
-    dataset = tokenize_records([Record("short", "positive"), Record("a much longer review text", "negative")],
-                               tokenizer, FMT)
+    dataset = tokenize_records(
+        [Record("short", "positive"), Record("a much longer review text", "negative")], tokenizer, FMT
+    )
     batch = make_collate(pad_id=0, prompt_only=True)([dataset[0], dataset[1]])
     mask, pos = batch["attention_mask"], batch["position_ids"]
     assert mask[0, 0] == 0 and mask[:, -1].tolist() == [1, 1]
@@ -178,6 +185,7 @@ def test_an_unknown_answer_names_the_line_but_never_quotes_the_record(tmp_path, 
 
 # Issue 13, problem 10: bounded records, duplicates, BOM, directories, ragged CSV rows.
 
+
 def _load(path, **limits):
     return load_records(path, "auto", "prompt", "response", **limits)
 
@@ -194,8 +202,11 @@ def test_an_oversized_record_is_refused_naming_file_and_line_without_quoting_it(
     else:
         text = f"prompt,response\nfine,positive\n{secret},positive\n"
     path = _write(tmp_path, name, text)
-    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}:{2 if 'jsonl' in name else 3}: .*"
-                                        r"longer than 1000 characters.*data\.max_record_chars") as error:
+    with pytest.raises(
+        DataError,
+        match=rf"{name.replace('.', '[.]')}:{2 if 'jsonl' in name else 3}: .*"
+        r"longer than 1000 characters.*data\.max_record_chars",
+    ) as error:
         _load(path, max_record_chars=1000)
     assert "SECRET" not in str(error.value)
     assert len(_load(path, max_record_chars=10_000)) == 2 + ("jsonl" in name)
@@ -240,8 +251,11 @@ def test_duplicates_are_dropped_by_default_and_reported(tmp_path, caplog):
     path = _write(tmp_path, "dup.jsonl", DUPLICATED)
     with caplog.at_level("WARNING", logger="fedllm.data.sources"):
         records = _load(path)
-    assert [(r.prompt, r.response) for r in records] == [("same", "positive"), ("other", "positive"),
-                                                         ("same", "negative")]
+    assert [(r.prompt, r.response) for r in records] == [
+        ("same", "positive"),
+        ("other", "positive"),
+        ("same", "negative"),
+    ]
     assert [r.origin for r in records] == [f"{path}:1", f"{path}:2", f"{path}:4"]
     message = caplog.text
     assert "2 duplicate records" in message and "lines 3, 5" in message and "dropped" in message
@@ -267,10 +281,13 @@ def test_an_unknown_duplicates_policy_is_an_error(tmp_path):
         _load(_write(tmp_path, "d.jsonl", _line("a")), duplicates="merge")
 
 
-@pytest.mark.parametrize(("name", "text"), [
-    ("bom.jsonl", "\ufeff" + _line("hi")),
-    ("bom.csv", "\ufeffprompt,response\nhi,positive\n"),
-])
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("bom.jsonl", "\ufeff" + _line("hi")),
+        ("bom.csv", "\ufeffprompt,response\nhi,positive\n"),
+    ],
+)
 def test_a_utf8_byte_order_mark_is_ignored(tmp_path, name, text):
     assert _load(_write(tmp_path, name, text)) == [Record("hi", "positive")]
 
@@ -280,11 +297,14 @@ def test_a_directory_is_reported_as_a_directory(tmp_path):
         _load(tmp_path)
 
 
-@pytest.mark.parametrize(("text", "line", "found"), [
-    ("prompt,response\na,b\nSECRET,b,extra\n", 3, 3),
-    ("prompt,response\na,b\n\nSECRET\n", 4, 1),
-    ('prompt,response\n"multi\nline",b\nSECRET,b,c,d\n', 4, 4),
-])
+@pytest.mark.parametrize(
+    ("text", "line", "found"),
+    [
+        ("prompt,response\na,b\nSECRET,b,extra\n", 3, 3),
+        ("prompt,response\na,b\n\nSECRET\n", 4, 1),
+        ('prompt,response\n"multi\nline",b\nSECRET,b,c,d\n', 4, 4),
+    ],
+)
 def test_a_ragged_csv_row_is_an_error_naming_file_and_line(tmp_path, text, line, found):
     path = _write(tmp_path, "ragged.csv", text)
     with pytest.raises(DataError, match=rf"ragged\.csv:{line}: {found} values?, but the header .* 2 columns") as error:
@@ -302,10 +322,13 @@ def test_deeply_nested_json_is_a_data_error(tmp_path):
         _load(_write(tmp_path, "deep.jsonl", "[" * 50_000 + "]" * 50_000 + "\n"))
 
 
-@pytest.mark.parametrize(("name", "text"), [
-    ("last.jsonl", _line("a") + _line("b").rstrip("\n")),
-    ("last.csv", "prompt,response\r\na,positive\r\nb,positive"),
-])
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("last.jsonl", _line("a") + _line("b").rstrip("\n")),
+        ("last.csv", "prompt,response\r\na,positive\r\nb,positive"),
+    ],
+)
 def test_the_last_record_needs_no_line_break(tmp_path, name, text):
     assert [r.prompt for r in _load(_write(tmp_path, name, text), max_record_chars=40)] == ["a", "b"]
 

@@ -62,16 +62,22 @@ def test_the_documented_node_trains_every_round_of_the_documented_run(launch, no
     outlook = node_outlook(cfg, node_config, NODE_RECORDS)
     assert outlook.rounds == outlook.planned, (
         f"the README's node ({node_config}) trains {outlook.rounds} of {outlook.planned} rounds of the README's run "
-        f"(target {cfg.privacy.target_epsilon} at delta {cfg.privacy.delta})")
+        f"(target {cfg.privacy.target_epsilon} at delta {cfg.privacy.delta})"
+    )
     assert outlook.policy.partition_id < cfg.federation.num_clients
 
 
 def test_the_first_round_epsilon_the_readme_quotes_is_the_accountants(default_run, node_config):
     cfg, smallest = default_run
     plan = plan_for(cfg, smallest)
-    first = epsilon_by_round(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                             local_steps=cfg.train.local_steps, rounds=1, delta=cfg.privacy.delta,
-                             accountant=cfg.privacy.accountant)[0]
+    first = epsilon_by_round(
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        local_steps=cfg.train.local_steps,
+        rounds=1,
+        delta=cfg.privacy.delta,
+        accountant=cfg.privacy.accountant,
+    )[0]
     assert f"shows {first:.2f} after the first of {cfg.federation.num_rounds} rounds for {smallest:,} records" in README
     # and, as it says, the README's node (cap 4) refuses every round of that plan
     assert node_outlook(run_config(""), node_config, smallest).rounds == 0
@@ -109,6 +115,10 @@ def test_the_documented_supernode_flags_are_flwr_142s():
 def test_a_node_config_file_is_read_like_the_string(tmp_path, node_config):
     values = parse_flower_config(node_config)
     path = tmp_path / "node.toml"
-    path.write_text("".join(f"{key} = {value!r}\n".replace("'", '"') if isinstance(value, str)
-                            else f"{key} = {value}\n" for key, value in values.items()))
+    path.write_text(
+        "".join(
+            f"{key} = {value!r}\n".replace("'", '"') if isinstance(value, str) else f"{key} = {value}\n"
+            for key, value in values.items()
+        )
+    )
     assert parse_flower_config(str(path)) == values

@@ -23,15 +23,18 @@ NO_CUDA = not torch.cuda.is_available()
 DP = DPSpec(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
 
 
-@pytest.mark.parametrize(("fields", "key"), [
-    ({"dtype": "int8"}, "model.dtype"),
-    ({"quantization": "2bit"}, "model.quantization"),
-    ({"device": "gpu"}, "model.device"),
-    ({"device": "cuda:x"}, "model.device"),
-    ({"source": "tiny", "quantization": "4bit"}, "model.quantization"),
-    ({"quantization": "4bit", "device": "cpu"}, "model.quantization"),
-    ({"quantization": "4bit", "dtype": "bf16"}, "model.dtype"),
-])
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        ({"dtype": "int8"}, "model.dtype"),
+        ({"quantization": "2bit"}, "model.quantization"),
+        ({"device": "gpu"}, "model.device"),
+        ({"device": "cuda:x"}, "model.device"),
+        ({"source": "tiny", "quantization": "4bit"}, "model.quantization"),
+        ({"quantization": "4bit", "device": "cpu"}, "model.quantization"),
+        ({"quantization": "4bit", "dtype": "bf16"}, "model.dtype"),
+    ],
+)
 def test_bad_device_settings_name_the_key(fields, key):
     with pytest.raises(ConfigError, match=key):
         ModelConfig(**fields)
@@ -61,8 +64,9 @@ def _dp_round(model_cfg: ModelConfig) -> tuple[dict, dict]:
     bundle = task.model_bundle(model_cfg, LoraSettings(), 0)
     data = tokenize_records(easy_records(64, 5), bundle.tokenizer, FMT)
     before = adapter_state(bundle.model)
-    spec = LocalSpec(steps=2, batch_size=16, lr=1e-2, weight_decay=0.0, objective="choices",
-                     bf16=model_cfg.dtype == "bf16", seed=0)
+    spec = LocalSpec(
+        steps=2, batch_size=16, lr=1e-2, weight_decay=0.0, objective="choices", bf16=model_cfg.dtype == "bf16", seed=0
+    )
     result = train_local(bundle.model, data, make_collate(bundle.pad_id, True), spec, choice_ids(bundle), DP, [])
     assert result.history and result.history[0][2] == 2  # both steps accounted
     return before, adapter_state(bundle.model)
@@ -89,10 +93,19 @@ def test_bf16_per_sample_gradients_are_clipped_in_fp32():
     params = [p for p in bundle.model.parameters() if p.requires_grad]
     bundle.model.train()
     clip = 1e-3  # far below every gradient's norm: every sample is clipped
-    session = start_round(model=bundle.model, optimizer=torch.optim.SGD(params, lr=0.0), dataset=data,
-                          batch_size=16, collate=make_collate(bundle.pad_id, True), noise_multiplier=0.0,
-                          max_grad_norm=clip, history=[], accountant="rdp", grad_sample_mode="hooks",
-                          randomness=dp_randomness(0))
+    session = start_round(
+        model=bundle.model,
+        optimizer=torch.optim.SGD(params, lr=0.0),
+        dataset=data,
+        batch_size=16,
+        collate=make_collate(bundle.pad_id, True),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        history=[],
+        accountant="rdp",
+        grad_sample_mode="hooks",
+        randomness=dp_randomness(0),
+    )
     try:
         batch = next(b for b in session.loader if len(b["input_ids"]) > 0)
         with autocast(True):

@@ -220,8 +220,11 @@ def test_each_key_a_service_uses_is_installed_0400_for_the_user_it_runs_as(compo
             [volume] = [source for source, target, ro in mounts(service) if target == folder and ro]
             assert copies.get(f"{volume}/{key}") == ("0400", user), f"{name}: {path} is not installed for {user}"
             assert user.split(":")[0] not in ("0", "root"), f"{name} runs as root"
-            others = [s for s, svc in compose["services"].items()
-                      if s not in (name, "keys") and volume in [m[0] for m in mounts(svc)]]
+            others = [
+                s
+                for s, svc in compose["services"].items()
+                if s not in (name, "keys") and volume in [m[0] for m in mounts(svc)]
+            ]
             assert not others, f"{name}'s key volume is also mounted by {others}"
     assert used == 4  # superlink, gateway, two nodes
 
@@ -261,8 +264,10 @@ def test_the_superlink_runs_with_tls_node_auth_and_no_runtime_installs(compose):
 
 
 def test_images_are_pinned_to_a_release_or_a_digest(compose):
-    pinned = re.compile(r"^flwr/(superlink|supernode|superexec):1\.42\.0(-py3\.\d+-ubuntu[\d.]+)?"
-                        r"(@sha256:[0-9a-f]{64})?$")
+    pinned = re.compile(
+        r"^flwr/(superlink|supernode|superexec):1\.42\.0(-py3\.\d+-ubuntu[\d.]+)?"
+        r"(@sha256:[0-9a-f]{64})?$"
+    )
     froms = re.findall(r"^FROM\s+(\S+)", (DOCKER / "Dockerfile.superlink").read_text(), flags=re.M)
     assert froms and all(pinned.match(image) for image in froms)
     assert re.search(r"^ARG BASE_IMAGE=(\S+)", (DOCKER / "Dockerfile.app").read_text(), flags=re.M)
@@ -363,8 +368,11 @@ def test_torch_is_the_pinned_cpu_wheel_installed_before_fedllm():
 def test_base_images_are_ubuntu_with_a_python_fedllm_supports(compose):
     supported = SpecifierSet(PYPROJECT["project"]["requires-python"])
     images = [Dockerfile.read("Dockerfile.app").args["BASE_IMAGE"]]
-    images += [s["build"]["args"]["BASE_IMAGE"] for s in compose["services"].values()
-               if s["build"]["dockerfile"].endswith("Dockerfile.app")]
+    images += [
+        s["build"]["args"]["BASE_IMAGE"]
+        for s in compose["services"].values()
+        if s["build"]["dockerfile"].endswith("Dockerfile.app")
+    ]
     for image in images:
         # the bare release tag (flwr/supernode:1.42.0) is Flower's Alpine image with Python 3.13:
         # no torch wheel for musl, and outside fedllm's requires-python
@@ -380,8 +388,11 @@ def test_no_secret_enters_an_image(compose):
         assert not [k for k in [*image.env, *image.args] if SECRET_NAME.search(k)], name
         # the build context is the repository root: the Dockerfile's own ignore file lets through
         # only what it copies (never docker/certs, docker/keys, docker/node-data, outputs, .venv)
-        ignore = [line.strip() for line in (DOCKER / f"{name}.dockerignore").read_text().splitlines()
-                  if line.strip() and not line.startswith("#")]
+        ignore = [
+            line.strip()
+            for line in (DOCKER / f"{name}.dockerignore").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
         assert ignore[0] == "*", name
         allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
         assert allowed == {source.rstrip("/") for source in image.copies}, name
@@ -394,8 +405,11 @@ def test_no_secret_enters_an_image(compose):
 def test_the_documented_run_trains_on_every_node_for_all_its_rounds(compose, prepare_script):
     """The compose header's `flwr run` against the two nodes' own caps: a run planned past a
     node's cap is refused by that node in every round (the node plans from its own records)."""
-    [line] = [line.lstrip("# ") for line in (DOCKER / "compose.yaml").read_text().splitlines()
-              if line.startswith("#") and "flwr run ." in line]
+    [line] = [
+        line.lstrip("# ")
+        for line in (DOCKER / "compose.yaml").read_text().splitlines()
+        if line.startswith("#") and "flwr run ." in line
+    ]
     run = parse_flower_config(quoted_flag(line, "--run-config"))
     cfg = run_config(run["overrides"])
     records = inspect.signature(prepare_script.prepare).parameters["records"].default
@@ -405,7 +419,8 @@ def test_the_documented_run_trains_on_every_node_for_all_its_rounds(compose, pre
         outlook = node_outlook(cfg, flag_value(argv(service), "--node-config"), records)
         assert outlook.rounds == outlook.planned, (
             f"{name} trains {outlook.rounds} of {outlook.planned} rounds: the run's target "
-            f"{cfg.privacy.target_epsilon} at delta {cfg.privacy.delta} exceeds its cap")
+            f"{cfg.privacy.target_epsilon} at delta {cfg.privacy.delta} exceeds its cap"
+        )
         partitions.append(outlook.policy.partition_id)
     assert sorted(partitions) == list(range(cfg.federation.num_clients))
     writable = [target for _, target, ro in mounts(compose["services"]["serverapp"]) if not ro]

@@ -26,14 +26,18 @@ class Upstream:
         if self.fail:
             raise httpx.ConnectError("refused", request=request)
         self.requests.append(request)
-        return httpx.Response(self.status, content=b"\x08\x01" + request.content,
-                              headers={"content-type": "application/protobuf", "connection": "close"})
+        return httpx.Response(
+            self.status,
+            content=b"\x08\x01" + request.content,
+            headers={"content-type": "application/protobuf", "connection": "close"},
+        )
 
 
 def call(gateway: FleetGateway, method: str, path: str, **kwargs) -> httpx.Response:
     async def go() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="https://gw") as client:
             return await client.request(method, path, **kwargs)
+
     return asyncio.run(go())
 
 
@@ -50,16 +54,33 @@ def gateway(upstream) -> FleetGateway:
 def test_the_fleet_paths_are_flowers_own_and_only_fleet():
     paths = fleet_paths()
     # what a SuperNode calls (flwr/supernode/fleet_http_client.py)
-    for call_name in ("register-node", "activate-node", "deactivate-node", "unregister-node", "send-node-heartbeat",
-                      "pull-messages", "push-messages", "get-run", "get-fab", "push-object", "pull-object",
-                      "confirm-message-received"):
+    for call_name in (
+        "register-node",
+        "activate-node",
+        "deactivate-node",
+        "unregister-node",
+        "send-node-heartbeat",
+        "pull-messages",
+        "push-messages",
+        "get-run",
+        "get-fab",
+        "push-object",
+        "pull-object",
+        "confirm-message-received",
+    ):
         assert f"/v1/fleet/{call_name}" in paths
     assert all(p.startswith("/v1/fleet/") for p in paths)
 
 
 def test_a_fleet_call_reaches_the_superlink_with_the_node_signature(gateway, upstream):
-    headers = {"content-type": "application/protobuf", "flwr-public-key": "cHVi", "flwr-signature": "c2ln",
-               "flwr-timestamp": "2026-11-29T00:00:00+00:00", "connection": "keep-alive", "te": "trailers"}
+    headers = {
+        "content-type": "application/protobuf",
+        "flwr-public-key": "cHVi",
+        "flwr-signature": "c2ln",
+        "flwr-timestamp": "2026-11-29T00:00:00+00:00",
+        "connection": "keep-alive",
+        "te": "trailers",
+    }
     response = call(gateway, "POST", "/v1/fleet/pull-messages?debug=1", content=b"\x0a\x02hi", headers=headers)
     assert response.status_code == 200 and response.content == b"\x08\x01\x0a\x02hi"
     assert response.headers["content-type"] == "application/protobuf"
@@ -70,13 +91,30 @@ def test_a_fleet_call_reaches_the_superlink_with_the_node_signature(gateway, ups
     assert sent.headers.get("te") is None and sent.headers["host"] == "127.0.0.1:9093"
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-runs", "/v1/control/stream-logs",
-    "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input", "/v1/runtime/responses",
-    "/docs", "/openapi.json", "/health", "/", "/v1/fleet/", "/v1/fleet/pull-messages/", "/v1/fleet/nope",
-    "/v1/fleet/pull-messages/../../control/start-run", "/v1/fleet/%2e%2e/control/start-run",
-    "/v1//fleet/pull-messages", "/V1/FLEET/PULL-MESSAGES", "/v1/fleet/pull-messages%00",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/control/register-node",
+        "/v1/control/start-run",
+        "/v1/control/list-runs",
+        "/v1/control/stream-logs",
+        "/v1/runtime/acquire-task",
+        "/v1/runtime/pull-task-input",
+        "/v1/runtime/responses",
+        "/docs",
+        "/openapi.json",
+        "/health",
+        "/",
+        "/v1/fleet/",
+        "/v1/fleet/pull-messages/",
+        "/v1/fleet/nope",
+        "/v1/fleet/pull-messages/../../control/start-run",
+        "/v1/fleet/%2e%2e/control/start-run",
+        "/v1//fleet/pull-messages",
+        "/V1/FLEET/PULL-MESSAGES",
+        "/v1/fleet/pull-messages%00",
+    ],
+)
 def test_everything_else_is_refused_without_contacting_the_superlink(gateway, upstream, path):
     response = call(gateway, "POST", path, content=b"x")
     assert response.status_code == 404
@@ -90,8 +128,9 @@ def test_only_post_is_forwarded(gateway, upstream, method):
 
 
 def test_an_oversized_body_is_refused_before_it_is_forwarded(upstream):
-    gateway = FleetGateway("127.0.0.1:9093", ssl.create_default_context(), max_body=1000,
-                           transport=httpx.MockTransport(upstream))
+    gateway = FleetGateway(
+        "127.0.0.1:9093", ssl.create_default_context(), max_body=1000, transport=httpx.MockTransport(upstream)
+    )
     assert call(gateway, "POST", "/v1/fleet/push-object", content=b"x" * 1001).status_code == 413
     assert upstream.requests == []
     assert call(gateway, "POST", "/v1/fleet/push-object", content=b"x" * 1000).status_code == 200
@@ -105,8 +144,9 @@ def test_the_superlinks_answer_is_passed_back_as_is():
 
 
 def test_an_unreachable_superlink_is_a_502():
-    gateway = FleetGateway("127.0.0.1:9093", ssl.create_default_context(),
-                           transport=httpx.MockTransport(Upstream(fail=True)))
+    gateway = FleetGateway(
+        "127.0.0.1:9093", ssl.create_default_context(), transport=httpx.MockTransport(Upstream(fail=True))
+    )
     assert call(gateway, "POST", "/v1/fleet/get-run", content=b"").status_code == 502
 
 
@@ -116,6 +156,18 @@ def test_addresses_and_arguments():
     for bad in ("9092", "host:", "host:0", "host:70000", ":9092"):
         with pytest.raises(ValueError, match="host:port"):
             split_address(bad)
-    args = parse_args(["--listen", "0.0.0.0:9092", "--superlink", "127.0.0.1:9093", "--root-certificates", "ca.crt",
-                       "--ssl-certfile", "s.crt", "--ssl-keyfile", "s.key"])
+    args = parse_args(
+        [
+            "--listen",
+            "0.0.0.0:9092",
+            "--superlink",
+            "127.0.0.1:9093",
+            "--root-certificates",
+            "ca.crt",
+            "--ssl-certfile",
+            "s.crt",
+            "--ssl-keyfile",
+            "s.key",
+        ]
+    )
     assert args.max_body_mb == 32

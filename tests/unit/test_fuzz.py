@@ -20,14 +20,20 @@ from fedllm.federation.validation import expected_update
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                      max_size=3), max_leaves=6)
-json_lines = st.lists(st.one_of(
-    st.fixed_dictionaries({"prompt": json_values, "response": json_values}),
-    st.dictionaries(st.sampled_from(["prompt", "response", "extra", ""]), json_values, max_size=3),
-    json_values,
-).map(lambda v: json.dumps(v, allow_nan=True)) | st.text(max_size=30), max_size=6)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+json_lines = st.lists(
+    st.one_of(
+        st.fixed_dictionaries({"prompt": json_values, "response": json_values}),
+        st.dictionaries(st.sampled_from(["prompt", "response", "extra", ""]), json_values, max_size=3),
+        json_values,
+    ).map(lambda v: json.dumps(v, allow_nan=True))
+    | st.text(max_size=30),
+    max_size=6,
+)
 
 
 def _load(content: bytes, suffix: str) -> list[Record] | None:
@@ -56,28 +62,48 @@ def test_the_loader_accepts_only_complete_records(lines):
 
 
 @FUZZ
-@given(rows=st.lists(st.lists(st.text(max_size=10), max_size=4), max_size=5),
-       header=st.lists(st.sampled_from(["prompt", "response", "x"]), max_size=3))
+@given(
+    rows=st.lists(st.lists(st.text(max_size=10), max_size=4), max_size=5),
+    header=st.lists(st.sampled_from(["prompt", "response", "x"]), max_size=3),
+)
 def test_the_csv_loader_survives_arbitrary_tables(rows, header):
     text = "\n".join(",".join(json.dumps(cell) for cell in row) for row in [header, *rows])
     _load(text.encode("utf-8", "surrogatepass"), ".csv")
 
 
 SENT = ArrayRecord({"a": Array(np.zeros((2, 3), dtype=np.float32)), "b": Array(np.zeros(4, dtype=np.float32))})
-metric_values = (st.integers(-3, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
-                 | st.lists(st.floats(allow_nan=True), max_size=7) | st.lists(st.integers(-5, 5), max_size=7))
+metric_values = (
+    st.integers(-3, 10**6)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.lists(st.floats(allow_nan=True), max_size=7)
+    | st.lists(st.integers(-5, 5), max_size=7)
+)
 arrays = st.dictionaries(
     st.sampled_from(["a", "b", "c"]),
-    st.builds(lambda shape, fill, dtype: np.full(shape, fill, dtype=dtype),
-              st.sampled_from([(2, 3), (4,), (3, 2), ()]), st.floats(allow_nan=True, allow_infinity=True, width=32),
-              st.sampled_from([np.float32, np.float64, np.int64])), max_size=4)
+    st.builds(
+        lambda shape, fill, dtype: np.full(shape, fill, dtype=dtype),
+        st.sampled_from([(2, 3), (4,), (3, 2), ()]),
+        st.floats(allow_nan=True, allow_infinity=True, width=32),
+        st.sampled_from([np.float32, np.float64, np.int64]),
+    ),
+    max_size=4,
+)
 
 
 @FUZZ
-@given(metrics=st.dictionaries(st.sampled_from([*keys.__dict__.values(), "other"]).filter(
-           lambda k: isinstance(k, str) and not k.startswith("_")), metric_values, max_size=12),
-       tensors=st.none() | arrays, extra_config=st.booleans(), metric_key=st.sampled_from([keys.METRICS, "m2"]),
-       require=st.booleans())
+@given(
+    metrics=st.dictionaries(
+        st.sampled_from([*keys.__dict__.values(), "other"]).filter(
+            lambda k: isinstance(k, str) and not k.startswith("_")
+        ),
+        metric_values,
+        max_size=12,
+    ),
+    tensors=st.none() | arrays,
+    extra_config=st.booleans(),
+    metric_key=st.sampled_from([keys.METRICS, "m2"]),
+    require=st.booleans(),
+)
 def test_the_reply_validator_raises_only_update_rejected(metrics, tensors, extra_config, metric_key, require):
     content = RecordDict({metric_key: MetricRecord(metrics)})
     if tensors is not None:

@@ -45,15 +45,19 @@ def sharp(bundle):
 
 # --- loader -------------------------------------------------------------------------------------
 
+
 def test_reviews_come_from_the_packaged_corpus_as_instructions_and_snippets():
     records = load_rt_reviews()
     assert len(records) == 12_808 - 18  # labelled snippets, less the corpus's 18 exact copies
-    assert records[0] == Record("Write a positive review of the movie A Grin Without A Cat.",
-                                "A three-hour cinema master class.")
+    assert records[0] == Record(
+        "Write a positive review of the movie A Grin Without A Cat.", "A three-hour cinema master class."
+    )
     sentiments = Counter(r.prompt.split()[2] for r in records)
     assert set(sentiments) == {"positive", "negative"} and sentiments["positive"] > sentiments["negative"]
-    assert all(r.prompt.startswith("Write a ") and r.prompt.endswith(".") and r.response.strip() == r.response
-               and r.response for r in records)
+    assert all(
+        r.prompt.startswith("Write a ") and r.prompt.endswith(".") and r.response.strip() == r.response and r.response
+        for r in records
+    )
     assert len({r.prompt.split(" movie ", 1)[1] for r in records}) == 508  # every movie kept
     assert len(load_rt_reviews(duplicates="keep")) == 12_808
 
@@ -71,10 +75,21 @@ def _corpus(tmp_path, rows, header="category,text,movie_name"):
 
 
 def test_rows_are_skipped_as_the_sentiment_loader_skips_them(tmp_path):
-    path = _corpus(tmp_path, ["plot,A summary.,film_one", "fresh,,film_one", "rotten,   ,film_one",
-                              "fresh,Lovely.,", "rotten, Dull. ,film_two", "fresh,Fine.,film_two"])
-    assert load_rt_reviews(path) == [Record("Write a negative review of the movie Film Two.", "Dull."),
-                                     Record("Write a positive review of the movie Film Two.", "Fine.")]
+    path = _corpus(
+        tmp_path,
+        [
+            "plot,A summary.,film_one",
+            "fresh,,film_one",
+            "rotten,   ,film_one",
+            "fresh,Lovely.,",
+            "rotten, Dull. ,film_two",
+            "fresh,Fine.,film_two",
+        ],
+    )
+    assert load_rt_reviews(path) == [
+        Record("Write a negative review of the movie Film Two.", "Dull."),
+        Record("Write a positive review of the movie Film Two.", "Fine."),
+    ]
 
 
 def test_a_missing_column_names_the_file_and_column(tmp_path):
@@ -103,14 +118,19 @@ def test_copies_follow_the_duplicates_policy_without_quoting_the_record(tmp_path
 
 # --- preset -------------------------------------------------------------------------------------
 
+
 def test_the_preset_composes_a_generative_task_with_the_token_objective():
     cfg = compose_experiment(["data=rt_reviews"], CONF)
     assert (cfg.data.name, cfg.data.choices, cfg.train.objective) == ("rt_reviews", (), "token")
     assert (cfg.data.test_size, cfg.data.max_length) == (500, 96)
     assert cfg.train.lr == compose_experiment([], CONF).train.lr  # only the objective changes
     smoke = compose_experiment(["data=rt_reviews", "debug=smoke", "train.lr=0.003"], CONF)
-    assert (smoke.model.kind, smoke.data.test_size, smoke.train.objective, smoke.train.lr) == \
-        ("tiny", 100, "token", 0.003)
+    assert (smoke.model.kind, smoke.data.test_size, smoke.train.objective, smoke.train.lr) == (
+        "tiny",
+        100,
+        "token",
+        0.003,
+    )
     default = compose_experiment([], CONF)  # the sentiment task keeps its fixed-answer objective
     assert (default.data.name, default.train.objective) == ("rotten_tomatoes", "choices")
 
@@ -135,12 +155,17 @@ def test_the_config_round_trips_for_a_node():
 
 # --- perplexity ---------------------------------------------------------------------------------
 
+
 def _records():
     # answers of very different lengths: a per-record mean and a per-token mean then differ
-    return [Record("Write a positive review of the movie Up.", "Fine."),
-            Record("Write a negative review of the movie Down.",
-                   "A long, tedious and thoroughly confused picture that never finds its footing at all."),
-            Record("Write a positive review of the movie Side.", "A quiet, lovely film about memory.")]
+    return [
+        Record("Write a positive review of the movie Up.", "Fine."),
+        Record(
+            "Write a negative review of the movie Down.",
+            "A long, tedious and thoroughly confused picture that never finds its footing at all.",
+        ),
+        Record("Write a positive review of the movie Side.", "A quiet, lovely film about memory."),
+    ]
 
 
 def _per_record_nll(model, dataset) -> list[tuple[float, int]]:
@@ -173,8 +198,12 @@ def test_perplexity_is_per_answer_token_over_all_records(bundle, sharp):
 
 
 def test_the_fixed_answer_evaluation_is_still_the_mean_over_records(bundle, sharp):
-    fmt = PromptFormat(prompt_template="Review: {prompt}\nSentiment:", response_template=" {response}",
-                       max_length=64, choices=("positive", "negative"))
+    fmt = PromptFormat(
+        prompt_template="Review: {prompt}\nSentiment:",
+        response_template=" {response}",
+        max_length=64,
+        choices=("positive", "negative"),
+    )
     records = [Record("Great.", "positive"), Record("Awful and long-winded.", "negative"), Record("Meh.", "negative")]
     dataset = tokenize_records(records, bundle.tokenizer, fmt)
     ids = choice_token_ids(bundle.tokenizer, fmt)
@@ -203,6 +232,7 @@ def test_standard_errors_by_hand():
 
 # --- generation ---------------------------------------------------------------------------------
 
+
 def test_greedy_generation_returns_text_deterministically_and_restores_the_mode(bundle, sharp):
     records = sample_records(_records() + _records(), 2)
     sharp.train()
@@ -217,8 +247,9 @@ def test_greedy_generation_returns_text_deterministically_and_restores_the_mode(
 
 
 def test_generation_is_bounded_by_max_new_tokens(bundle, sharp):
-    short, long = (generate(sharp, bundle.tokenizer, ["Write a review.\nReview:"], max_new_tokens=n)[0]
-                   for n in (2, 12))
+    short, long = (
+        generate(sharp, bundle.tokenizer, ["Write a review.\nReview:"], max_new_tokens=n)[0] for n in (2, 12)
+    )
     assert long.startswith(short) and len(long) > len(short)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         generate(sharp, bundle.tokenizer, ["x"], max_new_tokens=0)
@@ -232,6 +263,7 @@ def test_sample_records_takes_the_first_distinct_prompts_in_order():
 
 # --- the benchmark preset -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_utility", ROOT / "scripts" / "bench_utility.py")
@@ -244,8 +276,14 @@ def bench():
 def test_the_reviews_table_runs_every_row_on_the_generative_task(bench):
     args = bench.parse_args(["--task", "reviews"])
     names = args.presets.split(",")
-    assert names[0] == "nonprivate" and {"dp_eps1", "dp_eps3", "dp_eps8", "ffa_dp_eps1", "ffa_dp_eps3",
-                                         "ffa_dp_eps8"} <= set(names)
+    assert names[0] == "nonprivate" and {
+        "dp_eps1",
+        "dp_eps3",
+        "dp_eps8",
+        "ffa_dp_eps1",
+        "ffa_dp_eps3",
+        "ffa_dp_eps8",
+    } <= set(names)
     for name in names:
         overrides = bench.overrides_for(bench.PRESETS[name], "embedded", 10, 3, 5, [], bench.TASKS["reviews"].overrides)
         assert "data=rt_reviews" in overrides
@@ -254,8 +292,15 @@ def test_the_reviews_table_runs_every_row_on_the_generative_task(bench):
 
 
 def test_the_reviews_table_refuses_runs_that_disagree_on_zero_shot(bench):
-    figures = {"perplexity": 50.0, "perplexity_se": 1.0, "loss": math.log(50), "loss_se": 0.02, "tokens": 10,
-               "examples": 2, "samples": []}
+    figures = {
+        "perplexity": 50.0,
+        "perplexity_se": 1.0,
+        "loss": math.log(50),
+        "loss_se": 0.02,
+        "tokens": 10,
+        "examples": 2,
+        "samples": [],
+    }
     row = bench.zero_shot_review_row([{"zero_shot_perplexity": 50.0}], figures)
     assert row["final_perplexity"] == 50.0 and row["perplexity_se"] == 1.0
     with pytest.raises(SystemExit, match="disagree"):

@@ -27,16 +27,19 @@ DEFAULT_NOISE = {"rdp": 0.46112060546875, "prv": 0.419464111328125}
 
 
 def test_default_plan_noise_is_pinned():
-    plan = plan_client(shard_size=1181, batch_size=16, rounds=3, local_steps=5, target_epsilon=8.0,
-                       delta=1e-5, accountant="rdp")
+    plan = plan_client(
+        shard_size=1181, batch_size=16, rounds=3, local_steps=5, target_epsilon=8.0, delta=1e-5, accountant="rdp"
+    )
     assert (plan.sample_rate, plan.noise_multiplier) == (DEFAULT_RATE, DEFAULT_NOISE["rdp"])
 
 
 def test_default_schedule_rdp_matches_dp_accounting_to_0_1_percent():
     ours = epsilon([(DEFAULT_NOISE["rdp"], DEFAULT_RATE, DEFAULT_STEPS)], delta=1e-5, accountant="rdp")
     theirs = dp_accounting.rdp.RdpAccountant()
-    theirs.compose(dp_accounting.PoissonSampledDpEvent(DEFAULT_RATE, dp_accounting.GaussianDpEvent(
-        DEFAULT_NOISE["rdp"])), DEFAULT_STEPS)
+    theirs.compose(
+        dp_accounting.PoissonSampledDpEvent(DEFAULT_RATE, dp_accounting.GaussianDpEvent(DEFAULT_NOISE["rdp"])),
+        DEFAULT_STEPS,
+    )
     assert ours == pytest.approx(7.9918, abs=1e-4)
     assert ours == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-3)
 
@@ -46,15 +49,16 @@ def test_default_schedule_prv_matches_dp_accounting_pld_to_0_5_percent():
     # two independent numerical computations of the same (tight) epsilon
     ours = epsilon([(DEFAULT_NOISE["prv"], DEFAULT_RATE, DEFAULT_STEPS)], delta=1e-5, accountant="prv")
     theirs = PLDAccountant(value_discretization_interval=1e-4)
-    theirs.compose(dp_accounting.PoissonSampledDpEvent(DEFAULT_RATE, dp_accounting.GaussianDpEvent(
-        DEFAULT_NOISE["prv"])), DEFAULT_STEPS)
+    theirs.compose(
+        dp_accounting.PoissonSampledDpEvent(DEFAULT_RATE, dp_accounting.GaussianDpEvent(DEFAULT_NOISE["prv"])),
+        DEFAULT_STEPS,
+    )
     assert ours == pytest.approx(7.9949, abs=1e-3)
     assert ours == pytest.approx(theirs.get_epsilon(1e-5), rel=5e-3)
 
 
 def _release(run: str, rnd: int, steps: int = 5, fp: str = "fp-1") -> Release:
-    return Release(run_id=run, server_round=rnd, noise_multiplier=0.8, sample_rate=0.02, steps=steps,
-                   fingerprint=fp)
+    return Release(run_id=run, server_round=rnd, noise_multiplier=0.8, sample_rate=0.02, steps=steps, fingerprint=fp)
 
 
 def test_node_ledger_persists_and_a_restarted_node_continues(tmp_path):
@@ -64,8 +68,7 @@ def test_node_ledger_persists_and_a_restarted_node_continues(tmp_path):
     reopened = NodeLedger(tmp_path, "dataset-a")  # a new process on the same state directory
     assert reopened.history() == [(0.8, 0.02, 10)]
     assert reopened.find("run-1", 2) == _release("run-1", 2) and reopened.find("run-1", 3) is None
-    assert reopened.epsilon(delta=1e-5, accountant="rdp") == epsilon([(0.8, 0.02, 10)], delta=1e-5,
-                                                                     accountant="rdp")
+    assert reopened.epsilon(delta=1e-5, accountant="rdp") == epsilon([(0.8, 0.02, 10)], delta=1e-5, accountant="rdp")
 
 
 def test_a_node_ledger_composes_every_run_of_the_nodes_lifetime(tmp_path):
@@ -110,22 +113,31 @@ def test_the_server_cannot_raise_a_node_cap():
 def test_a_round_past_the_cap_is_refused_with_the_numbers():
     history = [(1.0, 0.05, 50)]
     spent = epsilon(history, delta=1e-5, accountant="rdp")
-    decision = check_round(history, noise_multiplier=1.0, sample_rate=0.05, steps=50,
-                           budget=Budget(spent + 0.01, 1e-5), accountant="rdp")
+    decision = check_round(
+        history, noise_multiplier=1.0, sample_rate=0.05, steps=50, budget=Budget(spent + 0.01, 1e-5), accountant="rdp"
+    )
     assert not decision.allowed and decision.spent == spent and decision.projected > decision.cap
     assert f"{spent:.4f}" in decision.reason and "cap" in decision.reason
 
 
 @settings(max_examples=25, deadline=None)
-@given(noise=st.floats(0.3, 3.0), rate=st.floats(0.001, 0.3), steps=st.integers(1, 40),
-       rounds=st.integers(1, 8), cap=st.floats(0.1, 15.0), delta=st.sampled_from([1e-4, 1e-5, 1e-6]),
-       accountant=st.sampled_from(["rdp"]), prior=st.integers(0, 100))
+@given(
+    noise=st.floats(0.3, 3.0),
+    rate=st.floats(0.001, 0.3),
+    steps=st.integers(1, 40),
+    rounds=st.integers(1, 8),
+    cap=st.floats(0.1, 15.0),
+    delta=st.sampled_from([1e-4, 1e-5, 1e-6]),
+    accountant=st.sampled_from(["rdp"]),
+    prior=st.integers(0, 100),
+)
 def test_no_schedule_ends_a_node_above_its_cap(noise, rate, steps, rounds, cap, delta, accountant, prior):
     history = extend_history([], noise_multiplier=noise, sample_rate=rate, steps=prior)  # an earlier run
     budget = Budget(cap, delta)
     for _ in range(rounds):
-        decision = check_round(history, noise_multiplier=noise, sample_rate=rate, steps=steps, budget=budget,
-                               accountant=accountant)
+        decision = check_round(
+            history, noise_multiplier=noise, sample_rate=rate, steps=steps, budget=budget, accountant=accountant
+        )
         if decision.allowed:
             history = extend_history(history, noise_multiplier=noise, sample_rate=rate, steps=steps)
             assert epsilon(history, delta=delta, accountant=accountant) == decision.projected
@@ -155,41 +167,56 @@ def test_client_sampling_amplifies_only_rounds_where_every_sampled_client_contri
 
 
 def test_server_ledger_round_trips_refusals_caps_and_client_level():
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0, mode="both",
-                           client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=1e-3,
-                                                              sampled_uniformly=False))
+    ledger = PrivacyLedger(
+        accountant="rdp",
+        delta=1e-5,
+        target_epsilon=8.0,
+        mode="both",
+        client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=1e-3, sampled_uniformly=False),
+    )
     ledger.record(0, [(0.5, 0.02, 10)], 1, delta=1e-6, cap=5.0, can_continue=True)
     ledger.record_refusal(1, 2, "refused: cap", cap=3.0, history=[(0.5, 0.02, 5)], delta=1e-5)
     ledger.client_level.record(ClientLevelRound(1, 2, 2, 1))
     assert ledger.epsilon(0) == epsilon([(0.5, 0.02, 10)], delta=1e-6, accountant="rdp")  # the node's own delta
     assert ledger.exhausted() == [1]
-    restored = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0, mode="both",
-                             client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=1e-3,
-                                                                sampled_uniformly=False))
+    restored = PrivacyLedger(
+        accountant="rdp",
+        delta=1e-5,
+        target_epsilon=8.0,
+        mode="both",
+        client_level=ClientLevelAccountant(noise_multiplier=1.0, clip_norm=0.5, delta=1e-3, sampled_uniformly=False),
+    )
     restored.load_state_dict(json.loads(json.dumps(ledger.state_dict())))
     assert restored.to_report() == ledger.to_report()
     assert restored.to_report()["clients"]["1"]["refusals"] == [{"round": 2, "reason": "refused: cap"}]
 
 
 def test_checkpoint_round_trips_state(tmp_path):
-    state = ServerState(run_id="r", server_round=3, arrays={"a": torch.arange(4.0)}, ledger={"x": 1},
-                        rounds=[{"round": 0}], config={"seed": 0}, stop_reason=None)
+    state = ServerState(
+        run_id="r",
+        server_round=3,
+        arrays={"a": torch.arange(4.0)},
+        ledger={"x": 1},
+        rounds=[{"round": 0}],
+        config={"seed": 0},
+        stop_reason=None,
+    )
     checkpoints = Checkpointer(tmp_path / "checkpoint")
     checkpoints.save(state)
     loaded = checkpoints.load()
     assert torch.equal(loaded.arrays["a"], state.arrays["a"]) and loaded.server_round == 3
     state.server_round = 4
     checkpoints.save(state)
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["adapter-round-4.sealed",
-                                                                          "state.json"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["adapter-round-4.sealed", "state.json"]
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
     checkpoints = Checkpointer(tmp_path)
     with pytest.raises(LedgerError, match="no checkpoint"):
         checkpoints.load()
-    checkpoints.save(ServerState(run_id="r", server_round=1, arrays={"a": torch.ones(2)}, ledger={}, rounds=[],
-                                 config={}))
+    checkpoints.save(
+        ServerState(run_id="r", server_round=1, arrays={"a": torch.ones(2)}, ledger={}, rounds=[], config={})
+    )
     (tmp_path / "adapter-round-1.sealed").write_bytes(b"garbage")
     with pytest.raises(LedgerError, match="not a fedllm sealed file"):
         checkpoints.load()

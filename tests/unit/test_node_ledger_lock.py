@@ -28,8 +28,7 @@ SPAWN = multiprocessing.get_context("spawn")  # fresh interpreters: no lock or f
 
 
 def _release(run: str, rnd: int, fp: str = "fp-1", steps: int = STEPS) -> Release:
-    return Release(run_id=run, server_round=rnd, noise_multiplier=NOISE, sample_rate=RATE, steps=steps,
-                   fingerprint=fp)
+    return Release(run_id=run, server_round=rnd, noise_multiplier=NOISE, sample_rate=RATE, steps=steps, fingerprint=fp)
 
 
 def _rounds_epsilon(rounds: int) -> float:
@@ -54,8 +53,14 @@ def _race(state_dirs: list[str], barrier, results, racer: int, with_lock: bool) 
         for trial, state_dir in enumerate(state_dirs):
             barrier.wait(timeout=60)
             with NodeLedger(Path(state_dir), "dataset").locked(timeout=60) as book:
-                decision = check_round(book.history(), noise_multiplier=NOISE, sample_rate=RATE, steps=STEPS,
-                                       budget=Budget(CAP, DELTA), accountant="rdp")
+                decision = check_round(
+                    book.history(),
+                    noise_multiplier=NOISE,
+                    sample_rate=RATE,
+                    steps=STEPS,
+                    budget=Budget(CAP, DELTA),
+                    accountant="rdp",
+                )
                 if decision.allowed:
                     # training would start here (the release is reserved first); staggered per run so
                     # that, without the lock, the writes themselves do not collide
@@ -73,8 +78,10 @@ def _run_race(tmp_path: Path, with_lock: bool) -> tuple[list[Path], dict[int, in
     for state_dir in dirs:
         _seed_ledger(state_dir)
     barrier, results = SPAWN.Barrier(RACERS), SPAWN.Queue()
-    procs = [SPAWN.Process(target=_race, args=([str(d) for d in dirs], barrier, results, r, with_lock))
-             for r in range(RACERS)]
+    procs = [
+        SPAWN.Process(target=_race, args=([str(d) for d in dirs], barrier, results, r, with_lock))
+        for r in range(RACERS)
+    ]
     outcomes = []
     try:
         for proc in procs:
@@ -188,16 +195,23 @@ def test_a_crashed_run_does_not_leave_the_node_locked(tmp_path):
 
 
 def _write_v1(state_dir: Path, books: dict[str, list[Release]]) -> bytes:
-    datasets = {fp: {"releases": [{k: v for k, v in r.to_dict().items() if k != "fingerprint"} for r in rs]}
-                for fp, rs in books.items()}
+    datasets = {
+        fp: {"releases": [{k: v for k, v in r.to_dict().items() if k != "fingerprint"} for r in rs]}
+        for fp, rs in books.items()
+    }
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / LEDGER_FILE).write_text(json.dumps(with_checksum({"format": 1, "datasets": datasets})))
     return (state_dir / LEDGER_FILE).read_bytes()
 
 
 def test_a_format_1_ledger_keeps_every_release_and_its_own_fingerprint_is_claimed(tmp_path):
-    original = _write_v1(tmp_path, {"fp-now": [_release("v1-run", 1, "fp-now"), _release("v1-run", 2, "fp-now")],
-                                    "fp-older": [_release("v1-old", 1, "fp-older", steps=3)]})
+    original = _write_v1(
+        tmp_path,
+        {
+            "fp-now": [_release("v1-run", 1, "fp-now"), _release("v1-run", 2, "fp-now")],
+            "fp-older": [_release("v1-old", 1, "fp-older", steps=3)],
+        },
+    )
     ledger = NodeLedger(tmp_path, "reviews")
     # before any claim, nothing says whose records the format-1 histories spent: all count
     assert sum(s for _, _, s in ledger.history()) == 2 * STEPS + 3
@@ -235,13 +249,22 @@ def test_state_dict_round_trips_through_json_and_a_reopened_ledger(tmp_path):
     assert [r.fingerprint for r in restored] == ["fp-old", "fp-new"]
 
 
-@pytest.mark.parametrize("payload, match", [
-    ({"format": 3, "datasets": {}, "legacy": {}}, "format 3"),
-    ({"format": 2, "datasets": {"d": {"releases": [{"run_id": "r"}]}}, "legacy": {}}, "expected"),
-    ({"format": 2, "datasets": {"d": {"releases": [{**_release("r", 1).to_dict(), "steps": "5"}]}},
-      "legacy": {}}, "steps"),
-    ({"format": 2, "datasets": {}}, "legacy"),
-])
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        ({"format": 3, "datasets": {}, "legacy": {}}, "format 3"),
+        ({"format": 2, "datasets": {"d": {"releases": [{"run_id": "r"}]}}, "legacy": {}}, "expected"),
+        (
+            {
+                "format": 2,
+                "datasets": {"d": {"releases": [{**_release("r", 1).to_dict(), "steps": "5"}]}},
+                "legacy": {},
+            },
+            "steps",
+        ),
+        ({"format": 2, "datasets": {}}, "legacy"),
+    ],
+)
 def test_a_ledger_that_cannot_be_understood_is_an_error(tmp_path, payload, match):
     (tmp_path / LEDGER_FILE).write_text(json.dumps(with_checksum(payload)))  # a valid checksum, still refused
     with pytest.raises(LedgerError, match=match):
@@ -254,4 +277,3 @@ def test_an_unwritable_state_dir_is_a_ledger_error(tmp_path):
     with pytest.raises(LedgerError, match="lock file"):
         with NodeLedger(blocker, "d").locked():
             pass
-

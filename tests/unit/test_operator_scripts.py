@@ -20,8 +20,9 @@ def load(script: str):
     return module
 
 
-@pytest.mark.parametrize(("script", "says"), [("make_certs.py", "keep ca.key offline"),
-                                              ("make_node_keys.py", "stays on the node")])
+@pytest.mark.parametrize(
+    ("script", "says"), [("make_certs.py", "keep ca.key offline"), ("make_node_keys.py", "stays on the node")]
+)
 def test_help_explains_every_argument_and_creates_nothing(script, says, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:

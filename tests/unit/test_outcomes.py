@@ -28,10 +28,15 @@ from tests.conftest import tiny_config
 
 
 def _cfg(tmp_path: Path, **federation) -> ExperimentConfig:
-    cfg = tiny_config(train=TrainConfig(local_steps=1, eval_batch_size=50),
-                      federation=FederationConfig(**{"num_clients": 2, "num_rounds": 2, **federation}))
-    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")),
-                               tracking=dataclasses.replace(cfg.tracking, progress=False))
+    cfg = tiny_config(
+        train=TrainConfig(local_steps=1, eval_batch_size=50),
+        federation=FederationConfig(**{"num_clients": 2, "num_rounds": 2, **federation}),
+    )
+    return dataclasses.replace(
+        cfg,
+        privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")),
+        tracking=dataclasses.replace(cfg.tracking, progress=False),
+    )
 
 
 def always_fails(message, context):
@@ -66,8 +71,12 @@ def test_completed_and_stopped_runs_say_so(tmp_path):
     assert run_inprocess(cfg, run_dir).status == "completed"
     assert "failure" not in json.loads((run_dir / "summary.json").read_text())
     # a node capped below one round refuses; with min_train_clients=2 the run stops after round 1
-    capped = dataclasses.replace(_cfg(tmp_path / "b", min_train_clients=2), privacy=dataclasses.replace(
-        cfg.privacy, state_dir=str(tmp_path / "b" / "nodes"), client_caps=(ClientCap(1, 1.0),)))
+    capped = dataclasses.replace(
+        _cfg(tmp_path / "b", min_train_clients=2),
+        privacy=dataclasses.replace(
+            cfg.privacy, state_dir=str(tmp_path / "b" / "nodes"), client_caps=(ClientCap(1, 1.0),)
+        ),
+    )
     prepare_run(capped, tmp_path / "stopped")
     stopped = run_inprocess(capped, tmp_path / "stopped")
     assert stopped.status == "stopped" and stopped.stop_reason
@@ -131,6 +140,7 @@ def test_an_engine_that_fails_mid_run_stops_the_server_thread_and_the_call_retur
 
         grid = SilentNodes(client_app, num_supernodes, unreachable=range(num_supernodes))
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
         def serve():  # as Flower runs the ServerApp: its exception is queued, the thread never joined
             try:
                 server_app(grid, context)
@@ -140,7 +150,8 @@ def test_an_engine_that_fails_mid_run_stops_the_server_thread_and_the_call_retur
         threading.Thread(target=serve, daemon=True).start()
         assert pushed.wait(120), "the ServerApp never sent round 1"
         raise RuntimeError("An error was encountered. Ending simulation.") from RuntimeError(
-            "Simulation Runtime crashed.")
+            "Simulation Runtime crashed."
+        )
 
     monkeypatch.setattr("flwr.simulation.run_simulation", crashing_engine)
     monkeypatch.setattr(simulation, "stop_ray", lambda ray: None)
@@ -155,9 +166,16 @@ def test_an_engine_that_fails_mid_run_stops_the_server_thread_and_the_call_retur
 
 def _job(path: Path, summary: dict | None, model: str = "tiny", lr: float = 0.01) -> None:
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model": {"source": model, "name_or_path": None},
-                                                  "data": {"name": "rotten_tomatoes", "path": None},
-                                                  "train": {"lr": lr}, "privacy": {"mode": "sample"}}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "model": {"source": model, "name_or_path": None},
+                "data": {"name": "rotten_tomatoes", "path": None},
+                "train": {"lr": lr},
+                "privacy": {"mode": "sample"},
+            }
+        )
+    )
     if summary is None:
         (path / "simulate.log").write_text("[2026-01-01 00:00:00,000][fedllm][ERROR] - killed by the OOM killer\n")
         return
@@ -167,27 +185,49 @@ def _job(path: Path, summary: dict | None, model: str = "tiny", lr: float = 0.01
 
 
 def test_the_report_lists_failed_and_unfinished_runs_as_such_and_never_plots_them(tmp_path):
-    ok = {"status": "completed", "privacy_mode": "sample", "target_epsilon": 8.0, "final_max_epsilon": 7.9,
-          "final_accuracy": 0.7, "zero_shot_accuracy": 0.5, "rounds_completed": 2}
+    ok = {
+        "status": "completed",
+        "privacy_mode": "sample",
+        "target_epsilon": 8.0,
+        "final_max_epsilon": 7.9,
+        "final_accuracy": 0.7,
+        "zero_shot_accuracy": 0.5,
+        "rounds_completed": 2,
+    }
     _job(tmp_path / "0", ok, model="embedded")
-    _job(tmp_path / "1", {**ok, "status": "failed", "failure": "no client update in any of the 2 round(s) run",
-                          "final_max_epsilon": 0.0})
+    _job(
+        tmp_path / "1",
+        {
+            **ok,
+            "status": "failed",
+            "failure": "no client update in any of the 2 round(s) run",
+            "final_max_epsilon": 0.0,
+        },
+    )
     # a summary written before the status field existed: every round without an update
     _job(tmp_path / "2", {**ok, "status": None, "final_max_epsilon": 0.0, "rounds_without_updates": [1, 2]})
     _job(tmp_path / "3", None)  # a job that left no summary
     _job(tmp_path / "4", ok, lr=0.001)
     runs = find_runs(tmp_path, include_incomplete=True)
     rows = {row["run"]: row for row in report_rows(runs, tmp_path)}
-    assert {r: rows[r]["status"] for r in rows} == {"0": "completed", "1": "failed", "2": "failed",
-                                                   "3": "unfinished", "4": "completed"}
+    assert {r: rows[r]["status"] for r in rows} == {
+        "0": "completed",
+        "1": "failed",
+        "2": "failed",
+        "3": "unfinished",
+        "4": "completed",
+    }
     assert rows["1"]["final_accuracy"] is None and rows["1"]["spent_epsilon"] is None
     assert "no client update" in rows["1"]["note"] and "OOM" in rows["3"]["note"]
     assert (rows["4"]["model"], rows["4"]["data"], rows["4"]["lr"], rows["4"]["noise_multiplier"]) == (
-        "tiny", "rotten_tomatoes", 0.001, 0.9)
+        "tiny",
+        "rotten_tomatoes",
+        0.001,
+        0.9,
+    )
     assert [row["model"] for row in report_rows(runs, tmp_path)] == ["embedded", "tiny", "tiny", "tiny", "tiny"]
     points = privacy_utility_points(runs)
-    assert len(points) == 2 and {p["group"] for p in points} == {"embedded / rotten_tomatoes",
-                                                               "tiny / rotten_tomatoes"}
+    assert len(points) == 2 and {p["group"] for p in points} == {"embedded / rotten_tomatoes", "tiny / rotten_tomatoes"}
     assert "| failed |" in to_markdown(report_rows(runs, tmp_path))
     assert [r.path.name for r in find_runs(tmp_path)] == ["0", "4"]  # the finished ones, by default
 
@@ -195,8 +235,15 @@ def test_the_report_lists_failed_and_unfinished_runs_as_such_and_never_plots_the
 def test_report_cli_shows_every_job_and_plots_only_finished_runs(tmp_path, capsys):
     from fedllm.cli.main import main
 
-    ok = {"status": "completed", "privacy_mode": "sample", "target_epsilon": 8.0, "final_max_epsilon": 7.9,
-          "final_accuracy": 0.7, "zero_shot_accuracy": 0.5, "rounds_completed": 2}
+    ok = {
+        "status": "completed",
+        "privacy_mode": "sample",
+        "target_epsilon": 8.0,
+        "final_max_epsilon": 7.9,
+        "final_accuracy": 0.7,
+        "zero_shot_accuracy": 0.5,
+        "rounds_completed": 2,
+    }
     _job(tmp_path / "0", ok)
     _job(tmp_path / "1", {**ok, "target_epsilon": 3.0, "final_max_epsilon": 2.9})
     _job(tmp_path / "2", {**ok, "status": "failed", "failure": "engine | crashed"})

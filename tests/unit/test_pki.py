@@ -136,14 +136,13 @@ def test_node_keys_are_openssh_p384(tmp_path):
 @pytest.mark.slow  # subprocesses: the scripts as an operator runs them (in-process: test_operator_scripts.py)
 def test_the_scripts_refuse_to_replace_a_ca(tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "make_certs.py")]
-    first = subprocess.run([*script, str(tmp_path), "localhost"], capture_output=True, text=True, cwd=ROOT,
-                           timeout=60)
+    first = subprocess.run([*script, str(tmp_path), "localhost"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert first.returncode == 0, first.stderr
-    again = subprocess.run([*script, str(tmp_path), "localhost"], capture_output=True, text=True, cwd=ROOT,
-                           timeout=60)
+    again = subprocess.run([*script, str(tmp_path), "localhost"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert again.returncode != 0 and "--force" in again.stderr and "Traceback" not in again.stderr
-    forced = subprocess.run([*script, "--force", str(tmp_path), "localhost"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=60)
+    forced = subprocess.run(
+        [*script, "--force", str(tmp_path), "localhost"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert forced.returncode == 0, forced.stderr
     keys = [sys.executable, str(ROOT / "scripts" / "make_node_keys.py"), str(tmp_path / "k"), "n1"]
     assert subprocess.run(keys, capture_output=True, cwd=ROOT, timeout=60).returncode == 0
@@ -161,8 +160,9 @@ def test_write_file_refuses_an_existing_file(tmp_path):
 def test_register_node_refuses_a_file_that_is_not_a_node_key(tmp_path):
     not_a_key = tmp_path / "ca.crt"
     not_a_key.write_text("-----BEGIN CERTIFICATE-----\n")
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "register_node.sh"), str(not_a_key)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "register_node.sh"), str(not_a_key)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and "EC P-384" in result.stderr
 
 

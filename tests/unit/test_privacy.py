@@ -40,8 +40,9 @@ def _dp_accounting_pld(history: list[tuple[float, float, int]], delta: float) ->
     """Google's dp-accounting privacy-loss-distribution accountant: each entry a Poisson-sampled
     Gaussian composed ``steps`` times, add/remove-one adjacency (what Opacus accounts). Its
     pessimistic estimate is an upper bound; at this discretisation it is within 1e-5 of the finest."""
-    accountant = PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                               value_discretization_interval=1e-3)
+    accountant = PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-3
+    )
     for noise, rate, steps in history:
         accountant.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)), steps)
     return accountant.get_epsilon(delta)
@@ -51,8 +52,13 @@ def _ledger_history() -> list[tuple[float, float, int]]:
     """A node's lifetime ledger, composed round by round as the node records it: two rounds of the
     default run, one after its shard grew (re-planned), then two rounds of another run."""
     history: list = []
-    for noise, rate in [(NOISE_FOR_8["prv"], DEFAULT_RATE), (NOISE_FOR_8["prv"], DEFAULT_RATE), (0.45, 1 / 80),
-                        (0.5, 1 / 60), (0.5, 1 / 60)]:
+    for noise, rate in [
+        (NOISE_FOR_8["prv"], DEFAULT_RATE),
+        (NOISE_FOR_8["prv"], DEFAULT_RATE),
+        (0.45, 1 / 80),
+        (0.5, 1 / 60),
+        (0.5, 1 / 60),
+    ]:
         history = extend_history(history, noise_multiplier=noise, sample_rate=rate, steps=5)
     return history
 
@@ -62,24 +68,34 @@ def test_the_default_accountant_is_prv():
 
 
 def test_default_plan_under_prv_is_pinned():
-    plan = plan_client(shard_size=1181, batch_size=16, rounds=3, local_steps=5, target_epsilon=8.0,
-                       delta=DEFAULT_DELTA, accountant="prv")
+    plan = plan_client(
+        shard_size=1181,
+        batch_size=16,
+        rounds=3,
+        local_steps=5,
+        target_epsilon=8.0,
+        delta=DEFAULT_DELTA,
+        accountant="prv",
+    )
     assert (plan.sample_rate, plan.noise_multiplier) == (DEFAULT_RATE, NOISE_FOR_8["prv"])
     assert plan.planned_epsilon == pytest.approx(7.994921108800784, rel=1e-6) and plan.planned_epsilon <= 8.0
 
 
-@pytest.mark.parametrize(("history", "pinned"), [
-    # the default schedule at the noise RDP plans for epsilon 8 (FIELD_NOTES: PRV 6.3441, PLD 6.3335)
-    ([(NOISE_FOR_8["rdp"], DEFAULT_RATE, DEFAULT_STEPS)], 6.34414910995047),
-    # the default schedule at the noise PRV plans for epsilon 8 (what the default run adds)
-    ([(NOISE_FOR_8["prv"], DEFAULT_RATE, DEFAULT_STEPS)], 7.994921108800784),
-    # a multi-entry lifetime ledger (see _ledger_history)
-    (_ledger_history(), 7.88792874320593),
-    # entries of different noise and rate, as a node's runs with different plans leave them
-    ([(0.6, 1 / 74, 5), (0.8, 1 / 93, 10), (1.0, 1 / 40, 3), (0.45, 1 / 74, 7)], 6.032823362548391),
-    # Opacus's own RDP reference schedule
-    ([(1.5, 0.04, 2250)], 6.7791320762541165),
-])
+@pytest.mark.parametrize(
+    ("history", "pinned"),
+    [
+        # the default schedule at the noise RDP plans for epsilon 8 (FIELD_NOTES: PRV 6.3441, PLD 6.3335)
+        ([(NOISE_FOR_8["rdp"], DEFAULT_RATE, DEFAULT_STEPS)], 6.34414910995047),
+        # the default schedule at the noise PRV plans for epsilon 8 (what the default run adds)
+        ([(NOISE_FOR_8["prv"], DEFAULT_RATE, DEFAULT_STEPS)], 7.994921108800784),
+        # a multi-entry lifetime ledger (see _ledger_history)
+        (_ledger_history(), 7.88792874320593),
+        # entries of different noise and rate, as a node's runs with different plans leave them
+        ([(0.6, 1 / 74, 5), (0.8, 1 / 93, 10), (1.0, 1 / 40, 3), (0.45, 1 / 74, 7)], 6.032823362548391),
+        # Opacus's own RDP reference schedule
+        ([(1.5, 0.04, 2250)], 6.7791320762541165),
+    ],
+)
 def test_prv_matches_google_dp_accounting_pld_to_0_5_percent(history, pinned):
     # Opacus's PRV accountant (Gopi et al. 2021) and dp-accounting's PLD accountant are two
     # independent numerical computations of the same tight epsilon, each an upper bound on it
@@ -99,14 +115,25 @@ def test_prv_is_the_tightest_accountant_for_the_default_schedule():
     # for the same epsilon 8, PRV needs ~9% less noise
     assert NOISE_FOR_8["prv"] / NOISE_FOR_8["rdp"] == pytest.approx(0.9097, abs=1e-4)
     history = _ledger_history()
-    assert epsilon(history, delta=DEFAULT_DELTA, accountant="prv") < epsilon(history, delta=DEFAULT_DELTA,
-                                                                             accountant="rdp")
+    assert epsilon(history, delta=DEFAULT_DELTA, accountant="prv") < epsilon(
+        history, delta=DEFAULT_DELTA, accountant="rdp"
+    )
 
 
 def _plan_rows() -> list[PlanRow]:
-    return [PlanRow(client=c, shard_size=n, sample_rate=1 / 74, noise=dict(NOISE_FOR_8),
-                    planned_epsilon={"rdp": 7.9918, "prv": 7.9949}, epsilon_by_round=[6.740, 7.451, 7.995],
-                    cap=8.0, rounds_within_cap=3) for c, n in ((0, 1181), (1, 1180))]
+    return [
+        PlanRow(
+            client=c,
+            shard_size=n,
+            sample_rate=1 / 74,
+            noise=dict(NOISE_FOR_8),
+            planned_epsilon={"rdp": 7.9918, "prv": 7.9949},
+            epsilon_by_round=[6.740, 7.451, 7.995],
+            cap=8.0,
+            rounds_within_cap=3,
+        )
+        for c, n in ((0, 1181), (1, 1180))
+    ]
 
 
 def test_the_plan_shows_rdp_beside_prv(tiny_cfg):
@@ -114,15 +141,18 @@ def test_the_plan_shows_rdp_beside_prv(tiny_cfg):
     assert lines[0].endswith("accountant used for training: prv")
     assert "noise(rdp)  noise(prv)" in lines[1] and lines[1].endswith("epsilon(prv) after each round")
     assert lines[2].split()[3:5] == ["0.4611", "0.4195"] and lines[2].endswith("6.740 7.451 7.995")
-    assert lines[-1] == ("accountants: noise for the target at client 1: rdp 0.4611, prv 0.4195; prv is the tightest "
-                         "(9.0% less noise than rdp); training uses prv")
+    assert lines[-1] == (
+        "accountants: noise for the target at client 1: rdp 0.4611, prv 0.4195; prv is the tightest "
+        "(9.0% less noise than rdp); training uses prv"
+    )
 
 
 def test_a_plan_with_fixed_noise_compares_epsilons(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy, noise_multiplier=0.5))
     assert format_plan(cfg, _plan_rows()).splitlines()[-1] == (
         "accountants: noise fixed at 0.5 (privacy.noise_multiplier); epsilon after the last round at client 1: "
-        "rdp 7.992, prv 7.995; training uses prv")
+        "rdp 7.992, prv 7.995; training uses prv"
+    )
 
 
 def test_a_plan_under_one_accountant_compares_nothing(tiny_cfg):
@@ -136,11 +166,14 @@ def test_opacus_golden_value():
     assert epsilon([(1.5, 0.04, 2250)], delta=1e-5, accountant="rdp") == pytest.approx(7.3291, abs=1e-4)
 
 
-@pytest.mark.parametrize(("noise", "rate", "steps"), [
-    (1.5, 0.04, 2250),
-    (NOISE_FOR_8["rdp"], DEFAULT_RATE, DEFAULT_STEPS),  # the default run, noise planned under RDP
-    (1.0, 0.01, 1000),
-])
+@pytest.mark.parametrize(
+    ("noise", "rate", "steps"),
+    [
+        (1.5, 0.04, 2250),
+        (NOISE_FOR_8["rdp"], DEFAULT_RATE, DEFAULT_STEPS),  # the default run, noise planned under RDP
+        (1.0, 0.01, 1000),
+    ],
+)
 def test_rdp_matches_google_dp_accounting(noise, rate, steps):
     ours = epsilon([(noise, rate, steps)], delta=1e-5, accountant="rdp")
     theirs = _dp_accounting_rdp(noise, rate, steps, 1e-5)
@@ -153,8 +186,7 @@ def test_rounds_compose_to_the_one_shot_value():
     for _ in range(6):
         history = extend_history(history, noise_multiplier=0.7, sample_rate=0.02, steps=5)
     assert history == [(0.7, 0.02, 30)]
-    assert epsilon(history, delta=1e-5, accountant="rdp") == epsilon([(0.7, 0.02, 30)], delta=1e-5,
-                                                                      accountant="rdp")
+    assert epsilon(history, delta=1e-5, accountant="rdp") == epsilon([(0.7, 0.02, 30)], delta=1e-5, accountant="rdp")
 
 
 def test_mixed_histories_compose_additively_in_rdp():
@@ -175,8 +207,9 @@ def test_sample_rate_is_the_one_opacus_runs():
 
 @pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
 def test_planned_noise_meets_the_target_tightly(target):
-    plan = plan_client(shard_size=980, batch_size=16, rounds=6, local_steps=5, target_epsilon=target,
-                       delta=1e-5, accountant="rdp")
+    plan = plan_client(
+        shard_size=980, batch_size=16, rounds=6, local_steps=5, target_epsilon=target, delta=1e-5, accountant="rdp"
+    )
     assert plan.planned_epsilon <= target
     assert plan.planned_epsilon >= target - 0.02
     reached = epsilon([(plan.noise_multiplier, plan.sample_rate, 30)], delta=1e-5, accountant="rdp")
@@ -185,26 +218,47 @@ def test_planned_noise_meets_the_target_tightly(target):
 
 def test_impossible_plans_fail_fast_with_what_to_change():
     with pytest.raises(PrivacyPlanError, match="lower train.batch_size"):
-        plan_client(shard_size=10, batch_size=16, rounds=1, local_steps=1, target_epsilon=8,
-                    delta=1e-5, accountant="rdp")
+        plan_client(
+            shard_size=10, batch_size=16, rounds=1, local_steps=1, target_epsilon=8, delta=1e-5, accountant="rdp"
+        )
     with pytest.raises(PrivacyPlanError, match="privacy.delta"):
-        plan_client(shard_size=1000, batch_size=16, rounds=1, local_steps=1, target_epsilon=8,
-                    delta=0.01, accountant="rdp")
+        plan_client(
+            shard_size=1000, batch_size=16, rounds=1, local_steps=1, target_epsilon=8, delta=0.01, accountant="rdp"
+        )
     with pytest.raises(PrivacyPlanError, match="raise privacy.target_epsilon"):
-        plan_client(shard_size=100, batch_size=50, rounds=100, local_steps=100, target_epsilon=1e-9,
-                    delta=1e-5, accountant="rdp")
+        plan_client(
+            shard_size=100,
+            batch_size=50,
+            rounds=100,
+            local_steps=100,
+            target_epsilon=1e-9,
+            delta=1e-5,
+            accountant="rdp",
+        )
 
 
 def test_fixed_noise_reports_the_epsilon_it_reaches():
-    plan = plan_client(shard_size=1000, batch_size=10, rounds=2, local_steps=5, target_epsilon=8,
-                       delta=1e-5, accountant="rdp", noise_multiplier=1.0)
+    plan = plan_client(
+        shard_size=1000,
+        batch_size=10,
+        rounds=2,
+        local_steps=5,
+        target_epsilon=8,
+        delta=1e-5,
+        accountant="rdp",
+        noise_multiplier=1.0,
+    )
     assert plan.noise_multiplier == 1.0
     assert plan.planned_epsilon == epsilon([(1.0, 0.01, 10)], delta=1e-5, accountant="rdp")
 
 
 def test_higher_sampling_rate_needs_more_noise():
-    plans = [plan_client(shard_size=n, batch_size=16, rounds=3, local_steps=5, target_epsilon=8, delta=1e-5,
-                         accountant="rdp") for n in (500, 1000)]
+    plans = [
+        plan_client(
+            shard_size=n, batch_size=16, rounds=3, local_steps=5, target_epsilon=8, delta=1e-5, accountant="rdp"
+        )
+        for n in (500, 1000)
+    ]
     assert [p.sample_rate for p in plans] == [1 / 32, 1 / 63]
     assert plans[0].noise_multiplier > plans[1].noise_multiplier
 
@@ -226,10 +280,17 @@ def test_ledger_recomputes_epsilon_and_round_trips():
 
 
 def test_epsilon_by_round_grows_and_ends_at_the_plan():
-    plan = plan_client(shard_size=1000, batch_size=16, rounds=4, local_steps=5, target_epsilon=4,
-                       delta=1e-5, accountant="rdp")
-    curve = epsilon_by_round(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                             local_steps=5, rounds=4, delta=1e-5, accountant="rdp")
+    plan = plan_client(
+        shard_size=1000, batch_size=16, rounds=4, local_steps=5, target_epsilon=4, delta=1e-5, accountant="rdp"
+    )
+    curve = epsilon_by_round(
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        local_steps=5,
+        rounds=4,
+        delta=1e-5,
+        accountant="rdp",
+    )
     assert curve == sorted(curve) and len(set(curve)) == 4
     assert curve[-1] == pytest.approx(plan.planned_epsilon)
 

@@ -41,15 +41,17 @@ def shard(bundle):
 
 
 def _spec(seed: int | None, steps: int = 3, batch_size: int = 16) -> LocalSpec:
-    return LocalSpec(steps=steps, batch_size=batch_size, lr=1e-2, weight_decay=0.0, objective="choices",
-                     bf16=False, seed=seed)
+    return LocalSpec(
+        steps=steps, batch_size=batch_size, lr=1e-2, weight_decay=0.0, objective="choices", bf16=False, seed=seed
+    )
 
 
 def _train(bundle, data, start: dict, seed: int | None, **spec) -> tuple[dict, object]:
     """One DP round from the adapter ``start``: the adapter it produces and its result."""
     load_adapter_state(bundle.model, start)
-    result = train_local(bundle.model, data, make_collate(bundle.pad_id, True), _spec(seed, **spec),
-                         choice_ids(bundle), DP, [])
+    result = train_local(
+        bundle.model, data, make_collate(bundle.pad_id, True), _spec(seed, **spec), choice_ids(bundle), DP, []
+    )
     return adapter_state(bundle.model), result
 
 
@@ -65,11 +67,13 @@ def _reset_global_rngs() -> None:
 
 # ---- the curious coordinator ----------------------------------------------------------------
 
+
 def _candidate_seeds() -> list[int]:
     """Seeds a coordinator would try: small ints, the run seed, and the derivation fedllm used
     before issue 12 (``seed * 1_000_003 + partition * 1_009 + round``, and ``+ 1`` for noise)."""
-    derived = {s * 1_000_003 + p * 1_009 + r + extra
-               for s in (0, 42) for p in (0, 1) for r in (1, 2) for extra in (0, 1)}
+    derived = {
+        s * 1_000_003 + p * 1_009 + r + extra for s in (0, 42) for p in (0, 1) for r in (1, 2) for extra in (0, 1)
+    }
     return sorted({0, 1, 2, 42, 1234, 2**31 - 1} | derived)
 
 
@@ -96,6 +100,7 @@ def test_seeded_rounds_are_bit_identical_which_is_why_that_mode_is_research_only
 
 
 # ---- the two streams ------------------------------------------------------------------------
+
 
 def _key(generator: np.random.Generator) -> tuple[int, ...]:
     return tuple(int(x) for x in generator.bit_generator.state["state"]["key"])
@@ -132,6 +137,7 @@ def test_a_seeded_stream_needs_a_non_negative_int(seed):
 
 
 # ---- the Poisson sampler --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("batch", [8, 16, 32])
 def test_sampler_size_and_rate_agree_with_the_planner_for_every_shard_size(batch):
@@ -224,6 +230,7 @@ def test_empty_poisson_batches_in_a_round_are_noised_accounted_steps(bundle, sha
 
 # ---- the noise ------------------------------------------------------------------------------
 
+
 def test_noise_keeps_the_planned_std_and_sums_four_draws():
     std, size = 0.8 * 1.5, 1_000_000
     noise = GaussianNoise(dp_randomness(7).noise).like(torch.zeros(size), std)
@@ -268,10 +275,19 @@ def test_the_dp_step_adds_the_node_noise_scaled_by_the_expected_batch_size(bundl
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     z, clip, lr = 0.7, 2.0, 1.0
-    session = start_round(model=model, optimizer=torch.optim.SGD(params, lr=lr), dataset=_Repeat(shard, 32),
-                          batch_size=16, collate=make_collate(bundle.pad_id, True), noise_multiplier=z,
-                          max_grad_norm=clip, history=[], accountant="rdp", grad_sample_mode="hooks",
-                          randomness=dp_randomness(11))
+    session = start_round(
+        model=model,
+        optimizer=torch.optim.SGD(params, lr=lr),
+        dataset=_Repeat(shard, 32),
+        batch_size=16,
+        collate=make_collate(bundle.pad_id, True),
+        noise_multiplier=z,
+        max_grad_norm=clip,
+        history=[],
+        accountant="rdp",
+        grad_sample_mode="hooks",
+        randomness=dp_randomness(11),
+    )
     try:
         assert session.optimizer.expected_batch_size == 16
         session.empty_step()

@@ -43,8 +43,11 @@ def test_auto_is_resolved_as_ray_does_and_checked_too(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     target = ray_cluster.resolve("auto")  # Ray names loopback by this machine's IP
     assert target.endswith(f":{port}")
-    with pytest.raises(ClusterError, match=rf"^federation[.]ray_address=auto \({re.escape(target)}\): no Ray "
-                                           "cluster answers"):
+    with pytest.raises(
+        ClusterError,
+        match=rf"^federation[.]ray_address=auto \({re.escape(target)}\): no Ray "
+        "cluster answers",
+    ):
         ray_cluster.connect(ray, "auto", {})
 
 
@@ -68,7 +71,7 @@ def test_workers_get_the_node_config_path_and_offline_policy_but_no_secret(monke
     assert env[SIMULATED_NODES_ENV] == "/shared/run/simulated_nodes.json" and env["HF_HUB_OFFLINE"] == "1"
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"  # set by the test environment
     assert {StorageConfig().key_env, "HF_HOME", "TRANSFORMERS_OFFLINE"}.isdisjoint(env)
-    assert env["PYTHONPATH"].split(os.pathsep)[:len(sys.path)] == [p for p in sys.path if p][:len(sys.path)]
+    assert env["PYTHONPATH"].split(os.pathsep)[: len(sys.path)] == [p for p in sys.path if p][: len(sys.path)]
 
 
 def test_a_local_ray_is_started_even_when_a_cluster_is_named_by_the_environment(tiny_cfg):

@@ -27,19 +27,22 @@ def test_a_log_record_with_remote_text_is_one_line(caplog):
     assert "\x1b" not in record.getMessage() and "\r" not in record.getMessage()
 
 
-@pytest.mark.parametrize(("raw", "shown"), [
-    ("\x1b[31mred", "\\x1b[31mred"),                   # ANSI escape: no terminal rewriting
-    ("a\rb", "a\\rb"),
-    ("tab\there", "tab\\there"),
-    ("\x00nul", "\\x00nul"),
-    ("\x85next line", "\\x85next line"),               # C1 control NEL
-    ("ok\u202egnp.exe", "ok\\u202egnp.exe"),           # right-to-left override (Trojan Source)
-    ("zero\u200bwidth", "zero\\u200bwidth"),
-    ("line\u2028sep", "line\\u2028sep"),
-    ("a\\nb", "a\\\\nb"),                             # a literal backslash-n is not a newline
-    ("Zürich – 東京 ok", "Zürich – 東京 ok"),          # printable text in any script is kept
-    ("\U000e0041tag", "\\U000e0041tag"),               # invisible tag characters
-])
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("\x1b[31mred", "\\x1b[31mred"),  # ANSI escape: no terminal rewriting
+        ("a\rb", "a\\rb"),
+        ("tab\there", "tab\\there"),
+        ("\x00nul", "\\x00nul"),
+        ("\x85next line", "\\x85next line"),  # C1 control NEL
+        ("ok\u202egnp.exe", "ok\\u202egnp.exe"),  # right-to-left override (Trojan Source)
+        ("zero\u200bwidth", "zero\\u200bwidth"),
+        ("line\u2028sep", "line\\u2028sep"),
+        ("a\\nb", "a\\\\nb"),  # a literal backslash-n is not a newline
+        ("Zürich – 東京 ok", "Zürich – 東京 ok"),  # printable text in any script is kept
+        ("\U000e0041tag", "\\U000e0041tag"),  # invisible tag characters
+    ],
+)
 def test_control_and_format_characters_are_spelled_out(raw, shown):
     assert escape_remote_text(raw) == shown
 

@@ -23,34 +23,61 @@ from tests.flower_fakes import FakeGrid, act_as_server_process, arrays_record
 
 SENT = {"a": np.zeros((8, 64), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}
 RATE = 1 / 10  # a shard of 145..160 records at batch 16
+
+
 def _run(**privacy) -> ExperimentConfig:
     """Batch 16, 5 local steps, 3 rounds, epsilon 8 at delta 1e-5, RDP."""
-    return tiny_config(train=TrainConfig(batch_size=16, local_steps=5), federation=FederationConfig(num_rounds=3),
-                       privacy=PrivacyConfig(target_epsilon=8.0, delta=1e-5, accountant="rdp", **privacy))
+    return tiny_config(
+        train=TrainConfig(batch_size=16, local_steps=5),
+        federation=FederationConfig(num_rounds=3),
+        privacy=PrivacyConfig(target_epsilon=8.0, delta=1e-5, accountant="rdp", **privacy),
+    )
 
 
 MECHANISM = MechanismCheck(_run(noise_multiplier=1.0))
 
 
 def _policy(**overrides) -> ReplyPolicy:
-    settings = dict(num_clients=10, update_norm_ratio=10.0, max_update_norm=None, require_accounting=True,
-                    uniform_weights=False, mechanism=MECHANISM)
+    settings = dict(
+        num_clients=10,
+        update_norm_ratio=10.0,
+        max_update_norm=None,
+        require_accounting=True,
+        uniform_weights=False,
+        mechanism=MECHANISM,
+    )
     return ReplyPolicy(**{**settings, **overrides})
 
 
 def _message(node: int, content: RecordDict) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=metadata)
 
 
-def _update(node: int, *, value: float = 0.1, history=((1.0, RATE, 5),), size: int | None = None,
-            replayed: bool = False, arrays: ArrayRecord | None = None, metrics: dict | None = None) -> Message:
+def _update(
+    node: int,
+    *,
+    value: float = 0.1,
+    history=((1.0, RATE, 5),),
+    size: int | None = None,
+    replayed: bool = False,
+    arrays: ArrayRecord | None = None,
+    metrics: dict | None = None,
+) -> Message:
     accounting = Accounting(epsilon=1.0, cap=8.0, delta=1e-5, history=list(history), can_continue=True)
     report = TrainReport(node, accounting, PublicStats(num_examples=size), replayed)
     record = arrays or arrays_record({k: np.full_like(v, value) for k, v in SENT.items()})
-    return _message(node, RecordDict({keys.ARRAYS: record,
-                                      keys.METRICS: MetricRecord(metrics or report.to_metrics())}))
+    return _message(node, RecordDict({keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics or report.to_metrics())}))
 
 
 def _sort(replies: list[Message], **policy):
@@ -71,9 +98,16 @@ def test_a_payload_unlike_its_declared_shape_or_dtype_is_rejected_and_the_round_
     replies = [_update(0, arrays=wider_float64), _update(1, arrays=wider), *(_update(n) for n in (2, 3, 4))]
     result = _sort(replies)
     assert len(result.rejected) == 2 and all("payload" in r for r in result.rejected)
-    strategy = build_strategy(aggregation="fedavg", trim_fraction=0.2, fraction_train=1.0, num_clients=3,
-                              client_level=False, client_clipping="server", client_noise_multiplier=1.0,
-                              client_clip_norm=1.0)
+    strategy = build_strategy(
+        aggregation="fedavg",
+        trim_fraction=0.2,
+        fraction_train=1.0,
+        num_clients=3,
+        client_level=False,
+        client_clipping="server",
+        client_noise_multiplier=1.0,
+        client_clip_norm=1.0,
+    )
     aggregated = _aggregate(strategy, PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0), 1, result, 3)
     assert aggregated["a"].numpy().dtype == np.float32  # the global adapter stays what the server sent
 
@@ -82,9 +116,16 @@ def test_replayed_and_fresh_updates_aggregate_together(monkeypatch):
     act_as_server_process(monkeypatch)  # a resumed server: one node resends its cached reply
     result = _sort([_update(0, replayed=True), _update(1), _update(2)])
     assert len(result.updates) == 3 and not result.rejected
-    strategy = build_strategy(aggregation="fedavg", trim_fraction=0.2, fraction_train=1.0, num_clients=3,
-                              client_level=False, client_clipping="server", client_noise_multiplier=1.0,
-                              client_clip_norm=1.0)
+    strategy = build_strategy(
+        aggregation="fedavg",
+        trim_fraction=0.2,
+        fraction_train=1.0,
+        num_clients=3,
+        client_level=False,
+        client_clipping="server",
+        client_noise_multiplier=1.0,
+        client_clip_norm=1.0,
+    )
     ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0)
     assert np.allclose(_aggregate(strategy, ledger, 1, result, 3)["a"].numpy(), 0.1)
 
@@ -144,11 +185,14 @@ def test_an_aggregation_that_fails_leaves_the_adapter_unchanged_instead_of_crash
     assert _aggregate(Broken(), PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0), 1, result, 2) is None
 
 
-@pytest.mark.parametrize("history, delta", [
-    (((1e-6, RATE, 5),), 1e-5),  # noise an accountant cannot handle (PRV asks for petabytes)
-    (((1.0, RATE, 5),), 1.0),  # delta 1 means nothing
-    (((1.0, RATE, 5.5),), 1e-5),  # half a step
-])
+@pytest.mark.parametrize(
+    "history, delta",
+    [
+        (((1e-6, RATE, 5),), 1e-5),  # noise an accountant cannot handle (PRV asks for petabytes)
+        (((1.0, RATE, 5),), 1.0),  # delta 1 means nothing
+        (((1.0, RATE, 5.5),), 1e-5),  # half a step
+    ],
+)
 def test_an_unaccountable_history_is_rejected_before_it_reaches_the_ledger(monkeypatch, history, delta):
     act_as_server_process(monkeypatch)
     accounting = Accounting(epsilon=1.0, cap=8.0, delta=delta, history=list(history), can_continue=True)
@@ -161,9 +205,17 @@ def test_an_unaccountable_history_is_rejected_before_it_reaches_the_ledger(monke
 def test_server_side_clipping_measures_each_array_by_name_not_position(monkeypatch):
     act_as_server_process(monkeypatch)
     same_shape = {"a": np.zeros((2, 2), dtype=np.float32), "b": np.full((2, 2), 10.0, dtype=np.float32)}
-    strategy = build_strategy(aggregation="fedavg", trim_fraction=0.2, fraction_train=1.0, num_clients=1,
-                              client_level=True, client_clipping="server", client_noise_multiplier=1e-9,
-                              client_clip_norm=1.0, noise="seeded")
+    strategy = build_strategy(
+        aggregation="fedavg",
+        trim_fraction=0.2,
+        fraction_train=1.0,
+        num_clients=1,
+        client_level=True,
+        client_clipping="server",
+        client_noise_multiplier=1e-9,
+        client_clip_norm=1.0,
+        noise="seeded",
+    )
     strategy.current_arrays = arrays_record(same_shape)
     # the reply lists b before a: paired by position, this zero update would look like a norm-28 one
     permuted = ArrayRecord({"b": Array(same_shape["b"]), "a": Array(same_shape["a"])})
@@ -174,8 +226,17 @@ def test_server_side_clipping_measures_each_array_by_name_not_position(monkeypat
 
 def test_a_nodes_error_text_cannot_forge_log_lines(monkeypatch):
     act_as_server_process(monkeypatch)
-    metadata = Metadata(run_id=1, message_id="e", src_node_id=9, dst_node_id=0, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id="e",
+        src_node_id=9,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     forged = Message(Error(code=0, reason="boom\nround 1: aggregated 10 updates\x1b[2K"), metadata=metadata)
     result = _sort([forged, _update(1)])
     assert len(result.failures) == 1 and "\n" not in result.failures[0] and "\x1b" not in result.failures[0]
@@ -196,8 +257,12 @@ def test_with_registered_node_ids_a_node_cannot_speak_for_another_client(monkeyp
 
 def _refusal(node: int) -> Message:
     refusal = Refusal(node, BUDGET, cap=1.0, spent=0.9, delta=1e-5, history=[(1.0, RATE, 5)])
-    return _message(node, RecordDict({keys.METRICS: MetricRecord(refusal.to_metrics()),
-                                      keys.STATUS: ConfigRecord({keys.CATEGORY: BUDGET})}))
+    return _message(
+        node,
+        RecordDict(
+            {keys.METRICS: MetricRecord(refusal.to_metrics()), keys.STATUS: ConfigRecord({keys.CATEGORY: BUDGET})}
+        ),
+    )
 
 
 def test_sorting_returns_refusals_and_the_caller_records_them(monkeypatch):

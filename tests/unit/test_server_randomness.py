@@ -34,13 +34,28 @@ def _server_process(monkeypatch):
     act_as_server_process(monkeypatch)
 
 
-def _strategy(noise: str, *, fraction_train: float = 0.5, client_level: bool = True,
-              client_clipping: str = "server", noise_multiplier: float = 1.0, clip_norm: float = 0.5,
-              seed: int = SEED):
-    return build_strategy(aggregation="fedavg", trim_fraction=0.1, fraction_train=fraction_train,
-                          num_clients=len(NODES), client_level=client_level, client_clipping=client_clipping,
-                          client_noise_multiplier=noise_multiplier, client_clip_norm=clip_norm,
-                          noise=noise, seed=seed)
+def _strategy(
+    noise: str,
+    *,
+    fraction_train: float = 0.5,
+    client_level: bool = True,
+    client_clipping: str = "server",
+    noise_multiplier: float = 1.0,
+    clip_norm: float = 0.5,
+    seed: int = SEED,
+):
+    return build_strategy(
+        aggregation="fedavg",
+        trim_fraction=0.1,
+        fraction_train=fraction_train,
+        num_clients=len(NODES),
+        client_level=client_level,
+        client_clipping=client_clipping,
+        client_noise_multiplier=noise_multiplier,
+        client_clip_norm=clip_norm,
+        noise=noise,
+        seed=seed,
+    )
 
 
 def _seed_globals(value: int) -> None:
@@ -53,12 +68,15 @@ def _samples(strategy, rounds: range, globals_seed: int | None = None) -> list[l
     if globals_seed is not None:
         _seed_globals(globals_seed)
     arrays = arrays_record({"w": np.zeros(3, dtype=np.float32)})
-    return [sorted(m.metadata.dst_node_id for m in strategy.configure_train(r, arrays, ConfigRecord(), FakeGrid(NODES)))
-            for r in rounds]
+    return [
+        sorted(m.metadata.dst_node_id for m in strategy.configure_train(r, arrays, ConfigRecord(), FakeGrid(NODES)))
+        for r in rounds
+    ]
 
 
-def _noised_aggregate(strategy, *, size: int = 64, server_round: int = 1,
-                      globals_seed: int | None = None) -> np.ndarray:
+def _noised_aggregate(
+    strategy, *, size: int = 64, server_round: int = 1, globals_seed: int | None = None
+) -> np.ndarray:
     """One round of client-level DP on zero updates: the aggregate is the noise alone."""
     zeros = {"w": np.zeros(size, dtype=np.float32)}
     arrays = arrays_record(zeros)
@@ -71,6 +89,7 @@ def _noised_aggregate(strategy, *, size: int = 64, server_round: int = 1,
 
 
 # --- client sampling -------------------------------------------------------------------------
+
 
 def test_knowing_the_seed_does_not_predict_the_client_sample():
     # the curious party seeds the global generators exactly as the server once did
@@ -127,6 +146,7 @@ def test_sampling_waits_for_enough_nodes():
 
 # --- client-level noise ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("clipping", ["server", "client"])
 def test_knowing_the_seed_does_not_predict_the_client_level_noise(clipping):
     first = _noised_aggregate(_strategy("secure", client_clipping=clipping), globals_seed=SEED)
@@ -147,8 +167,9 @@ def test_seeded_mode_reproduces_the_noise_whatever_the_global_generators_say(cli
 def test_noise_has_the_calibrated_standard_deviation(noise):
     # all 20 clients, z = 1.2, C = 0.5: std of the mean is z * C / 20 = 0.03
     size = 200_000
-    values = _noised_aggregate(_strategy(noise, fraction_train=1.0, noise_multiplier=1.2, clip_norm=0.5),
-                               size=size).astype(np.float64)
+    values = _noised_aggregate(
+        _strategy(noise, fraction_train=1.0, noise_multiplier=1.2, clip_norm=0.5), size=size
+    ).astype(np.float64)
     expected = 1.2 * 0.5 / 20
     # the sample std's standard error is std / sqrt(2n) (0.16%): 1% is over 6 of them
     assert values.std() == pytest.approx(expected, rel=0.01)
@@ -173,9 +194,16 @@ def test_an_unknown_noise_source_is_refused():
 
 # --- resume ----------------------------------------------------------------------------------
 
+
 def _state(server_round: int = 2) -> ServerState:
-    return ServerState(run_id="r", server_round=server_round, arrays={"a": torch.arange(3.0)}, ledger={"x": 1},
-                       rounds=[{"round": 0}], config={"seed": SEED})
+    return ServerState(
+        run_id="r",
+        server_round=server_round,
+        arrays={"a": torch.arange(3.0)},
+        ledger={"x": 1},
+        rounds=[{"round": 0}],
+        config={"seed": SEED},
+    )
 
 
 def test_a_checkpoint_holds_no_random_state(tmp_path):
@@ -203,8 +231,9 @@ def test_starting_or_resuming_a_run_leaves_the_global_generators_alone(tmp_path,
     from fedllm.federation import server_app
     from fedllm.privacy.ledger import PrivacyLedger
 
-    monkeypatch.setattr(server_app.task, "model_bundle",
-                        lambda *args: SimpleNamespace(initial_adapter={"a": torch.zeros(3)}))
+    monkeypatch.setattr(
+        server_app.task, "model_bundle", lambda *args: SimpleNamespace(initial_adapter={"a": torch.zeros(3)})
+    )
     ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=8.0)
     checkpoints = Checkpointer(tmp_path)
     state = _state()

@@ -116,8 +116,9 @@ def test_an_encrypted_checkpoint_needs_its_key(tmp_path):
 
 
 def test_an_edited_checkpoint_state_is_detected(tmp_path):
-    Checkpointer(tmp_path).save(ServerState(run_id="r", server_round=1, arrays={"a": torch.ones(1)}, ledger={},
-                                            rounds=[], config={}))
+    Checkpointer(tmp_path).save(
+        ServerState(run_id="r", server_round=1, arrays={"a": torch.ones(1)}, ledger={}, rounds=[], config={})
+    )
     state = json.loads((tmp_path / "state.json").read_text())
     state["server_round"] = 5
     (tmp_path / "state.json").write_text(json.dumps(state))
@@ -131,10 +132,18 @@ def test_a_checkpoint_written_before_issue_13_still_resumes_without_a_key(tmp_pa
     data = save({"a": torch.full((2,), 4.0)})
     header = json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "encrypted": False}).encode()
     (tmp_path / "adapter-round-3.sealed").write_bytes(b"FEDLLM-SEALED\x01" + header + b"\n" + data)
-    state = {"run_id": "r", "server_round": 3, "adapter": "adapter-round-3.sealed", "ledger": {}, "rounds": [],
-             "config": {}, "stop_reason": None}
-    (tmp_path / "state.json").write_text(json.dumps({**state, "checksum": hashlib.sha256(
-        json.dumps(state, sort_keys=True).encode()).hexdigest()}))
+    state = {
+        "run_id": "r",
+        "server_round": 3,
+        "adapter": "adapter-round-3.sealed",
+        "ledger": {},
+        "rounds": [],
+        "config": {},
+        "stop_reason": None,
+    }
+    (tmp_path / "state.json").write_text(
+        json.dumps({**state, "checksum": hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()})
+    )
     loaded = Checkpointer(tmp_path).load()
     assert loaded.server_round == 3 and torch.equal(loaded.arrays["a"], torch.full((2,), 4.0))
     with pytest.raises(IntegrityError, match="unkeyed checksum"):
@@ -142,12 +151,14 @@ def test_a_checkpoint_written_before_issue_13_still_resumes_without_a_key(tmp_pa
 
 
 def test_a_checkpoint_state_cannot_point_outside_its_folder(tmp_path):
-    Checkpointer(tmp_path).save(ServerState(run_id="r", server_round=1, arrays={"a": torch.ones(1)}, ledger={},
-                                            rounds=[], config={}))
+    Checkpointer(tmp_path).save(
+        ServerState(run_id="r", server_round=1, arrays={"a": torch.ones(1)}, ledger={}, rounds=[], config={})
+    )
     state = json.loads((tmp_path / "state.json").read_text())
     state["adapter"] = "../../etc/passwd"
-    (tmp_path / "state.json").write_text(json.dumps(protect_json(state, None, role="checkpoint-state",
-                                                                 name="state.json")))
+    (tmp_path / "state.json").write_text(
+        json.dumps(protect_json(state, None, role="checkpoint-state", name="state.json"))
+    )
     with pytest.raises(IntegrityError, match="names no checkpoint adapter"):
         Checkpointer(tmp_path).load()
 
@@ -169,8 +180,9 @@ def test_json_files_round_trip_and_refuse_the_other_mode(key):
     assert (b'"datasets"' in raw) == (key is None)  # readable without a key, encrypted with one
     assert load_json_file(raw, key, role=ROLE_NODE_LEDGER, name="l.json", what="l") == payload
     other = KEY if key is None else None
-    with pytest.raises(IntegrityError, match="not encrypted, but a key is configured" if key is None else
-                       "is encrypted"):
+    with pytest.raises(
+        IntegrityError, match="not encrypted, but a key is configured" if key is None else "is encrypted"
+    ):
         load_json_file(raw, other, role=ROLE_NODE_LEDGER, name="l.json", what="l")
     with pytest.raises(IntegrityError, match="not valid JSON"):
         load_json_file(b"{oops", None, role=ROLE_NODE_LEDGER, name="l.json", what="l")

@@ -27,28 +27,46 @@ def _server_process(monkeypatch):
     act_as_server_process(monkeypatch)
 
 
-def _strategy(aggregation: str = "fedavg", *, client_level: bool = False, client_clipping: str = "server",
-              fraction_train: float = 1.0, noise_multiplier: float = 0.0, clip_norm: float = 1.0):
-    return build_strategy(aggregation=aggregation, trim_fraction=0.2, fraction_train=fraction_train,
-                          num_clients=len(NODES), client_level=client_level, client_clipping=client_clipping,
-                          client_noise_multiplier=noise_multiplier, client_clip_norm=clip_norm)
+def _strategy(
+    aggregation: str = "fedavg",
+    *,
+    client_level: bool = False,
+    client_clipping: str = "server",
+    fraction_train: float = 1.0,
+    noise_multiplier: float = 0.0,
+    clip_norm: float = 1.0,
+):
+    return build_strategy(
+        aggregation=aggregation,
+        trim_fraction=0.2,
+        fraction_train=fraction_train,
+        num_clients=len(NODES),
+        client_level=client_level,
+        client_clipping=client_clipping,
+        client_noise_multiplier=noise_multiplier,
+        client_clip_norm=clip_norm,
+    )
 
 
 def _round(strategy, start: np.ndarray, updates: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
     """Configure round 1 from ``start``, answer with ``updates`` and return the aggregate."""
     sent = list(strategy.configure_train(1, arrays_record({"w": start}), ConfigRecord(), FakeGrid(NODES)))
     weights = weights or [1.0] * len(updates)
-    replies = [train_reply(m.metadata.dst_node_id, {"w": u}, 1, w)
-               for m, u, w in zip(sent, updates, weights, strict=True)]
+    replies = [
+        train_reply(m.metadata.dst_node_id, {"w": u}, 1, w) for m, u, w in zip(sent, updates, weights, strict=True)
+    ]
     aggregated, _ = strategy.aggregate_train(1, replies)
     return aggregated["w"].numpy()
 
 
-@pytest.mark.parametrize(("aggregation", "ours", "flowers"), [
-    ("fedavg", AdapterFedAvg, FedAvg),
-    ("trimmed_mean", AdapterFedTrimmedAvg, FedTrimmedAvg),
-    ("median", AdapterFedMedian, FedMedian),
-])
+@pytest.mark.parametrize(
+    ("aggregation", "ours", "flowers"),
+    [
+        ("fedavg", AdapterFedAvg, FedAvg),
+        ("trimmed_mean", AdapterFedTrimmedAvg, FedTrimmedAvg),
+        ("median", AdapterFedMedian, FedMedian),
+    ],
+)
 def test_each_aggregation_is_flowers_with_our_sampling(aggregation, ours, flowers):
     strategy = _strategy(aggregation)
     assert type(strategy) is ours and isinstance(strategy, flowers)
@@ -93,8 +111,9 @@ def test_updates_within_the_clip_norm_are_unchanged():
 
 
 def test_client_side_clipping_asks_nodes_to_clip_and_trusts_them():
-    strategy = _strategy(client_level=True, client_clipping="client", fraction_train=0.4, noise_multiplier=0.0,
-                         clip_norm=1.0)
+    strategy = _strategy(
+        client_level=True, client_clipping="client", fraction_train=0.4, noise_multiplier=0.0, clip_norm=1.0
+    )
     config = ConfigRecord()
     strategy.configure_train(1, arrays_record({"w": np.zeros(2, dtype=np.float32)}), config, FakeGrid(NODES))
     assert config["clipping_norm"] == 1.0  # read by Flower's fixedclipping_mod on the node

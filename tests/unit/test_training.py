@@ -23,16 +23,16 @@ def bundle():
 
 
 def _spec(steps=5, seed=0, lr=1e-2, batch_size=16):
-    return LocalSpec(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, objective="choices",
-                     bf16=False, seed=seed)
+    return LocalSpec(
+        steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, objective="choices", bf16=False, seed=seed
+    )
 
 
 DP = DPSpec(noise_multiplier=0.8, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
 
 
 def _hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
-               for m in model.modules())
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_dp_rounds_compose_to_one_shot_epsilon_and_leave_no_hooks(bundle):
@@ -70,12 +70,14 @@ def test_a_dp_run_really_learns(bundle):
     train = tokenize_records(easy_records(400, 2), bundle.tokenizer, FMT)
     test = tokenize_records(easy_records(200, 3), bundle.tokenizer, FMT)
     ids = choice_ids(bundle)
-    load_adapter_state(bundle.model, {k: torch.zeros_like(v) if "lora_B" in k else v
-                                      for k, v in adapter_state(bundle.model).items()})
+    load_adapter_state(
+        bundle.model, {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in adapter_state(bundle.model).items()}
+    )
     before = evaluate(bundle.model, test, bundle.pad_id, ids, 64, bf16=False)
     dp = DPSpec(noise_multiplier=0.6, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks")
-    train_local(bundle.model, train, make_collate(bundle.pad_id, True), _spec(steps=40, lr=2e-2, batch_size=32),
-                ids, dp, [])
+    train_local(
+        bundle.model, train, make_collate(bundle.pad_id, True), _spec(steps=40, lr=2e-2, batch_size=32), ids, dp, []
+    )
     after = evaluate(bundle.model, test, bundle.pad_id, ids, 64, bf16=False)
     assert after.accuracy >= 0.9 > before.accuracy or after.accuracy - before.accuracy > 0.3
     assert after.loss < before.loss
@@ -83,8 +85,9 @@ def test_a_dp_run_really_learns(bundle):
 
 def test_non_private_training_keeps_no_dp_history(bundle):
     data = tokenize_records(easy_records(64, 4), bundle.tokenizer, FMT)
-    result = train_local(bundle.model, data, make_collate(bundle.pad_id, True), _spec(steps=2),
-                         choice_ids(bundle), None, None)
+    result = train_local(
+        bundle.model, data, make_collate(bundle.pad_id, True), _spec(steps=2), choice_ids(bundle), None, None
+    )
     assert result.history == [] and result.examples_seen == 32
 
 
@@ -93,9 +96,19 @@ def test_empty_poisson_batch_is_a_noised_accounted_step(bundle):
     model = bundle.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    session = start_round(model=model, optimizer=torch.optim.SGD(params, lr=0.1), dataset=data, batch_size=16,
-                          collate=make_collate(bundle.pad_id, True), noise_multiplier=1.0, max_grad_norm=1.0,
-                          history=[], accountant="rdp", grad_sample_mode="hooks", randomness=dp_randomness(0))
+    session = start_round(
+        model=model,
+        optimizer=torch.optim.SGD(params, lr=0.1),
+        dataset=data,
+        batch_size=16,
+        collate=make_collate(bundle.pad_id, True),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        history=[],
+        accountant="rdp",
+        grad_sample_mode="hooks",
+        randomness=dp_randomness(0),
+    )
     before = adapter_state(model)
     try:
         session.empty_step()
@@ -111,13 +124,24 @@ def test_length_sorted_micro_batches_give_the_same_update(bundle, private):
     data = tokenize_records(easy_records(64, 6), bundle.tokenizer, FMT)
     collate = make_collate(bundle.pad_id, prompt_only=True)
     start = adapter_state(bundle.model)
-    dp = DPSpec(noise_multiplier=0.0, max_grad_norm=0.05, accountant="rdp",
-                grad_sample_mode="hooks") if private else None
+    dp = (
+        DPSpec(noise_multiplier=0.0, max_grad_norm=0.05, accountant="rdp", grad_sample_mode="hooks")
+        if private
+        else None
+    )
     results = {}
     for parts in (1, 3):
         load_adapter_state(bundle.model, start)
-        spec = LocalSpec(steps=1, batch_size=16, lr=1e-3, weight_decay=0.0, objective="choices", bf16=False,
-                         seed=11, micro_batches=parts)
+        spec = LocalSpec(
+            steps=1,
+            batch_size=16,
+            lr=1e-3,
+            weight_decay=0.0,
+            objective="choices",
+            bf16=False,
+            seed=11,
+            micro_batches=parts,
+        )
         outcome = train_local(bundle.model, data, collate, spec, choice_ids(bundle), dp, [])
         results[parts] = (adapter_state(bundle.model), outcome)
     (one, r1), (three, r3) = results[1], results[3]
