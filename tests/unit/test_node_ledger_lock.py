@@ -45,48 +45,53 @@ def _seed_ledger(state_dir: Path) -> None:
             book.record(_release("earlier-run", rnd))
 
 
-def _race(state_dirs: list[str], barrier, results, racer: int, with_lock: bool) -> None:
-    """One run on the node: per trial, check the budget and, if it allows the round, record it."""
-    if not with_lock:  # the same code with flock made a no-op: what the ledger did before issue 12
-        node_ledger.fcntl = types.SimpleNamespace(flock=lambda fd, op: None, LOCK_EX=0, LOCK_NB=0, LOCK_UN=0)
+def _race(phases: list[tuple[bool, list[str]]], barrier, results, racer: int) -> None:
+    """One run on the node: per trial of each phase (with the lock, then without), check the
+    budget and, if it allows the round, record it. One set of processes races both phases:
+    starting interpreters is most of the cost."""
     try:
-        for trial, state_dir in enumerate(state_dirs):
-            barrier.wait(timeout=60)
-            with NodeLedger(Path(state_dir), "dataset").locked(timeout=60) as book:
-                decision = check_round(
-                    book.history(),
-                    noise_multiplier=NOISE,
-                    sample_rate=RATE,
-                    steps=STEPS,
-                    budget=Budget(CAP, DELTA),
-                    accountant="rdp",
-                )
-                if decision.allowed:
-                    # training would start here (the release is reserved first); staggered per run so
-                    # that, without the lock, the writes themselves do not collide
-                    time.sleep(WINDOW_S * (1 + racer))
-                    book.record(_release(f"run-{racer}", 1))
-            results.put((trial, racer, decision.allowed))
+        for with_lock, state_dirs in phases:
+            if not with_lock:  # the same code with flock made a no-op: what the ledger did before issue 12
+                node_ledger.fcntl = types.SimpleNamespace(flock=lambda fd, op: None, LOCK_EX=0, LOCK_NB=0, LOCK_UN=0)
+            for trial, state_dir in enumerate(state_dirs):
+                barrier.wait(timeout=60)
+                with NodeLedger(Path(state_dir), "dataset").locked(timeout=60) as book:
+                    decision = check_round(
+                        book.history(),
+                        noise_multiplier=NOISE,
+                        sample_rate=RATE,
+                        steps=STEPS,
+                        budget=Budget(CAP, DELTA),
+                        accountant="rdp",
+                    )
+                    if decision.allowed:
+                        # training would start here (the release is reserved first); staggered per run so
+                        # that, without the lock, the writes themselves do not collide
+                        time.sleep(WINDOW_S * (1 + racer))
+                        book.record(_release(f"run-{racer}", 1))
+                results.put((with_lock, trial, racer, decision.allowed))
     except BaseException as exc:  # report it instead of leaving the others at the barrier
         barrier.abort()
-        results.put(("error", racer, repr(exc)))
+        results.put(("error", None, racer, repr(exc)))
         raise
 
 
-def _run_race(tmp_path: Path, with_lock: bool) -> tuple[list[Path], dict[int, int]]:
-    dirs = [tmp_path / f"trial-{t}" for t in range(TRIALS)]
-    for state_dir in dirs:
+@pytest.fixture(scope="module")
+def race(tmp_path_factory) -> dict[bool, tuple[list[Path], dict[int, int]]]:
+    """``RACERS`` runs racing for the last round of ``TRIALS`` fresh ledgers, with the lock and
+    without it: for each, the ledgers and how many runs each trial let through."""
+    root = tmp_path_factory.mktemp("race")
+    dirs = {lock: [root / f"{'locked' if lock else 'unlocked'}-{t}" for t in range(TRIALS)] for lock in (True, False)}
+    for state_dir in [*dirs[True], *dirs[False]]:
         _seed_ledger(state_dir)
+    phases = [(lock, [str(d) for d in dirs[lock]]) for lock in (True, False)]
     barrier, results = SPAWN.Barrier(RACERS), SPAWN.Queue()
-    procs = [
-        SPAWN.Process(target=_race, args=([str(d) for d in dirs], barrier, results, r, with_lock))
-        for r in range(RACERS)
-    ]
+    procs = [SPAWN.Process(target=_race, args=(phases, barrier, results, r)) for r in range(RACERS)]
     outcomes = []
     try:
         for proc in procs:
             proc.start()
-        while len(outcomes) < RACERS * TRIALS:
+        while len(outcomes) < 2 * RACERS * TRIALS:
             outcomes.append(results.get(timeout=120))
             assert outcomes[-1][0] != "error", outcomes[-1]
         for proc in procs:
@@ -96,13 +101,18 @@ def _run_race(tmp_path: Path, with_lock: bool) -> tuple[list[Path], dict[int, in
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
-    successes = {t: sum(allowed for trial, _, allowed in outcomes if trial == t) for t in range(TRIALS)}
-    return dirs, successes
+    return {
+        lock: (
+            dirs[lock],
+            {t: sum(ok for phase, trial, _, ok in outcomes if phase == lock and trial == t) for t in range(TRIALS)},
+        )
+        for lock in (True, False)
+    }
 
 
 @pytest.mark.timeout(300)
-def test_concurrent_runs_on_one_node_never_spend_past_its_cap(tmp_path):
-    dirs, successes = _run_race(tmp_path, with_lock=True)
+def test_concurrent_runs_on_one_node_never_spend_past_its_cap(race):
+    dirs, successes = race[True]
     for trial, state_dir in enumerate(dirs):
         assert successes[trial] == 1  # exactly one run got the last round; the others saw its record
         ledger = NodeLedger(state_dir, "dataset")
@@ -111,9 +121,9 @@ def test_concurrent_runs_on_one_node_never_spend_past_its_cap(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_without_the_lock_the_same_race_overspends(tmp_path):
+def test_without_the_lock_the_same_race_overspends(race):
     # the counter-test: it shows the race is real, so the test above would catch a missing lock
-    dirs, successes = _run_race(tmp_path, with_lock=False)
+    dirs, successes = race[False]
     overspent = [t for t in range(TRIALS) if successes[t] > 1]
     assert overspent, successes  # every run that checked before the first record was let through
     for trial in overspent:
