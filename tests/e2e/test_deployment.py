@@ -160,7 +160,10 @@ def test_nodes_send_only_the_adapter_tensors_and_the_accounting(demo):
         assert [e["received"]["round"] for e in entries] == [1, 2, 1]  # the run's two rounds, then the hostile run's
         assert entries[2]["sent"]["config"] == {"status": {"category": "policy"}}
         for query in (e for e in logged if e.get("kind") == "query"):  # the pre-flights: numbers only
-            assert not query["sent"]["tensors"] and set(query["sent"]["metrics"]) <= PREFLIGHT
+            refused = query["sent"]["config"].get("status")  # a refusal, in the train refusal's format
+            assert not query["sent"]["tensors"] and set(query["sent"]["metrics"]) <= (
+                ACCOUNTING if refused else PREFLIGHT
+            )
         for entry in entries:
             assert entry["sent"]["record_types"] in (["arrays", "metrics"], ["metrics", "status"])
             sent = {t["name"].replace(".weight", "").replace(".default", "") for t in entry["sent"]["tensors"]}
