@@ -108,7 +108,7 @@ def overhead(run_dir: Path, slots: int) -> list[dict]:
 
 def inprocess_overhead(model: str, overrides: list[str], workdir: Path) -> dict:
     """Run a federation in this process with timers; per round: training, evaluation, the rest."""
-    from flwr.app import Message
+    from flwr.app import Message, MessageType
 
     from fedllm.cli.simulate import compose_checked, conf_dir, with_state_dir
     from fedllm.federation import server_app
@@ -173,7 +173,8 @@ def inprocess_overhead(model: str, overrides: list[str], workdir: Path) -> dict:
     rows = []
     for before, record in zip(records, records[1:], strict=False):
         wall = record["wall_seconds"] - before["wall_seconds"]
-        mine = [c for c in calls if c["round"] == record["round"]]
+        # train messages only: the pre-flight queries (before round 1) are reported on their own
+        mine = [c for c in calls if c["round"] == record["round"] and c["kind"] == MessageType.TRAIN]
         train = sum(c["train_seconds"] for c in mine)
         node_other = sum(c["seconds"] for c in mine) - train
         evaluation = record.get("eval_seconds") or 0.0
@@ -191,7 +192,14 @@ def inprocess_overhead(model: str, overrides: list[str], workdir: Path) -> dict:
                 "framework_share": round(framework / wall, 4) if wall else None,
             }
         )
-    return {"model": model, "overrides": [*base, *overrides], "whole_run_seconds": round(total, 1), "rounds": rows}
+    preflight = sum(c["seconds"] for c in calls if c["kind"] == MessageType.QUERY)
+    return {
+        "model": model,
+        "overrides": [*base, *overrides],
+        "whole_run_seconds": round(total, 1),
+        "preflight_node_seconds": round(preflight, 2),
+        "rounds": rows,
+    }
 
 
 def _tree_rss(root: psutil.Process) -> int:

@@ -91,6 +91,7 @@ def test_bench_federation_tiny_mode(tmp_path):
     standard, ffa = result["bytes_per_client_per_round"]
     assert ffa["bytes_fp32"] * 2 == standard["bytes_fp32"]  # FFA-LoRA halves communication
     assert result["scale"][0]["returncode"] == 0 and result["scale"][0]["peak_rss_mb"] > 0
+    assert result["inprocess_overhead"]["preflight_node_seconds"] > 0  # 3 pre-flight queries, before round 1
     rounds = result["inprocess_overhead"]["rounds"]  # debug=smoke: 2 rounds of 3 clients, in process
     assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == 3 for r in rounds)
     for r in rounds:
