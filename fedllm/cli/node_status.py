@@ -19,6 +19,7 @@ from fedllm.data.sources import load_records
 from fedllm.errors import DataError, FedLLMError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import AUDIT_FILE, PREFLIGHT
+from fedllm.federation.remote_text import escape_remote_text
 from fedllm.node.policy import NodePolicy, policy_from_node_config
 from fedllm.privacy.node_ledger import NodeLedger, fingerprint
 
@@ -76,15 +77,16 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
                 if category
                 else f"can train {metrics.get(keys.ROUNDS_AFFORDABLE)} of {metrics.get(keys.ROUNDS_PLANNED)} rounds"
             )
-            where = f"pre-flight before round {received.get('round')}"
+            where = f"pre-flight before round {escape_remote_text(received.get('round'))}"
         else:
             what = (
                 f"refused ({category})"
                 if category
                 else f"sent {len(sent.get('tensors', []))} tensors, epsilon {metrics.get(keys.EPSILON, 'n/a')}"
             )
-            where = f"round {received.get('round')}"
-        out.append(f"{entry.get('time')} run {received.get('run_id')} {where}: {what}")
+            where = f"round {escape_remote_text(received.get('round'))}"
+        # the run id and round are what the coordinator sent: escaped, as in the node's log lines
+        out.append(f"{entry.get('time')} run {escape_remote_text(received.get('run_id'))} {where}: {what}")
     return out
 
 

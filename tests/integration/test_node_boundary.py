@@ -385,3 +385,14 @@ def test_a_deployed_node_tells_its_operator_each_round_on_its_console(tmp_path, 
     run_round(_cfg(tmp_path, mode="none"), "run", 2, node_config=node)
     refused = [line for line in capsys.readouterr().err.splitlines() if "fedllm node:" in line]
     assert any("refusing round 2" in line for line in refused), refused
+
+
+def test_node_status_shows_a_hostile_run_id_escaped_on_the_operators_terminal(tmp_path):
+    """The run id is the coordinator's choice; printed raw, an ANSI escape or a newline would
+    rewrite what the operator reads (a forged "round 9" line, a cleared screen)."""
+    node = _deployed(tmp_path)
+    run_round(_cfg(tmp_path), "run\x1b[2J\n2026 run x round 9: refused (budget)", 1, node_config=node)
+    status = node_status(policy_from_node_config(node))
+    assert "\x1b" not in status  # no escape sequence reaches the terminal
+    assert not any(line.strip().startswith("2026 run x") for line in status.splitlines())  # no forged line
+    assert "run run\\x1b[2J\\n2026 run x round 9: refused (budget) round 1: sent" in status  # spelled out
