@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from fedllm.config import ExperimentConfig
 from fedllm.errors import FedLLMError
@@ -39,15 +40,17 @@ def write_outputs(
     key: bytes | None = None,
     *,
     started: float,
+    preflight: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Save the final adapter (PEFT format; sealed when encrypting), the privacy ledger, the
     summary and the plots of a run whose rounds all ran.
 
     Args:
         started: ``time.perf_counter()`` when the run began in this process (its wall time).
+        preflight: the pre-flight's answers, when one ran (the summary's ``preflight`` entry).
     """
     load_adapter_state(model, state.arrays)
-    summary = run_summary(cfg, state, ledger, run_log, started=started)
+    summary = run_summary(cfg, state, ledger, run_log, started=started, preflight=preflight)
     base = base_reference(cfg.model, cfg.seed)  # portable: no cache path of this machine
     # with a key, the weights are only ever written sealed
     save_adapter(model, run_dir / "adapter", key, base_name=base, card=model_card(cfg, summary, base))
@@ -66,12 +69,13 @@ def write_failure(
     failure: str,
     *,
     started: float,
+    preflight: dict[str, Any] | None = None,
 ) -> RunSummary | None:
     """``summary.json`` (``status: failed``) and the privacy ledger of a run the round loop did
     not finish; no adapter. Never raises: the caller re-raises the failure itself."""
     try:
         write_json(run_dir / LEDGER_FILE, ledger.to_report())
-        summary = run_summary(cfg, state, ledger, run_log, started=started, failure=failure)
+        summary = run_summary(cfg, state, ledger, run_log, started=started, failure=failure, preflight=preflight)
         write_summary(run_dir, summary)
         return summary
     except Exception:  # noqa: BLE001 - the original failure is what the caller must see
@@ -87,6 +91,7 @@ def run_summary(
     *,
     started: float,
     failure: str | None = None,
+    preflight: dict[str, Any] | None = None,
 ) -> RunSummary:
     """The run's summary: the outcome first, then what the run achieved, spent and took."""
     rounds = run_log.rounds
@@ -123,6 +128,7 @@ def run_summary(
         test_examples=cfg.data.test_size,
         federation_seconds=round(run_log.wall_seconds(), 1),
         wall_seconds=round(time.perf_counter() - started, 1),
+        preflight=preflight,
     )
 
 

@@ -12,7 +12,6 @@ call :func:`run_federation` (:mod:`~fedllm.federation.simulation`,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -29,7 +28,7 @@ from fedllm.federation import records as keys
 from fedllm.federation.checkpoint import Checkpointer, ServerState
 from fedllm.federation.evaluator import RoundEvaluator
 from fedllm.federation.outputs import SEEDED_WARNING, failure_text, write_failure, write_outputs
-from fedllm.federation.preflight import PreflightReport, run_preflight
+from fedllm.federation.preflight import run_preflight
 from fedllm.federation.rounds import LoopSettings, ReplyPolicy, RoundReplies, RoundResult, run_rounds
 from fedllm.federation.strategy import build_strategy
 from fedllm.federation.validation import MechanismCheck
@@ -37,7 +36,7 @@ from fedllm.model.device import usable_cpus
 from fedllm.privacy.client_level import ClientLevelAccountant
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.storage import load_key, write_json
-from fedllm.tracking.run_files import RoundRecord, RunSummary, write_summary
+from fedllm.tracking.run_files import RoundRecord, RunSummary
 from fedllm.tracking.run_log import RunLog
 from fedllm.tracking.wandb_sink import WandbSink
 
@@ -214,26 +213,23 @@ def run_federation(
     except BaseException as exc:
         # the run did not finish: say so in summary.json (the checkpoint still resumes it), then re-raise
         run_log.close()
-        failed = write_failure(cfg, run_dir, state, ledger, run_log, failure_text(exc), started=started)
-        if failed is not None:
-            with contextlib.suppress(Exception):  # the run's own failure is what the caller must see
-                with_preflight(run_dir, failed, preflight)
+        answers = preflight.to_dict() if preflight else None
+        write_failure(cfg, run_dir, state, ledger, run_log, failure_text(exc), started=started, preflight=answers)
         raise
     run_log.close()
-    summary = write_outputs(cfg, run_dir, evaluator.bundle.model, state, ledger, run_log, key, started=started)
-    summary = with_preflight(run_dir, summary, preflight)
+    summary = write_outputs(
+        cfg,
+        run_dir,
+        evaluator.bundle.model,
+        state,
+        ledger,
+        run_log,
+        key,
+        started=started,
+        preflight=preflight.to_dict() if preflight else None,
+    )
     if sink:
         sink.finish(summary)
-    return summary
-
-
-def with_preflight(run_dir: Path, summary: RunSummary, preflight: PreflightReport | None) -> RunSummary:
-    """``summary`` with the pre-flight's answers, rewritten to ``summary.json`` (unchanged when no
-    pre-flight ran: the run had no round left to play)."""
-    if preflight is None:
-        return summary
-    summary = dataclasses.replace(summary, preflight=preflight.to_dict())
-    write_summary(run_dir, summary)
     return summary
 
 
