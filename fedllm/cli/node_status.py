@@ -20,7 +20,7 @@ from fedllm.errors import DataError, FedLLMError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import AUDIT_FILE, PREFLIGHT
 from fedllm.federation.remote_text import escape_remote_text
-from fedllm.node.policy import NodePolicy, policy_from_node_config
+from fedllm.node.policy import ANSWER_PREFLIGHT, DECLINED, NodePolicy, policy_from_node_config
 from fedllm.privacy.node_ledger import NodeLedger, fingerprint
 
 
@@ -73,7 +73,9 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
         category = sent.get("config", {}).get(keys.STATUS, {}).get(keys.CATEGORY)
         if entry.get("kind") == PREFLIGHT:  # a question answered, nothing released
             what = (
-                f"refused ({category})"
+                f"declined ({ANSWER_PREFLIGHT}=false)"
+                if category == DECLINED
+                else f"refused ({category})"
                 if category
                 else f"can train {metrics.get(keys.ROUNDS_AFFORDABLE)} of {metrics.get(keys.ROUNDS_PLANNED)} rounds"
             )

@@ -6,7 +6,8 @@ message carries, without arrays: the whole task config, the run id, and in ``ser
 the first round still to play. Each node answers from its own policy and ledger
 (:func:`fedllm.node.guard.answer_preflight`): how many of the planned rounds it can afford,
 its epsilon spent now and after those rounds, its cap and delta; or a refusal in the train
-refusal's own format (``policy``, ``data`` or ``error``; the detail stays in the node's log).
+refusal's own format (``policy``, ``data`` or ``error``; the detail stays in the node's log), or
+``declined`` when its operator turned pre-flights off (``answer-preflight=false``).
 The server logs one line per node and keeps the answers for ``summary.json`` (``preflight``).
 
 Nothing adapts: the rounds then run exactly as planned, and each node decides each round
@@ -53,6 +54,7 @@ from fedllm.federation.protocol import PreflightAnswer, Refusal, parse_preflight
 from fedllm.federation.remote_text import escape_remote_text
 from fedllm.federation.rounds import _check_identity
 from fedllm.federation.strategy import connected_nodes
+from fedllm.node.policy import DECLINED
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class PreflightReport:
     asked: int = 0
     answers: list[tuple[int, PreflightAnswer]] = field(default_factory=list)  # (node id, answer)
     refusals: list[tuple[int, Refusal]] = field(default_factory=list)  # (node id, refusal)
+    declined: list[tuple[int, int]] = field(default_factory=list)  # (node id, client): answer-preflight=false
     rejected: list[str] = field(default_factory=list)  # "node N: why its answer was rejected"
     failed: list[str] = field(default_factory=list)  # "node N: the error it reported"
     unanswered: list[int] = field(default_factory=list)  # node ids
@@ -105,6 +108,7 @@ class PreflightReport:
             ],
             "short": self.short,
             "refused": [{"client": r.partition_id, "node": node, "category": r.category} for node, r in self.refusals],
+            "declined": [{"client": client, "node": node} for node, client in self.declined],
             "rejected": list(self.rejected),
             "failed": list(self.failed),
             "no_answer": list(self.unanswered),
@@ -178,7 +182,9 @@ def _sort(report: PreflightReport, replies: list[Message], cfg: ExperimentConfig
             report.rejected.append(f"node {node}: {escape_remote_text(exc)}")
             continue
         seen.add(parsed.partition_id)
-        if isinstance(parsed, Refusal):
+        if isinstance(parsed, Refusal) and parsed.category == DECLINED:
+            report.declined.append((node, parsed.partition_id))
+        elif isinstance(parsed, Refusal):
             report.refusals.append((node, parsed))
         else:
             report.answers.append((node, parsed))
@@ -209,6 +215,10 @@ def _log(report: PreflightReport) -> None:
             refusal.partition_id,
             refusal.category,
         )
+    for _, client in report.declined:
+        log.info(
+            "pre-flight: client %d declines pre-flights (its node config); it decides each round as it comes", client
+        )
     for problem in report.rejected:
         log.warning("pre-flight: answer rejected: %s", problem)
     for failure in report.failed:
@@ -217,12 +227,13 @@ def _log(report: PreflightReport) -> None:
         log.warning("pre-flight: node %d: no answer within %g s", node, report.wait_seconds)
     full = len(report.answers) - len(report.short)
     log.info(
-        "pre-flight: %d of %d node(s) can train every planned round; %d fewer, %d refuse, %d rejected, "
-        "%d failed, %d no answer; the rounds run as planned",
+        "pre-flight: %d of %d node(s) can train every planned round; %d fewer, %d refuse, %d declined, "
+        "%d rejected, %d failed, %d no answer; the rounds run as planned",
         full,
         report.asked,
         len(report.short),
         len(report.refusals),
+        len(report.declined),
         len(report.rejected),
         len(report.failed),
         len(report.unanswered),

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedllm.errors import UpdateRejected
 from fedllm.federation import records as keys
 from fedllm.federation.validation import TensorSpec, validate_arrays
-from fedllm.node.policy import BUDGET, REFUSAL_CATEGORIES
+from fedllm.node.policy import BUDGET, PREFLIGHT_REFUSAL_CATEGORIES, REFUSAL_CATEGORIES
 from fedllm.privacy.accounting import History
 
 MAX_HISTORY_ENTRIES = 100  # a node's lifetime of (noise, rate) changes; bounds the server's accounting work
@@ -181,9 +181,9 @@ def update_reply(msg: Message, arrays: dict, metrics: dict) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def refusal_reply(msg: Message, refusal: Refusal) -> Message:
+def refusal_reply(msg: Message, refusal: Refusal, categories: tuple[str, ...] = REFUSAL_CATEGORIES) -> Message:
     """The reply message of a refusal (no tensors)."""
-    if refusal.category not in REFUSAL_CATEGORIES:
+    if refusal.category not in categories:
         raise ValueError(f"unknown refusal category {refusal.category!r}")
     content = RecordDict(
         {keys.METRICS: MetricRecord(refusal.to_metrics()), keys.STATUS: ConfigRecord({keys.CATEGORY: refusal.category})}
@@ -194,7 +194,7 @@ def refusal_reply(msg: Message, refusal: Refusal) -> Message:
 def preflight_reply(msg: Message, answer: PreflightAnswer | Refusal) -> Message:
     """The reply to a pre-flight query: the answer, or a refusal exactly as a train refusal is sent."""
     if isinstance(answer, Refusal):
-        return refusal_reply(msg, answer)
+        return refusal_reply(msg, answer, PREFLIGHT_REFUSAL_CATEGORIES)
     return Message(content=RecordDict({keys.METRICS: MetricRecord(answer.to_metrics())}), reply_to=msg)
 
 
@@ -303,13 +303,13 @@ def _accounting(metrics: dict) -> Accounting | None:
     )
 
 
-def _refusal(content: RecordDict, metrics: dict) -> Refusal:
+def _refusal(content: RecordDict, metrics: dict, categories: tuple[str, ...] = REFUSAL_CATEGORIES) -> Refusal:
     if content.array_records:
         raise UpdateRejected("a refusal must not carry tensors")
     status = content.config_records.get(keys.STATUS)
     category = str(status.get(keys.CATEGORY, "")) if status else ""
-    if category not in REFUSAL_CATEGORIES:
-        raise UpdateRejected(f"a refusal needs a category ({', '.join(REFUSAL_CATEGORIES)})")
+    if category not in categories:
+        raise UpdateRejected(f"a refusal needs a category ({', '.join(categories)})")
     history = parse_history(metrics[keys.DP_HISTORY]) if keys.DP_HISTORY in metrics else None
     return Refusal(
         partition_id=int(metrics[keys.PARTITION_ID]),
@@ -391,10 +391,11 @@ def parse_preflight(
         raise UpdateRejected("a pre-flight answer must not carry tensors")
     metrics = _metrics(content, num_clients, _PREFLIGHT_SCHEMA, lists=frozenset())
     if metrics[keys.REFUSED] == 1:
-        refusal = _refusal(content, metrics)
+        refusal = _refusal(content, metrics, (*PREFLIGHT_REFUSAL_CATEGORIES, BUDGET))
         if refusal.category == BUDGET:
             raise UpdateRejected(
-                "a pre-flight refusal is policy, data or error: a node tells a budget shortfall by rounds-affordable"
+                "a pre-flight refusal is policy, data, error or declined: a node tells a budget shortfall by "
+                "rounds-affordable"
             )
         return refusal
     if content.config_records:

@@ -16,6 +16,7 @@ a refusal says only its category, and the detail goes to this node's log. Flower
 Before round 1 the server may ask a pre-flight (:func:`answer_preflight`): the same policy
 check, data and plan as a round, then a read-only look at the ledger (under its lock) and a
 projection of the planned rounds against the node's cap. It spends nothing and writes nothing.
+A node whose config says ``answer-preflight=false`` declines it without looking at anything.
 """
 
 from __future__ import annotations
@@ -42,7 +43,16 @@ from fedllm.errors import ConfigError, DataError, LedgerError, PrivacyPlanError
 from fedllm.federation.protocol import Accounting, PreflightAnswer, PublicStats, Refusal, TrainReport
 from fedllm.federation.remote_text import escape_remote_text
 from fedllm.model.adapters import adapter_state, load_adapter_state
-from fedllm.node.policy import BUDGET, DATA, POLICY, NodePolicy, PolicyViolation, check_request
+from fedllm.node.policy import (
+    ANSWER_PREFLIGHT,
+    BUDGET,
+    DATA,
+    DECLINED,
+    POLICY,
+    NodePolicy,
+    PolicyViolation,
+    check_request,
+)
 from fedllm.node.reply_cache import ReplyCache, arrays_digest
 from fedllm.planning import plan_for
 from fedllm.privacy.accounting import History, extend_history
@@ -135,6 +145,13 @@ def answer_preflight(policy: NodePolicy, request: PreflightRequest) -> Preflight
     """
     node, first = policy.partition_id, request.first_round
     run = escape_remote_text(request.run_id)
+    if not policy.answer_preflight:
+        # the operator's choice: nothing about this run before its rounds (the server's query is
+        # not even checked against the policy: a refusal's category would already tell something)
+        log.info(
+            "client %d: declining the pre-flight of run %s (%s=false in its node config)", node, run, ANSWER_PREFLIGHT
+        )
+        return Refusal(node, DECLINED)
     prepared = _prepare(policy, request.cfg, f"the pre-flight of run {run}")
     if isinstance(prepared, Refusal):
         return prepared

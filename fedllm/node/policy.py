@@ -65,6 +65,13 @@ MAX_RECORD_CHARS = "max-record-chars"
 DUPLICATES = "duplicates"
 PROMPT_FIELD = "prompt-field"
 RESPONSE_FIELD = "response-field"
+# bounds on what the server may ask this node to compute: a coordinator that sends num_rounds=1e9 would
+# otherwise make the node plan (and account) a billion-step mechanism before refusing anything
+MAX_ROUNDS = "max-rounds"
+MAX_LOCAL_STEPS = "max-local-steps"
+MAX_BATCH_SIZE = "max-batch-size"
+MAX_LENGTH = "max-length"
+ANSWER_PREFLIGHT = "answer-preflight"  # false: decline every pre-flight (it costs the node no budget)
 SIMULATED = "simulated"
 NOISE = "noise"  # simulated nodes only: "seeded" lets the researcher's run reproduce its noise
 # simulated nodes only: the file of audit canaries this node trains on besides its shard (`fedllm audit`)
@@ -95,6 +102,11 @@ KNOWN_KEYS = (
     DUPLICATES,
     PROMPT_FIELD,
     RESPONSE_FIELD,
+    MAX_ROUNDS,
+    MAX_LOCAL_STEPS,
+    MAX_BATCH_SIZE,
+    MAX_LENGTH,
+    ANSWER_PREFLIGHT,
     SIMULATED,
     NOISE,
     AUDIT_CANARIES,
@@ -103,6 +115,10 @@ KNOWN_KEYS = (
     STATE_KEY_ENV,
 )
 DEFAULT_ALLOWED_MODELS = ("embedded", "tiny")  # the packaged SmolLM2 and the random test model
+# Defaults of the bounds above: far beyond any useful run (the default runs 3 rounds of 5 steps of
+# 16 records of 96 tokens) yet small enough that planning the largest run allowed takes a node
+# minutes, not hours, and no memory it does not have for the accountant.
+DEFAULT_MAX_ROUNDS, DEFAULT_MAX_LOCAL_STEPS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_LENGTH = 1000, 1000, 1024, 4096
 
 # How the simulation driver hands each virtual node its config: a JSON file named by this
 # environment variable (set in the driver's process, inherited by Ray's workers; never sent).
@@ -112,6 +128,10 @@ SIMULATED_NODES_ENV = "FEDLLM_SIMULATED_NODES"
 # (error: the node failed unexpectedly; the exception stays in its log, never in the reply)
 BUDGET, DATA, POLICY, ERROR = "budget", "data", "policy", "error"
 REFUSAL_CATEGORIES = (BUDGET, DATA, POLICY, ERROR)
+# a pre-flight may also be declined (answer-preflight=false): the node says nothing about this run
+# before its rounds; a budget shortfall is told by rounds-affordable, never as a refusal
+DECLINED = "declined"
+PREFLIGHT_REFUSAL_CATEGORIES = (DATA, POLICY, ERROR, DECLINED)
 
 
 class PolicyViolation(Exception):
@@ -140,6 +160,11 @@ class NodePolicy:
     duplicates: DuplicatePolicy = DEFAULT_DUPLICATES
     prompt_field: str = "prompt"  # the node's file's own field names: the server cannot probe which fields exist
     response_field: str = "response"
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+    max_local_steps: int = DEFAULT_MAX_LOCAL_STEPS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_length: int = DEFAULT_MAX_LENGTH
+    answer_preflight: bool = True
     simulated: bool = False
     seeded_noise: bool = False  # simulation only: the researcher chose reproducible noise
     audit_canaries: str | None = None  # simulation only: `fedllm audit`'s canaries for this node
@@ -156,8 +181,15 @@ class NodePolicy:
         _choice(self.data_format, DATA_FORMAT, DATA_FORMATS)
         _choice(self.accountant, ACCOUNTANT, ACCOUNTANTS)
         _choice(self.overlong, OVERLONG, OVERLONG_POLICIES)
-        if self.max_record_chars < 1:
-            raise ConfigError(f"node config {MAX_RECORD_CHARS}: must be a positive number of characters")
+        for key, bound in (
+            (MAX_RECORD_CHARS, self.max_record_chars),
+            (MAX_ROUNDS, self.max_rounds),
+            (MAX_LOCAL_STEPS, self.max_local_steps),
+            (MAX_BATCH_SIZE, self.max_batch_size),
+            (MAX_LENGTH, self.max_length),
+        ):
+            if bound < 1:
+                raise ConfigError(f"node config {key}: must be a positive whole number, got {bound}")
         _choice(self.duplicates, DUPLICATES, DUPLICATE_POLICIES)
         if self.data_path is None and not self.simulated:
             raise ConfigError(f"node config {DATA_PATH}: required: the node's own training file (JSONL or CSV)")
@@ -270,6 +302,11 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         duplicates=_choice(node_config.get(DUPLICATES, DEFAULT_DUPLICATES), DUPLICATES, DUPLICATE_POLICIES),
         prompt_field=str(node_config.get(PROMPT_FIELD, "prompt")),
         response_field=str(node_config.get(RESPONSE_FIELD, "response")),
+        max_rounds=_integer(node_config, MAX_ROUNDS, DEFAULT_MAX_ROUNDS),
+        max_local_steps=_integer(node_config, MAX_LOCAL_STEPS, DEFAULT_MAX_LOCAL_STEPS),
+        max_batch_size=_integer(node_config, MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_SIZE),
+        max_length=_integer(node_config, MAX_LENGTH, DEFAULT_MAX_LENGTH),
+        answer_preflight=_flag(node_config.get(ANSWER_PREFLIGHT, True), ANSWER_PREFLIGHT),
         simulated=simulated,
         seeded_noise=_noise_is_seeded(node_config.get(NOISE, "secure")),
         audit_canaries=str(node_config.get(AUDIT_CANARIES) or "") or None,
@@ -297,6 +334,7 @@ def check_request(policy: NodePolicy, cfg: ExperimentConfig) -> None:
     Raises:
         PolicyViolation: with the detail for the node's own log (the server learns only "policy").
     """
+    _check_bounds(policy, cfg)
     if not cfg.privacy.sample_level and not policy.allow_nonprivate:
         raise PolicyViolation(
             f"the run trains without DP-SGD (privacy.mode={cfg.privacy.mode}); this node allows it only with "
@@ -326,6 +364,21 @@ def check_request(policy: NodePolicy, cfg: ExperimentConfig) -> None:
             "the server asked to run the model's remote code (model.trust_remote_code=true); "
             f"this node allows it only with {TRUST_REMOTE_CODE}=true in its node config"
         )
+
+
+def _check_bounds(policy: NodePolicy, cfg: ExperimentConfig) -> None:
+    """Refuse a task larger than the node's bounds, before any plan or data is computed for it."""
+    for key, asked, node_key, bound in (
+        ("federation.num_rounds", cfg.federation.num_rounds, MAX_ROUNDS, policy.max_rounds),
+        ("train.local_steps", cfg.train.local_steps, MAX_LOCAL_STEPS, policy.max_local_steps),
+        ("train.batch_size", cfg.train.batch_size, MAX_BATCH_SIZE, policy.max_batch_size),
+        ("data.max_length", cfg.data.max_length, MAX_LENGTH, policy.max_length),
+    ):
+        if asked > bound:
+            raise PolicyViolation(
+                f"the server asked for {key}={asked}, above this node's bound {node_key}={bound} "
+                "(raise it in the node config to allow such runs)"
+            )
 
 
 def bare_placeholders(template: str, field: str) -> bool:
@@ -369,6 +422,11 @@ def simulated_node_config(cfg: ExperimentConfig, partition_id: int) -> dict[str,
         DUPLICATES: cfg.data.duplicates,
         PROMPT_FIELD: cfg.data.prompt_field,
         RESPONSE_FIELD: cfg.data.response_field,
+        # the researcher chose the schedule: its own bounds are at least what it asks
+        MAX_ROUNDS: max(cfg.federation.num_rounds, DEFAULT_MAX_ROUNDS),
+        MAX_LOCAL_STEPS: max(cfg.train.local_steps, DEFAULT_MAX_LOCAL_STEPS),
+        MAX_BATCH_SIZE: max(cfg.train.batch_size, DEFAULT_MAX_BATCH_SIZE),
+        MAX_LENGTH: max(cfg.data.max_length, DEFAULT_MAX_LENGTH),
         SIMULATED: True,
         NOISE: cfg.privacy.noise,
         # the researcher's storage key protects the virtual nodes' state too: the config names where

@@ -80,26 +80,9 @@ def plan_client(
     rate = sample_rate_for(batch_size, shard_size)
     steps = rounds * local_steps
     if noise_multiplier is None:
-        _check_reachable(target_epsilon, delta, rate, steps, accountant)
-        try:
-            with warnings.catch_warnings():
-                # the bisection probes noise levels far from the answer, where Opacus warns that
-                # its RDP orders could be widened; the final epsilon below is computed unfiltered
-                warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-                noise_multiplier = get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=delta,
-                    sample_rate=rate,
-                    steps=steps,
-                    accountant=accountant,
-                    epsilon_tolerance=0.01,
-                )
-        except ValueError as exc:
-            raise PrivacyPlanError(
-                f"no noise level reaches epsilon {target_epsilon} after {steps} steps at sample rate "
-                f"{rate:.4f}: raise privacy.target_epsilon, or lower federation.num_rounds / "
-                f"train.local_steps / train.batch_size ({exc})"
-            ) from exc
+        noise_multiplier = calibrate_noise(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=rate, steps=steps, accountant=accountant
+        )
     reached = epsilon([(noise_multiplier, rate, steps)], delta=delta, accountant=accountant)
     return DPPlan(
         sample_rate=rate,
@@ -109,6 +92,42 @@ def plan_client(
         accountant=accountant,
         planned_epsilon=reached,
     )
+
+
+# Keyed on the mechanism alone: shards of different sizes often run the same sample rate, and a
+# PRV search costs about a second (tens of PRV epsilons, each building a safe domain from RDP).
+@lru_cache(maxsize=256)
+def calibrate_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: AccountantName
+) -> float:
+    """The noise multiplier Opacus's search finds for ``steps`` steps at ``sample_rate`` to reach
+    ``target_epsilon`` at ``delta`` (within 0.01 below it) under ``accountant``.
+
+    Raises:
+        PrivacyPlanError: no useful noise level reaches the target.
+    """
+    _check_reachable(target_epsilon, delta, sample_rate, steps, accountant)
+    try:
+        with warnings.catch_warnings():
+            # the bisection probes noise levels far from the answer, where Opacus warns that
+            # its RDP orders could be widened; the plan's epsilon is computed unfiltered
+            warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=0.01,
+                )
+            )
+    except ValueError as exc:
+        raise PrivacyPlanError(
+            f"no noise level reaches epsilon {target_epsilon} after {steps} steps at sample rate "
+            f"{sample_rate:.4f}: raise privacy.target_epsilon, or lower federation.num_rounds / "
+            f"train.local_steps / train.batch_size ({exc})"
+        ) from exc
 
 
 # Noise beyond this leaves no useful model; an epsilon the accountant cannot certify even here

@@ -14,11 +14,12 @@ import torch
 
 from fedllm import task
 from fedllm.cli.node_status import node_status, node_status_cli
-from fedllm.config import DataConfig, FederationConfig, ModelConfig, PrivacyConfig
+from fedllm.config import DataConfig, FederationConfig, ModelConfig, PrivacyConfig, TrainConfig
 from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import AUDIT_FILE
 from fedllm.federation.client_app import train
+from fedllm.node import guard
 from fedllm.node.guard import RoundRequest, _train
 from fedllm.node.policy import SIMULATED_NODES_ENV, policy_from_node_config, write_simulated_nodes
 from fedllm.planning import plan_for
@@ -190,6 +191,53 @@ def test_a_deployed_node_refuses_what_its_policy_does_not_allow(tmp_path, overri
     assert _refusal_category(reply) == expected
     assert not (tmp_path / "node-state" / "privacy_ledger.json").exists()  # nothing ran, nothing spent
     assert set(reply.content[keys.STATUS].keys()) == {keys.CATEGORY}  # the detail stays on the node
+
+
+HUGE = 10**9
+
+
+@pytest.mark.parametrize(
+    "override, bound",
+    [
+        (dict(federation=FederationConfig(num_clients=3, num_rounds=HUGE)), "max-rounds=1000"),
+        (dict(train=TrainConfig(local_steps=HUGE)), "max-local-steps=1000"),
+        (dict(train=TrainConfig(batch_size=HUGE)), "max-batch-size=1024"),
+        (
+            dict(data=DataConfig(prompt_template=RT_PROMPT, choices=("positive", "negative"), max_length=HUGE)),
+            "max-length=4096",
+        ),
+    ],
+)
+def test_a_coordinator_cannot_make_a_node_plan_or_train_an_unbounded_task(
+    tmp_path, monkeypatch, caplog, override, bound
+):
+    # a billion rounds would make the node plan a 5e9-step mechanism (the PRV accountant then runs
+    # out of memory after minutes); the node refuses before it plans, loads data or opens its ledger
+    cfg = tiny_config(**override)
+    sent = task.model_bundle(ModelConfig(source="tiny"), cfg.lora, cfg.seed).initial_adapter
+
+    def planned(*args, **kwargs):
+        raise AssertionError("the node planned a task beyond its bounds")
+
+    monkeypatch.setattr(guard, "plan_for", planned)
+    monkeypatch.setattr(guard.task, "node_shard", planned)
+    reply = run_round(cfg, "run", 1, node_config=_deployed(tmp_path), arrays=sent)
+    assert _refusal_category(reply) == "policy"
+    assert not (tmp_path / "node-state" / "privacy_ledger.json").exists()
+    assert bound in caplog.text  # the operator learns which bound, and how to raise it
+
+
+def test_an_operator_may_raise_or_lower_the_bounds(tmp_path):
+    cfg = tiny_config(federation=FederationConfig(num_clients=3, num_rounds=2), train=TrainConfig(local_steps=3))
+    sent = task.model_bundle(ModelConfig(source="tiny"), cfg.lora, cfg.seed).initial_adapter
+    lowered = run_round(cfg, "run", 1, node_config=_deployed(tmp_path, max_local_steps=2), arrays=sent)
+    assert _refusal_category(lowered) == "policy"
+    allowed = run_round(cfg, "run", 1, node_config=_deployed(tmp_path, max_local_steps=3, max_rounds=2), arrays=sent)
+    assert allowed.content[keys.METRICS][keys.REFUSED] == 0
+    with pytest.raises(ConfigError, match="max-rounds: expected a whole number"):
+        policy_from_node_config(_deployed(tmp_path, max_rounds="lots"))
+    with pytest.raises(ConfigError, match="max-length: must be a positive whole number"):
+        policy_from_node_config(_deployed(tmp_path, max_length=0))
 
 
 def test_a_node_that_allows_it_trains_without_dp_and_says_so(tmp_path):

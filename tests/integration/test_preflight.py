@@ -26,8 +26,9 @@ from fedllm.federation.audit import AUDIT_FILE
 from fedllm.federation.client_app import app
 from fedllm.federation.inprocess import FIRST_NODE_ID, InProcessGrid, run_inprocess, server_identity
 from fedllm.federation.preflight import PREFLIGHT_WAIT_S, preflight_wait, run_preflight
-from fedllm.federation.protocol import PreflightAnswer, parse_preflight
+from fedllm.federation.protocol import PreflightAnswer, Refusal, parse_preflight, parse_reply
 from fedllm.federation.server_app import prepare_run, task_record
+from fedllm.node import guard
 from fedllm.node.policy import policy_from_node_config
 from fedllm.planning import plan_for
 from fedllm.privacy.accounting import epsilon, extend_history
@@ -198,7 +199,7 @@ def test_a_well_formed_answer_reads_back_as_the_node_sent_it():
         ({keys.PARTITION_ID: None}, None, "partition-id' is missing"),
         ({keys.EPSILON_AFTER: None}, None, "without ['epsilon-after']"),
         ({"train-loss": 0.1}, None, "unexpected metric"),
-        ({keys.REFUSED: 1}, "budget", "policy, data or error"),
+        ({keys.REFUSED: 1}, "budget", "policy, data, error or declined"),
         ({keys.REFUSED: 1}, "curious", "needs a category"),
     ],
 )
@@ -240,16 +241,20 @@ def _preflight(cfg: ExperimentConfig, answers: dict[int, object], unreachable=()
 
 
 def test_the_server_sorts_answers_refusals_impostors_errors_and_silence(tmp_path, caplog):
-    cfg = _cfg(tmp_path, num_clients=5)
+    cfg = _cfg(tmp_path, num_clients=6)
     answers = {
         0: {**GOOD, keys.ROUNDS_AFFORDABLE: 3, keys.EPSILON_AFTER: 3.9},
         1: ({keys.PARTITION_ID: 1, keys.REFUSED: 1, keys.CAN_CONTINUE: 0, keys.EPSILON_CAP: 4.0}, "data"),
         2: {**GOOD, keys.PARTITION_ID: 0},  # speaks for client 0, which already answered
         3: RuntimeError("out of memory"),
+        5: ({keys.PARTITION_ID: 5, keys.REFUSED: 1, keys.CAN_CONTINUE: 0}, "declined"),
     }
     with caplog.at_level(logging.INFO, logger="fedllm"):
         report = _preflight(cfg, answers, unreachable=[4])
-    assert report.asked == 5 and [a.partition_id for _, a in report.answers] == [0]
+    assert report.asked == 6 and [a.partition_id for _, a in report.answers] == [0]
+    assert report.declined == [(FIRST_NODE_ID + 5, 5)] and report.to_dict()["declined"] == [
+        {"client": 5, "node": FIRST_NODE_ID + 5}
+    ]  # not counted as refusing the run: it decides each round as it comes
     assert [(r.partition_id, r.category) for _, r in report.refusals] == [(1, "data")]
     assert len(report.rejected) == 1 and "claims to be client 0" in report.rejected[0]
     assert len(report.failed) == 1 and "out of memory" in report.failed[0]
@@ -257,6 +262,7 @@ def test_the_server_sorts_answers_refusals_impostors_errors_and_silence(tmp_path
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "pre-flight: client 0 can train 3 of 3 planned rounds (epsilon 3.90 of cap 4)" in text
     assert f"pre-flight: node {FIRST_NODE_ID + 4}: no answer within 120 s" in text
+    assert "pre-flight: client 5 declines pre-flights (its node config)" in text
     assert json.loads(json.dumps(report.to_dict())) == report.to_dict()  # summary.json can hold it
 
 
@@ -380,6 +386,27 @@ def test_a_node_refuses_the_preflight_of_a_model_it_does_not_allow(tmp_path):
     reply = app(_query(cfg), node_context(_deployed(tmp_path)))
     assert dict(reply.content[keys.STATUS]) == {keys.CATEGORY: "policy"}  # the detail stays on the node
     assert not (tmp_path / "node-state" / LEDGER_FILE).exists()
+
+
+def test_a_node_may_decline_every_preflight_and_then_reads_nothing(tmp_path, monkeypatch):
+    # the pre-flight costs a node no budget, so a coordinator may ask it as often as it likes (e.g. one
+    # batch size after another, to read 1/ceil(n/B)); an operator who wants no such free probe turns it off
+    def touched(*args, **kwargs):
+        raise AssertionError("a declining node looked at its data or plan")
+
+    monkeypatch.setattr(guard.task, "node_shard", touched)
+    monkeypatch.setattr(guard, "plan_for", touched)
+    reply = app(_query(_node_cfg()), node_context(_deployed(tmp_path, answer_preflight=False)))
+    assert dict(reply.content[keys.STATUS]) == {keys.CATEGORY: "declined"}
+    assert set(reply.content[keys.METRICS].keys()) == {keys.PARTITION_ID, keys.REFUSED, keys.CAN_CONTINUE}
+    assert not (tmp_path / "node-state" / LEDGER_FILE).exists()
+    status = node_status(policy_from_node_config(_deployed(tmp_path, answer_preflight=False)))
+    assert "pre-flight before round 1: declined (answer-preflight=false)" in status, status
+    declined = parse_preflight(reply.content, 3, rounds_planned=5, sample_level=True)
+    assert isinstance(declined, Refusal) and declined.category == "declined"
+    # "declined" answers a pre-flight only: a train reply saying it is malformed
+    with pytest.raises(UpdateRejected, match="needs a category"):
+        parse_reply(reply.content, {}, 3, require_accounting=True)
 
 
 def test_a_preflight_for_a_round_outside_the_run_is_malformed(tmp_path):

@@ -23,7 +23,7 @@ from fedllm.storage import with_checksum
 NOISE, RATE, STEPS, DELTA = 0.8, 0.02, 5, 1e-5
 PRIOR_ROUNDS = 2  # already spent when the racing runs start
 RACERS, TRIALS = 3, 3
-WINDOW_S = 0.5  # between a run's budget check and its record: where a second run could slip in
+WINDOW_S = 0.2  # between a run's budget check and its record: where a second run could slip in
 SPAWN = multiprocessing.get_context("spawn")  # fresh interpreters: no lock or file state inherited
 
 
