@@ -1,6 +1,7 @@
-"""The DP-SGD plan of an experiment: per client, the noise for the target under each accountant,
-the epsilon after each round, and which client binds. ``fedllm plan``, ``fedllm simulate`` and
-the planning notebook all print this same plan.
+"""The privacy plan of an experiment. Sample level (DP-SGD): per client, the noise for the target
+under each accountant, the epsilon after each round, and which client binds. Client level
+(DP-FedAvg): the epsilon after each round of the server's noised aggregate. ``fedllm plan``,
+``fedllm simulate`` and the planning notebook all print this same plan.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from fedllm import task
 from fedllm.config import ACCOUNTANTS, AccountantName, ExperimentConfig
 from fedllm.privacy.budget import effective_budget
 from fedllm.privacy.calibration import DPPlan, epsilon_by_round, plan_client, rounds_within_cap
+from fedllm.privacy.client_level import ZERO_OUT, clients_per_round, planned_epsilons
 
 
 def plan_for(cfg: ExperimentConfig, shard_size: int, accountant: AccountantName | None = None) -> DPPlan:
@@ -138,10 +140,7 @@ def format_plan(cfg: ExperimentConfig, rows: list[PlanRow]) -> str:
             f"{row.cap:>5g}  {row.rounds_within_cap:>6}  {curve}"
         )
     binding = binding_row(rows)
-    lines.append(
-        f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest "
-        f"sampling rate) needs the most noise; the target epsilon is met after the last round"
-    )
+    lines.append(_binding_line(cfg, binding))
     for row in rows:
         if row.rounds_within_cap < cfg.federation.num_rounds:
             lines.append(
@@ -151,6 +150,62 @@ def format_plan(cfg: ExperimentConfig, rows: list[PlanRow]) -> str:
     if len(binding.noise) > 1:
         lines.append(compare_accountants(binding, used, cfg.privacy.noise_multiplier))
     return "\n".join(lines)
+
+
+def _binding_line(cfg: ExperimentConfig, binding: PlanRow) -> str:
+    """Which client binds, and whether the target holds (with the noise fixed by the config, it may not)."""
+    reached = binding.planned_epsilon[cfg.privacy.accountant]
+    if cfg.privacy.noise_multiplier is None:
+        return (
+            f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest "
+            f"sampling rate) needs the most noise; the target epsilon is met after the last round"
+        )
+    verdict = "within" if reached <= cfg.privacy.target_epsilon else "ABOVE"
+    return (
+        f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest sampling rate) "
+        f"reaches epsilon {reached:.3f} after the last round at the fixed noise {cfg.privacy.noise_multiplier:g} "
+        f"(privacy.noise_multiplier): {verdict} the target {cfg.privacy.target_epsilon:g}"
+    )
+
+
+def format_client_plan(cfg: ExperimentConfig) -> str:
+    """The client-level (DP-FedAvg) plan: who is sampled, the server's noise, and the epsilon
+    after each round if every sampled client contributes (what the server's accountant reports
+    then; a round with a silent client gets no sampling credit, so a run can end above it).
+
+    Args:
+        cfg: an experiment with ``privacy.mode`` ``client`` or ``both``.
+
+    Returns:
+        The plan as text.
+    """
+    fed, privacy = cfg.federation, cfg.privacy
+    per_round = clients_per_round(fed.num_clients, fed.fraction_train, fed.min_train_clients)
+    curve = planned_epsilons(
+        noise_multiplier=privacy.client_noise_multiplier,
+        delta=privacy.client_delta,
+        population=fed.num_clients,
+        per_round=per_round,
+        rounds=fed.num_rounds,
+    )
+    sampling = (
+        f"{per_round} of {fed.num_clients} clients per round, uniformly without replacement"
+        if per_round < fed.num_clients
+        else f"all {fed.num_clients} clients every round"
+    )
+    std = privacy.client_noise_multiplier * privacy.client_clip_norm / per_round
+    return "\n".join(
+        [
+            f"client level (DP-FedAvg on the server, protects all of one client's records together): {sampling}, "
+            f"{fed.num_rounds} rounds",
+            f"clip {privacy.client_clip_norm:g} per client update ({privacy.client_clipping}), noise multiplier "
+            f"{privacy.client_noise_multiplier:g} (std {std:.4g} on the mean of {per_round}), delta "
+            f"{privacy.client_delta:g}; adjacency: {ZERO_OUT}",
+            "epsilon after each round: " + " ".join(f"{value:.3f}" for value in curve),
+            "if every sampled client contributes; a round in which one sends nothing is accounted without "
+            "sampling credit, so the run's epsilon can end above this",
+        ]
+    )
 
 
 def compare_accountants(row: PlanRow, used: str, fixed_noise: float | None = None) -> str:

@@ -1,4 +1,5 @@
-"""``fedllm plan [overrides]``: print the DP-SGD plan (:mod:`fedllm.planning`) before any training.
+"""``fedllm plan [overrides]``: print the privacy plan (:mod:`fedllm.planning`) before any training:
+DP-SGD's per client (sample level), the server's DP-FedAvg (client level), or both.
 
 Impossible plans end with what to change.
 """
@@ -29,12 +30,15 @@ def plan_cli(argv: list[str]) -> int:
         return 0
     try:
         cfg = compose_experiment(argv)  # a bad override: one line and exit 1, as `simulate` does
-        if not cfg.privacy.sample_level:
-            raise FedLLMError(f"privacy={cfg.privacy.mode}: no DP-SGD on the nodes, so there is no noise to plan")
+        if not (cfg.privacy.sample_level or cfg.privacy.client_level):
+            raise FedLLMError(f"privacy={cfg.privacy.mode}: no differential privacy in this run, so nothing to plan")
         # the model stack and Opacus (seconds): only once there is a valid config to plan
-        from fedllm.planning import build_plan, format_plan
+        from fedllm.planning import build_plan, format_client_plan, format_plan
 
-        print(format_plan(cfg, build_plan(cfg)))
+        if cfg.privacy.sample_level:
+            print(format_plan(cfg, build_plan(cfg)))
+        if cfg.privacy.client_level:
+            print(format_client_plan(cfg))
     except FedLLMError as exc:
         print(f"fedllm plan: {exc}", file=sys.stderr)
         return 1

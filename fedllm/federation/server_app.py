@@ -50,7 +50,7 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path) -> None:
     Raises:
         PrivacyPlanError: the target cannot be met.
     """
-    from fedllm.planning import build_plan, format_plan
+    from fedllm.planning import build_plan, format_client_plan, format_plan
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", cfg.to_dict())
@@ -60,6 +60,8 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path) -> None:
     if cfg.privacy.sample_level:
         plan = format_plan(cfg, build_plan(cfg, accountants=(cfg.privacy.accountant,)))
         log.info("privacy plan (every client in every round):\n%s", plan)
+    if cfg.privacy.client_level:
+        log.info("privacy plan:\n%s", format_client_plan(cfg))
 
 
 def new_ledger(cfg: ExperimentConfig) -> PrivacyLedger:

@@ -29,6 +29,7 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from fedllm.config import Aggregation, ClientClipping, NoiseSource
 from fedllm.federation import records as keys
+from fedllm.privacy.client_level import clients_per_round
 from fedllm.privacy.server_noise import ServerRandomness
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class _ServerSampling(FedAvg):
         if self.fraction_train == 0.0:
             return []
         nodes = connected_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), self.node_wait)
-        size = min(max(int(len(nodes) * self.fraction_train), self.min_train_nodes), len(nodes))
+        size = clients_per_round(len(nodes), self.fraction_train, self.min_train_nodes)
         sampled = self.randomness.sample(nodes, size, server_round)
         log.info("round %d: sampled %d of %d nodes", server_round, len(sampled), len(nodes))
         config["server-round"] = server_round  # as Flower does: clients read the round from it

@@ -134,3 +134,28 @@ class ClientLevelAccountant:
             "amplified_rounds": [r.server_round for r in self.rounds if self.amplified(r)],
             "protects": "all of one client's records together (its whole contribution)",
         }
+
+
+def clients_per_round(population: int, fraction_train: float, min_train_clients: int) -> int:
+    """How many clients the server samples each round: ``fraction_train`` of the connected
+    ``population``, at least ``min_train_clients``, at most all of them."""
+    return min(max(int(population * fraction_train), min_train_clients), population)
+
+
+def planned_epsilons(
+    *, noise_multiplier: float, delta: float, population: int, per_round: int, rounds: int
+) -> list[float]:
+    """Client-level epsilon after each of ``rounds`` rounds (index 0 = round 1), if every sampled
+    client contributes every round: the accountant the server runs, fed the rounds it would record.
+
+    A round in which a sampled client sends nothing gets no sampling credit, so the epsilon a run
+    reports can be above this curve (never below it when the run is the one planned).
+    """
+    accountant = ClientLevelAccountant(
+        noise_multiplier=noise_multiplier, clip_norm=1.0, delta=delta, sampled_uniformly=per_round < population
+    )
+    curve = []
+    for server_round in range(1, rounds + 1):
+        accountant.record(ClientLevelRound(server_round, population, per_round, per_round))
+        curve.append(accountant.epsilon())
+    return curve

@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedllm.tracking.run_files import RoundRecord  # noqa: E402
+from fedllm.tracking.run_files import RoundRecord, epsilon_curves  # noqa: E402
 
 EPSILON_PNG = "epsilon_per_client.png"
 EVAL_PNG = "eval_accuracy_loss.png"
@@ -24,21 +24,21 @@ AUDIT_PNG = "audit_scores.png"
 
 
 def plot_epsilon(rounds: list[RoundRecord], target: float | None, path: Path) -> Path | None:
-    """Each client's epsilon after each round, with the target; None when the run had no DP."""
-    with_eps = [(r.round, r.epsilon) for r in rounds if r.epsilon]
-    if not with_eps:
+    """Each client's epsilon after each round (identical clients as one line), with the target;
+    None when the run had no DP. The y-axis starts at 0: epsilon is spent from nothing."""
+    curves = epsilon_curves(rounds)
+    if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    clients = sorted({c for _, eps in with_eps for c in eps}, key=int)
-    for client in clients:
-        points = [(number, eps[client]) for number, eps in with_eps if client in eps]
-        ax.plot(*zip(*points, strict=True), marker="o", label=f"client {client}")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in curves:
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
     if target is not None:
         ax.axhline(target, color="black", linestyle="--", label=f"target {target:g}")
     ax.set(xlabel="round", ylabel="epsilon (sample level)", title="Privacy spent per client")
+    ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if len(clients) <= 12:
-        ax.legend(fontsize="small", ncol=2)
+    if len(curves) <= 12:
+        _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -68,7 +68,7 @@ def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
         points: one dict per finished run with ``epsilon`` (None without DP), ``accuracy``,
             ``zero_shot`` and optionally ``group`` (e.g. "tiny / rotten_tomatoes").
     """
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     groups: dict[Any, list[dict[str, Any]]] = {}
     for point in points:
         groups.setdefault(point.get("group"), []).append(point)
@@ -97,7 +97,7 @@ def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
         ylabel="final held-out accuracy (%)",
         title="Privacy-utility trade-off",
     )
-    ax.legend(fontsize="small")
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -132,6 +132,11 @@ def _shared_bins(values: list[float], count: int) -> list[float]:
     if high - low <= 1e-9 * max(1.0, abs(low), abs(high)):
         low, high = low - 0.5, high + 0.5
     return [low + (high - low) * i / count for i in range(count + 1)]
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes: inside, it covers the points it names."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _or_nan(value: float | None) -> float:

@@ -202,6 +202,23 @@ def read_rounds(run_dir: Path) -> list[RoundRecord]:
     return rows
 
 
+def epsilon_curves(rounds: list[RoundRecord]) -> list[tuple[str, list[tuple[int, float]]]]:
+    """Each client's sample-level epsilon by round as ``(label, [(round, epsilon), ...])``, with
+    clients whose curves are identical merged under one label ("clients 0, 1, 2"): drawn one by
+    one, equal shards' curves lie on top of each other and all but the last disappear."""
+    by_client: dict[str, list[tuple[int, float]]] = {}
+    for record in rounds:
+        for client, value in (record.epsilon or {}).items():
+            by_client.setdefault(client, []).append((record.round, value))
+    merged: dict[tuple[tuple[int, float], ...], list[str]] = {}
+    for client in sorted(by_client, key=int):
+        merged.setdefault(tuple(by_client[client]), []).append(client)
+    return [
+        (f"client {clients[0]}" if len(clients) == 1 else f"clients {', '.join(clients)}", list(curve))
+        for curve, clients in merged.items()
+    ]
+
+
 def read_summary(run_dir: Path) -> RunSummary:
     """``run_dir/summary.json``.
 

@@ -104,13 +104,17 @@ def _text_and_images(book) -> tuple[str, int]:
 def test_planning_notebook_runs_and_matches_fedllm_plan(tmp_path):
     book = _execute(NOTEBOOKS / "privacy_budget_planning.ipynb", {"FEDLLM_PLAN_OVERRIDES": "debug=smoke"})
     text, images = _text_and_images(book)
-    assert images >= 3
+    assert images >= 4
     plan = fedllm(["plan", "debug=smoke"], cwd=tmp_path).stdout.strip()
     assert plan and plan in text
+    client_level = fedllm(["plan", "debug=smoke", "privacy=client"], cwd=tmp_path).stdout.strip()
+    assert client_level.startswith("client level (DP-FedAvg") and client_level in text
 
 
 def test_run_analysis_notebook_reads_a_sweep(smoke_sweep):
-    book = _execute(NOTEBOOKS / "run_analysis.ipynb", {"FEDLLM_RUN_DIR": str(smoke_sweep)})
+    # relative to the repository root, as a user types it there (the kernel itself runs in notebooks/)
+    relative = os.path.relpath(smoke_sweep, NOTEBOOKS.parent)
+    book = _execute(NOTEBOOKS / "run_analysis.ipynb", {"FEDLLM_RUN_DIR": relative})
     text, images = _text_and_images(book)
     assert images >= 3
     assert "baseline: no DP" in text

@@ -4,6 +4,8 @@ which every client sent a message contributed)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 
@@ -15,13 +17,15 @@ from dp_accounting.rdp import RdpAccountant
 from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from scipy.special import ndtr
 
-from fedllm.config import FederationConfig, PrivacyConfig
+from fedllm.cli.plan import plan_cli
+from fedllm.config import FederationConfig, PrivacyConfig, TrainConfig
 from fedllm.federation import records as keys
+from fedllm.federation.inprocess import run_inprocess
 from fedllm.federation.protocol import TrainReport
 from fedllm.federation.rounds import LoopSettings, ReplyPolicy, run_rounds, sort_replies
-from fedllm.federation.server_app import loop_settings
+from fedllm.federation.server_app import loop_settings, prepare_run
 from fedllm.federation.strategy import build_strategy
-from fedllm.privacy.client_level import ZERO_OUT, ClientLevelAccountant, ClientLevelRound
+from fedllm.privacy.client_level import ZERO_OUT, ClientLevelAccountant, ClientLevelRound, planned_epsilons
 from fedllm.privacy.ledger import PrivacyLedger
 from tests.conftest import tiny_config
 from tests.flower_fakes import FakeGrid, act_as_server_process, arrays_record
@@ -328,3 +332,47 @@ def test_the_sampling_ratio_is_over_the_nodes_connected_when_the_sample_is_drawn
     )
     ledger = _one_client_level_round(grid, strategy)
     assert ledger.client_level.rounds == [ClientLevelRound(1, population=5, sampled=3, contributed=3)]  # q = 3/5
+
+
+def _sampled_rdp_epsilon(z: float, population: int, per_round: int, rounds: int, delta: float) -> float:
+    """Straight from dp-accounting: replace-one, m of N without replacement, Gaussian at z / 2."""
+    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    event = dp_accounting.SampledWithoutReplacementDpEvent(population, per_round, dp_accounting.GaussianDpEvent(z / 2))
+    accountant.compose(event, rounds)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("z, population, per_round, rounds", [(1.0, 3, 3, 3), (1.0, 10, 1, 30), (2.0, 100, 10, 20)])
+def test_the_client_level_plan_is_the_accountants_epsilon_round_by_round(z, population, per_round, rounds):
+    curve = planned_epsilons(noise_multiplier=z, delta=DELTA, population=population, per_round=per_round, rounds=rounds)
+    assert len(curve) == rounds
+    for done, planned in enumerate(curve, start=1):
+        expected = _gaussian_rdp_epsilon(z, done, DELTA)
+        if per_round < population:
+            expected = min(expected, _sampled_rdp_epsilon(z, population, per_round, done, DELTA))
+        assert planned == pytest.approx(expected, abs=1e-6)
+
+
+def test_fedllm_plan_plans_client_level_dp_and_says_when_there_is_nothing_to_plan(capsys):
+    assert plan_cli(["debug=smoke", "privacy=client", "federation.num_rounds=3"]) == 0
+    out = capsys.readouterr().out
+    expected = " ".join(f"{_gaussian_rdp_epsilon(1.0, r, DELTA):.3f}" for r in (1, 2, 3))
+    assert f"epsilon after each round: {expected}" in out and "all 3 clients every round" in out
+    assert "noise multiplier 1 (std 0.1667 on the mean of 3)" in out and "zero-out one client" in out
+    assert plan_cli(["debug=smoke", "privacy=none"]) == 1
+    assert "no differential privacy in this run, so nothing to plan" in capsys.readouterr().err
+
+
+def test_the_client_level_plan_is_what_the_run_then_reports(tmp_path):
+    cfg = tiny_config(federation=FederationConfig(num_clients=3, num_rounds=2), train=TrainConfig(local_steps=1))
+    cfg = dataclasses.replace(
+        cfg,
+        privacy=PrivacyConfig(mode="client", client_delta=DELTA, state_dir=str(tmp_path / "nodes")),
+        tracking=dataclasses.replace(cfg.tracking, progress=False),
+    )
+    prepare_run(cfg, tmp_path / "run")
+    summary = run_inprocess(cfg, tmp_path / "run")
+    assert summary.rounds_completed == 2
+    ledger = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
+    plan = planned_epsilons(noise_multiplier=1.0, delta=DELTA, population=3, per_round=3, rounds=2)
+    assert ledger["client_level"]["epsilon"] == plan[-1]

@@ -155,6 +155,18 @@ def test_a_plan_with_fixed_noise_compares_epsilons(tiny_cfg):
     )
 
 
+def test_a_plan_with_fixed_noise_says_whether_the_target_holds(tiny_cfg):
+    # it said "the target epsilon is met" whatever the fixed noise gave
+    for target, verdict in ((8.0, "within the target 8"), (7.0, "ABOVE the target 7")):
+        privacy = dataclasses.replace(tiny_cfg.privacy, noise_multiplier=0.5, target_epsilon=target)
+        text = format_plan(dataclasses.replace(tiny_cfg, privacy=privacy), _plan_rows())
+        assert "the target epsilon is met" not in text
+        assert (
+            "binding: client 1 (smallest shard, 1180 records, highest sampling rate) reaches epsilon 7.995 after "
+            f"the last round at the fixed noise 0.5 (privacy.noise_multiplier): {verdict}"
+        ) in text
+
+
 def test_a_plan_under_one_accountant_compares_nothing(tiny_cfg):
     rows = [dataclasses.replace(row, noise={"prv": row.noise["prv"]}) for row in _plan_rows()]
     text = format_plan(tiny_cfg, rows)
