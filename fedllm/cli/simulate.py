@@ -31,6 +31,7 @@ from fedllm.config import (
     hydra_error,
 )
 from fedllm.errors import DataError, FedLLMError
+from fedllm.tracking.end_of_run import end_of_run_block
 from fedllm.tracking.run_files import SUMMARY_FILE, RunSummary, read_summary, write_summary
 
 # Hydra and the federation (torch, Flower, the model stack: seconds) are imported in the functions
@@ -256,7 +257,7 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> RunSummary:
     summary = written_summary(run_dir, time.perf_counter() - started)
     if summary.status == "failed":
         raise FedLLMError(f"the run failed: {summary.failure}; see {run_dir / SUMMARY_FILE}")
-    log.info("run finished in %.0f s; outputs in %s", time.perf_counter() - started, run_dir)
+    log.info("%s", end_of_run_block(summary, run_dir, time.perf_counter() - started))
     if summary.status == "stopped":
         log.warning(
             "the run ended after round %d of %d: %s",

@@ -25,6 +25,7 @@ from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import PREFLIGHT, audit_round
 from fedllm.federation.protocol import Refusal, preflight_reply, refusal_reply, update_reply
+from fedllm.library_noise import quiet_libraries
 from fedllm.model.device import usable_cpus
 from fedllm.node.guard import PreflightRequest, RoundRequest, answer_preflight, answer_round
 from fedllm.node.policy import ERROR, NodePolicy, node_policy
@@ -61,6 +62,7 @@ def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
 
 
 app = ClientApp(mods=[client_clipping_mod])
+quiet_libraries()  # this module is what Ray's actors and Flower's ClientApp processes import first
 
 NODE_CONSOLE_FORMAT = "%(asctime)s fedllm node: %(message)s"
 

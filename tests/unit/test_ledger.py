@@ -26,7 +26,7 @@ DEFAULT_RATE, DEFAULT_STEPS = 1 / 74, 15
 DEFAULT_NOISE = {"rdp": 0.46112060546875, "prv": 0.419464111328125}
 
 
-def test_default_plan_noise_is_pinned():
+def test_default_plan_noise_is_pinned(uncached_calibration):
     plan = plan_client(
         shard_size=1181, batch_size=16, rounds=3, local_steps=5, target_epsilon=8.0, delta=1e-5, accountant="rdp"
     )

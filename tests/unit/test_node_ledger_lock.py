@@ -110,6 +110,8 @@ def race(tmp_path_factory) -> dict[bool, tuple[list[Path], dict[int, int]]]:
     }
 
 
+# slow: both tests start interpreters (multiprocessing spawn), the race's fixture three of them
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_concurrent_runs_on_one_node_never_spend_past_its_cap(race):
     dirs, successes = race[True]
@@ -120,6 +122,7 @@ def test_concurrent_runs_on_one_node_never_spend_past_its_cap(race):
         assert ledger.epsilon(delta=DELTA, accountant="rdp") <= CAP
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_without_the_lock_the_same_race_overspends(race):
     # the counter-test: it shows the race is real, so the test above would catch a missing lock
@@ -189,6 +192,7 @@ def _hold_lock(state_dir: str, held) -> None:
         time.sleep(600)
 
 
+@pytest.mark.slow  # starts an interpreter that holds the lock, then kills it
 @pytest.mark.timeout(120)
 def test_a_crashed_run_does_not_leave_the_node_locked(tmp_path):
     held = SPAWN.Event()

@@ -67,7 +67,7 @@ def test_the_default_accountant_is_prv():
     assert PrivacyConfig().accountant == "prv"
 
 
-def test_default_plan_under_prv_is_pinned():
+def test_default_plan_under_prv_is_pinned(uncached_calibration):
     plan = plan_client(
         shard_size=1181,
         batch_size=16,
