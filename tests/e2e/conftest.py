@@ -54,7 +54,10 @@ def stray_processes() -> list[str]:
 def smoke_run(tmp_path_factory) -> Path:
     """`fedllm simulate debug=smoke`: 3 clients, 2 rounds, DP at epsilon 8."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    fedllm(["simulate", "debug=smoke", f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    result = fedllm(["simulate", "debug=smoke", f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    # what the researcher saw, for the console tests (beside the run, not in it)
+    (run_dir.parent / "console.out").write_text(result.stdout)
+    (run_dir.parent / "console.err").write_text(result.stderr)
     return run_dir
 
 

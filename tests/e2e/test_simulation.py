@@ -33,6 +33,26 @@ def test_run_writes_every_output(smoke_run):
         assert (smoke_run / name).is_file(), name
 
 
+def test_the_console_shows_the_run_and_no_library_noise(smoke_run):
+    out, err = ((smoke_run.parent / name).read_text() for name in ("console.out", "console.err"))
+    for noise in (
+        "is_gradient_checkpointing",  # transformers, through PEFT, in every actor
+        "`run_simulation` function is deprecated",  # Flower, twice per run
+        "alembic",  # Flower's state database
+        "Manually terminating ClientAppActor",  # Flower's normal shutdown
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",  # Ray's tip
+        "fraction_evaluate is set to 0.0",  # fedllm evaluates on the server
+        "rounds:",  # the progress bar: not a terminal here, so no bar
+    ):
+        assert noise not in out + err, noise
+    for line in err.splitlines():  # (stderr is empty here; a fresh machine may print a first-use line)
+        assert "Warning" not in line and "warnings.warn" not in line and "Traceback" not in line, err[-2000:]
+    block = out[out.index("run completed in") :]
+    assert "2 of 2 rounds, 3 clients" in block and "utility: accuracy" in block
+    assert "privacy: sample level, any single training record of a node: epsilon 7.99" in block
+    assert f"outputs: {smoke_run}" in block and f"fedllm evaluate {smoke_run}" in block
+
+
 def test_metrics_has_one_record_per_round_with_epsilon_per_client(smoke_run):
     rounds = _rounds(smoke_run)
     assert [r["round"] for r in rounds] == [0, 1, 2]
