@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from fedllm import __version__
+from fedllm.cli.completion import HYDRA_COMMANDS, completion_request, completion_script
 from fedllm.library_noise import quiet_libraries
 
 USAGE = """usage: fedllm <command> [arguments]   (fedllm <command> --help for each; fedllm --version)
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     quiet_libraries()
+    if command in HYDRA_COMMANDS and completion_request(rest) is not None:
+        return _print_completion(command, completion_request(rest) or "")
     # each subcommand's module is imported only when it runs: `fedllm --help` and a subcommand's
     # `--help` stay instant instead of loading torch, Flower and Hydra for every command
     if command == "simulate":
@@ -73,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         return (at_rest.verify_cli if command == "verify" else at_rest.decrypt_cli)(rest)
     print(f"fedllm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _print_completion(command: str, request: str) -> int:
+    """``fedllm <command> -sc install=bash``: fedllm's own completion script (see :mod:`fedllm.cli.completion`)."""
+    try:
+        print(completion_script(request), end="")
+    except ValueError as exc:
+        print(f"fedllm {command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
