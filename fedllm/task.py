@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -21,7 +24,7 @@ from fedllm.data.formatting import PromptFormat, TokenizedDataset, choice_token_
 from fedllm.data.partition import Split, split_records
 from fedllm.data.sources import DataFormat, Record, load_records, load_rotten_tomatoes, load_rt_reviews
 from fedllm.errors import ConfigError, DataError
-from fedllm.model.adapters import adapter_state
+from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.model.base import load_model, load_tokenizer
 from fedllm.model.lora import apply_lora
 from fedllm.privacy.node_ledger import fingerprint
@@ -33,14 +36,30 @@ log = logging.getLogger(__name__)
 class ModelBundle:
     """The PEFT model, its tokenizer, and the adapter weights it was created with.
 
-    ``initial_adapter`` is what every run starts from: the cached model's live adapter
-    holds whatever the previous run (e.g. the previous job of a sweep) left in it.
+    One bundle serves the whole process (:func:`model_bundle` caches it): the server's
+    evaluation, and each client an actor or the in-process engine runs in turn. Its live
+    adapter is therefore whatever its last user left in it; use the model through
+    :meth:`adapter`, which loads the adapter the caller means. ``initial_adapter`` is what
+    every run starts from.
     """
 
     model: PeftModel
     tokenizer: object
     pad_id: int
     initial_adapter: dict
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @contextmanager
+    def adapter(self, state: dict[str, torch.Tensor]) -> Iterator[PeftModel]:
+        """The shared model with ``state`` loaded as its adapter, for the block's duration; another
+        thread of this process that wants the model waits until the block ends.
+
+        Raises:
+            ModelError: ``state`` does not fit the model's adapter (names, shapes).
+        """
+        with self._lock:
+            load_adapter_state(self.model, state)
+            yield self.model
 
 
 @lru_cache(maxsize=1)

@@ -243,13 +243,13 @@ def _reader(cfg: ExperimentConfig, design: CanaryDesign, bundle, initial: dict, 
 
 @torch.no_grad()
 def _losses(cfg: ExperimentConfig, bundle, items: list, adapter: dict) -> np.ndarray:
-    load_adapter_state(bundle.model, adapter)
-    bundle.model.eval()
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
     losses = []
-    for start in range(0, len(items), 32):
-        batch = collate(items[start : start + 32])
-        losses.append(per_example_loss(bundle.model, batch, cfg.train.objective, task.choice_ids_for(cfg)))
+    with bundle.adapter(adapter) as model:
+        model.eval()
+        for start in range(0, len(items), 32):
+            batch = collate(items[start : start + 32])
+            losses.append(per_example_loss(model, batch, cfg.train.objective, task.choice_ids_for(cfg)))
     return torch.cat(losses).double().numpy()
 
 

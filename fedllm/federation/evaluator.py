@@ -13,7 +13,6 @@ from fedllm.config import ExperimentConfig
 from fedllm.evaluation.metrics import EvalResult, evaluate
 from fedllm.federation.protocol import TrainReport
 from fedllm.federation.rounds import RoundReplies
-from fedllm.model.adapters import load_adapter_state
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.tracking.run_files import RoundRecord, finite_or_none
 from fedllm.tracking.run_log import RunLog
@@ -40,15 +39,10 @@ class RoundEvaluator:
             The round's record, as written to ``metrics.jsonl``.
         """
         started = time.perf_counter()
-        load_adapter_state(self.bundle.model, arrays.to_torch_state_dict())
-        result = evaluate(
-            self.bundle.model,
-            self.test_set,
-            self.bundle.pad_id,
-            self.choice_ids,
-            self.cfg.train.eval_batch_size,
-            self.bf16,
-        )
+        with self.bundle.adapter(arrays.to_torch_state_dict()) as model:
+            result = evaluate(
+                model, self.test_set, self.bundle.pad_id, self.choice_ids, self.cfg.train.eval_batch_size, self.bf16
+            )
         eval_seconds = time.perf_counter() - started
         if server_round > 0 and not replies.updates:
             log.error(

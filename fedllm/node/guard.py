@@ -42,7 +42,7 @@ from fedllm.data.formatting import TokenizedDataset, make_collate
 from fedllm.errors import ConfigError, DataError, LedgerError, PrivacyPlanError
 from fedllm.federation.protocol import Accounting, PreflightAnswer, PublicStats, Refusal, TrainReport
 from fedllm.federation.remote_text import escape_remote_text
-from fedllm.model.adapters import adapter_state, load_adapter_state
+from fedllm.model.adapters import adapter_state
 from fedllm.node.policy import (
     ANSWER_PREFLIGHT,
     BUDGET,
@@ -394,13 +394,9 @@ def _train(
     cfg: ExperimentConfig, shard, request: RoundRequest, dp: DPSpec | None, history: History, seed: int | None
 ) -> tuple[LocalResult, dict[str, torch.Tensor]]:
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
-    load_adapter_state(bundle.model, request.received)
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
-    override = None
     if isinstance(shard, CanaryShard):
         collate = with_canary_column(collate)
-        if shard.design.kind == "gradient":
-            override = GradientCanaries(shard.design, adapter_parameters(bundle.model))
     spec = LocalSpec(
         steps=cfg.train.local_steps,
         batch_size=cfg.train.batch_size,
@@ -412,8 +408,12 @@ def _train(
         seed=seed,
         optimizer=cfg.train.optimizer,
     )
-    result = train_local(bundle.model, shard, collate, spec, task.choice_ids_for(cfg), dp, history, override)
-    return result, adapter_state(bundle.model)
+    with bundle.adapter(request.received) as model:
+        override = None
+        if isinstance(shard, CanaryShard) and shard.design.kind == "gradient":
+            override = GradientCanaries(shard.design, adapter_parameters(model))
+        result = train_local(model, shard, collate, spec, task.choice_ids_for(cfg), dp, history, override)
+        return result, adapter_state(model)
 
 
 def _public(policy: NodePolicy, shard, result: LocalResult) -> PublicStats:
