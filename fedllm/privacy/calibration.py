@@ -108,34 +108,19 @@ def calibrate_noise(
     ``target_epsilon`` at ``delta`` (within :data:`TOLERANCE` below it) under ``accountant``.
 
     A calibration cached by an earlier process is used only after the real accountant confirms it
-    (:func:`fedllm.privacy.calibration_cache.checked`).
+    (:meth:`fedllm.privacy.calibration_cache.Calibration.accepts`).
 
     Raises:
         PrivacyPlanError: no useful noise level reaches the target.
     """
-    key = calibration_cache.cache_key(
-        target_epsilon=target_epsilon,
-        delta=delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        accountant=accountant,
-        tolerance=TOLERANCE,
-    )
-    cached = calibration_cache.lookup(key)
-    if cached is not None and calibration_cache.checked(
-        cached,
-        target_epsilon=target_epsilon,
-        delta=delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        accountant=accountant,
-        tolerance=TOLERANCE,
-    ):
+    question = calibration_cache.Calibration(target_epsilon, delta, sample_rate, steps, accountant, TOLERANCE)
+    cached = calibration_cache.lookup(question)
+    if cached is not None:
         return cached
     noise = search_noise(
         target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
     )
-    calibration_cache.store(key, noise)
+    calibration_cache.store(question, noise)
     return noise
 
 

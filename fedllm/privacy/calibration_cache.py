@@ -5,10 +5,10 @@ second each search under PRV, and every process of a run (the driver, each Ray a
 plans the same mechanism again. The answer depends only on the mechanism, the target, the
 accountant and Opacus's version, so it is kept in one JSON file and reused.
 
-A cached noise is never trusted as it stands: :func:`checked` recomputes the epsilon it gives with
-the real accountant, and accepts it only where the search itself could have stopped (at most the
-target, and within the search's tolerance below it). An edited or stale entry is searched again
-and overwritten. A missing, unreadable or malformed file is an empty cache.
+A cached noise is never trusted as it stands: the lookup recomputes the epsilon it gives with
+the real accountant (:meth:`Calibration.accepts`), and accepts it only where the search itself
+could have stopped (at most the target, and within the search's tolerance below it). An edited
+or stale entry is searched again and overwritten. A missing, unreadable or malformed file is an empty cache.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -35,47 +36,46 @@ def cache_file() -> Path:
     return cache_root() / CACHE_FILE
 
 
-def cache_key(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: AccountantName, tolerance: float
-) -> str:
-    """One calibration's key: the mechanism, the target, the search's tolerance and Opacus's version
-    (a new accountant may answer differently). ``repr`` keeps every float exact."""
-    version = metadata.version("opacus")
-    return (
-        f"{accountant}|eps={target_epsilon!r}|delta={delta!r}|q={sample_rate!r}|T={steps}|tol={tolerance!r}"
-        f"|opacus={version}"
-    )
+@dataclass(frozen=True)
+class Calibration:
+    """One search's question: the mechanism, the target, and the search's tolerance."""
+
+    target_epsilon: float
+    delta: float
+    sample_rate: float
+    steps: int
+    accountant: AccountantName
+    tolerance: float
+
+    def key(self) -> str:
+        """The cache key: every field, and Opacus's version (a new accountant may answer
+        differently). ``repr`` keeps every float exact."""
+        return (
+            f"{self.accountant}|eps={self.target_epsilon!r}|delta={self.delta!r}|q={self.sample_rate!r}"
+            f"|T={self.steps}|tol={self.tolerance!r}|opacus={metadata.version('opacus')}"
+        )
+
+    def accepts(self, noise: float) -> bool:
+        """Whether ``noise`` is an answer the search could have returned: the real accountant gives
+        it an epsilon at most the target and within the tolerance of it."""
+        reached = epsilon([(noise, self.sample_rate, self.steps)], delta=self.delta, accountant=self.accountant)
+        return self.target_epsilon - self.tolerance <= reached <= self.target_epsilon
 
 
-def lookup(key: str) -> float | None:
-    """The noise stored under ``key``, or None (absent, or the file or entry is unusable)."""
-    value = _read().get(key)
+def lookup(question: Calibration) -> float | None:
+    """The stored answer to ``question``, if there is one the accountant accepts."""
+    value = _read().get(question.key())
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        return float(value)
+        return float(value) if question.accepts(float(value)) else None
     return None
 
 
-def checked(
-    noise: float,
-    *,
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    accountant: AccountantName,
-    tolerance: float,
-) -> bool:
-    """Whether ``noise`` is an answer the search could have returned: the real accountant gives it
-    an epsilon at most the target and within ``tolerance`` of it."""
-    reached = epsilon([(noise, sample_rate, steps)], delta=delta, accountant=accountant)
-    return target_epsilon - tolerance <= reached <= target_epsilon
-
-
-def store(key: str, noise: float) -> None:
-    """Remember ``noise`` under ``key`` (atomically; a cache that cannot be written is skipped)."""
+def store(question: Calibration, noise: float) -> None:
+    """Remember ``noise`` as the answer to ``question`` (atomically; a cache that cannot be
+    written is skipped)."""
     path = cache_file()
     entries = _read()
-    entries[key] = noise
+    entries[question.key()] = noise
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibrations-", suffix=".tmp")

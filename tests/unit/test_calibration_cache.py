@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from fedllm.privacy import calibration, calibration_cache
 from fedllm.privacy.accounting import epsilon
 
 MECHANISM = dict(target_epsilon=8.0, delta=1e-5, sample_rate=1 / 11, steps=2, accountant="rdp")
+QUESTION = calibration_cache.Calibration(**MECHANISM, tolerance=calibration.TOLERANCE)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_an_edited_entry_is_searched_again_and_replaced(fresh, honest, factor):
     # lower noise would overspend the target; higher noise would cost utility for nothing
     assert calibration.calibrate_noise(**MECHANISM) == honest
     (key,) = _entries()
-    calibration_cache.store(key, honest * factor)
+    calibration_cache.store(QUESTION, honest * factor)
     calibration.calibrate_noise.cache_clear()
     assert calibration.calibrate_noise(**MECHANISM) == honest and len(fresh) == 2
     assert _entries()[key] == honest
@@ -63,7 +65,7 @@ def test_an_edited_entry_is_searched_again_and_replaced(fresh, honest, factor):
 
 @pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"%s": "0.5"}', '{"%s": -1}', '{"%s": NaN}'])
 def test_an_unusable_cache_is_an_empty_one(fresh, content):
-    key = calibration_cache.cache_key(**MECHANISM, tolerance=calibration.TOLERANCE)
+    key = QUESTION.key()
     calibration_cache.cache_file().parent.mkdir(parents=True, exist_ok=True)
     calibration_cache.cache_file().write_text(content.replace("%s", key) if "%s" in content else content)
     noise = calibration.calibrate_noise(**MECHANISM)
@@ -71,15 +73,14 @@ def test_an_unusable_cache_is_an_empty_one(fresh, content):
 
 
 def test_the_key_tells_apart_everything_the_answer_depends_on():
-    base = calibration_cache.cache_key(**MECHANISM, tolerance=0.01)
     changes = [
         {"target_epsilon": 3.0},
         {"delta": 1e-6},
         {"sample_rate": 1 / 12},
         {"steps": 3},
         {"accountant": "prv"},
+        {"tolerance": 0.02},
     ]
-    keys = {calibration_cache.cache_key(**{**MECHANISM, **change}, tolerance=0.01) for change in changes}
-    assert base not in keys and len(keys) == len(changes)
-    assert calibration_cache.cache_key(**MECHANISM, tolerance=0.02) != base
-    assert "opacus=" in base
+    keys = {dataclasses.replace(QUESTION, **change).key() for change in changes}
+    assert QUESTION.key() not in keys and len(keys) == len(changes)
+    assert "opacus=" in QUESTION.key()
