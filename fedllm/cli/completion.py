@@ -45,7 +45,8 @@ complete -o nospace -o default -F _fedllm_complete fedllm
 def completion_request(argv: list[str]) -> str | None:
     """The shell-completion action ``argv`` asks for (``install=bash``, ``uninstall=zsh``, ...), if it
     asks to install or uninstall one; None otherwise (Hydra answers ``query=`` itself)."""
-    for flag, value in zip(argv, [*argv[1:], ""], strict=True):
+    for index, flag in enumerate(argv):
+        value = argv[index + 1] if index + 1 < len(argv) else ""
         if flag in ("-sc", "--shell-completion") and value.split("=", 1)[0] in ("install", "uninstall"):
             return value
     return None

@@ -18,6 +18,8 @@ def test_install_and_uninstall_are_fedllms_and_queries_are_left_to_hydra():
     assert completion_request(["privacy=client", "--shell-completion", "uninstall=zsh"]) == "uninstall=zsh"
     assert completion_request(["-sc", "query=bash"]) is None  # Hydra answers the script's queries
     assert completion_request(["privacy.target_epsilon=3"]) is None
+    assert completion_request([]) is None  # `make run`: `fedllm simulate` with no override at all
+    assert completion_request(["-sc"]) is None  # left for Hydra to reject
     script = completion_script("install=bash")
     assert "complete -o nospace -o default -F _fedllm_complete fedllm" in script
     assert "fedllm-simulate" in script and "complete -F hydra_bash_completion" not in script
