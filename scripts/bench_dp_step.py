@@ -51,6 +51,7 @@ import torch
 
 from fedllm.config import LoraSettings, ModelConfig
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedDataset, make_collate
+from fedllm.library_noise import quiet_libraries
 from fedllm.privacy import dpsgd, randomness
 from fedllm.privacy.randomness import dp_randomness
 from fedllm.task import model_bundle
@@ -504,6 +505,7 @@ def breakdown_table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    quiet_libraries()  # the libraries' expected notices, as in `fedllm` itself
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     PLACEMENT.update(device=args.device, dtype=args.dtype, quantization=args.quantization)

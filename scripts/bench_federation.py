@@ -37,6 +37,8 @@ from pathlib import Path
 
 import psutil
 
+from fedllm.library_noise import quiet_libraries  # light: logging and warnings only
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -275,6 +277,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    quiet_libraries()  # the libraries' expected notices, as in `fedllm` itself
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = {

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedllm.analysis.report import to_markdown  # noqa: E402
+from fedllm.library_noise import quiet_libraries  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,7 @@ def run_rows(args: argparse.Namespace, clients: int, rounds: int, steps: int, ex
 
 
 def main() -> None:
+    quiet_libraries()  # the libraries' expected notices, as in `fedllm` itself
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     clients, rounds, steps, _ = SHAPES[args.model]
