@@ -58,7 +58,14 @@ def test_report_on_a_directory_without_runs_says_so(tmp_path):
 def test_wandb_offline_run_logs_per_round_metrics(tmp_path):
     run_dir = tmp_path / "run"
     fedllm(
-        ["simulate", "debug=smoke", "tracking=wandb", "federation.num_rounds=1", f"hydra.run.dir={run_dir}"],
+        [
+            "simulate",
+            "debug=smoke",
+            "tracking=wandb",
+            "federation.num_rounds=1",
+            "federation.engine=inprocess",  # what wandb receives does not depend on the engine: no Ray here
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=tmp_path,
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
