@@ -55,6 +55,7 @@ PRESETS = {
     "nonprivate_lr3e-4": Preset("federated, non-private, lr 3e-4", "LoRA", ("privacy=none", "train.lr=0.0003")),
     "nonprivate_lr1e-3": Preset("federated, non-private, lr 1e-3", "LoRA", ("privacy=none", "train.lr=0.001")),
     "nonprivate_lr3e-3": Preset("federated, non-private, lr 3e-3", "LoRA", ("privacy=none", "train.lr=0.003")),
+    "nonprivate_lr3e-2": Preset("federated, non-private, lr 3e-2", "LoRA", ("privacy=none", "train.lr=0.03")),
     "dp_eps8": Preset("federated, DP-SGD", "LoRA", ("privacy.target_epsilon=8",)),
     "dp_eps3": Preset("federated, DP-SGD", "LoRA", ("privacy.target_epsilon=3",)),
     "dp_eps1": Preset("federated, DP-SGD", "LoRA", ("privacy.target_epsilon=1",)),
