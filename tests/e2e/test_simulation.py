@@ -120,8 +120,12 @@ def test_the_adapter_is_usable_from_its_folder_alone(smoke_run):
     card = (smoke_run / "adapter" / "README.md").read_text()
     assert f"({summary['guarantees'][0]['epsilon']:.4g}, 1e-05)-DP" in card and "Review: {prompt}" in card
     evaluated = json.loads(fedllm(["evaluate", str(smoke_run), "--json"], cwd=smoke_run).stdout)
-    assert evaluated["eval_loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-6)
-    assert evaluated["eval_accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
+    # the same weights, data and batches; under bf16 autocast (train.precision=auto on a CPU with
+    # AMX) the kernels' accumulation order still varies between processes: 1.5e-5 apart was seen
+    # once in CI. Another adapter or another split would be off by far more than this.
+    assert evaluated["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-4)
+    one_example = 1 / summary["test_examples"]  # a borderline example may flip with that noise
+    assert evaluated["eval_accuracy"] == pytest.approx(summary["final_accuracy"], abs=one_example + 1e-9)
     generated = fedllm(["generate", str(smoke_run), "a fine film", "--max-new-tokens", "4"], cwd=smoke_run)
     assert generated.stdout.strip()
 
