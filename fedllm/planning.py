@@ -154,17 +154,15 @@ def format_plan(cfg: ExperimentConfig, rows: list[PlanRow]) -> str:
 
 def _binding_line(cfg: ExperimentConfig, binding: PlanRow) -> str:
     """Which client binds, and whether the target holds (with the noise fixed by the config, it may not)."""
+    who = f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest sampling rate)"
+    fixed, target = cfg.privacy.noise_multiplier, cfg.privacy.target_epsilon
+    if fixed is None:
+        return f"{who} needs the most noise; the target epsilon is met after the last round"
     reached = binding.planned_epsilon[cfg.privacy.accountant]
-    if cfg.privacy.noise_multiplier is None:
-        return (
-            f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest "
-            f"sampling rate) needs the most noise; the target epsilon is met after the last round"
-        )
-    verdict = "within" if reached <= cfg.privacy.target_epsilon else "ABOVE"
+    verdict = "within" if reached <= target else "ABOVE"
     return (
-        f"binding: client {binding.client} (smallest shard, {binding.shard_size} records, highest sampling rate) "
-        f"reaches epsilon {reached:.3f} after the last round at the fixed noise {cfg.privacy.noise_multiplier:g} "
-        f"(privacy.noise_multiplier): {verdict} the target {cfg.privacy.target_epsilon:g}"
+        f"{who} reaches epsilon {reached:.3f} after the last round at the fixed noise {fixed:g} "
+        f"(privacy.noise_multiplier): {verdict} the target {target:g}"
     )
 
 

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     quiet_libraries()
-    if command in HYDRA_COMMANDS and completion_request(rest) is not None:
-        return _print_completion(command, completion_request(rest) or "")
+    request = completion_request(rest) if command in HYDRA_COMMANDS else None
+    if request is not None:
+        return _print_completion(command, request)
     # each subcommand's module is imported only when it runs: `fedllm --help` and a subcommand's
     # `--help` stay instant instead of loading torch, Flower and Hydra for every command
     if command == "simulate":

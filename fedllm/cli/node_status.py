@@ -62,6 +62,15 @@ def _fingerprint(policy: NodePolicy) -> str | None:
     return fingerprint((r.prompt, r.response) for r in records)
 
 
+def _preflight_answer(category: str | None, metrics: dict) -> str:
+    """What the node answered a pre-flight, as ``node-status`` shows it."""
+    if category == DECLINED:
+        return f"declined ({ANSWER_PREFLIGHT}=false)"
+    if category:
+        return f"refused ({category})"
+    return f"can train {metrics.get(keys.ROUNDS_AFFORDABLE)} of {metrics.get(keys.ROUNDS_PLANNED)} rounds"
+
+
 def _recent_rounds(audit: Path, last: int) -> list[str]:
     if not audit.exists():
         return ["no round answered yet (no audit log)"]
@@ -72,13 +81,7 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
         metrics = sent.get("metrics", {})
         category = sent.get("config", {}).get(keys.STATUS, {}).get(keys.CATEGORY)
         if entry.get("kind") == PREFLIGHT:  # a question answered, nothing released
-            what = (
-                f"declined ({ANSWER_PREFLIGHT}=false)"
-                if category == DECLINED
-                else f"refused ({category})"
-                if category
-                else f"can train {metrics.get(keys.ROUNDS_AFFORDABLE)} of {metrics.get(keys.ROUNDS_PLANNED)} rounds"
-            )
+            what = _preflight_answer(category, metrics)
             where = f"pre-flight before round {escape_remote_text(received.get('round'))}"
         else:
             what = (
