@@ -118,8 +118,8 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     summary = run_inprocess(
         run_cfg, run_dir, client_app=app, observer=_recorder(observed, design.layout), extra_node_config=extra
     )
-    load_adapter_state(bundle.model, _final_adapter(run_dir, run_cfg, initial))
-    final = adapter_state(bundle.model)
+    with bundle.adapter(_final_adapter(run_dir, run_cfg, initial)) as model:
+        final = adapter_state(model)  # as the model holds it (names and shapes checked on loading)
     scores = {COORDINATOR: _coordinator(cfg, design, observed, bundle)}
     if client_level:
         scores[AGGREGATE_READER] = aggregate_scores(design, observed, design.layout.flatten(final))
