@@ -29,6 +29,10 @@ from fedllm.resources import cache_root
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "noise_calibrations.json"
+# A node plans whatever target, rounds and batch the coordinator's task config names, so the questions
+# come from outside: the file keeps the newest entries only (a run asks a handful), so that a coordinator
+# varying its requests cannot grow it, or the cost of reading and rewriting it, without end.
+MAX_ENTRIES = 256
 
 
 def cache_file() -> Path:
@@ -75,12 +79,15 @@ def store(question: Calibration, noise: float) -> None:
     written is skipped)."""
     path = cache_file()
     entries = _read()
-    entries[question.key()] = noise
+    entries.pop(question.key(), None)
+    entries[question.key()] = noise  # the newest last: the file keeps its entries in order of storing
+    for oldest in list(entries)[: max(0, len(entries) - MAX_ENTRIES)]:
+        del entries[oldest]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibrations-", suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(entries, out, indent=0, sort_keys=True)
+            json.dump(entries, out, indent=0)
         os.replace(tmp, path)  # concurrent writers: the last one wins, nothing is ever half-written
     except OSError as exc:
         log.debug("noise calibration not cached (%s): %s", path, exc)

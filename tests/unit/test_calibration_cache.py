@@ -84,3 +84,18 @@ def test_the_key_tells_apart_everything_the_answer_depends_on():
     keys = {dataclasses.replace(QUESTION, **change).key() for change in changes}
     assert QUESTION.key() not in keys and len(keys) == len(changes)
     assert "opacus=" in QUESTION.key()
+
+
+def test_a_coordinator_varying_its_requests_cannot_grow_the_nodes_cache(tmp_path, monkeypatch):
+    # every target a task config names is a new question the node searches and stores
+    monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path))
+    questions = [
+        dataclasses.replace(QUESTION, target_epsilon=1.0 + i / 1000) for i in range(calibration_cache.MAX_ENTRIES + 5)
+    ]
+    for i, question in enumerate(questions):
+        calibration_cache.store(question, 1.0 + i)
+    entries = _entries()
+    assert len(entries) == calibration_cache.MAX_ENTRIES
+    assert list(entries) == [q.key() for q in questions[5:]]  # the oldest went first
+    calibration_cache.store(questions[5], 99.0)  # stored again: the newest now
+    assert list(_entries())[-1] == questions[5].key() and len(_entries()) == calibration_cache.MAX_ENTRIES
