@@ -35,7 +35,8 @@ OptimizerName = Literal["adamw", "sgd"]
 Precision = Literal["auto", "fp32", "bf16"]
 PrivacyMode = Literal["sample", "client", "both", "none"]
 AccountantName = Literal["rdp", "prv"]
-GradSampleMode = Literal["hooks", "functorch"]  # per-sample gradient modes that work with our wiring
+# per-sample gradient modes that work with our wiring: fedllm's own for LoRA matrices, or Opacus's
+GradSampleMode = Literal["lora", "hooks", "functorch"]
 NoiseSource = Literal["secure", "seeded"]
 ClientClipping = Literal["server", "client"]
 Aggregation = Literal["fedavg", "trimmed_mean", "median"]
@@ -260,7 +261,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
     accountant: AccountantName = "prv"
-    grad_sample_mode: GradSampleMode = "hooks"
+    grad_sample_mode: GradSampleMode = "lora"
     noise: NoiseSource = "secure"
     public_metrics: bool = False
     state_dir: str | None = None

@@ -3,7 +3,7 @@ exactly the Poisson batches the DP step drew (same records, hence same sizes and
 interleaved step by step, on the default model (SmolLM2-135M + LoRA) and on model=tiny.
 
     .venv/bin/python scripts/bench_dp_step.py [--models embedded,tiny] [--batches 8,16]
-        [--seqs 64,128] [--modes none,hooks,functorch] [--repeats 3] [--steps 4]
+        [--seqs 64,128] [--modes none,lora,hooks,functorch] [--repeats 3] [--steps 4]
         [--micro-batches 2] [--no-memory] [--out FILE]
         [--device cuda --dtype bf16 | --quantization 4bit]     # on a GPU (peak = CUDA memory)
 
@@ -52,7 +52,8 @@ import torch
 from fedllm.config import LoraSettings, ModelConfig
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedDataset, make_collate
 from fedllm.library_noise import quiet_libraries
-from fedllm.privacy import dpsgd, randomness
+from fedllm.privacy import dpsgd, lora_grad_sample, randomness
+from fedllm.privacy.lora_grad_sample import LoraGradSampler
 from fedllm.privacy.randomness import dp_randomness
 from fedllm.task import model_bundle
 from fedllm.training import local
@@ -70,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seqs", default="64,128")
     parser.add_argument(
         "--modes",
-        default="none,hooks,functorch",
-        help="grad-sample modes; none (the non-private replay) is always measured",
+        default="none,lora,hooks",
+        help="grad-sample modes (lora, hooks, functorch); none (the non-private replay) is always measured",
     )
     parser.add_argument("--repeats", type=int, default=3, help="seeds (independent rounds) per configuration")
     parser.add_argument("--steps", type=int, default=4, help="DP / non-DP step pairs per seed")
@@ -164,6 +165,10 @@ def install_timers() -> None:
     GradSampleHooks.capture_activations_hook = TIMERS.wrap(
         "activation_capture", GradSampleHooks.capture_activations_hook
     )
+    lora_grad_sample.per_sample_weight_grads = TIMERS.wrap("per_sample_grads", lora_grad_sample.per_sample_weight_grads)
+    LoraGradSampler._forward = staticmethod(  # type: ignore[method-assign]
+        TIMERS.wrap("activation_capture", LoraGradSampler.__dict__["_forward"].__func__)
+    )
     randomness.GaussianNoise.like = TIMERS.wrap("noise_draw", randomness.GaussianNoise.like)
     if hasattr(randomness.GaussianNoise, "like_many"):
         randomness.GaussianNoise.like_many = TIMERS.wrap("noise_draw", randomness.GaussianNoise.like_many)
@@ -198,7 +203,9 @@ def _dp_step(model, session, chunks, spec) -> float:
 
 
 def _hooks_on(hooks) -> None:
-    if not hasattr(hooks, "autograd_grad_sample_hooks"):
+    if isinstance(hooks, LoraGradSampler):
+        hooks.attach()
+    elif not hasattr(hooks, "autograd_grad_sample_hooks"):
         hooks.add_hooks(
             loss_reduction=hooks.loss_reduction,
             batch_first=hooks.batch_first,
@@ -207,7 +214,9 @@ def _hooks_on(hooks) -> None:
 
 
 def _hooks_off(hooks) -> None:
-    if hasattr(hooks, "autograd_grad_sample_hooks"):
+    if isinstance(hooks, LoraGradSampler):
+        hooks.detach()
+    elif hasattr(hooks, "autograd_grad_sample_hooks"):
         hooks.remove_hooks()
 
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedllm.config import AccountantName, GradSampleMode
 from fedllm.errors import ConfigError
 from fedllm.privacy.accounting import History, normalise_history
+from fedllm.privacy.lora_grad_sample import LoraGradSampler
 from fedllm.privacy.randomness import DPRandomness, GaussianNoise, PoissonBatchSampler
 
 
@@ -97,7 +98,7 @@ class DPRound:
     """Live Opacus objects for one round; call :meth:`close` when the round ends."""
 
     engine: PrivacyEngine
-    hooks: AbstractGradSampleHooks
+    hooks: AbstractGradSampleHooks | LoraGradSampler
     optimizer: NodeNoiseDPOptimizer
     loader: DataLoader
 
@@ -171,7 +172,8 @@ def start_round(
         max_grad_norm: per-sample clipping bound.
         history: the client's accountant history before this round.
         accountant: ``rdp`` or ``prv``.
-        grad_sample_mode: Opacus per-sample gradient mode.
+        grad_sample_mode: ``lora`` (fedllm's per-sample gradients of the adapter matrices,
+            :mod:`fedllm.privacy.lora_grad_sample`), or Opacus's ``hooks`` or ``functorch``.
         randomness: the round's sampling and noise streams (:func:`~fedllm.privacy.randomness.dp_randomness`).
 
     Returns:
@@ -183,7 +185,10 @@ def start_round(
         engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = list(history)
     loader = poisson_loader(dataset, batch_size, collate, randomness)
-    # poisson_sampling=False: Opacus keeps our loader (already Poisson) and accounts 1 / len(loader)
+    # poisson_sampling=False: Opacus keeps our loader (already Poisson) and accounts 1 / len(loader).
+    # Under ``lora`` Opacus still builds the optimizer and the accountant's hook as for its own
+    # modes (one source for the rate and the expected batch size); only its per-sample
+    # gradient hooks are swapped for fedllm's, which fill the same ``grad_sample`` attributes.
     hooks, built, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -191,9 +196,12 @@ def start_round(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=False,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode="hooks" if grad_sample_mode == "lora" else grad_sample_mode,
         wrap_model=False,
     )
+    if grad_sample_mode == "lora":
+        hooks.cleanup()
+        hooks = LoraGradSampler(model)
     hooks.forbid_grad_accumulation()  # what Opacus sets for its own Poisson loader
     dp_optimizer = NodeNoiseDPOptimizer(built, GaussianNoise(randomness.noise))
     return DPRound(engine=engine, hooks=hooks, optimizer=dp_optimizer, loader=loader)

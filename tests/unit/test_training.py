@@ -35,13 +35,15 @@ def _hook_count(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_dp_rounds_compose_to_one_shot_epsilon_and_leave_no_hooks(bundle):
+@pytest.mark.parametrize("mode", ["lora", "hooks"])
+def test_dp_rounds_compose_to_one_shot_epsilon_and_leave_no_hooks(bundle, mode):
     data = tokenize_records(easy_records(200, 0), bundle.tokenizer, FMT)
     collate = make_collate(bundle.pad_id, prompt_only=True)
     hooks_before = _hook_count(bundle.model)
     history: list = []
+    dp = DPSpec(noise_multiplier=0.8, max_grad_norm=1.0, accountant="rdp", grad_sample_mode=mode)
     for round_ in range(3):
-        result = train_local(bundle.model, data, collate, _spec(seed=round_), choice_ids(bundle), DP, history)
+        result = train_local(bundle.model, data, collate, _spec(seed=round_), choice_ids(bundle), dp, history)
         history = result.history
         assert _hook_count(bundle.model) == hooks_before
         assert not any(hasattr(p, "grad_sample") for p in bundle.model.parameters())
@@ -119,16 +121,12 @@ def test_empty_poisson_batch_is_a_noised_accounted_step(bundle):
     assert any(not torch.equal(before[k], after[k]) for k in after)  # noise was applied
 
 
-@pytest.mark.parametrize("private", [True, False])
-def test_length_sorted_micro_batches_give_the_same_update(bundle, private):
+@pytest.mark.parametrize("mode", ["lora", "hooks", None])
+def test_length_sorted_micro_batches_give_the_same_update(bundle, mode):
     data = tokenize_records(easy_records(64, 6), bundle.tokenizer, FMT)
     collate = make_collate(bundle.pad_id, prompt_only=True)
     start = adapter_state(bundle.model)
-    dp = (
-        DPSpec(noise_multiplier=0.0, max_grad_norm=0.05, accountant="rdp", grad_sample_mode="hooks")
-        if private
-        else None
-    )
+    dp = DPSpec(noise_multiplier=0.0, max_grad_norm=0.05, accountant="rdp", grad_sample_mode=mode) if mode else None
     results = {}
     for parts in (1, 3):
         load_adapter_state(bundle.model, start)
@@ -151,5 +149,5 @@ def test_length_sorted_micro_batches_give_the_same_update(bundle, private):
         # AdamW turns float-rounding differences in near-zero gradients into visible steps (its
         # update is ~lr * sign(g) there): allow 5% of lr on those few elements
         torch.testing.assert_close(one[key], three[key], rtol=1e-4, atol=5e-5)
-    if private:
+    if mode:
         assert r3.history == [(0.0, 0.25, 1)]  # one logical step accounted, not three
