@@ -716,3 +716,9 @@ def unknown_key_error(key: str, known: list[str], known_label: str) -> ConfigErr
     if close:
         return ConfigError(f"{key}: unknown key; did you mean {prefix + '.' if prefix else ''}{close[0]}?")
     return ConfigError(f"{key}: unknown key; {known_label}: {', '.join(known)}")
+
+
+def with_state_dir(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
+    """``cfg`` with the node state folder resolved: ``privacy.state_dir`` or ``<run dir>/nodes``."""
+    state_dir = Path(cfg.privacy.state_dir) if cfg.privacy.state_dir else run_dir / "nodes"
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(state_dir.resolve())))

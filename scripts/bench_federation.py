@@ -112,7 +112,8 @@ def inprocess_overhead(model: str, overrides: list[str], workdir: Path) -> dict:
     """Run a federation in this process with timers; per round: training, evaluation, the rest."""
     from flwr.app import Message, MessageType
 
-    from fedllm.cli.simulate import compose_checked, conf_dir, with_state_dir
+    from fedllm.cli.simulate import compose_checked, conf_dir
+    from fedllm.config import with_state_dir
     from fedllm.federation import server_app
     from fedllm.federation.inprocess import run_inprocess
     from fedllm.federation.server_app import prepare_run

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedllm.cli.simulate import JOBS, overrides_help, remove_unused_run_dir, run_hydra, wants_help, with_state_dir
-from fedllm.config import AuditConfig, from_hydra
+from fedllm.cli.simulate import JOBS, overrides_help, remove_unused_run_dir, run_hydra, wants_help
+from fedllm.config import AuditConfig, from_hydra, with_state_dir
 from fedllm.errors import FedLLMError
 
 log = logging.getLogger("fedllm")

@@ -29,6 +29,7 @@ from fedllm.config import (
     conf_dir,
     from_hydra,
     hydra_error,
+    with_state_dir,
 )
 from fedllm.errors import DataError, FedLLMError
 from fedllm.tracking.end_of_run import end_of_run_block
@@ -199,12 +200,6 @@ def remove_unused_run_dir(run_dir: Path) -> None:
         return
     if all(e.name == ".hydra" or (e.is_file() and e.suffix == ".log") for e in entries):
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def with_state_dir(cfg, run_dir: Path):
-    """``cfg`` with the node state folder resolved: ``privacy.state_dir`` or ``<run dir>/nodes``."""
-    state_dir = Path(cfg.privacy.state_dir) if cfg.privacy.state_dir else run_dir / "nodes"
-    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(state_dir.resolve())))
 
 
 def resume_target(run_dir: Path, overrides: list[str]):

@@ -10,6 +10,7 @@ spends nothing). Every answer is written to the node's audit log.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -24,11 +25,12 @@ from fedllm.config import ExperimentConfig
 from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import PREFLIGHT, audit_round
+from fedllm.federation.flower_runtime import is_flower_virtual_node, virtual_node_policy
 from fedllm.federation.protocol import Refusal, preflight_reply, refusal_reply, update_reply
 from fedllm.library_noise import quiet_libraries
 from fedllm.model.device import usable_cpus
 from fedllm.node.guard import PreflightRequest, RoundRequest, answer_preflight, answer_round
-from fedllm.node.policy import ERROR, NodePolicy, node_policy
+from fedllm.node.policy import ERROR, SIMULATED_NODES_ENV, NodePolicy, node_policy
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +120,15 @@ def _answered(policy: NodePolicy, what: str, decide: Callable[[], _Decided]) -> 
         return Refusal(policy.partition_id, ERROR, cap=policy.max_epsilon)
 
 
-def _node(context: Context) -> NodePolicy:
-    """This node's policy; a deployed node's lines go to its operator's console."""
+def _node(context: Context, cfg: ExperimentConfig) -> NodePolicy:
+    """This node's policy; a deployed node's lines go to its operator's console.
+
+    ``cfg`` (the server's experiment) is used only by a virtual node of Flower's own
+    simulation runtime (``flwr run .``), whose operator is the researcher who sent it
+    (:mod:`fedllm.federation.flower_runtime`); every other node ignores it here.
+    """
+    if not os.environ.get(SIMULATED_NODES_ENV) and is_flower_virtual_node(context.node_config):
+        return virtual_node_policy(cfg, context.node_config)
     policy = node_policy(context.node_config)
     if not policy.simulated:
         show_node_log()
@@ -129,8 +138,8 @@ def _node(context: Context) -> NodePolicy:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round on this node: refuse, replay an update already released, or train."""
-    policy = _node(context)
     cfg, run_id, server_round = _task(msg, "train")
+    policy = _node(context, cfg)
     try:
         request = RoundRequest(
             cfg=cfg,
@@ -154,8 +163,8 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """The pre-flight: how many of the planned rounds this node can join within its own cap.
     Read only: nothing is trained, spent or recorded in the ledger (:func:`answer_preflight`)."""
-    policy = _node(context)
     cfg, run_id, first_round = _task(msg, "query")
+    policy = _node(context, cfg)
     request = PreflightRequest(cfg=cfg, run_id=run_id, first_round=first_round)
     answer = _answered(policy, "the pre-flight", lambda: answer_preflight(policy, request))
     reply = preflight_reply(msg, answer)
