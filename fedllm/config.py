@@ -267,6 +267,7 @@ class PrivacyConfig:
     state_dir: str | None = None
     client_caps: tuple[ClientCap, ...] = ()
     client_noise_multiplier: float = 1.0
+    client_target_epsilon: float | None = None
     client_clip_norm: float = 0.5
     client_clipping: ClientClipping = "server"
     client_delta: float = 1e-3
@@ -282,6 +283,11 @@ class PrivacyConfig:
             "must be positive, or empty to plan it from the target",
         )
         _require(self.client_noise_multiplier > 0, "privacy.client_noise_multiplier", "must be positive")
+        _require(
+            self.client_target_epsilon is None or self.client_target_epsilon > 0,
+            "privacy.client_target_epsilon",
+            "must be positive, or empty to use privacy.client_noise_multiplier as given",
+        )
         _require(self.client_clip_norm > 0, "privacy.client_clip_norm", "must be positive")
         _require(0 < self.client_delta < 1, "privacy.client_delta", "must be in (0, 1)")
         clients = [cap.client for cap in self.client_caps]
@@ -621,7 +627,32 @@ def from_hydra(cfg: Any) -> ExperimentConfig:
     assert isinstance(raw, dict)
     # groups that configure the command, not the experiment (and never travel to a node)
     experiment = {str(k): v for k, v in raw.items() if k not in ("hydra", "debug", "gpu", "resume", "audit")}
-    return ExperimentConfig.from_dict(experiment)
+    return with_planned_client_noise(ExperimentConfig.from_dict(experiment))
+
+
+def with_planned_client_noise(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``privacy.client_noise_multiplier`` planned from ``privacy.client_target_epsilon``
+    when that is set and client-level DP runs (else ``cfg`` itself).
+
+    Done once, where an experiment is composed: the saved and sent config then carries the noise
+    the server adds, and a resumed run keeps it.
+
+    Raises:
+        PrivacyPlanError: no noise multiplier meets the target.
+    """
+    privacy, fed = cfg.privacy, cfg.federation
+    if privacy.client_target_epsilon is None or not privacy.client_level:
+        return cfg
+    from fedllm.privacy.client_level import calibrate_client_noise, clients_per_round
+
+    noise = calibrate_client_noise(
+        target_epsilon=privacy.client_target_epsilon,
+        delta=privacy.client_delta,
+        population=fed.num_clients,
+        per_round=clients_per_round(fed.num_clients, fed.fraction_train, fed.min_train_clients),
+        rounds=fed.num_rounds,
+    )
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(privacy, client_noise_multiplier=noise))
 
 
 # Hydra's own messages span several lines (a hint, the full key, the search path); what we

@@ -192,12 +192,19 @@ def format_client_plan(cfg: ExperimentConfig) -> str:
         else f"all {fed.num_clients} clients every round"
     )
     std = privacy.client_noise_multiplier * privacy.client_clip_norm / per_round
+    target = privacy.client_target_epsilon
+    planned = (
+        f" (planned: the smallest meeting client_target_epsilon {target:g} after round {fed.num_rounds}, "
+        f"{'within' if curve[-1] <= target else 'ABOVE'} it)"
+        if target is not None
+        else ""
+    )
     return "\n".join(
         [
             f"client level (DP-FedAvg on the server, protects all of one client's records together): {sampling}, "
             f"{fed.num_rounds} rounds",
             f"clip {privacy.client_clip_norm:g} per client update ({privacy.client_clipping}), noise multiplier "
-            f"{privacy.client_noise_multiplier:g} (std {std:.4g} on the mean of {per_round}), delta "
+            f"{privacy.client_noise_multiplier:.4g}{planned} (std {std:.4g} on the mean of {per_round}), delta "
             f"{privacy.client_delta:g}; adjacency: {ZERO_OUT}",
             "epsilon after each round: " + " ".join(f"{value:.3f}" for value in curve),
             "if every sampled client contributes; a round in which one sends nothing is accounted without "

@@ -39,12 +39,15 @@ Epsilon comes from Google's ``dp-accounting`` RDP accountant over these events.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
+
+from fedllm.errors import PrivacyPlanError
 
 ZERO_OUT = "zero-out one client (its update replaced by zero; the count of contributing clients is public)"
 
@@ -159,3 +162,47 @@ def planned_epsilons(
         accountant.record(ClientLevelRound(server_round, population, per_round, per_round))
         curve.append(accountant.epsilon())
     return curve
+
+
+# the noise multipliers a client-level plan may take (beyond the top, the average is noise)
+CLIENT_NOISE_RANGE = (1e-3, 1e4)
+CLIENT_TOLERANCE = 0.01  # the search stops within this much epsilon below the target
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate_client_noise(
+    *, target_epsilon: float, delta: float, population: int, per_round: int, rounds: int
+) -> float:
+    """The smallest noise multiplier ``z`` whose planned client-level epsilon after ``rounds``
+    rounds (:func:`planned_epsilons`: the server's own accountant, every sampled client
+    contributing) is at most ``target_epsilon``, found by bisection (on ``log z``) to within
+    :data:`CLIENT_TOLERANCE` below the target (epsilon falls as ``z`` grows).
+
+    Raises:
+        PrivacyPlanError: even the largest multiplier in :data:`CLIENT_NOISE_RANGE` overspends.
+    """
+
+    def final(z: float) -> float:  # the last point of planned_epsilons, without the curve before it
+        accountant = ClientLevelAccountant(
+            noise_multiplier=z, clip_norm=1.0, delta=delta, sampled_uniformly=per_round < population
+        )
+        for server_round in range(1, rounds + 1):
+            accountant.record(ClientLevelRound(server_round, population, per_round, per_round))
+        return accountant.epsilon()
+
+    low, high = CLIENT_NOISE_RANGE
+    if final(high) > target_epsilon:
+        raise PrivacyPlanError(
+            f"privacy.client_target_epsilon={target_epsilon:g} cannot be met over {rounds} rounds at client_delta "
+            f"{delta:g} with a noise multiplier up to {high:g}: raise the target or lower federation.num_rounds"
+        )
+    if final(low) <= target_epsilon:
+        return low
+    while True:  # invariant: final(low) > target >= final(high)
+        middle = (low * high) ** 0.5  # halves the ratio high / low: the range spans seven decades
+        if final(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+        if target_epsilon - final(high) <= CLIENT_TOLERANCE or high - low <= 1e-9 * high:
+            return high

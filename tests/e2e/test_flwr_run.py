@@ -55,6 +55,7 @@ def test_flwr_run_trains_the_virtual_nodes_of_the_local_simulation_federation(tm
         **os.environ,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # the README's setting: no `uv sync`
+        "FLWR_DISABLE_UPDATE_CHECK": "1",  # no request to PyPI from the test
         "PATH": f"{FLWR.parent}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superlink of this venv
         tag[0]: tag[1],
     }

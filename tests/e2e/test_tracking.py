@@ -116,6 +116,7 @@ def test_planning_notebook_runs_and_matches_fedllm_plan(tmp_path):
     assert plan and plan in text
     client_level = fedllm(["plan", "debug=smoke", "privacy=client"], cwd=tmp_path).stdout.strip()
     assert client_level.startswith("client level (DP-FedAvg") and client_level in text
+    assert "epsilon after the last round" in text  # the client-level noise planned for targets
 
 
 def test_run_analysis_notebook_reads_a_sweep(smoke_sweep):

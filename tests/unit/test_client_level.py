@@ -18,14 +18,23 @@ from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from scipy.special import ndtr
 
 from fedllm.cli.plan import plan_cli
-from fedllm.config import FederationConfig, PrivacyConfig, TrainConfig
+from fedllm.config import FederationConfig, PrivacyConfig, TrainConfig, compose_experiment
+from fedllm.errors import PrivacyPlanError
 from fedllm.federation import records as keys
 from fedllm.federation.inprocess import run_inprocess
 from fedllm.federation.protocol import TrainReport
 from fedllm.federation.rounds import LoopSettings, ReplyPolicy, run_rounds, sort_replies
 from fedllm.federation.server_app import loop_settings, prepare_run
 from fedllm.federation.strategy import build_strategy
-from fedllm.privacy.client_level import ZERO_OUT, ClientLevelAccountant, ClientLevelRound, planned_epsilons
+from fedllm.privacy import client_level
+from fedllm.privacy.client_level import (
+    CLIENT_TOLERANCE,
+    ZERO_OUT,
+    ClientLevelAccountant,
+    ClientLevelRound,
+    calibrate_client_noise,
+    planned_epsilons,
+)
 from fedllm.privacy.ledger import PrivacyLedger
 from tests.conftest import tiny_config
 from tests.flower_fakes import FakeGrid, act_as_server_process, arrays_record
@@ -377,3 +386,52 @@ def test_the_client_level_plan_is_what_the_run_then_reports(tmp_path):
     ledger = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
     plan = planned_epsilons(noise_multiplier=1.0, delta=DELTA, population=3, per_round=3, rounds=2)
     assert ledger["client_level"]["epsilon"] == plan[-1]
+
+
+def _independent_final_epsilon(z, population, per_round, rounds):
+    """The planned client-level epsilon after ``rounds``, from dp-accounting directly."""
+    expected = _gaussian_rdp_epsilon(z, rounds, DELTA)
+    if per_round < population:
+        expected = min(expected, _sampled_rdp_epsilon(z, population, per_round, rounds, DELTA))
+    return expected
+
+
+# every client every round (3 and 5 rounds); one of ten sampled, where the sampled bound decides
+@pytest.mark.parametrize(
+    "target, population, per_round, rounds, pinned",
+    [(3.0, 10, 10, 3, 1.98765), (1.0, 10, 10, 5, 6.523), (3.0, 10, 1, 5, 1.747)],
+)
+def test_the_client_noise_planned_for_a_target_meets_it_within_the_tolerance(
+    target, population, per_round, rounds, pinned
+):
+    z = calibrate_client_noise(
+        target_epsilon=target, delta=DELTA, population=population, per_round=per_round, rounds=rounds
+    )
+    assert target - CLIENT_TOLERANCE <= _independent_final_epsilon(z, population, per_round, rounds) <= target
+    assert z == pytest.approx(pinned, rel=5e-3)
+
+
+def test_a_client_level_target_no_noise_can_meet_is_refused(monkeypatch):
+    # dp-accounting's epsilon reaches 0 for very large z, so narrow the range to reach the refusal
+    monkeypatch.setattr(client_level, "CLIENT_NOISE_RANGE", (1e-3, 2.0))
+    with pytest.raises(PrivacyPlanError, match="client_target_epsilon=1 cannot be met over 6 rounds"):
+        calibrate_client_noise(target_epsilon=1.0, delta=DELTA, population=10, per_round=10, rounds=6)
+
+
+def test_the_composed_experiment_carries_the_planned_client_noise_and_the_plan_says_so(capsys):
+    overrides = ["debug=smoke", "privacy=client", "federation.num_rounds=3", "privacy.client_target_epsilon=3"]
+    cfg = compose_experiment(overrides)
+    z = cfg.privacy.client_noise_multiplier
+    assert cfg.privacy.client_target_epsilon == 3.0
+    assert 3.0 - CLIENT_TOLERANCE <= _independent_final_epsilon(z, 3, 3, 3) <= 3.0
+    # the saved / sent config keeps that noise: a node, or a resumed run, does not plan it again
+    assert type(cfg).from_json(cfg.to_json()).privacy.client_noise_multiplier == z
+    assert plan_cli(overrides) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"noise multiplier {z:.4g} (planned: the smallest meeting client_target_epsilon 3 after round 3, within it)"
+        in out
+    )
+    # sample-level runs have no client-level noise to plan: the key changes nothing there
+    sample = compose_experiment(["debug=smoke", "privacy.client_target_epsilon=3"])
+    assert sample.privacy.client_noise_multiplier == 1.0
