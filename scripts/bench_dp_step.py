@@ -23,9 +23,10 @@ Method (issue 17):
   Opacus's per-sample-gradient hooks; clipping; the noise draw from the node's stream and its
   addition; scaling and accounting; the optimizer update; zero_grad). Each timer is two
   ``perf_counter`` calls (~1 us per step in all, in both modes).
-- Memory. One fresh process per (configuration, mode) replays seed 0's batches (identical for
-  DP and non-DP); the figure is its peak resident set (VmHWM) above its level after loading
-  the model. Why RSS: on CPU torch allocates through malloc, which tracemalloc does not see,
+- Memory. Fresh processes per (configuration, mode) replay seed 0's batches (identical for
+  DP and non-DP); the figure is the median over ``--memory-repeats`` processes of the peak
+  resident set (VmHWM) above its level after loading the model (one process's peak varies by
+  ~30 MB from run to run, non-DP too). Why RSS: on CPU torch allocates through malloc, which tracemalloc does not see,
   and the RSS peak is what the machine must hold; a fresh process keeps one configuration's
   freed-but-cached memory out of the next. On a GPU the peak is CUDA memory allocated.
 
@@ -79,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--micro-batches", type=int, default=2, help="train.micro_batches")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")
+    parser.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=3,
+        help="fresh processes per (configuration, mode); the median peak is reported (one varies by ~30 MB)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/dp_step.json"))
     parser.add_argument("--device", default="cpu", help="model.device: cpu, cuda, cuda:N, auto")
     parser.add_argument("--dtype", default="fp32", help="model.dtype of the frozen base (bf16 also autocasts)")
@@ -396,7 +403,7 @@ def probe(config: str, steps: int, micro_batches: int) -> dict:
     return {"peak_mb": peak_mb() - base, "batch_sizes": sizes}
 
 
-def measure_memory(config: tuple, steps: int, micro_batches: int) -> dict | None:
+def _probe_once(config: tuple, steps: int, micro_batches: int) -> dict | None:
     placement = [f"--{key}={value}" for key, value in PLACEMENT.items()]
     result = subprocess.run(
         [
@@ -421,6 +428,15 @@ def measure_memory(config: tuple, steps: int, micro_batches: int) -> dict | None
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def measure_memory(config: tuple, steps: int, micro_batches: int, repeats: int) -> dict | None:
+    """The median peak over ``repeats`` fresh processes (all peaks kept), or None if one failed."""
+    runs = [_probe_once(config, steps, micro_batches) for _ in range(repeats)]
+    if any(run is None for run in runs):
+        return None
+    peaks = [run["peak_mb"] for run in runs]  # type: ignore[index]
+    return {"peak_mb": statistics.median(peaks), "peaks_mb": peaks, "batch_sizes": runs[0]["batch_sizes"]}  # type: ignore[index]
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 
@@ -434,7 +450,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 memory_none = (
                     None
                     if args.no_memory
-                    else measure_memory((model_name, batch, seq, "none"), args.steps, args.micro_batches)
+                    else measure_memory(
+                        (model_name, batch, seq, "none"), args.steps, args.micro_batches, args.memory_repeats
+                    )
                 )
                 for mode in dp_modes:
                     row = {"model": model_name, "batch": batch, "seq": seq, "mode": mode, "error": None}
@@ -448,9 +466,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                         rows.append(row)
                         continue
                     if memory_none is not None:
-                        memory_dp = measure_memory((model_name, batch, seq, mode), args.steps, args.micro_batches)
+                        memory_dp = measure_memory(
+                            (model_name, batch, seq, mode), args.steps, args.micro_batches, args.memory_repeats
+                        )
                         row["peak_mb_none"] = round(memory_none["peak_mb"], 1)
                         row["peak_mb_dp"] = round(memory_dp["peak_mb"], 1) if memory_dp else None
+                        row["peaks_mb_none"] = memory_none["peaks_mb"]
+                        row["peaks_mb_dp"] = memory_dp["peaks_mb"] if memory_dp else None
                         row["memory_batch_sizes"] = memory_none["batch_sizes"]
                         ok = memory_dp and memory_dp["batch_sizes"] == memory_none["batch_sizes"]
                         row["peak_mb_ratio"] = (
