@@ -46,6 +46,24 @@ def _stop(tag: tuple[str, str]) -> list[str]:
     return names
 
 
+def _engine_left(tag: tuple[str, str], wait: float = 30.0) -> list[str]:
+    """Tagged processes other than Flower's local SuperLink (and its SuperExec), after up to
+    ``wait`` seconds for them to exit: Ray's workers are reaped a moment after the run ends."""
+    deadline = time.monotonic() + wait
+    while True:
+        engine = []
+        for proc in tagged_processes(*tag):
+            try:
+                line = " ".join(proc.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if "flower-superlink" not in line and "flower-superexec" not in line:
+                engine.append(f"{proc.pid}: {line[:80]}")
+        if not engine or time.monotonic() > deadline:
+            return engine
+        time.sleep(1)
+
+
 def test_flwr_run_trains_the_virtual_nodes_of_the_local_simulation_federation(tmp_path):
     if _port_in_use(LOCAL_SUPERLINK_PORT):
         pytest.skip(f"a local SuperLink already listens on {LOCAL_SUPERLINK_PORT}; this test starts its own")
@@ -69,6 +87,7 @@ def test_flwr_run_trains_the_virtual_nodes_of_the_local_simulation_federation(tm
             text=True,
             timeout=480,
         )
+        engine = _engine_left(tag)  # the run's own processes (simulation, Ray) end with it
     finally:
         left = _stop(tag)
     output = result.stdout[-4000:] + result.stderr[-4000:]
@@ -89,6 +108,7 @@ def test_flwr_run_trains_the_virtual_nodes_of_the_local_simulation_federation(tm
         assert any((run_dir / "nodes" / client).glob("*.json*"))
     # nothing was installed: no runtime environment next to the installed app
     assert not list((tmp_path / "flwr-home").rglob("pyvenv.cfg"))
-    assert left, "the local SuperLink this run started was not found"
+    assert engine == [], f"the run's engine outlived it: {engine}"
+    assert left, "the local SuperLink this run started was not found"  # Flower keeps it for the next run
     assert not [p.pid for p in tagged_processes(*tag)], "processes outlived the test"
     assert time.monotonic() - started < 480
