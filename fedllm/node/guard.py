@@ -310,10 +310,13 @@ def _private_round(
     key = policy.state_key()  # the node's own storage key (node config encrypt-state), or None
     cache = ReplyCache(policy.state_dir, key)
     # keyed by dataset too: one state directory may hold several datasets' budgets
-    cache_key = (run_id, server_round, f"{policy.dataset_id}|{arrays_digest(request.received)}")
+    received = f"{policy.dataset_id}|{arrays_digest(request.received)}"
     # the lock covers check, training and record: a second run on this node waits, then sees this release
     with _ledger(policy, fingerprint, key).locked() as ledger:
-        if ledger.find(run_id, server_round) and (cached := cache.find(cache_key)):
+        # a reply is replayed only as the release the ledger recorded last (its number names it):
+        # one saved by a run that died before recording it was never released, nor accounted
+        replayable = (run_id, server_round, f"{received}|release {ledger.recorded}")
+        if ledger.find(run_id, server_round) and (cached := cache.find(replayable)):
             log.info(
                 "client %d round %d: resending the update already released (no new privacy cost)", node, server_round
             )
@@ -336,17 +339,6 @@ def _private_round(
         result, arrays = _train(cfg, shard, request, dp, history, _seed(cfg, policy, server_round))
         if result.history != expected:  # the ledger must hold exactly what Opacus accounted
             raise LedgerError(f"Opacus accounted {result.history}, the ledger expected {expected}")
-        # persisted before the update can leave: a crash from here on keeps the release counted
-        ledger.record(
-            Release(
-                run_id=run_id,
-                server_round=server_round,
-                noise_multiplier=dp.noise_multiplier,
-                sample_rate=rate,
-                steps=steps,
-                fingerprint=fingerprint,
-            )
-        )
         after = check_round(
             expected,
             noise_multiplier=dp.noise_multiplier,
@@ -363,7 +355,21 @@ def _private_round(
             can_continue=after.allowed,
         )
         metrics = TrainReport(node, accounting, _public(policy, shard, result)).to_metrics()
-        cache.save(cache_key, arrays, metrics)  # under the lock: the release and its reply go together
+        # the reply is saved before the release is recorded: a crash between the two leaves a reply
+        # naming a release the ledger never got (never replayed: the round is trained and counted
+        # once); the other order left a counted release without its reply, so it was counted twice
+        cache.save((run_id, server_round, f"{received}|release {ledger.recorded + 1}"), arrays, metrics)
+        # persisted before the update can leave: a crash from here on keeps the release counted
+        ledger.record(
+            Release(
+                run_id=run_id,
+                server_round=server_round,
+                noise_multiplier=dp.noise_multiplier,
+                sample_rate=rate,
+                steps=steps,
+                fingerprint=fingerprint,
+            )
+        )
     log.info(
         "client %d round %d: train loss %.4f (kept on this node), epsilon %.4f of cap %g",
         node,

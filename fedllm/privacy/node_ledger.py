@@ -152,6 +152,12 @@ class NodeLedger:
         )
         return tuple(unclaimed + same_records + self._datasets.get(self.dataset_id, []))
 
+    @property
+    def recorded(self) -> int:
+        """How many releases the file holds, every dataset's and the unclaimed format-1 ones:
+        each record adds exactly one (claiming moves releases, never adds them)."""
+        return sum(len(r) for r in self._datasets.values()) + sum(len(r) for r in self._legacy.values())
+
     @contextmanager
     def locked(self, timeout: float = LOCK_TIMEOUT_S) -> Iterator[NodeLedger]:
         """Hold this state directory's ledger lock, with the ledger re-read from disk.

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from fedllm import task
 from fedllm.config import ExperimentConfig, FederationConfig, PrivacyConfig
 from fedllm.federation import records as keys
+from fedllm.node.reply_cache import ReplyCache
 from fedllm.privacy.node_ledger import NodeLedger
 from tests.conftest import tiny_config
 from tests.node_driver import run_round, simulated_node
@@ -64,6 +66,59 @@ def test_the_node_config_cap_wins_over_the_server_target(tmp_path):
     assert (tmp_path / "own" / "privacy_ledger.json").is_file()
     lenient = simulated_node(cfg, max_epsilon=50.0, state_dir=str(tmp_path / "lenient"))
     assert run_round(cfg, "run", 1, node_config=lenient).content[keys.METRICS][keys.EPSILON_CAP] == 8.0
+
+
+class _Killed(BaseException):
+    """The node process dying at a given point (not an error any handler may catch)."""
+
+
+def _die_after(monkeypatch, owner, name: str) -> None:
+    """The next call of ``owner.name`` completes its write, then the node dies."""
+    real = getattr(owner, name)
+
+    def write_then_die(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        monkeypatch.setattr(owner, name, real)
+        raise _Killed(name)
+
+    monkeypatch.setattr(owner, name, write_then_die)
+
+
+@pytest.mark.parametrize("step", ["save", "record"])
+def test_a_node_dying_between_its_two_writes_ends_with_the_epsilon_of_an_uninterrupted_one(tmp_path, monkeypatch, step):
+    # the reply cache and the ledger are two files: whichever the node dies after, its restart
+    # must neither count round 2 twice (which cost it round 3 when the ledger came first) nor skip it
+    reference = _cfg(tmp_path / "uninterrupted", rounds=3)
+    for server_round in (1, 2, 3):
+        run_round(reference, "run", server_round)
+    cfg = _cfg(tmp_path / "killed", rounds=3)
+    run_round(cfg, "run", 1)
+    _die_after(monkeypatch, ReplyCache if step == "save" else NodeLedger, step)
+    with pytest.raises(_Killed):
+        run_round(cfg, "run", 2)
+    replies = [run_round(cfg, "run", server_round) for server_round in (2, 3)]  # restarted
+    assert [r.content[keys.METRICS][keys.REFUSED] for r in replies] == [0, 0]
+    assert dict(replies[0].content[keys.METRICS]).get(keys.REPLAYED, 0) == (step == "record")
+    assert [r.server_round for r in _ledger(cfg).releases] == [1, 2, 3]
+    assert _ledger(cfg).history() == _ledger(reference).history()
+
+
+def test_a_reply_saved_but_never_recorded_is_never_sent_unaccounted(tmp_path, monkeypatch):
+    # round 2 released; the server sends round 2 again with another global adapter, and the node
+    # dies after saving that second reply but before recording it. Asked once more, the node
+    # must not resend that reply as if round 2's recorded release covered it
+    cfg = _cfg(tmp_path, rounds=3)
+    for server_round in (1, 2):
+        run_round(cfg, "run", server_round)
+    other = {
+        name: tensor + 0.01 for name, tensor in task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter.items()
+    }
+    _die_after(monkeypatch, ReplyCache, "save")
+    with pytest.raises(_Killed):
+        run_round(cfg, "run", 2, arrays=other)
+    reply = run_round(cfg, "run", 2, arrays=other)
+    assert keys.REPLAYED not in dict(reply.content[keys.METRICS])
+    assert [r.server_round for r in _ledger(cfg).releases] == [1, 2, 2]  # what it sends is counted
 
 
 def _node_process(config: Path, run_id: str, rounds: list[int]) -> subprocess.Popen:
