@@ -311,12 +311,15 @@ def _private_round(
     cache = ReplyCache(policy.state_dir, key)
     # keyed by dataset too: one state directory may hold several datasets' budgets
     received = f"{policy.dataset_id}|{arrays_digest(request.received)}"
+
+    def reply_key(release: int) -> tuple[str, int, str]:  # the reply that the ledger's release number `release` sent
+        return (run_id, server_round, f"{received}|release {release}")
+
     # the lock covers check, training and record: a second run on this node waits, then sees this release
     with _ledger(policy, fingerprint, key).locked() as ledger:
-        # a reply is replayed only as the release the ledger recorded last (its number names it):
-        # one saved by a run that died before recording it was never released, nor accounted
-        replayable = (run_id, server_round, f"{received}|release {ledger.recorded}")
-        if ledger.find(run_id, server_round) and (cached := cache.find(replayable)):
+        # a reply is replayed only as the release the ledger recorded last: one saved by a run
+        # that died before recording it was never released, nor accounted
+        if ledger.find(run_id, server_round) and (cached := cache.find(reply_key(ledger.recorded))):
             log.info(
                 "client %d round %d: resending the update already released (no new privacy cost)", node, server_round
             )
@@ -358,7 +361,7 @@ def _private_round(
         # the reply is saved before the release is recorded: a crash between the two leaves a reply
         # naming a release the ledger never got (never replayed: the round is trained and counted
         # once); the other order left a counted release without its reply, so it was counted twice
-        cache.save((run_id, server_round, f"{received}|release {ledger.recorded + 1}"), arrays, metrics)
+        cache.save(reply_key(ledger.recorded + 1), arrays, metrics)
         # persisted before the update can leave: a crash from here on keeps the release counted
         ledger.record(
             Release(
