@@ -26,9 +26,9 @@ Method (issue 17):
 - Memory. Fresh processes per (configuration, mode) replay seed 0's batches (identical for
   DP and non-DP); the figure is the median over ``--memory-repeats`` processes of the peak
   resident set (VmHWM) above its level after loading the model (one process's peak varies by
-  ~30 MB from run to run, non-DP too). Why RSS: on CPU torch allocates through malloc, which tracemalloc does not see,
-  and the RSS peak is what the machine must hold; a fresh process keeps one configuration's
-  freed-but-cached memory out of the next. On a GPU the peak is CUDA memory allocated.
+  ~30 MB from run to run, non-DP too). Why RSS: on CPU torch allocates through malloc, which
+  tracemalloc does not see, and the RSS peak is what the machine must hold; a fresh process
+  keeps one configuration's freed-but-cached memory out of the next. On a GPU the peak is CUDA memory allocated.
 
 Prints two tables (time and memory; the breakdown of the DP extra) and writes JSON.
 """
@@ -430,11 +430,14 @@ def _probe_once(config: tuple, steps: int, micro_batches: int) -> dict | None:
 
 def measure_memory(config: tuple, steps: int, micro_batches: int, repeats: int) -> dict | None:
     """The median peak over ``repeats`` fresh processes (all peaks kept), or None if one failed."""
-    runs = [_probe_once(config, steps, micro_batches) for _ in range(repeats)]
-    if any(run is None for run in runs):
-        return None
-    peaks = [run["peak_mb"] for run in runs]  # type: ignore[index]
-    return {"peak_mb": statistics.median(peaks), "peaks_mb": peaks, "batch_sizes": runs[0]["batch_sizes"]}  # type: ignore[index]
+    runs = []
+    for _ in range(repeats):
+        run = _probe_once(config, steps, micro_batches)
+        if run is None:
+            return None  # the rest would fail alike: no more processes spent on it
+        runs.append(run)
+    peaks = [run["peak_mb"] for run in runs]
+    return {"peak_mb": statistics.median(peaks), "peaks_mb": peaks, "batch_sizes": runs[0]["batch_sizes"]}
 
 
 # ---- the run ---------------------------------------------------------------------------------
