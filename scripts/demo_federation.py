@@ -223,6 +223,8 @@ def node_config(index: int, data: Path, state: Path, cap: str) -> str:
             f'state-dir="{state}"',
             f"max-epsilon={float(cap or 8)}",
             "delta=1e-5",
+            # the demo's default run is the smoke (the random tiny model), which no node allows unless it says so
+            "allowed-models=embedded,tiny",
         ]
     )
 

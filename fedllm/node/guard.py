@@ -48,11 +48,13 @@ from fedllm.node.policy import (
     BUDGET,
     DATA,
     DECLINED,
+    ERROR,
     POLICY,
     NodePolicy,
     PolicyViolation,
     check_request,
 )
+from fedllm.node.received import ReceivedAdapterError, check_received_adapter
 from fedllm.node.reply_cache import ReplyCache, arrays_digest
 from fedllm.planning import plan_for
 from fedllm.privacy.accounting import History, extend_history
@@ -119,6 +121,13 @@ class _Prepared:
 def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
     """Decide and carry out one round on this node (see the module docstring)."""
     node, server_round = policy.partition_id, request.server_round
+    try:  # before anything reads the node's data: the refusal depends on the tensors and the node config only
+        check_received_adapter(request.received, max_abs=policy.max_adapter_abs, max_norm=policy.max_adapter_norm)
+    except ReceivedAdapterError as exc:
+        log.warning(
+            "client %d: refusing round %d (policy): the global adapter %s", node, server_round, escape_remote_text(exc)
+        )
+        return Refusal(node, POLICY, cap=policy.max_epsilon)
     prepared = _prepare(policy, request.cfg, f"round {server_round}")
     if isinstance(prepared, Refusal):
         return prepared
@@ -342,6 +351,14 @@ def _private_round(
         result, arrays = _train(cfg, shard, request, dp, history, _seed(cfg, policy, server_round))
         if result.history != expected:  # the ledger must hold exactly what Opacus accounted
             raise LedgerError(f"Opacus accounted {result.history}, the ledger expected {expected}")
+        if result.nonfinite:  # counted on the node only: which records, and how many, is nobody else's business
+            log.warning(
+                "client %d round %d: %d per-sample gradient(s) held inf or NaN and were zeroed before clipping "
+                "(they contributed nothing; a crafted global adapter can cause this)",
+                node,
+                server_round,
+                result.nonfinite,
+            )
         after = check_round(
             expected,
             noise_multiplier=dp.noise_multiplier,
@@ -358,10 +375,12 @@ def _private_round(
             can_continue=after.allowed,
         )
         metrics = TrainReport(node, accounting, _public(policy, shard, result)).to_metrics()
-        # the reply is saved before the release is recorded: a crash between the two leaves a reply
-        # naming a release the ledger never got (never replayed: the round is trained and counted
-        # once); the other order left a counted release without its reply, so it was counted twice
-        cache.save(reply_key(ledger.recorded + 1), arrays, metrics)
+        finite = all_finite(arrays)
+        if finite:
+            # the reply is saved before the release is recorded: a crash between the two leaves a reply
+            # naming a release the ledger never got (never replayed: the round is trained and counted
+            # once); the other order left a counted release without its reply, so it was counted twice
+            cache.save(reply_key(ledger.recorded + 1), arrays, metrics)
         # persisted before the update can leave: a crash from here on keeps the release counted
         ledger.record(
             Release(
@@ -373,6 +392,19 @@ def _private_round(
                 fingerprint=fingerprint,
             )
         )
+    if not finite:
+        # Never sent. The update is a function of the received adapter, the run's public settings and
+        # the noised gradient sums (each clipped per record, non-finite per-sample gradients zeroed),
+        # so whether it is finite is post-processing of the DP output this release recorded: the
+        # 'error' cannot tell more about a record than the update itself would have.
+        log.error(
+            "client %d round %d: the update is not finite (the server's adapter or learning rate?); "
+            "its release is recorded (epsilon %.4f) and the server is told only 'error'",
+            node,
+            server_round,
+            after.spent,
+        )
+        return Refusal(node, ERROR, cap=budget.max_epsilon, spent=after.spent, delta=budget.delta, history=expected)
     log.info(
         "client %d round %d: train loss %.4f (kept on this node), epsilon %.4f of cap %g",
         node,
@@ -382,6 +414,11 @@ def _private_round(
         budget.max_epsilon,
     )
     return Update(arrays=arrays, metrics=metrics)
+
+
+def all_finite(arrays: dict[str, torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in arrays.values())
 
 
 def _seed(cfg: ExperimentConfig, policy: NodePolicy, server_round: int) -> int | None:

@@ -44,6 +44,7 @@ from fedllm.data.sources import (
     DuplicatePolicy,
 )
 from fedllm.errors import ConfigError
+from fedllm.node.received import DEFAULT_MAX_ABS, DEFAULT_MAX_NORM
 from fedllm.storage import load_key
 
 # node_config keys an operator may set (``flower-supernode --node-config``)
@@ -71,6 +72,9 @@ MAX_ROUNDS = "max-rounds"
 MAX_LOCAL_STEPS = "max-local-steps"
 MAX_BATCH_SIZE = "max-batch-size"
 MAX_LENGTH = "max-length"
+# bounds on the global adapter the server sends (fedllm.node.received): entries and L2 norm
+MAX_ADAPTER_ABS = "max-adapter-abs"
+MAX_ADAPTER_NORM = "max-adapter-norm"
 ANSWER_PREFLIGHT = "answer-preflight"  # false: decline every pre-flight (it costs the node no budget)
 SIMULATED = "simulated"
 NOISE = "noise"  # simulated nodes only: "seeded" lets the researcher's run reproduce its noise
@@ -106,6 +110,8 @@ KNOWN_KEYS = (
     MAX_LOCAL_STEPS,
     MAX_BATCH_SIZE,
     MAX_LENGTH,
+    MAX_ADAPTER_ABS,
+    MAX_ADAPTER_NORM,
     ANSWER_PREFLIGHT,
     SIMULATED,
     NOISE,
@@ -114,7 +120,10 @@ KNOWN_KEYS = (
     STATE_KEY_FILE,
     STATE_KEY_ENV,
 )
-DEFAULT_ALLOWED_MODELS = ("embedded", "tiny")  # the packaged SmolLM2 and the random test model
+# the packaged SmolLM2 only: the random test model (``tiny``) has weights that follow from the
+# coordinator's seed, so a coordinator could craft adapters against it (issue 23); a node that wants
+# it for a smoke test names it in its own allowed-models
+DEFAULT_ALLOWED_MODELS = ("embedded",)
 # Defaults of the bounds above: far beyond any useful run (the default runs 3 rounds of 5 steps of
 # 16 records of 96 tokens) yet small enough that planning the largest run allowed takes a node
 # minutes, not hours, and no memory it does not have for the accountant.
@@ -164,6 +173,8 @@ class NodePolicy:
     max_local_steps: int = DEFAULT_MAX_LOCAL_STEPS
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_length: int = DEFAULT_MAX_LENGTH
+    max_adapter_abs: float = DEFAULT_MAX_ABS
+    max_adapter_norm: float = DEFAULT_MAX_NORM
     answer_preflight: bool = True
     simulated: bool = False
     seeded_noise: bool = False  # simulation only: the researcher chose reproducible noise
@@ -190,6 +201,9 @@ class NodePolicy:
         ):
             if bound < 1:
                 raise ConfigError(f"node config {key}: must be a positive whole number, got {bound}")
+        for key, value in ((MAX_ADAPTER_ABS, self.max_adapter_abs), (MAX_ADAPTER_NORM, self.max_adapter_norm)):
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"node config {key}: must be a positive number, got {value}")
         _choice(self.duplicates, DUPLICATES, DUPLICATE_POLICIES)
         if self.data_path is None and not self.simulated:
             raise ConfigError(f"node config {DATA_PATH}: required: the node's own training file (JSONL or CSV)")
@@ -252,6 +266,10 @@ def _number(node_config: Mapping, key: str, example: str) -> float:
         raise ConfigError(f"node config {key}: expected a number, got {value!r}") from exc
 
 
+def _optional_number(node_config: Mapping, key: str, default: float) -> float:
+    return _number(node_config, key, str(default)) if key in node_config else default
+
+
 def _integer(node_config: Mapping, key: str, default: int) -> int:
     value = node_config.get(key, default)
     if isinstance(value, bool) or not (isinstance(value, int) or str(value).strip().isdigit()):
@@ -306,6 +324,8 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         max_local_steps=_integer(node_config, MAX_LOCAL_STEPS, DEFAULT_MAX_LOCAL_STEPS),
         max_batch_size=_integer(node_config, MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_SIZE),
         max_length=_integer(node_config, MAX_LENGTH, DEFAULT_MAX_LENGTH),
+        max_adapter_abs=_optional_number(node_config, MAX_ADAPTER_ABS, DEFAULT_MAX_ABS),
+        max_adapter_norm=_optional_number(node_config, MAX_ADAPTER_NORM, DEFAULT_MAX_NORM),
         answer_preflight=_flag(node_config.get(ANSWER_PREFLIGHT, True), ANSWER_PREFLIGHT),
         simulated=simulated,
         seeded_noise=_noise_is_seeded(node_config.get(NOISE, "secure")),

@@ -101,6 +101,7 @@ class DPRound:
     hooks: AbstractGradSampleHooks | LoraGradSampler
     optimizer: NodeNoiseDPOptimizer
     loader: DataLoader
+    nonfinite: int = 0  # per-sample gradients zeroed this round for holding inf or NaN (the node's log only)
 
     def history(self) -> History:
         """The accountant's full history, including the steps just taken."""
@@ -114,22 +115,59 @@ class DPRound:
         self.optimizer.zero_grad(set_to_none=True)
 
     def fp32_grad_samples(self) -> None:
-        """Per-sample gradients in fp32 before Opacus clips them.
+        """Per-sample gradients in fp32, with every non-finite one zeroed, before Opacus clips them.
 
         Under bf16 autocast Opacus computes them in bf16, and a norm taken in bf16 can be ~0.4%
         low: the clipped gradient could then exceed ``max_grad_norm``, the sensitivity the
         accountant assumes. In fp32 the clipping bound holds for the values that were computed.
+
+        A record whose gradient holds an inf or NaN in any adapter tensor (a crafted global
+        adapter can overflow on one token: issue 23) gets a zero gradient in every tensor: it then
+        contributes nothing to the sum, so the sum's sensitivity stays ``max_grad_norm``, while
+        clipping would have let the NaN through (``inf * 0``) and made the whole update a
+        membership oracle. Each row's gradient depends on that row alone, so which rows are
+        zeroed depends on each record alone. The count stays on the node (:attr:`nonfinite`).
         """
+        passes: dict[int, list[torch.Tensor]] = {}  # backward pass -> its per-sample gradients, one per parameter
         for param in self.optimizer.params:
             samples = getattr(param, "grad_sample", None)
             if isinstance(samples, list):
                 param.grad_sample = [s.float() for s in samples]
-            elif samples is not None and samples.dtype != torch.float32:
-                param.grad_sample = samples.float()
+                for index, tensor in enumerate(param.grad_sample):
+                    passes.setdefault(index, []).append(tensor)
+            elif samples is not None:
+                if samples.dtype != torch.float32:
+                    param.grad_sample = samples.float()
+                passes.setdefault(0, []).append(param.grad_sample)
+        self.nonfinite += sum(zero_nonfinite_rows(tensors) for tensors in passes.values())
 
     def close(self) -> None:
         """Remove Opacus hooks and per-sample gradient attributes from the model."""
         self.hooks.cleanup()
+
+
+def zero_nonfinite_rows(samples: list[torch.Tensor]) -> int:
+    """Zero, in place and in every tensor, each row (sample) that is non-finite in any of them.
+
+    Args:
+        samples: one backward pass's per-sample gradients, one tensor per parameter, each with
+            the batch as its first dimension.
+
+    Returns:
+        How many rows were zeroed.
+    """
+    if not samples:
+        return 0
+    rows = samples[0].shape[0]
+    finite = torch.ones(rows, dtype=torch.bool, device=samples[0].device)
+    for tensor in samples:
+        finite &= torch.isfinite(tensor).reshape(rows, -1).all(dim=1)
+    bad = ~finite
+    if not bool(bad.any()):
+        return 0
+    for tensor in samples:
+        tensor[bad] = 0
+    return int(bad.sum())
 
 
 def poisson_loader(dataset: Dataset, batch_size: int, collate: Callable, randomness: DPRandomness) -> DataLoader:

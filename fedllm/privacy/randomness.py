@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,7 @@ class DPRandomness:
     sampling: np.random.Generator
     noise: np.random.Generator
     seeded: bool
+    dropout: np.random.Generator | None = None  # seeds torch's own generator for the round (:func:`node_dropout`)
 
 
 def dp_randomness(seed: int | None = None) -> DPRandomness:
@@ -73,12 +75,32 @@ def dp_randomness(seed: int | None = None) -> DPRandomness:
         entropy = seed
     else:
         raise ConfigError(f"a seeded DP stream needs a non-negative int seed, got {seed!r}")
-    sampling, noise = np.random.SeedSequence(entropy).spawn(2)
+    # spawn(3)'s first two children are spawn(2)'s: seeded runs draw the same batches and noise as before
+    sampling, noise, dropout = np.random.SeedSequence(entropy).spawn(3)
     return DPRandomness(
         sampling=np.random.Generator(np.random.Philox(sampling)),
         noise=np.random.Generator(np.random.Philox(noise)),
         seeded=seed is not None,
+        dropout=np.random.Generator(np.random.Philox(dropout)),
     )
+
+
+@contextmanager
+def node_dropout(randomness: DPRandomness) -> Iterator[None]:
+    """Within the block, torch's global generators (CPU and CUDA: dropout masks, ``lora.dropout``
+    included) are seeded from the round's own dropout stream, and restored afterwards.
+
+    Why: dropout draws from torch's global generator, whose state follows the process's public
+    seed (``torch.manual_seed(cfg.seed)`` when the model is built), so the coordinator that sent the
+    seed could predict every mask. From the node's stream, nobody else can.
+    """
+    if randomness.dropout is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(randomness.dropout.integers(2**63)))
+        yield
 
 
 def torch_generator(rng: np.random.Generator) -> torch.Generator:

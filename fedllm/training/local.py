@@ -15,7 +15,7 @@ from fedllm.config import AccountantName, GradSampleMode, Objective, OptimizerNa
 from fedllm.model.device import model_device, to_device
 from fedllm.privacy import dpsgd
 from fedllm.privacy.accounting import History
-from fedllm.privacy.randomness import dp_randomness, torch_generator
+from fedllm.privacy.randomness import dp_randomness, node_dropout, torch_generator
 from fedllm.training.objectives import per_example_loss
 from fedllm.training.precision import autocast
 
@@ -72,6 +72,7 @@ class LocalResult:
     examples_seen: int
     seconds: float
     history: History
+    nonfinite: int = 0  # per-sample gradients zeroed for holding inf or NaN (DP only; never sent)
 
 
 def train_local(
@@ -129,7 +130,8 @@ def train_local(
         )
         optimizer, loader = session.optimizer, session.loader
     try:
-        losses, seen = _run_steps(model, optimizer, loader, spec, choice_ids, session, override)
+        with node_dropout(randomness):
+            losses, seen = _run_steps(model, optimizer, loader, spec, choice_ids, session, override)
         new_history = session.history() if session else list(history or [])
     finally:
         optimizer.zero_grad(set_to_none=True)
@@ -142,6 +144,7 @@ def train_local(
         examples_seen=seen,
         seconds=time.perf_counter() - started,
         history=new_history,
+        nonfinite=session.nonfinite if session else 0,
     )
 
 

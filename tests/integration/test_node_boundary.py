@@ -123,6 +123,7 @@ def _deployed(tmp_path: Path, **extra) -> dict:
         "data-path": str(_records_file(tmp_path / "node-data.jsonl")),
         "max-epsilon": 7.0,
         "delta": 1e-5,
+        "allowed-models": "tiny",  # these tests' runs use the random test model
     }
     config.update({k.replace("_", "-"): v for k, v in extra.items()})
     return config

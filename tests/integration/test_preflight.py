@@ -299,6 +299,7 @@ def _deployed(tmp_path: Path, **extra) -> dict:
         "data-path": str(_records(tmp_path / "node-data.jsonl")),
         "max-epsilon": 4.0,
         "delta": 1e-5,
+        "allowed-models": "tiny",  # these tests' runs use the random test model
     }
     return {**config, **{k.replace("_", "-"): v for k, v in extra.items()}}
 

@@ -21,7 +21,7 @@ from fedllm.errors import ConfigError, PrivacyPlanError
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.privacy.calibration import sample_rate_for
 from fedllm.privacy.dpsgd import poisson_loader, start_round
-from fedllm.privacy.randomness import GaussianNoise, PoissonBatchSampler, dp_randomness
+from fedllm.privacy.randomness import GaussianNoise, PoissonBatchSampler, dp_randomness, node_dropout
 from fedllm.training.local import DPSpec, LocalSpec, train_local
 from tests.training_data import FMT, choice_ids, easy_records
 
@@ -298,3 +298,37 @@ def test_the_dp_step_adds_the_node_noise_scaled_by_the_expected_batch_size(bundl
     for param, old in zip(params, before, strict=True):
         expected = old - lr * twin.like(old, z * clip) / 16
         torch.testing.assert_close(param.detach(), expected)
+
+
+# ---- dropout (lora.dropout, set by the coordinator) from the node's own stream ----------------------------
+
+
+def _dropout_mask(randomness, public_seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(public_seed)  # what building the model from the coordinator's seed does
+    with node_dropout(randomness):
+        return torch.nn.functional.dropout(torch.ones(256), p=0.5, training=True)
+
+
+def test_dropout_masks_come_from_the_round_stream_not_the_public_seed():
+    fresh = [_dropout_mask(dp_randomness()) for _ in range(2)]
+    assert not torch.equal(fresh[0], fresh[1])  # OS entropy: 2**-256 odds of equal masks
+    torch.manual_seed(0)
+    public = torch.nn.functional.dropout(torch.ones(256), p=0.5, training=True)
+    assert not torch.equal(fresh[0], public)  # whoever knows the seed cannot predict the mask
+    assert torch.equal(_dropout_mask(dp_randomness(7)), _dropout_mask(dp_randomness(7), public_seed=99))
+
+
+def test_node_dropout_leaves_torchs_global_generator_as_it_was():
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    with node_dropout(dp_randomness()):
+        torch.rand(100)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_third_stream_leaves_seeded_batches_and_noise_as_they_were():
+    sampling, noise = np.random.SeedSequence(11).spawn(2)
+    streams = dp_randomness(11)
+    assert streams.sampling.random() == np.random.Generator(np.random.Philox(sampling)).random()
+    assert streams.noise.random() == np.random.Generator(np.random.Philox(noise)).random()
