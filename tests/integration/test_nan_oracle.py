@@ -26,10 +26,18 @@ TARGET_WORD = "zygomorphic"
 LAX = {"max-adapter-abs": 1e30, "max-adapter-norm": 1e30}  # an operator who raised the bounds far
 
 
-def _cfg(**train):
+# the random test model (hidden size above the records' vocabulary, so the coordinator can aim at one
+# token exactly), and the default model (SmolLM2-135M, hidden size 576)
+MODELS = {
+    "tiny": ModelConfig(source="tiny", hidden_size=256, num_layers=2, num_heads=4, intermediate_size=128),
+    "embedded": ModelConfig(),
+}
+MODEL_PARAMS = [pytest.param("tiny"), pytest.param("embedded", marks=pytest.mark.slow)]
+
+
+def _cfg(model: str = "tiny", **train):
     return tiny_config(
-        # hidden size above the records' vocabulary: the coordinator can then aim at one token exactly
-        model=ModelConfig(source="tiny", hidden_size=256, num_layers=2, num_heads=4, intermediate_size=128),
+        model=MODELS[model],
         # fp32 (the coordinator picks it); with D (25 records) each step samples the target with probability 1/2
         train=TrainConfig(local_steps=8, batch_size=RECORDS, precision="fp32", **train),
         privacy=PrivacyConfig(noise_multiplier=50.0),
@@ -61,7 +69,7 @@ def _node(tmp_path: Path, with_target: bool, **extra) -> dict:
         "data-path": str(_write(tmp_path / f"data-{name}.jsonl", with_target)),
         "max-epsilon": 1000.0,
         "delta": 1e-5,
-        "allowed-models": "tiny",
+        "allowed-models": "tiny,embedded",
         **extra,
     }
 
@@ -85,9 +93,10 @@ def _losses(cfg, adapter, shard) -> torch.Tensor:
         return per_example_loss(model, batch, "choices", task.choice_ids_for(cfg))
 
 
-def test_the_crafted_adapter_makes_only_the_target_record_nan(tmp_path):
+@pytest.mark.parametrize("model", MODEL_PARAMS)
+def test_the_crafted_adapter_makes_only_the_target_record_nan(tmp_path, model):
     """The attack is real: without the node's defences one record decides whether the update is NaN."""
-    cfg = _cfg()
+    cfg = _cfg(model)
     adapter, _ = _crafted(tmp_path, cfg)
     shard, _ = task.node_shard(cfg, 0, _node(tmp_path, with_target=True)["data-path"], "auto")
     losses = _losses(cfg, adapter, shard)
@@ -101,8 +110,9 @@ def _round(cfg, node: dict, adapter: dict, server_round: int):
     return app(train_message(cfg, "oracle", server_round, adapter), node_context(node))
 
 
-def test_a_node_refuses_the_crafted_adapter_before_reading_its_data(tmp_path):
-    cfg = _cfg()
+@pytest.mark.parametrize("model", MODEL_PARAMS)
+def test_a_node_refuses_the_crafted_adapter_before_reading_its_data(tmp_path, model):
+    cfg = _cfg(model)
     adapter, _ = _crafted(tmp_path, cfg)
     for with_target in (True, False):
         node = _node(tmp_path, with_target)
@@ -127,10 +137,11 @@ def test_a_non_finite_or_out_of_bounds_adapter_is_refused(tmp_path, bad):
     assert reply.content[keys.STATUS][keys.CATEGORY] == "policy"
 
 
-def test_a_node_with_raised_bounds_sends_a_finite_update_with_or_without_the_record(tmp_path, caplog):
+@pytest.mark.parametrize("model", MODEL_PARAMS)
+def test_a_node_with_raised_bounds_sends_a_finite_update_with_or_without_the_record(tmp_path, caplog, model):
     """Past the bounds, the target record's NaN gradient is zeroed before clipping: D and D' both
     give finite updates, and only the node's own log counts the zeroed gradients."""
-    cfg = _cfg()
+    cfg = _cfg(model)
     adapter, _ = _crafted(tmp_path, cfg)
     zeroed = {}
     for with_target in (True, False):
