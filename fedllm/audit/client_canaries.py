@@ -24,8 +24,9 @@ from fedllm import task
 from fedllm.audit.canaries import Canary, CanaryDesign
 from fedllm.config import ExperimentConfig
 from fedllm.federation import records as keys
-from fedllm.federation.protocol import PreflightAnswer, TrainReport, preflight_reply, update_reply
+from fedllm.federation.protocol import preflight_reply, update_reply
 from fedllm.node.policy import DATA_FORMAT, DATA_PATH, DATASET_ID
+from fedllm.node.release import PreflightAnswer, TrainReport
 
 
 def with_canary_clients(cfg: ExperimentConfig, count: int) -> ExperimentConfig:

@@ -14,16 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from fedllm.audit.canaries import CanaryDesign
 from fedllm.data.formatting import TokenizedDataset
 from fedllm.data.sources import Record
+from fedllm.node.extension import SizedDataset
 
 NOT_A_CANARY = -1
 
 
-class CanaryShard(Dataset):
+class CanaryShard(SizedDataset):
     """The node's shard followed by its canary records; items carry a fourth field, the canary
     index (:data:`NOT_A_CANARY` for the node's own records)."""
 
@@ -131,3 +131,27 @@ def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The trainable adapter parameters by the names the adapter state (and the wire) uses."""
     suffix = f".{model.active_adapter}"
     return {name.replace(suffix, ""): p for name, p in model.named_parameters() if p.requires_grad}
+
+
+class CanaryExtension:
+    """A simulated node's canaries as the node's :class:`~fedllm.node.extension.ShardExtension`."""
+
+    def __init__(self, design: CanaryDesign):
+        self.design = design
+
+    def extend(self, shard: TokenizedDataset, tokenize: Callable[[list[Record]], TokenizedDataset]) -> CanaryShard:
+        """The shard followed by this node's canaries."""
+        return CanaryShard(shard, canary_items(self.design, shard, tokenize), self.design)
+
+    def collate(self, collate: Callable) -> Callable:
+        """``collate`` with the canary index column."""
+        return with_canary_column(collate)
+
+    def override(self, model: torch.nn.Module) -> GradientCanaries | None:
+        """Gradient canaries' designed per-sample gradients (None for record canaries)."""
+        return GradientCanaries(self.design, adapter_parameters(model)) if self.design.kind == "gradient" else None
+
+
+def node_extension(canary_file: str | None) -> CanaryExtension | None:
+    """The extension a virtual node's ``audit-canaries`` file names (None: the node has none)."""
+    return CanaryExtension(load_node_canaries(canary_file)) if canary_file else None

@@ -21,16 +21,18 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedllm.audit.injection import node_extension
 from fedllm.config import ExperimentConfig
 from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import PREFLIGHT, audit_round
 from fedllm.federation.flower_runtime import is_flower_virtual_node, virtual_node_policy
-from fedllm.federation.protocol import Refusal, preflight_reply, refusal_reply, update_reply
+from fedllm.federation.protocol import preflight_reply, refusal_reply, update_reply
 from fedllm.library_noise import quiet_libraries
 from fedllm.model.device import usable_cpus
 from fedllm.node.guard import PreflightRequest, RoundRequest, answer_preflight, answer_round
 from fedllm.node.policy import ERROR, SIMULATED_NODES_ENV, NodePolicy, node_policy
+from fedllm.node.release import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,9 @@ def train(msg: Message, context: Context) -> Message:
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"the server's train message is malformed: {exc}") from exc
     torch.set_num_threads(min(request.cfg.train.threads_per_client, usable_cpus()))
-    answer = _answered(policy, f"round {server_round}", lambda: answer_round(policy, request))
+    answer = _answered(
+        policy, f"round {server_round}", lambda: answer_round(policy, request, node_extension(policy.audit_canaries))
+    )
     if isinstance(answer, Refusal):
         reply = refusal_reply(msg, answer)
     else:
@@ -166,7 +170,9 @@ def query(msg: Message, context: Context) -> Message:
     cfg, run_id, first_round = _task(msg, "query")
     policy = _node(context, cfg)
     request = PreflightRequest(cfg=cfg, run_id=run_id, first_round=first_round)
-    answer = _answered(policy, "the pre-flight", lambda: answer_preflight(policy, request))
+    answer = _answered(
+        policy, "the pre-flight", lambda: answer_preflight(policy, request, node_extension(policy.audit_canaries))
+    )
     reply = preflight_reply(msg, answer)
     audit_round(policy.state_dir, msg.content[keys.CONFIG], reply.content, kind=PREFLIGHT)
     return reply

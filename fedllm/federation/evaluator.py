@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord
 from fedllm import task
 from fedllm.config import ExperimentConfig
 from fedllm.evaluation.metrics import EvalResult, evaluate
-from fedllm.federation.protocol import TrainReport
 from fedllm.federation.rounds import RoundReplies
+from fedllm.node.release import TrainReport
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.tracking.run_files import RoundRecord, finite_or_none
 from fedllm.tracking.run_log import RunLog

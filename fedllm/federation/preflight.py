@@ -27,7 +27,7 @@ types, ranges, consistency with the rounds asked about, the node's claimed ident
 malformed answer is rejected, counted and logged, never used and never fatal.
 
 Privacy boundary: the answer reveals nothing that the node's train replies and refusals
-(:class:`~fedllm.federation.protocol.Accounting`, :class:`~fedllm.federation.protocol.Refusal`)
+(:class:`~fedllm.node.release.Accounting`, :class:`~fedllm.node.release.Refusal`)
 do not already send about these rounds. Its cap, delta and spent epsilon are in every train
 reply and budget refusal; rounds-affordable and the epsilon after them are a function of the
 node's DP history (sent whole in every train reply and budget refusal), this run's plan (public),
@@ -50,11 +50,12 @@ from flwr.serverapp import Grid
 from fedllm.config import ExperimentConfig
 from fedllm.errors import UpdateRejected
 from fedllm.federation import records as keys
-from fedllm.federation.protocol import PreflightAnswer, Refusal, parse_preflight
+from fedllm.federation.protocol import parse_preflight
 from fedllm.federation.remote_text import escape_remote_text
 from fedllm.federation.rounds import _check_identity
 from fedllm.federation.strategy import connected_nodes
 from fedllm.node.policy import DECLINED
+from fedllm.node.release import PreflightAnswer, Refusal
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ TASK_CONFIG = "task-config"
 RUN_ID = "run-id"
 SERVER_ROUND = "server-round"  # set by Flower's strategies; in a pre-flight query, the first round still to play
 
-# MetricRecord keys (client -> server); the format is owned by fedllm.federation.protocol
+# MetricRecord keys (client -> server): the releases are fedllm.node.release, their codec fedllm.federation.protocol
 PARTITION_ID = "partition-id"
 # sent only when the node's config declares them public (no DP covers them)
 NUM_EXAMPLES = "num-examples"

@@ -33,9 +33,10 @@ from flwr.serverapp.strategy import Strategy
 from fedllm.config import AccountantName
 from fedllm.errors import UpdateRejected
 from fedllm.federation import records as keys
-from fedllm.federation.protocol import Refusal, TrainReport, parse_reply
+from fedllm.federation.protocol import parse_reply
 from fedllm.federation.remote_text import escape_remote_text
 from fedllm.federation.validation import MechanismCheck, expected_update, norm_outliers, update_norm
+from fedllm.node.release import Refusal, TrainReport
 from fedllm.privacy.accounting import epsilon
 from fedllm.privacy.client_level import ClientLevelRound
 from fedllm.privacy.ledger import PrivacyLedger

@@ -29,22 +29,15 @@ from typing import TypeAlias
 import torch
 
 from fedllm import task
-from fedllm.audit.injection import (
-    CanaryShard,
-    GradientCanaries,
-    adapter_parameters,
-    canary_items,
-    load_node_canaries,
-    with_canary_column,
-)
 from fedllm.config import ExperimentConfig
 from fedllm.data.formatting import TokenizedDataset, make_collate
 from fedllm.errors import ConfigError, DataError, LedgerError, PrivacyPlanError
-from fedllm.federation.protocol import Accounting, PreflightAnswer, PublicStats, Refusal, TrainReport
 from fedllm.federation.remote_text import escape_remote_text
 from fedllm.model.adapters import adapter_state
+from fedllm.node.extension import ShardExtension, SizedDataset
 from fedllm.node.policy import (
     ANSWER_PREFLIGHT,
+    AUDIT_CANARIES,
     BUDGET,
     DATA,
     DECLINED,
@@ -55,6 +48,7 @@ from fedllm.node.policy import (
     check_request,
 )
 from fedllm.node.received import ReceivedAdapterError, check_received_adapter
+from fedllm.node.release import Accounting, PreflightAnswer, PublicStats, Refusal, TrainReport
 from fedllm.node.reply_cache import ReplyCache, arrays_digest
 from fedllm.planning import plan_for
 from fedllm.privacy.accounting import History, extend_history
@@ -113,13 +107,16 @@ class _Prepared:
     """What a round needs before it looks at the ledger: the node's view of the task, its shard and plan."""
 
     cfg: ExperimentConfig  # the server's config with the node's own data rules
-    shard: TokenizedDataset | CanaryShard
+    shard: TokenizedDataset | SizedDataset  # the node's own, or a simulation driver's extension of it
     fingerprint: str
     plan: DPPlan | None  # None: the run trains without DP-SGD (the node's policy allows it)
 
 
-def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
-    """Decide and carry out one round on this node (see the module docstring)."""
+def answer_round(policy: NodePolicy, request: RoundRequest, extension: ShardExtension | None = None) -> Answer:
+    """Decide and carry out one round on this node (see the module docstring).
+
+    ``extension``: a simulated node's extra records (``fedllm audit``'s canaries), or None.
+    """
     node, server_round = policy.partition_id, request.server_round
     try:  # before anything reads the node's data: the refusal depends on the tensors and the node config only
         check_received_adapter(request.received, max_abs=policy.max_adapter_abs, max_norm=policy.max_adapter_norm)
@@ -128,17 +125,19 @@ def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
             "client %d: refusing round %d (policy): the global adapter %s", node, server_round, escape_remote_text(exc)
         )
         return Refusal(node, POLICY, cap=policy.max_epsilon)
-    prepared = _prepare(policy, request.cfg, f"round {server_round}")
+    prepared = _prepare(policy, request.cfg, f"round {server_round}", extension)
     if isinstance(prepared, Refusal):
         return prepared
     cfg, shard = prepared.cfg, prepared.shard
     if prepared.plan is None:
-        result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round))
+        result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round), extension)
         return Update(arrays=arrays, metrics=TrainReport(node, None, _public(policy, shard, result)).to_metrics())
-    return _private_round(policy, cfg, request, (shard, prepared.fingerprint), prepared.plan)
+    return _private_round(policy, cfg, request, (shard, prepared.fingerprint, extension), prepared.plan)
 
 
-def answer_preflight(policy: NodePolicy, request: PreflightRequest) -> PreflightAnswer | Refusal:
+def answer_preflight(
+    policy: NodePolicy, request: PreflightRequest, extension: ShardExtension | None = None
+) -> PreflightAnswer | Refusal:
     """How many of the rounds still planned (``first_round`` to ``federation.num_rounds``) this
     node can join within its own cap, decided as :func:`answer_round` decides each round.
 
@@ -161,7 +160,7 @@ def answer_preflight(policy: NodePolicy, request: PreflightRequest) -> Preflight
             "client %d: declining the pre-flight of run %s (%s=false in its node config)", node, run, ANSWER_PREFLIGHT
         )
         return Refusal(node, DECLINED)
-    prepared = _prepare(policy, request.cfg, f"the pre-flight of run {run}")
+    prepared = _prepare(policy, request.cfg, f"the pre-flight of run {run}", extension)
     if isinstance(prepared, Refusal):
         return prepared
     planned = prepared.cfg.federation.num_rounds - first + 1
@@ -242,7 +241,9 @@ def affordable_rounds(
     return low, decide(low)
 
 
-def _prepare(policy: NodePolicy, server_cfg: ExperimentConfig, what: str) -> _Prepared | Refusal:
+def _prepare(
+    policy: NodePolicy, server_cfg: ExperimentConfig, what: str, extension: ShardExtension | None
+) -> _Prepared | Refusal:
     """The policy check, then the node's shard and DP plan for ``what`` (a round, or the
     pre-flight); a refusal when the policy forbids the task or the data cannot serve it."""
     node = policy.partition_id
@@ -251,10 +252,14 @@ def _prepare(policy: NodePolicy, server_cfg: ExperimentConfig, what: str) -> _Pr
     except PolicyViolation as exc:
         log.warning("client %d: refusing %s (policy): %s", node, what, escape_remote_text(exc))
         return Refusal(node, POLICY, cap=policy.max_epsilon)
+    if (
+        policy.audit_canaries and extension is None
+    ):  # a driver's canary file, but nobody to add them: never skip silently
+        raise ConfigError(f"node config {AUDIT_CANARIES} is set, but the node was handed no canary extension")
     cfg = node_view(server_cfg, policy)
     try:
         own, fingerprint = task.node_shard(cfg, node, policy.data_path, policy.data_format)
-        shard = with_canaries(cfg, policy, own)
+        shard = own if extension is None else extension.extend(own, lambda rs: task.tokenize_for_node(cfg, rs))
         plan = plan_for(cfg, len(shard)) if cfg.privacy.sample_level else None
     except (DataError, PrivacyPlanError) as exc:
         log.error("client %d: declining %s (data): %s", node, what, escape_remote_text(exc))
@@ -284,16 +289,6 @@ def _ledger(policy: NodePolicy, fingerprint: str, key: bytes | None) -> NodeLedg
     return NodeLedger(policy.state_dir, policy.dataset_id, fingerprint, key=key)
 
 
-def with_canaries(cfg: ExperimentConfig, policy: NodePolicy, shard: TokenizedDataset) -> TokenizedDataset | CanaryShard:
-    """The shard, plus this simulated node's audit canaries when ``fedllm audit`` placed some here
-    (the key exists only in a simulation driver's node config)."""
-    if not policy.audit_canaries:
-        return shard
-    design = load_node_canaries(policy.audit_canaries)
-    items = canary_items(design, shard, lambda records: task.tokenize_for_node(cfg, records))
-    return CanaryShard(shard, items, design)
-
-
 def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:
     """The server's config with the node's own data rules in place of the server's."""
     return dataclasses.replace(
@@ -312,7 +307,7 @@ def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:
 def _private_round(
     policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequest, data: tuple, plan: DPPlan
 ) -> Answer:
-    shard, fingerprint = data
+    shard, fingerprint, extension = data
     node, run_id, server_round = policy.partition_id, request.run_id, request.server_round
     budget, dp = _mechanism(policy, cfg, plan)
     steps, rate = cfg.train.local_steps, plan.sample_rate
@@ -348,7 +343,7 @@ def _private_round(
                 node, BUDGET, cap=budget.max_epsilon, spent=decision.spent, delta=budget.delta, history=history
             )
         expected = extend_history(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps)
-        result, arrays = _train(cfg, shard, request, dp, history, _seed(cfg, policy, server_round))
+        result, arrays = _train(cfg, shard, request, dp, history, _seed(cfg, policy, server_round), extension)
         if result.history != expected:  # the ledger must hold exactly what Opacus accounted
             raise LedgerError(f"Opacus accounted {result.history}, the ledger expected {expected}")
         if result.nonfinite:  # counted on the node only: which records, and how many, is nobody else's business
@@ -437,12 +432,18 @@ def research_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -
 
 
 def _train(
-    cfg: ExperimentConfig, shard, request: RoundRequest, dp: DPSpec | None, history: History, seed: int | None
+    cfg: ExperimentConfig,
+    shard,
+    request: RoundRequest,
+    dp: DPSpec | None,
+    history: History,
+    seed: int | None,
+    extension: ShardExtension | None = None,
 ) -> tuple[LocalResult, dict[str, torch.Tensor]]:
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
-    if isinstance(shard, CanaryShard):
-        collate = with_canary_column(collate)
+    if extension is not None:
+        collate = extension.collate(collate)
     spec = LocalSpec(
         steps=cfg.train.local_steps,
         batch_size=cfg.train.batch_size,
@@ -455,9 +456,7 @@ def _train(
         optimizer=cfg.train.optimizer,
     )
     with bundle.adapter(request.received) as model:
-        override = None
-        if isinstance(shard, CanaryShard) and shard.design.kind == "gradient":
-            override = GradientCanaries(shard.design, adapter_parameters(model))
+        override = extension.override(model) if extension is not None else None
         result = train_local(model, shard, collate, spec, task.choice_ids_for(cfg), dp, history, override)
         return result, adapter_state(model)
 

@@ -26,10 +26,11 @@ from fedllm.federation.audit import AUDIT_FILE
 from fedllm.federation.client_app import app
 from fedllm.federation.inprocess import FIRST_NODE_ID, InProcessGrid, run_inprocess, server_identity
 from fedllm.federation.preflight import PREFLIGHT_WAIT_S, preflight_wait, run_preflight
-from fedllm.federation.protocol import PreflightAnswer, Refusal, parse_preflight, parse_reply
+from fedllm.federation.protocol import parse_preflight, parse_reply
 from fedllm.federation.server_app import prepare_run, task_record
 from fedllm.node import guard
 from fedllm.node.policy import policy_from_node_config
+from fedllm.node.release import PreflightAnswer, Refusal
 from fedllm.planning import plan_for
 from fedllm.privacy.accounting import epsilon, extend_history
 from fedllm.privacy.node_ledger import LEDGER_FILE, NodeLedger, Release

@@ -22,10 +22,10 @@ from fedllm.config import FederationConfig, PrivacyConfig, TrainConfig, compose_
 from fedllm.errors import PrivacyPlanError
 from fedllm.federation import records as keys
 from fedllm.federation.inprocess import run_inprocess
-from fedllm.federation.protocol import TrainReport
 from fedllm.federation.rounds import LoopSettings, ReplyPolicy, run_rounds, sort_replies
 from fedllm.federation.server_app import loop_settings, prepare_run
 from fedllm.federation.strategy import build_strategy
+from fedllm.node.release import TrainReport
 from fedllm.privacy import client_level
 from fedllm.privacy.client_level import (
     CLIENT_TOLERANCE,

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from fedllm.data.sources import Record, load_records
 from fedllm.errors import DataError, UpdateRejected
 from fedllm.federation import records as keys
-from fedllm.federation.protocol import Refusal, parse_reply
+from fedllm.federation.protocol import parse_reply
 from fedllm.federation.validation import expected_update
+from fedllm.node.release import Refusal
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,11 +12,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata,
 
 from fedllm.config import ExperimentConfig, FederationConfig, PrivacyConfig, TrainConfig
 from fedllm.federation import records as keys
-from fedllm.federation.protocol import Accounting, PublicStats, Refusal, TrainReport
 from fedllm.federation.rounds import ReplyPolicy, _aggregate, fedavg_weights, record_refusals, sort_replies
 from fedllm.federation.strategy import build_strategy, connected_nodes
 from fedllm.federation.validation import MechanismCheck
 from fedllm.node.policy import BUDGET
+from fedllm.node.release import Accounting, PublicStats, Refusal, TrainReport
 from fedllm.privacy.ledger import PrivacyLedger
 from tests.conftest import tiny_config
 from tests.flower_fakes import FakeGrid, act_as_server_process, arrays_record

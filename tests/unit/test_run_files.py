@@ -13,9 +13,9 @@ from fedllm.evaluation.metrics import EvalResult
 from fedllm.federation.checkpoint import ServerState
 from fedllm.federation.evaluator import round_record
 from fedllm.federation.outputs import run_summary
-from fedllm.federation.protocol import PublicStats, Refusal, TrainReport
 from fedllm.federation.rounds import RoundReplies
 from fedllm.federation.server_app import new_ledger
+from fedllm.node.release import PublicStats, Refusal, TrainReport
 from fedllm.privacy.ledger import PrivacyLedger
 from fedllm.tracking.run_files import (
     Guarantee,
