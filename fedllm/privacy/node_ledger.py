@@ -39,20 +39,27 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedllm.config import AccountantName
-from fedllm.errors import ConfigError, IntegrityError, LedgerError
+from fedllm.errors import ConfigError, LedgerError
 from fedllm.privacy.accounting import History, epsilon, extend_history
+from fedllm.privacy.ledger_file import (
+    FORMAT_VERSION,
+    LEDGER_FILE,
+    NEVER_RESET,
+    LedgerState,
+    Release,
+    dump_ledger,
+    load_ledger,
+)
 from fedllm.privacy.record_keys import (
-    NAME_HEX,
     ShardContent,
     create_salt,
     fingerprint,
@@ -61,57 +68,23 @@ from fedllm.privacy.record_keys import (
     record_set_id,
     salt_check,
 )
-from fedllm.storage import ROLE_NODE_LEDGER, atomic_write_bytes, dump_json_file, load_json_file
+from fedllm.storage import ROLE_NODE_LEDGER, atomic_write_bytes, dump_json_file
 
-__all__ = ["LEDGER_FILE", "NodeLedger", "RecordGroup", "Release", "ShardContent", "fingerprint", "record_groups"]
+__all__ = [
+    "FORMAT_VERSION",
+    "LEDGER_FILE",
+    "NodeLedger",
+    "RecordGroup",
+    "Release",
+    "ShardContent",
+    "fingerprint",
+    "record_groups",
+]
 
-LEDGER_FILE = "privacy_ledger.json"
 LOCK_FILE = f"{LEDGER_FILE}.lock"
 V1_BACKUP_FILE = "privacy_ledger.v1.json"  # the format-1 file as it was, kept when it is first rewritten
-FORMAT_VERSION = 3
 LOCK_TIMEOUT_S = 600.0
 _LOCK_POLL_S = 0.05
-_NAME = re.compile(f"[0-9a-f]{{{NAME_HEX}}}")
-
-_NEVER_RESET = (
-    "it is never reset automatically: restore it from a backup or, knowing the privacy it "
-    "recorded is lost, move it away"
-)
-
-
-@dataclass(frozen=True)
-class Release:
-    """One round of DP-SGD on the node's records whose result left (or may leave) the node."""
-
-    run_id: str
-    server_round: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    fingerprint: str  # the whole file it trained on, in order: information only
-    records: str = ""  # content address of the record set it is charged to; "": unknown, charged to every record
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, entry: Mapping[str, Any]) -> Release:
-        """Inverse of :meth:`to_dict`.
-
-        Raises:
-            ValueError: a field is missing, unknown or of the wrong type.
-        """
-        # the annotations' text (this module postpones their evaluation): "str", "int" or "float"
-        expected = {f.name: str(f.type) for f in fields(cls)}
-        if set(entry) != set(expected):
-            raise ValueError(f"a release has fields {sorted(entry)}, expected {sorted(expected)}")
-        types = {"str": (str,), "int": (int,), "float": (int, float)}
-        for name, kind in expected.items():
-            value = entry[name]
-            if isinstance(value, bool) or not isinstance(value, types[kind]):
-                raise ValueError(f"release field {name!r} is {value!r}, expected {kind}")
-        return cls(**entry)
 
 
 @dataclass(frozen=True)
@@ -120,26 +93,6 @@ class RecordGroup:
 
     records: int
     history: History
-
-
-Books = dict[str, list[Release]]  # key (dataset id, or a format-1 fingerprint) -> releases, oldest first
-RecordSets = dict[str, frozenset[str]]  # content address -> keyed record names
-
-
-@dataclass
-class _State:
-    """The ledger file's content."""
-
-    datasets: Books = field(default_factory=dict)
-    legacy: Books = field(default_factory=dict)  # format-1 histories no dataset has claimed, by fingerprint
-    record_sets: RecordSets = field(default_factory=dict)
-    salt_check: str = ""  # "" until a release names a record set
-    v1_raw: bytes | None = None  # the bytes of a format-1 file, backed up when first rewritten
-
-    def releases(self) -> list[Release]:
-        """Every release of the file: the unclaimed format-1 ones, then each dataset's, oldest first."""
-        books = [self.legacy[k] for k in sorted(self.legacy)] + [self.datasets[k] for k in sorted(self.datasets)]
-        return [r for book in books for r in book]
 
 
 def compose(releases: Sequence[Release]) -> History:
@@ -152,7 +105,9 @@ def compose(releases: Sequence[Release]) -> History:
     return history
 
 
-def record_groups(releases: Sequence[Release], record_sets: Mapping[str, frozenset[str]], presented: frozenset[str]):
+def record_groups(
+    releases: Sequence[Release], record_sets: Mapping[str, frozenset[str]], presented: frozenset[str]
+) -> list[RecordGroup]:
     """The presented records grouped by the releases they took part in, each group's history composed once.
 
     A record took part in every release whose record set holds it and in every release that
@@ -218,13 +173,13 @@ class NodeLedger:
         self._read()
 
     def _read(self) -> None:
-        self._state = _load(self.path, self.key)
+        self._state = load_ledger(self.path, self.key)
         self._salt = load_salt(self.state_dir, self.key)
         if self._state.salt_check and (self._salt is None or salt_check(self._salt) != self._state.salt_check):
             found = "is missing" if self._salt is None else "is not the one the ledger was written with"
             raise LedgerError(
                 f"{self.state_dir}: the ledger's salt {found}: no record's history can be found without it; "
-                f"the privacy ledger {_NEVER_RESET}"
+                f"the privacy ledger {NEVER_RESET}"
             )
         self._names = (
             record_names(self._salt, self.content.digests) if self.content is not None and self._salt else None
@@ -352,11 +307,13 @@ class NodeLedger:
         datasets = {**state.datasets, self.dataset_id: claimed + state.datasets.get(self.dataset_id, []) + [release]}
         if self.content is not None and set_id:
             datasets = {k: _claim(v, self.content.fingerprint, set_id) for k, v in datasets.items()}
-        new = _State(datasets, legacy, record_sets, check)
+        new = LedgerState(datasets, legacy, record_sets, check)
         try:
             if state.v1_raw is not None and not (self.state_dir / V1_BACKUP_FILE).exists():
                 atomic_write_bytes(self.state_dir / V1_BACKUP_FILE, state.v1_raw)
-            atomic_write_bytes(self.path, dump_json_file(_dump(new), self.key, role=ROLE_NODE_LEDGER, name=LEDGER_FILE))
+            atomic_write_bytes(
+                self.path, dump_json_file(dump_ledger(new), self.key, role=ROLE_NODE_LEDGER, name=LEDGER_FILE)
+            )
         except OSError as exc:
             raise LedgerError(
                 f"{self.path}: cannot write the privacy ledger ({exc}); the release is not "
@@ -422,90 +379,3 @@ def _release(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def _load(path: Path, storage_key: bytes | None) -> _State:
-    """The ledger at ``path`` (empty when there is none), in any format this fedllm reads.
-
-    Raises:
-        LedgerError: unreadable, fails its checksum (or, with a key, its decryption), plaintext
-            where a key is configured, malformed, or of an unknown format.
-    """
-    if not path.exists():
-        return _State()
-    try:
-        raw = path.read_bytes()
-        payload = load_json_file(raw, storage_key, role=ROLE_NODE_LEDGER, name=LEDGER_FILE, what=str(path))
-        version = payload.get("format")
-        if version == 1:
-            # format 1 keyed histories by content fingerprint, and its releases had no fingerprint field
-            legacy = {
-                key: [{**entry, "fingerprint": key, "records": ""} for entry in book["releases"]]
-                for key, book in payload["datasets"].items()
-            }
-            return _State(legacy=_books(legacy), v1_raw=raw)
-        if version == 2:
-            # format 2 keyed budgets by dataset id: its releases name no record set (charged to every record)
-            return _State(_books(_unattributed(payload["datasets"])), _books(_unattributed(payload["legacy"])))
-        if version == FORMAT_VERSION:
-            state = _State(
-                _books({key: book["releases"] for key, book in payload["datasets"].items()}),
-                _books({key: book["releases"] for key, book in payload["legacy"].items()}),
-                _record_sets(payload["record_sets"]),
-                _salt_check(payload["salt_check"]),
-            )
-            _check_references(state)
-            return state
-        raise ValueError(f"format {version!r}; this fedllm reads formats 1 to {FORMAT_VERSION}")
-    except IntegrityError as exc:
-        raise LedgerError(f"{exc}; the privacy ledger {_NEVER_RESET}") from exc
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LedgerError(f"{path}: the privacy ledger cannot be read ({exc}); {_NEVER_RESET}") from exc
-
-
-def _unattributed(section: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]) -> dict[str, list[dict]]:
-    """A format-2 section's releases, each naming no record set."""
-    return {key: [{**entry, "records": ""} for entry in book["releases"]] for key, book in section.items()}
-
-
-def _record_sets(entries: Mapping[str, Sequence[str]]) -> RecordSets:
-    sets = {}
-    for set_id, names in entries.items():
-        if not _NAME.fullmatch(set_id) or not all(isinstance(n, str) and _NAME.fullmatch(n) for n in names):
-            raise ValueError(f"record set {set_id!r} holds a name that is not {NAME_HEX} hex digits")
-        if record_set_id(names) != set_id:
-            raise ValueError(f"record set {set_id!r} does not hold the records its address names")
-        sets[set_id] = frozenset(names)
-    return sets
-
-
-def _salt_check(value: Any) -> str:
-    if not isinstance(value, str) or (value and not _NAME.fullmatch(value)):
-        raise ValueError(f"salt_check is {value!r}, expected {NAME_HEX} hex digits or empty")
-    return value
-
-
-def _check_references(state: _State) -> None:
-    """Every release names a stored record set or none, and stored sets need the salt's check value."""
-    missing = sorted({r.records for r in state.releases() if r.records and r.records not in state.record_sets})
-    if missing:
-        raise ValueError(f"releases name record sets the file does not hold: {', '.join(missing)}")
-    if state.record_sets and not state.salt_check:
-        raise ValueError("the file holds record sets but no salt_check")
-
-
-def _books(entries: Mapping[str, Sequence[Mapping[str, Any]]]) -> Books:
-    return {str(key): [Release.from_dict(entry) for entry in releases] for key, releases in entries.items()}
-
-
-def _dump(state: _State) -> dict[str, Any]:
-    def books(of: Books) -> dict[str, Any]:
-        return {key: {"releases": [r.to_dict() for r in releases]} for key, releases in of.items()}
-
-    return {
-        "format": FORMAT_VERSION,
-        "salt_check": state.salt_check,
-        "record_sets": {set_id: sorted(names) for set_id, names in state.record_sets.items()},
-        "datasets": books(state.datasets),
-        "legacy": books(state.legacy),
-    }
