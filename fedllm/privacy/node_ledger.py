@@ -170,6 +170,7 @@ class NodeLedger:
         self.content = content
         self.key = key
         self._lock_fd: int | None = None
+        self._named: tuple[bytes, frozenset[str]] | None = None  # (salt, the presented records' names under it)
         self._read()
 
     def _read(self) -> None:
@@ -181,9 +182,15 @@ class NodeLedger:
                 f"{self.state_dir}: the ledger's salt {found}: no record's history can be found without it; "
                 f"the privacy ledger {NEVER_RESET}"
             )
-        self._names = (
-            record_names(self._salt, self.content.digests) if self.content is not None and self._salt else None
-        )
+        self._names = self._names_under(self._salt)
+
+    def _names_under(self, salt: bytes | None) -> frozenset[str] | None:
+        """The presented records' names under ``salt`` (None without content or salt), computed once per salt."""
+        if self.content is None or salt is None:
+            return None
+        if self._named is None or self._named[0] != salt:
+            self._named = (salt, record_names(salt, self.content.digests))
+        return self._named[1]
 
     @property
     def releases(self) -> tuple[Release, ...]:
@@ -298,7 +305,7 @@ class NodeLedger:
         record_sets, check, set_id = dict(state.record_sets), state.salt_check, ""
         if self.content is not None and self.content.digests:
             salt = salt or create_salt(self.state_dir, self.key)  # persisted before any ledger names a record
-            names = record_names(salt, self.content.digests)
+            names = self._names_under(salt) or frozenset()
             set_id, check = record_set_id(names), salt_check(salt)
             record_sets.setdefault(set_id, names)
             release = release if release.records else replace(release, records=set_id)
@@ -320,7 +327,7 @@ class NodeLedger:
                 "recorded, so nothing may leave the node"
             ) from exc
         self._state, self._salt = new, salt
-        self._names = record_names(salt, self.content.digests) if self.content is not None and salt else None
+        self._names = self._names_under(salt)
 
     def state_dict(self) -> dict[str, Any]:
         """This dataset's id and every release this view concerns (``releases``), JSON-able."""

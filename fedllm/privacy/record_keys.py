@@ -85,7 +85,8 @@ class ShardContent:
 
 def record_names(salt: bytes, digests: Iterable[bytes]) -> frozenset[str]:
     """The ledger's keyed names (hex, 128 bits) of records with content ``digests``."""
-    return frozenset(hmac.new(salt, d, hashlib.sha256).hexdigest()[:NAME_HEX] for d in digests)
+    size = NAME_HEX // 2
+    return frozenset(hmac.digest(salt, d, "sha256")[:size].hex() for d in digests)  # one-shot, in C
 
 
 def record_set_id(names: Iterable[str]) -> str:
