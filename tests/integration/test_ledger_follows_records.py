@@ -7,20 +7,23 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 from fedllm.cli.node_status import node_status
 from fedllm.config import FederationConfig, PrivacyConfig
 from fedllm.federation import records as keys
+from fedllm.federation.client_app import app
 from fedllm.node.policy import policy_from_node_config
 from fedllm.planning import plan_for
 from fedllm.privacy.accounting import epsilon, extend_history
 from tests.conftest import tiny_config
-from tests.node_driver import run_round
+from tests.node_driver import node_context, run_round
 
 CAP = 8.0
 Row = dict[str, str]
@@ -71,6 +74,24 @@ def _rounds_epsilon(rounds: int, records: int = 120) -> float:
             history, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=cfg.train.local_steps
         )
     return epsilon(history, delta=1e-5, accountant="prv")
+
+
+def _preflight(node: dict) -> dict:
+    """The node's answer to the server's pre-flight query for a run's rounds 1-2 (spends nothing)."""
+    config = ConfigRecord({keys.TASK_CONFIG: _cfg().to_json(), keys.RUN_ID: "run-b", keys.SERVER_ROUND: 1})
+    metadata = Metadata(
+        run_id=1,
+        message_id="preflight",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=120.0,
+        message_type="query",
+    )
+    reply = app(Message(content=RecordDict({keys.CONFIG: config}), metadata=metadata), node_context(node))
+    return _metrics(reply)
 
 
 def _metrics(reply) -> dict:
@@ -152,6 +173,8 @@ def test_no_change_to_the_file_gives_its_unchanged_records_a_fresh_budget(spent,
     shutil.copytree(root / "state", tmp_path / "state")
     data, extra = change(tmp_path, shutil.copy(root / "reviews.jsonl", tmp_path / "reviews.jsonl"))
     node = _node(tmp_path / "state", data, **extra)
+    outlook = _preflight(node)  # what the node tells the server before round 1: nothing left
+    assert outlook[keys.ROUNDS_AFFORDABLE] == 0 and outlook[keys.EPSILON] == pytest.approx(before, rel=1e-9)
     reply = run_round(_cfg(), "run-b", 1, node_config=node)
     metrics = _metrics(reply)
     assert metrics[keys.REFUSED] == 1 and reply.content[keys.STATUS][keys.CATEGORY] == "budget"
