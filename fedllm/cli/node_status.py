@@ -55,7 +55,7 @@ def _records_line(content: ShardContent | None, groups: list[RecordGroup]) -> st
     if content is None:
         return "not read (no readable data file): epsilon by dataset id"
     fresh = sum(g.records for g in groups if not g.history)
-    return f"{len(content.digests)} distinct in the data file, {fresh} never trained on; epsilon of the worst"
+    return f"{len(content.digests)} distinct in the data file, {fresh} never trained on (epsilon: the worst record's)"
 
 
 def _content(policy: NodePolicy) -> ShardContent | None:
