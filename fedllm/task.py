@@ -27,7 +27,7 @@ from fedllm.errors import ConfigError, DataError
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.model.base import load_model, load_tokenizer
 from fedllm.model.lora import apply_lora
-from fedllm.privacy.node_ledger import fingerprint
+from fedllm.privacy.record_keys import ShardContent
 
 log = logging.getLogger(__name__)
 
@@ -184,22 +184,23 @@ def choice_ids_for(cfg: ExperimentConfig) -> list[int]:
 
 
 @lru_cache(maxsize=128)
-def shard_fingerprint(cfg: ExperimentConfig, partition_id: int) -> str:
-    """The dataset fingerprint of client ``partition_id``'s training records (its ledger key)."""
-    return fingerprint((r.prompt, r.response) for r in split_for(cfg).shards[partition_id])
+def shard_content(cfg: ExperimentConfig, partition_id: int) -> ShardContent:
+    """Client ``partition_id``'s training records as its ledger charges them (record hashes, fingerprint)."""
+    return ShardContent.of((r.prompt, r.response) for r in split_for(cfg).shards[partition_id])
 
 
 def node_shard(
     cfg: ExperimentConfig, partition_id: int, data_path: str | None, data_format: DataFormat
-) -> tuple[TokenizedDataset, str]:
-    """The node's tokenized training data and its fingerprint: its own file when the node config
-    names one (deployment), else its shard of the experiment's data (simulation).
+) -> tuple[TokenizedDataset, ShardContent]:
+    """The node's tokenized training data and its records' content (what its ledger charges a
+    release to): its own file when the node config names one (deployment), else its shard of the
+    experiment's data (simulation).
 
     Raises:
         DataError: the file is missing or malformed (the message names file and line).
     """
     if data_path is None:
-        return tokenized_shard(cfg, partition_id), shard_fingerprint(cfg, partition_id)
+        return tokenized_shard(cfg, partition_id), shard_content(cfg, partition_id)
     try:
         stat = os.stat(data_path)
     except OSError as exc:
@@ -210,7 +211,7 @@ def node_shard(
 @lru_cache(maxsize=4)  # a node answers every round of a run with the same file: tokenize it once
 def _local_shard(
     cfg: ExperimentConfig, data_path: str, data_format: DataFormat, version: tuple[int, int]
-) -> tuple[TokenizedDataset, str]:
+) -> tuple[TokenizedDataset, ShardContent]:
     """``version`` (mtime, size) keys the cache: an edited file is read again, never served stale."""
     records = load_records(
         data_path,
@@ -223,4 +224,4 @@ def _local_shard(
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
     shard = tokenize_records(records, bundle.tokenizer, prompt_format(cfg.data, nonconforming="mask"))
     _log_shard(data_path, shard, cfg.data.max_length)
-    return shard, fingerprint((r.prompt, r.response) for r in records)
+    return shard, ShardContent.of((r.prompt, r.response) for r in records)

@@ -56,20 +56,22 @@ def verify_run(run_dir: Path, key: bytes | None) -> list[str]:
 
 
 def _verify_nodes(run_dir: Path, key: bytes | None) -> list[str]:
-    """The ledgers and reply caches of the run's simulated nodes (``nodes/*``).
+    """The ledgers (with their record-name salts) and reply caches of the run's simulated nodes (``nodes/*``).
 
     Each node decides whether its state is encrypted: an encrypted file is checked with the
     key, a plain one by its checksum only, and the list says so.
     """
     from fedllm.node.reply_cache import REPLY_FILE
     from fedllm.privacy.node_ledger import LEDGER_FILE
+    from fedllm.privacy.record_keys import SALT_FILE
 
     checked = []
-    for path in sorted([*run_dir.glob(f"nodes/*/{LEDGER_FILE}"), *run_dir.glob(f"nodes/*/{REPLY_FILE}")]):
+    names = (LEDGER_FILE, SALT_FILE, REPLY_FILE)
+    for path in sorted(path for name in names for path in run_dir.glob(f"nodes/*/{name}")):
         raw = path.read_bytes()
-        if path.name == LEDGER_FILE:
+        if path.name in (LEDGER_FILE, SALT_FILE):
             encrypted = is_sealed(raw)
-            load_json_file(raw, key if encrypted else None, role=ROLE_NODE_LEDGER, name=LEDGER_FILE, what=str(path))
+            load_json_file(raw, key if encrypted else None, role=ROLE_NODE_LEDGER, name=path.name, what=str(path))
         else:
             encrypted = read_header(raw, str(path))[0].encrypted
             unseal(raw, key if encrypted else None, role=ROLE_NODE_REPLY, name=REPLY_FILE, what=str(path))

@@ -3,7 +3,9 @@
 Takes the same ``--node-config`` string the SuperNode runs with, reads the node's own ledger
 (decrypting it with the node's key when ``encrypt-state`` is on) and its audit log, and prints
 the spent epsilon (by the node's accountant, at its delta), the cap, what remains, and the
-last rounds the node answered. Nothing is sent anywhere.
+last rounds the node answered. The spent epsilon is the worst over the records of the node's
+data file now (each record's own lifetime history, whatever file it was in before). Nothing
+is sent anywhere.
 """
 
 from __future__ import annotations
@@ -21,22 +23,26 @@ from fedllm.federation import records as keys
 from fedllm.federation.audit import AUDIT_FILE, PREFLIGHT
 from fedllm.federation.remote_text import escape_remote_text
 from fedllm.node.policy import ANSWER_PREFLIGHT, DECLINED, NodePolicy, policy_from_node_config
-from fedllm.privacy.node_ledger import NodeLedger, fingerprint
+from fedllm.privacy.node_ledger import NodeLedger, RecordGroup
+from fedllm.privacy.record_keys import ShardContent
 
 
 def node_status(policy: NodePolicy, last: int = 5) -> str:
     """A short report of the node's ledger and its last ``last`` audited rounds.
 
-    The spent epsilon is the one the node's guard checks: its dataset's releases and those of
-    the same records under another name (the current file's fingerprint).
+    The spent epsilon is the one the node's guard checks: the worst, over the records of the
+    node's data file now, of the releases each record took part in. A simulated node (no data
+    file) is shown by name: the releases filed under its dataset id and those naming no records.
     """
-    ledger = NodeLedger(policy.state_dir, policy.dataset_id, _fingerprint(policy), key=policy.state_key())
+    content = _content(policy)
+    ledger = NodeLedger(policy.state_dir, policy.dataset_id, content, key=policy.state_key())
     spent = ledger.epsilon(delta=policy.delta, accountant=policy.accountant)
     runs = sorted({r.run_id for r in ledger.releases})
     lines = [
         f"state dir   {policy.state_dir}",
         f"dataset     {policy.dataset_id}",
         f"releases    {len(ledger.releases)} DP-SGD rounds in {len(runs)} run(s)",
+        f"records     {_records_line(content, ledger.groups())}",
         f"epsilon     {spent:.4f} spent of cap {policy.max_epsilon:g} at delta {policy.delta:g} "
         f"({policy.accountant}); {max(policy.max_epsilon - spent, 0.0):.4f} left",
     ]
@@ -44,8 +50,16 @@ def node_status(policy: NodePolicy, last: int = 5) -> str:
     return "\n".join(lines)
 
 
-def _fingerprint(policy: NodePolicy) -> str | None:
-    """The node's records' fingerprint, read as its guard reads them (None when unreadable)."""
+def _records_line(content: ShardContent | None, groups: list[RecordGroup]) -> str:
+    """How many distinct records the data file holds and how many of them no release touched yet."""
+    if content is None:
+        return "not read (no readable data file): epsilon by dataset id"
+    fresh = sum(g.records for g in groups if not g.history)
+    return f"{len(content.digests)} distinct in the data file, {fresh} never trained on (epsilon: the worst record's)"
+
+
+def _content(policy: NodePolicy) -> ShardContent | None:
+    """The node's records as its guard reads them (None when there is no readable file)."""
     if policy.data_path is None:
         return None  # a simulated node: its records are its shard of the experiment's data
     try:
@@ -59,7 +73,7 @@ def _fingerprint(policy: NodePolicy) -> str | None:
         )
     except DataError:
         return None
-    return fingerprint((r.prompt, r.response) for r in records)
+    return ShardContent.of((r.prompt, r.response) for r in records)
 
 
 def _preflight_answer(category: str | None, metrics: dict) -> str:

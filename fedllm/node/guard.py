@@ -55,6 +55,7 @@ from fedllm.privacy.accounting import History, extend_history
 from fedllm.privacy.budget import Budget, BudgetDecision, check_round, effective_budget
 from fedllm.privacy.calibration import DPPlan
 from fedllm.privacy.node_ledger import NodeLedger, Release
+from fedllm.privacy.record_keys import ShardContent
 from fedllm.training.local import DPSpec, LocalResult, LocalSpec, train_local
 from fedllm.training.precision import use_bf16
 
@@ -108,7 +109,7 @@ class _Prepared:
 
     cfg: ExperimentConfig  # the server's config with the node's own data rules
     shard: TokenizedDataset | SizedDataset  # the node's own, or a simulation driver's extension of it
-    fingerprint: str
+    content: ShardContent  # the node's own records, what the ledger charges
     plan: DPPlan | None  # None: the run trains without DP-SGD (the node's policy allows it)
 
 
@@ -132,7 +133,7 @@ def answer_round(policy: NodePolicy, request: RoundRequest, extension: ShardExte
     if prepared.plan is None:
         result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round), extension)
         return Update(arrays=arrays, metrics=TrainReport(node, None, _public(policy, shard, result)).to_metrics())
-    return _private_round(policy, cfg, request, (shard, prepared.fingerprint, extension), prepared.plan)
+    return _private_round(policy, cfg, request, (shard, prepared.content, extension), prepared.plan)
 
 
 def answer_preflight(
@@ -174,9 +175,10 @@ def answer_preflight(
         )
         return PreflightAnswer(node, rounds_planned=planned, rounds_affordable=planned, cap=policy.max_epsilon)
     budget, dp = _mechanism(policy, prepared.cfg, prepared.plan)
-    ledger_file = _ledger(policy, prepared.fingerprint, policy.state_key())
-    with ledger_file.locked(timeout=PREFLIGHT_LOCK_TIMEOUT_S) as ledger:
-        history = ledger.history()  # read only: a consistent view, never written here
+    ledger_file = _ledger(policy, prepared.content, policy.state_key())
+    with ledger_file.locked(timeout=PREFLIGHT_LOCK_TIMEOUT_S) as ledger:  # read only: never written here
+        one_round = (dp.noise_multiplier, prepared.plan.sample_rate, prepared.cfg.train.local_steps)
+        history = ledger.worst_history(delta=budget.delta, accountant=dp.accountant, then=one_round)
     affordable, decision = affordable_rounds(
         history,
         dp=dp,
@@ -252,19 +254,17 @@ def _prepare(
     except PolicyViolation as exc:
         log.warning("client %d: refusing %s (policy): %s", node, what, escape_remote_text(exc))
         return Refusal(node, POLICY, cap=policy.max_epsilon)
-    if (
-        policy.audit_canaries and extension is None
-    ):  # a driver's canary file, but nobody to add them: never skip silently
+    if policy.audit_canaries and extension is None:  # a canary file but no hook to add them: never skip silently
         raise ConfigError(f"node config {AUDIT_CANARIES} is set, but the node was handed no canary extension")
     cfg = node_view(server_cfg, policy)
     try:
-        own, fingerprint = task.node_shard(cfg, node, policy.data_path, policy.data_format)
+        own, content = task.node_shard(cfg, node, policy.data_path, policy.data_format)
         shard = own if extension is None else extension.extend(own, lambda rs: task.tokenize_for_node(cfg, rs))
         plan = plan_for(cfg, len(shard)) if cfg.privacy.sample_level else None
     except (DataError, PrivacyPlanError) as exc:
         log.error("client %d: declining %s (data): %s", node, what, escape_remote_text(exc))
         return Refusal(node, DATA, cap=policy.max_epsilon)
-    return _Prepared(cfg, shard, fingerprint, plan)
+    return _Prepared(cfg, shard, content, plan)
 
 
 def _mechanism(policy: NodePolicy, cfg: ExperimentConfig, plan: DPPlan) -> tuple[Budget, DPSpec]:
@@ -284,9 +284,10 @@ def _mechanism(policy: NodePolicy, cfg: ExperimentConfig, plan: DPPlan) -> tuple
     return budget, dp
 
 
-def _ledger(policy: NodePolicy, fingerprint: str, key: bytes | None) -> NodeLedger:
-    """This node's ledger of its dataset (``key``: the node's own storage key, from encrypt-state, or None)."""
-    return NodeLedger(policy.state_dir, policy.dataset_id, fingerprint, key=key)
+def _ledger(policy: NodePolicy, content: ShardContent, key: bytes | None) -> NodeLedger:
+    """This node's ledger as it bears on the records of ``content`` (``key``: the node's own storage
+    key, from encrypt-state, or None)."""
+    return NodeLedger(policy.state_dir, policy.dataset_id, content, key=key)
 
 
 def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:
@@ -307,7 +308,7 @@ def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:
 def _private_round(
     policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequest, data: tuple, plan: DPPlan
 ) -> Answer:
-    shard, fingerprint, extension = data
+    shard, content, extension = data
     node, run_id, server_round = policy.partition_id, request.run_id, request.server_round
     budget, dp = _mechanism(policy, cfg, plan)
     steps, rate = cfg.train.local_steps, plan.sample_rate
@@ -320,7 +321,7 @@ def _private_round(
         return (run_id, server_round, f"{received}|release {release}")
 
     # the lock covers check, training and record: a second run on this node waits, then sees this release
-    with _ledger(policy, fingerprint, key).locked() as ledger:
+    with _ledger(policy, content, key).locked() as ledger:
         # a reply is replayed only as the release the ledger recorded last: one saved by a run
         # that died before recording it was never released, nor accounted
         if ledger.find(run_id, server_round) and (cached := cache.find(reply_key(ledger.recorded))):
@@ -328,7 +329,9 @@ def _private_round(
                 "client %d round %d: resending the update already released (no new privacy cost)", node, server_round
             )
             return Update(arrays=cached.arrays, metrics=TrainReport.replay_metrics(cached.metrics))
-        history = ledger.history()
+        # the lifetime history of the shard's record that is worst after this round
+        round_ = (dp.noise_multiplier, rate, steps)
+        history = ledger.worst_history(delta=budget.delta, accountant=dp.accountant, then=round_)
         decision = check_round(
             history,
             noise_multiplier=dp.noise_multiplier,
@@ -384,8 +387,8 @@ def _private_round(
                 noise_multiplier=dp.noise_multiplier,
                 sample_rate=rate,
                 steps=steps,
-                fingerprint=fingerprint,
-            )
+                fingerprint=content.fingerprint,
+            )  # charged to the shard's records
         )
     if not finite:
         # Never sent. The update is a function of the received adapter, the run's public settings and

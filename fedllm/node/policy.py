@@ -2,8 +2,8 @@
 
 An institution starts its SuperNode with ``--node-config 'state-dir=... data-path=...
 max-epsilon=... delta=...'``. Everything that decides the node's privacy comes from there:
-where its ledger and state live, which records it trains on and under which dataset name
-its budget is kept, its cap, whether it may train without DP-SGD, which base models it may
+where its ledger and state live, which records it trains on (its budget follows them) and
+the label its releases are filed under, its cap, whether it may train without DP-SGD, which base models it may
 load (and whether remote code may run), and what besides the adapter it reveals. Nothing
 the server sends can change any of these; :func:`check_request` refuses requests that
 would need more than the node allows.
@@ -341,8 +341,9 @@ def _noise_is_seeded(value: object) -> bool:
 
 
 def _default_dataset_id(data_path: str | None, node_config: Mapping) -> str:
-    """The budget's name when the operator gives none: the data file's absolute path (so
-    appending or reordering records keeps the history), or the simulated shard's index."""
+    """The label a node files its releases under when the operator gives none: the data file's
+    absolute path, or the simulated shard's index. Only a label: the budget follows the records
+    themselves (:mod:`fedllm.privacy.node_ledger`), so a renamed or moved file keeps it."""
     if data_path is not None:
         return str(Path(data_path).expanduser().resolve())
     return f"simulated-shard-{node_config.get(PARTITION_ID)}"

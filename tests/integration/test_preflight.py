@@ -57,8 +57,9 @@ def _cfg(tmp_path: Path, **federation) -> ExperimentConfig:
 
 def _spent_before(cfg: ExperimentConfig, tmp_path: Path, client: int) -> NodeLedger:
     """Client ``client``'s ledger with :data:`PRIOR` in it (its records, an earlier run)."""
-    release = dataclasses.replace(PRIOR, fingerprint=task.shard_fingerprint(cfg, client))
-    ledger = NodeLedger(tmp_path / "nodes" / f"client-{client}", f"simulated-shard-{client}", release.fingerprint)
+    content = task.shard_content(cfg, client)
+    release = dataclasses.replace(PRIOR, fingerprint=content.fingerprint)
+    ledger = NodeLedger(tmp_path / "nodes" / f"client-{client}", f"simulated-shard-{client}", content)
     with ledger.locked() as book:
         book.record(release)
     return ledger

@@ -169,6 +169,21 @@ def test_verify_reports_an_unreadable_node_ledger_cleanly(tmp_path):
         verify_run(tmp_path, None)
 
 
+def test_verify_checks_each_nodes_ledger_salt(tmp_path):
+    from fedllm.privacy.node_ledger import NodeLedger, Release, ShardContent
+    from fedllm.privacy.record_keys import SALT_FILE
+
+    node, content = tmp_path / "nodes" / "client-0", ShardContent.of([("a", "b")])
+    with NodeLedger(node, "d", content, key=KEY).locked() as book:
+        book.record(Release("r", 1, 1.0, 0.1, 5, content.fingerprint))
+    assert verify_run(tmp_path, KEY) == ["nodes/client-0/privacy_ledger.json", f"nodes/client-0/{SALT_FILE}"]
+    raw = bytearray((node / SALT_FILE).read_bytes())
+    raw[-1] ^= 1
+    (node / SALT_FILE).write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match=SALT_FILE):
+        verify_run(tmp_path, KEY)
+
+
 # ---------------------------------------------------------------- the final adapter
 
 

@@ -18,7 +18,7 @@ from fedllm.privacy.budget import Budget, check_round, effective_budget
 from fedllm.privacy.calibration import plan_client
 from fedllm.privacy.client_level import ZERO_OUT, ClientLevelAccountant, ClientLevelRound
 from fedllm.privacy.ledger import PrivacyLedger
-from fedllm.privacy.node_ledger import LEDGER_FILE, NodeLedger, Release, fingerprint
+from fedllm.privacy.node_ledger import LEDGER_FILE, NodeLedger, Release, ShardContent, fingerprint
 
 # The default run (`make run`): 10 clients, largest sampling rate 1/74 (1,181 records, batch 16),
 # 3 rounds x 5 steps, target epsilon 8 at delta 1e-5; noise as planned under each accountant.
@@ -78,16 +78,20 @@ def test_a_node_ledger_composes_every_run_of_the_nodes_lifetime(tmp_path):
     assert NodeLedger(tmp_path, "dataset-a").history() == [(0.8, 0.02, 8)]  # no per-run view to start at zero
 
 
-def test_each_dataset_id_has_its_own_history_in_one_file(tmp_path):
-    with NodeLedger(tmp_path, "dataset-a").locked() as ledger:
-        ledger.record(_release("r", 1, fp=fingerprint([("a", "b")])))
-    other = NodeLedger(tmp_path, "dataset-b")
-    assert other.history() == []
-    with other.locked():
-        other.record(_release("r", 1, steps=2, fp=fingerprint([("a", "b")])))  # same content, another name
+def test_a_release_is_charged_to_records_not_to_a_dataset_id(tmp_path):
+    reviews, others = ShardContent.of([("a", "b")]), ShardContent.of([("c", "d")])
+    with NodeLedger(tmp_path, "dataset-a", reviews).locked() as ledger:
+        ledger.record(_release("r", 1, fp=reviews.fingerprint))
+    other = NodeLedger(tmp_path, "dataset-b", others)
+    assert other.history() == [] and other.epsilon(delta=1e-5, accountant="rdp") == 0  # other records: fresh
+    same = NodeLedger(tmp_path, "dataset-b", reviews)  # the same records under another name
+    assert same.history() == [(0.8, 0.02, 5)]
+    with same.locked():
+        same.record(_release("r", 1, steps=2, fp=reviews.fingerprint))
     saved = json.loads((tmp_path / LEDGER_FILE).read_text())
-    assert sorted(saved["datasets"]) == ["dataset-a", "dataset-b"]
-    assert NodeLedger(tmp_path, "dataset-a").history() == [(0.8, 0.02, 5)]
+    assert sorted(saved["datasets"]) == ["dataset-a", "dataset-b"] and len(saved["record_sets"]) == 1
+    assert NodeLedger(tmp_path, "dataset-a", reviews).history() == [(0.8, 0.02, 7)]
+    assert NodeLedger(tmp_path, "dataset-a", others).epsilon(delta=1e-5, accountant="rdp") == 0
     assert fingerprint([("ab", "")]) != fingerprint([("a", "b")])  # no ambiguous concatenation
 
 

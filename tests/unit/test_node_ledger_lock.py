@@ -18,6 +18,7 @@ from fedllm.privacy import node_ledger
 from fedllm.privacy.accounting import epsilon
 from fedllm.privacy.budget import Budget, check_round
 from fedllm.privacy.node_ledger import LEDGER_FILE, V1_BACKUP_FILE, NodeLedger, Release, fingerprint
+from fedllm.privacy.record_keys import ShardContent, content_digest
 from fedllm.storage import with_checksum
 
 NOISE, RATE, STEPS, DELTA = 0.8, 0.02, 5, 1e-5
@@ -226,20 +227,24 @@ def test_a_format_1_ledger_keeps_every_release_and_its_own_fingerprint_is_claime
             "fp-older": [_release("v1-old", 1, "fp-older", steps=3)],
         },
     )
-    ledger = NodeLedger(tmp_path, "reviews")
+    now = ShardContent("fp-now", frozenset({content_digest("great film", "positive")}))  # the records of fp-now
+    ledger = NodeLedger(tmp_path, "reviews", now)
     # before any claim, nothing says whose records the format-1 histories spent: all count
     assert sum(s for _, _, s in ledger.history()) == 2 * STEPS + 3
     with ledger.locked() as book:
         book.record(_release("v2-run", 1, "fp-now"))
     saved = json.loads((tmp_path / LEDGER_FILE).read_text())
-    assert saved["format"] == 2
+    assert saved["format"] == node_ledger.FORMAT_VERSION
     assert [r["run_id"] for r in saved["datasets"]["reviews"]["releases"]] == ["v1-run", "v1-run", "v2-run"]
     assert [r["run_id"] for r in saved["legacy"]["fp-older"]["releases"]] == ["v1-old"]  # kept, not dropped
     assert (tmp_path / V1_BACKUP_FILE).read_bytes() == original
     reopened = NodeLedger(tmp_path, "reviews")
     assert sum(s for _, _, s in reopened.history()) == 3 * STEPS + 3  # the unclaimed one still counts
-    other = NodeLedger(tmp_path, "another-dataset")
-    assert [r.fingerprint for r in other.releases] == ["fp-older"]  # the claimed history is reviews' now
+    other = NodeLedger(tmp_path, "another-dataset", ShardContent.of([("dull", "negative")]))
+    assert [r.fingerprint for r in other.releases] == ["fp-older"]  # the claimed history is fp-now's records' now
+    assert {r.records for r in reopened.releases if r.fingerprint == "fp-now"} == {
+        saved["datasets"]["reviews"]["releases"][0]["records"]
+    }
 
 
 def test_a_format_1_history_of_another_fingerprint_still_counts(tmp_path):
@@ -266,7 +271,7 @@ def test_state_dict_round_trips_through_json_and_a_reopened_ledger(tmp_path):
 @pytest.mark.parametrize(
     "payload, match",
     [
-        ({"format": 3, "datasets": {}, "legacy": {}}, "format 3"),
+        ({"format": 4, "datasets": {}, "legacy": {}}, "format 4"),
         ({"format": 2, "datasets": {"d": {"releases": [{"run_id": "r"}]}}, "legacy": {}}, "expected"),
         (
             {
