@@ -61,6 +61,7 @@ def _node(state: Path, data: Path, **extra) -> dict:
         "data-path": str(data),
         "max-epsilon": CAP,
         "delta": 1e-5,
+        "allowed-models": "tiny",  # the random test model, which a node allows only by name
     }
     return {**config, **{k.replace("_", "-"): v for k, v in extra.items()}}
 
