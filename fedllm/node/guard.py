@@ -58,6 +58,7 @@ from fedllm.planning import plan_for
 from fedllm.privacy.accounting import History, extend_history
 from fedllm.privacy.budget import Budget, BudgetDecision, check_round, effective_budget
 from fedllm.privacy.calibration import DPPlan
+from fedllm.privacy.dpsgd import SamplingShard
 from fedllm.privacy.node_ledger import NodeLedger, Release
 from fedllm.training.local import DPSpec, LocalResult, LocalSpec, train_local
 from fedllm.training.precision import use_bf16
@@ -114,6 +115,7 @@ class _Prepared:
     shard: TokenizedDataset | CanaryShard
     fingerprint: str
     plan: DPPlan | None  # None: the run trains without DP-SGD (the node's policy allows it)
+    sampling_size: int  # N: the public record count the plan and the Poisson batches are fixed from
 
 
 def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
@@ -125,8 +127,10 @@ def answer_round(policy: NodePolicy, request: RoundRequest) -> Answer:
     cfg, shard = prepared.cfg, prepared.shard
     if prepared.plan is None:
         result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round))
-        return Update(arrays=arrays, metrics=TrainReport(node, None, _public(policy, shard, result)).to_metrics())
-    return _private_round(policy, cfg, request, (shard, prepared.fingerprint), prepared.plan)
+        return Update(
+            arrays=arrays, metrics=TrainReport(node, None, _public(policy, prepared.sampling_size, result)).to_metrics()
+        )
+    return _private_round(policy, cfg, request, (shard, prepared.fingerprint, prepared.sampling_size), prepared.plan)
 
 
 def answer_preflight(policy: NodePolicy, request: PreflightRequest) -> PreflightAnswer | Refusal:
@@ -235,7 +239,13 @@ def affordable_rounds(
 
 def _prepare(policy: NodePolicy, server_cfg: ExperimentConfig, what: str) -> _Prepared | Refusal:
     """The policy check, then the node's shard and DP plan for ``what`` (a round, or the
-    pre-flight); a refusal when the policy forbids the task or the data cannot serve it."""
+    pre-flight); a refusal when the policy forbids the task or the data cannot serve it.
+
+    The plan is computed from the node's public sampling size N, never from its record count n,
+    so a plan refusal (N below the batch, delta >= 1/N, a target out of reach) is the same for
+    every dataset; only a file that cannot be read or holds no record is refused for the data
+    (``data``: a property of the file as a whole, an operator's error).
+    """
     node = policy.partition_id
     try:
         check_request(policy, server_cfg)
@@ -246,11 +256,14 @@ def _prepare(policy: NodePolicy, server_cfg: ExperimentConfig, what: str) -> _Pr
     try:
         own, fingerprint = task.node_shard(cfg, node, policy.data_path, policy.data_format)
         shard = with_canaries(cfg, policy, own)
-        plan = plan_for(cfg, len(shard)) if cfg.privacy.sample_level else None
+        if len(shard) == 0:
+            raise DataError("the node's data holds no record to train on")
+        size = len(shard) if policy.sampling_size is None else policy.sampling_size  # None: simulated only
+        plan = plan_for(cfg, size) if cfg.privacy.sample_level else None
     except (DataError, PrivacyPlanError) as exc:
         log.error("client %d: declining %s (data): %s", node, what, escape_remote_text(exc))
         return Refusal(node, DATA, cap=policy.max_epsilon)
-    return _Prepared(cfg, shard, fingerprint, plan)
+    return _Prepared(cfg, shard, fingerprint, plan, size)
 
 
 def _mechanism(policy: NodePolicy, cfg: ExperimentConfig, plan: DPPlan) -> tuple[Budget, DPSpec]:
@@ -303,7 +316,7 @@ def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:
 def _private_round(
     policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequest, data: tuple, plan: DPPlan
 ) -> Answer:
-    shard, fingerprint = data
+    shard, fingerprint, sampling_size = data
     node, run_id, server_round = policy.partition_id, request.run_id, request.server_round
     budget, dp = _mechanism(policy, cfg, plan)
     steps, rate = cfg.train.local_steps, plan.sample_rate
@@ -339,7 +352,7 @@ def _private_round(
                 node, BUDGET, cap=budget.max_epsilon, spent=decision.spent, delta=budget.delta, history=history
             )
         expected = extend_history(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps)
-        result, arrays = _train(cfg, shard, request, dp, history, _seed(cfg, policy, server_round))
+        result, arrays = _train(cfg, shard, request, dp, history, _seed(cfg, policy, server_round), sampling_size)
         if result.history != expected:  # the ledger must hold exactly what Opacus accounted
             raise LedgerError(f"Opacus accounted {result.history}, the ledger expected {expected}")
         after = check_round(
@@ -357,7 +370,7 @@ def _private_round(
             history=expected,
             can_continue=after.allowed,
         )
-        metrics = TrainReport(node, accounting, _public(policy, shard, result)).to_metrics()
+        metrics = TrainReport(node, accounting, _public(policy, sampling_size, result)).to_metrics()
         # the reply is saved before the release is recorded: a crash between the two leaves a reply
         # naming a release the ledger never got (never replayed: the round is trained and counted
         # once); the other order left a counted release without its reply, so it was counted twice
@@ -400,8 +413,15 @@ def research_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -
 
 
 def _train(
-    cfg: ExperimentConfig, shard, request: RoundRequest, dp: DPSpec | None, history: History, seed: int | None
+    cfg: ExperimentConfig,
+    shard,
+    request: RoundRequest,
+    dp: DPSpec | None,
+    history: History,
+    seed: int | None,
+    sampling_size: int | None = None,
 ) -> tuple[LocalResult, dict[str, torch.Tensor]]:
+    """Train one round; under DP the Poisson batches are fixed from ``sampling_size`` (N), not ``len(shard)``."""
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
     if isinstance(shard, CanaryShard):
@@ -421,14 +441,17 @@ def _train(
         override = None
         if isinstance(shard, CanaryShard) and shard.design.kind == "gradient":
             override = GradientCanaries(shard.design, adapter_parameters(model))
-        result = train_local(model, shard, collate, spec, task.choice_ids_for(cfg), dp, history, override)
+        records = shard if sampling_size is None else SamplingShard(shard, sampling_size)
+        result = train_local(model, records, collate, spec, task.choice_ids_for(cfg), dp, history, override)
         return result, adapter_state(model)
 
 
-def _public(policy: NodePolicy, shard, result: LocalResult) -> PublicStats:
-    """What the node's config declares public besides the adapter (nothing by default)."""
+def _public(policy: NodePolicy, sampling_size: int, result: LocalResult) -> PublicStats:
+    """What the node's config declares public besides the adapter (nothing by default). A public
+    size is N, the sampling size the DP plan already made public, never the records' number
+    (its FedAvg weight then needs no release the accountant does not cover)."""
     return PublicStats(
-        num_examples=len(shard) if policy.public_size else None,
+        num_examples=sampling_size if policy.public_size else None,
         train_loss=float(result.mean_loss) if policy.public_metrics else None,
         train_seconds=float(result.seconds) if policy.public_metrics else None,
         examples_seen=int(result.examples_seen) if policy.public_metrics else None,

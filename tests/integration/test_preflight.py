@@ -299,6 +299,7 @@ def _deployed(tmp_path: Path, **extra) -> dict:
         "data-path": str(_records(tmp_path / "node-data.jsonl")),
         "max-epsilon": 4.0,
         "delta": 1e-5,
+        "sampling-size": 120,  # the file's 120 records
     }
     return {**config, **{k.replace("_", "-"): v for k, v in extra.items()}}
 
