@@ -243,8 +243,8 @@ def _prepare(policy: NodePolicy, server_cfg: ExperimentConfig, what: str) -> _Pr
 
     The plan is computed from the node's public sampling size N, never from its record count n,
     so a plan refusal (N below the batch, delta >= 1/N, a target out of reach) is the same for
-    every dataset; only a file that cannot be read or holds no record is refused for the data
-    (``data``: a property of the file as a whole, an operator's error).
+    every dataset; only a file that cannot be read, holds no record or breaks one of the node's
+    own data rules is refused for the data (``data``: a property of the file, an operator's error).
     """
     node = policy.partition_id
     try:

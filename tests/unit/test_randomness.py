@@ -305,7 +305,6 @@ def test_a_shard_sampled_at_a_public_size_runs_the_rate_and_divisor_of_that_size
     # N = 100, b = 16: 7 batches, q = 1/7, expected batch int(100 / 7) = 14, whatever n is
     data = SamplingShard(_Repeat(shard, n), 100)
     randomness = dp_randomness(5)
-    load_adapter_state(bundle.model, adapter_state(bundle.model))
     params = [p for p in bundle.model.parameters() if p.requires_grad]
     session = start_round(
         model=bundle.model,
