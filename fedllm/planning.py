@@ -16,12 +16,14 @@ from fedllm.privacy.client_level import ZERO_OUT, clients_per_round, planned_eps
 
 
 def plan_for(cfg: ExperimentConfig, shard_size: int, accountant: AccountantName | None = None) -> DPPlan:
-    """The DP-SGD plan ``cfg`` gives a node with ``shard_size`` records: noise from the run's
-    schedule and target (or ``privacy.noise_multiplier``), and the sample rate it runs.
+    """The DP-SGD plan ``cfg`` gives a node that samples at ``shard_size`` records: noise from
+    the run's schedule and target (or ``privacy.noise_multiplier``), and the sample rate it runs.
 
     Args:
         cfg: the experiment.
-        shard_size: the node's training records.
+        shard_size: N, the record count the node's sampling is fixed from: a deployed node's
+            public ``sampling-size`` (not its records, whose number the plan would then leak);
+            in simulation the shard's size, public to the researcher.
         accountant: plan under this accountant instead of ``privacy.accountant``.
 
     Raises:

@@ -13,7 +13,7 @@ What it does, as an operator would:
      Fleet API to the SuperLink and nothing else;
   3. one authentication key pair per node, registered with the SuperLink (`flwr supernode register`);
   4. each node's own data file (here: a slice of the embedded Rotten Tomatoes reviews) and its
-     node config: data-path, state-dir, max-epsilon, partition-id;
+     node config: data-path, state-dir, max-epsilon, sampling-size, partition-id;
   5. one `flower-supernode` per node, connected to the gateway; with --unregistered, nodes whose
      key was never registered (the SuperLink must refuse them); with --outsider, someone holding
      only the CA certificate tries, through the nodes' address, to register a key, start a run
@@ -214,8 +214,9 @@ def outsider_attempts(workdir: Path, fleet: str, ca_cert: Path, env: dict, outpu
     return report
 
 
-def node_config(index: int, data: Path, state: Path, cap: str) -> str:
-    """A node's own rules: its data, its state, its cap and delta (the server can only lower them)."""
+def node_config(index: int, data: Path, state: Path, cap: str, sampling_size: int) -> str:
+    """A node's own rules: its data, its state, its cap and delta (the server can only lower them),
+    and the public record count its DP plan is fixed from (its file's size, a public demo number)."""
     return " ".join(
         [
             f"partition-id={index}",
@@ -225,6 +226,7 @@ def node_config(index: int, data: Path, state: Path, cap: str) -> str:
             "delta=1e-5",
             # the demo's default run is the smoke (the random tiny model), which no node allows unless it says so
             "allowed-models=embedded,tiny",
+            f"sampling-size={sampling_size}",
         ]
     )
 
@@ -313,14 +315,13 @@ def run_demo(args: argparse.Namespace) -> dict:
             start_node(
                 f"supernode{index}",
                 private,
-                node_config(index, data[index], workdir / f"node{index}" / "state", caps[index]),
+                node_config(index, data[index], workdir / f"node{index}" / "state", caps[index], args.records),
             )
         if args.broken_node:
             private, public = make_node_keys(workdir / "keys", "broken")
             flwr(["supernode", "register", str(public), "demo"], env, timeout=60)
-            start_node(
-                "broken", private, node_config(args.nodes, workdir / "missing" / "data.jsonl", workdir / "broken", "")
-            )
+            missing = workdir / "missing" / "data.jsonl"
+            start_node("broken", private, node_config(args.nodes, missing, workdir / "broken", "", args.records))
         rogues = []
         for index in range(args.unregistered):
             private, _ = make_node_keys(workdir / "keys", f"unregistered{index}")
@@ -328,7 +329,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                 start_node(
                     f"unregistered{index}",
                     private,
-                    node_config(args.nodes + 1 + index, data[0], workdir / f"unregistered{index}", ""),
+                    node_config(args.nodes + 1 + index, data[0], workdir / f"unregistered{index}", "", args.records),
                     "--max-retries",
                     "0",
                 )

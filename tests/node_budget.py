@@ -39,15 +39,16 @@ class NodeOutlook:
     policy: NodePolicy
 
 
-def node_outlook(cfg: ExperimentConfig, node_config: str, records: int) -> NodeOutlook:
-    """The rounds a node with ``node_config`` and ``records`` training records trains in ``cfg``'s run.
+def node_outlook(cfg: ExperimentConfig, node_config: str) -> NodeOutlook:
+    """The rounds a node with ``node_config`` trains in ``cfg``'s run.
 
-    The node plans its noise from its own shard size (the run's target and schedule), then
-    checks each round against the stricter of the run's budget and its own cap, with its own
-    accountant, as :func:`fedllm.node.guard` does.
+    The node plans its noise from its public ``sampling-size`` (whatever number of records it
+    holds) and the run's target and schedule, then checks each round against the stricter of
+    the run's budget and its own cap, with its own accountant, as :func:`fedllm.node.guard` does.
     """
     policy = policy_from_node_config(parse_flower_config(node_config))
-    plan = _plan(cfg, records)
+    assert policy.sampling_size is not None  # a deployed node's config must name it
+    plan = _plan(cfg, policy.sampling_size)
     budget = effective_budget(
         run_target=cfg.privacy.target_epsilon,
         run_delta=cfg.privacy.delta,
@@ -66,7 +67,7 @@ def node_outlook(cfg: ExperimentConfig, node_config: str, records: int) -> NodeO
     return NodeOutlook(rounds, cfg.federation.num_rounds, policy)
 
 
-@lru_cache(maxsize=16)  # nodes of one run with as many records share a plan (PRV planning takes seconds)
+@lru_cache(maxsize=16)  # nodes of one run with one sampling size share a plan (PRV planning takes seconds)
 def _plan(cfg: ExperimentConfig, records: int) -> DPPlan:
     return plan_for(cfg, records)
 

@@ -31,11 +31,12 @@ Privacy boundary: the answer reveals nothing that the node's train replies and r
 do not already send about these rounds. Its cap, delta and spent epsilon are in every train
 reply and budget refusal; rounds-affordable and the epsilon after them are a function of the
 node's DP history (sent whole in every train reply and budget refusal), this run's plan (public),
-and the sample rate ``1/ceil(n/B)`` of its shard, which every train reply carries in its DP
-history; a refusal is a train refusal's category. What is new is when and at what cost: the
-coordinator learns these numbers before any round, without the node spending any budget, and
-as often as it asks (docs/threat-model.md). The node reads its ledger under the ledger's lock
-and writes nothing: no budget is consumed, nothing is recorded, nothing is trained.
+and the sample rate ``1/ceil(N/B)`` fixed from its public sampling size N (not its records'
+number), which every train reply carries in its DP history; a refusal is a train refusal's
+category. What is new is when and at what cost: the coordinator learns these numbers before any
+round, without the node spending any budget, and as often as it asks (docs/threat-model.md).
+The node reads its ledger under the ledger's lock and writes nothing: no budget is consumed,
+nothing is recorded, nothing is trained.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ Flower codec (the reply messages) and the server's parser and validator.
 A node's reply is a release. By default it carries the adapter tensors and the accounting
 metadata the server needs to recompute the node's epsilon (noise multiplier, sample rate,
 steps: the DP history; the node's cap and delta; whether one more round fits), nothing
-else. Data-dependent values no DP covers (shard size, train loss, examples seen, timings)
-leave only when the node's own config declares them public. A refusal says only its
+else; the sample rate is fixed from the node's public sampling size N, never from its record
+count. Data-dependent values no DP covers (train loss, examples seen, timings) leave only when
+the node's own config declares them public; a public size is N, not the records' number. A refusal says only its
 category (budget, data, policy) and the epsilon numbers; the detail stays in the node's log.
 
 The server parses every reply with :func:`parse_reply` into a typed :class:`TrainReport` or

@@ -54,6 +54,7 @@ from fedllm.planning import plan_for
 from fedllm.privacy.accounting import History, extend_history
 from fedllm.privacy.budget import Budget, BudgetDecision, check_round, effective_budget
 from fedllm.privacy.calibration import DPPlan
+from fedllm.privacy.dpsgd import SamplingShard
 from fedllm.privacy.node_ledger import NodeLedger, Release
 from fedllm.privacy.record_keys import ShardContent
 from fedllm.training.local import DPSpec, LocalResult, LocalSpec, train_local
@@ -111,6 +112,7 @@ class _Prepared:
     shard: TokenizedDataset | SizedDataset  # the node's own, or a simulation driver's extension of it
     content: ShardContent  # the node's own records, what the ledger charges
     plan: DPPlan | None  # None: the run trains without DP-SGD (the node's policy allows it)
+    sampling_size: int  # N: the public record count the plan and the Poisson batches are fixed from
 
 
 def answer_round(policy: NodePolicy, request: RoundRequest, extension: ShardExtension | None = None) -> Answer:
@@ -131,9 +133,12 @@ def answer_round(policy: NodePolicy, request: RoundRequest, extension: ShardExte
         return prepared
     cfg, shard = prepared.cfg, prepared.shard
     if prepared.plan is None:
-        result, arrays = _train(cfg, shard, request, None, [], _seed(cfg, policy, server_round), extension)
-        return Update(arrays=arrays, metrics=TrainReport(node, None, _public(policy, shard, result)).to_metrics())
-    return _private_round(policy, cfg, request, (shard, prepared.content, extension), prepared.plan)
+        seed = _seed(cfg, policy, server_round)
+        result, arrays = _train(cfg, shard, request, None, [], seed, extension=extension)  # no DP: no Poisson rate
+        public = _public(policy, prepared.sampling_size, result)
+        return Update(arrays=arrays, metrics=TrainReport(node, None, public).to_metrics())
+    data = (shard, prepared.content, extension, prepared.sampling_size)
+    return _private_round(policy, cfg, request, data, prepared.plan)
 
 
 def answer_preflight(
@@ -247,7 +252,13 @@ def _prepare(
     policy: NodePolicy, server_cfg: ExperimentConfig, what: str, extension: ShardExtension | None
 ) -> _Prepared | Refusal:
     """The policy check, then the node's shard and DP plan for ``what`` (a round, or the
-    pre-flight); a refusal when the policy forbids the task or the data cannot serve it."""
+    pre-flight); a refusal when the policy forbids the task or the data cannot serve it.
+
+    The plan is computed from the node's public sampling size N, never from its record count n,
+    so a plan refusal (N below the batch, delta >= 1/N, a target out of reach) is the same for
+    every dataset; only a file that cannot be read, holds no record or breaks one of the node's
+    own data rules is refused for the data (``data``: a property of the file, an operator's error).
+    """
     node = policy.partition_id
     try:
         check_request(policy, server_cfg)
@@ -260,11 +271,14 @@ def _prepare(
     try:
         own, content = task.node_shard(cfg, node, policy.data_path, policy.data_format)
         shard = own if extension is None else extension.extend(own, lambda rs: task.tokenize_for_node(cfg, rs))
-        plan = plan_for(cfg, len(shard)) if cfg.privacy.sample_level else None
+        if len(shard) == 0:
+            raise DataError("the node's data holds no record to train on")
+        size = len(shard) if policy.sampling_size is None else policy.sampling_size  # None: simulated only
+        plan = plan_for(cfg, size) if cfg.privacy.sample_level else None
     except (DataError, PrivacyPlanError) as exc:
         log.error("client %d: declining %s (data): %s", node, what, escape_remote_text(exc))
         return Refusal(node, DATA, cap=policy.max_epsilon)
-    return _Prepared(cfg, shard, content, plan)
+    return _Prepared(cfg, shard, content, plan, size)
 
 
 def _mechanism(policy: NodePolicy, cfg: ExperimentConfig, plan: DPPlan) -> tuple[Budget, DPSpec]:
@@ -308,7 +322,7 @@ def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:
 def _private_round(
     policy: NodePolicy, cfg: ExperimentConfig, request: RoundRequest, data: tuple, plan: DPPlan
 ) -> Answer:
-    shard, content, extension = data
+    shard, content, extension, sampling_size = data
     node, run_id, server_round = policy.partition_id, request.run_id, request.server_round
     budget, dp = _mechanism(policy, cfg, plan)
     steps, rate = cfg.train.local_steps, plan.sample_rate
@@ -346,7 +360,10 @@ def _private_round(
                 node, BUDGET, cap=budget.max_epsilon, spent=decision.spent, delta=budget.delta, history=history
             )
         expected = extend_history(history, noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps)
-        result, arrays = _train(cfg, shard, request, dp, history, _seed(cfg, policy, server_round), extension)
+        seed = _seed(cfg, policy, server_round)
+        result, arrays = _train(
+            cfg, shard, request, dp, history, seed, extension=extension, sampling_size=sampling_size
+        )
         if result.history != expected:  # the ledger must hold exactly what Opacus accounted
             raise LedgerError(f"Opacus accounted {result.history}, the ledger expected {expected}")
         if result.nonfinite:  # counted on the node only: which records, and how many, is nobody else's business
@@ -372,7 +389,7 @@ def _private_round(
             history=expected,
             can_continue=after.allowed,
         )
-        metrics = TrainReport(node, accounting, _public(policy, shard, result)).to_metrics()
+        metrics = TrainReport(node, accounting, _public(policy, sampling_size, result)).to_metrics()
         finite = all_finite(arrays)
         if finite:
             # the reply is saved before the release is recorded: a crash between the two leaves a reply
@@ -441,8 +458,11 @@ def _train(
     dp: DPSpec | None,
     history: History,
     seed: int | None,
+    *,
     extension: ShardExtension | None = None,
+    sampling_size: int | None = None,
 ) -> tuple[LocalResult, dict[str, torch.Tensor]]:
+    """Train one round; under DP the Poisson batches are fixed from ``sampling_size`` (N), not ``len(shard)``."""
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
     collate = make_collate(bundle.pad_id, prompt_only=cfg.train.objective == "choices")
     if extension is not None:
@@ -460,14 +480,17 @@ def _train(
     )
     with bundle.adapter(request.received) as model:
         override = extension.override(model) if extension is not None else None
-        result = train_local(model, shard, collate, spec, task.choice_ids_for(cfg), dp, history, override)
+        records = shard if sampling_size is None else SamplingShard(shard, sampling_size)
+        result = train_local(model, records, collate, spec, task.choice_ids_for(cfg), dp, history, override)
         return result, adapter_state(model)
 
 
-def _public(policy: NodePolicy, shard, result: LocalResult) -> PublicStats:
-    """What the node's config declares public besides the adapter (nothing by default)."""
+def _public(policy: NodePolicy, sampling_size: int, result: LocalResult) -> PublicStats:
+    """What the node's config declares public besides the adapter (nothing by default). A public
+    size is N, the sampling size the DP plan already made public, never the records' number
+    (its FedAvg weight then needs no release the accountant does not cover)."""
     return PublicStats(
-        num_examples=len(shard) if policy.public_size else None,
+        num_examples=sampling_size if policy.public_size else None,
         train_loss=float(result.mean_loss) if policy.public_metrics else None,
         train_seconds=float(result.seconds) if policy.public_metrics else None,
         examples_seen=int(result.examples_seen) if policy.public_metrics else None,

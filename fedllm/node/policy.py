@@ -76,6 +76,8 @@ MAX_LENGTH = "max-length"
 MAX_ADAPTER_ABS = "max-adapter-abs"
 MAX_ADAPTER_NORM = "max-adapter-norm"
 ANSWER_PREFLIGHT = "answer-preflight"  # false: decline every pre-flight (it costs the node no budget)
+# the public record count N the node's DP plan and Poisson sampling are fixed from (never its records' number)
+SAMPLING_SIZE = "sampling-size"
 SIMULATED = "simulated"
 NOISE = "noise"  # simulated nodes only: "seeded" lets the researcher's run reproduce its noise
 # simulated nodes only: the file of audit canaries this node trains on besides its shard (`fedllm audit`)
@@ -113,6 +115,7 @@ KNOWN_KEYS = (
     MAX_ADAPTER_ABS,
     MAX_ADAPTER_NORM,
     ANSWER_PREFLIGHT,
+    SAMPLING_SIZE,
     SIMULATED,
     NOISE,
     AUDIT_CANARIES,
@@ -141,6 +144,18 @@ REFUSAL_CATEGORIES = (BUDGET, DATA, POLICY, ERROR)
 # before its rounds; a budget shortfall is told by rounds-affordable, never as a refusal
 DECLINED = "declined"
 PREFLIGHT_REFUSAL_CATEGORIES = (DATA, POLICY, ERROR, DECLINED)
+
+
+# Why a deployed node cannot start without it (rather than refusing DP rounds later): every release
+# of a node (plan, rate, refusals, pre-flight answers, public size) is computed from N, and there is
+# no safe default: the record count would leak, and any fixed number would silently misfit most
+# datasets (delta >= 1/N refused, or batches far from the planned size). A ConfigError at start is
+# data-independent, tells the operator at once, and is how the other required keys behave.
+SAMPLING_SIZE_REQUIRED = (
+    f"node config {SAMPLING_SIZE}: required; the record count this node's DP plan and Poisson sampling are "
+    "computed from, a public round figure near the size of its dataset (its real count is never sent), "
+    f"e.g. {SAMPLING_SIZE}=1000 for about a thousand records"
+)
 
 
 class PolicyViolation(Exception):
@@ -176,6 +191,10 @@ class NodePolicy:
     max_adapter_abs: float = DEFAULT_MAX_ABS
     max_adapter_norm: float = DEFAULT_MAX_NORM
     answer_preflight: bool = True
+    # N: what the node's DP plan, sample rate q = 1 / ceil(N / b), delta check and public size are
+    # computed from, so that none of them follows the records it holds; None only in simulation
+    # (the shard's own size: the researcher split the data and knows it)
+    sampling_size: int | None = None
     simulated: bool = False
     seeded_noise: bool = False  # simulation only: the researcher chose reproducible noise
     audit_canaries: str | None = None  # simulation only: `fedllm audit`'s canaries for this node
@@ -207,6 +226,10 @@ class NodePolicy:
         _choice(self.duplicates, DUPLICATES, DUPLICATE_POLICIES)
         if self.data_path is None and not self.simulated:
             raise ConfigError(f"node config {DATA_PATH}: required: the node's own training file (JSONL or CSV)")
+        if self.sampling_size is None and not self.simulated:
+            raise ConfigError(SAMPLING_SIZE_REQUIRED)
+        if self.sampling_size is not None and self.sampling_size < 1:
+            raise ConfigError(f"node config {SAMPLING_SIZE}: must be a positive whole number, got {self.sampling_size}")
         if self.seeded_noise and not self.simulated:
             raise ConfigError(f"node config {NOISE}=seeded: a deployed node always draws its noise from OS entropy")
         if self.audit_canaries and not self.simulated:
@@ -327,6 +350,7 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         max_adapter_abs=_optional_number(node_config, MAX_ADAPTER_ABS, DEFAULT_MAX_ABS),
         max_adapter_norm=_optional_number(node_config, MAX_ADAPTER_NORM, DEFAULT_MAX_NORM),
         answer_preflight=_flag(node_config.get(ANSWER_PREFLIGHT, True), ANSWER_PREFLIGHT),
+        sampling_size=_sampling_size(node_config, simulated),
         simulated=simulated,
         seeded_noise=_noise_is_seeded(node_config.get(NOISE, "secure")),
         audit_canaries=str(node_config.get(AUDIT_CANARIES) or "") or None,
@@ -334,6 +358,19 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         state_key_file=str(node_config.get(STATE_KEY_FILE) or "") or None,
         state_key_env=str(node_config.get(STATE_KEY_ENV) or DEFAULT_STATE_KEY_ENV),
     )
+
+
+def _sampling_size(node_config: Mapping, simulated: bool) -> int | None:
+    """The node's public sampling size N; absent only for a simulated node (its shard's size).
+
+    Raises:
+        ConfigError: a deployed node's config lacks it, or it is not a whole number.
+    """
+    if node_config.get(SAMPLING_SIZE) in (None, ""):
+        if simulated:
+            return None
+        raise ConfigError(SAMPLING_SIZE_REQUIRED)
+    return _integer(node_config, SAMPLING_SIZE, 0)
 
 
 def _noise_is_seeded(value: object) -> bool:
@@ -423,7 +460,9 @@ def simulated_node_config(cfg: ExperimentConfig, partition_id: int) -> dict[str,
     """A virtual node's config, built by the simulation driver from the researcher's experiment.
 
     The researcher is operator and coordinator at once here, so the experiment's choices
-    (privacy mode, noise source, caps) become each node's own.
+    (privacy mode, noise source, caps) become each node's own. It sets no :data:`SAMPLING_SIZE`:
+    a virtual node samples at its shard's own size (audit canaries included), which the researcher
+    who split the data knows, so plans and pinned epsilons are those of a node whose N is its n.
     """
     cap = cfg.privacy.cap_for(partition_id)
     root = Path(cfg.privacy.state_dir) if cfg.privacy.state_dir else Path.home() / ".fedllm" / "node-state"

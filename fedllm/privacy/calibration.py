@@ -28,19 +28,22 @@ class DPPlan:
 
 
 def sample_rate_for(batch_size: int, shard_size: int) -> float:
-    """The Poisson sampling rate Opacus will run for this shard and batch size.
+    """The Poisson sampling rate Opacus will run at this sampling size and batch size.
 
-    Opacus derives it as ``1 / len(data_loader)`` = ``1 / ceil(n / batch_size)``, which is
-    slightly above ``batch_size / n`` when the shard is not a multiple of the batch; we
-    plan with exactly the rate that will run, so planned and spent epsilon agree.
+    Opacus derives it as ``1 / len(data_loader)`` = ``1 / ceil(N / batch_size)``, which is
+    slightly above ``batch_size / N`` when N is not a multiple of the batch; we plan with
+    exactly the rate that will run, so planned and spent epsilon agree. ``shard_size`` is N,
+    the record count the sampling is fixed from: a deployed node's public ``sampling-size``
+    (never the number of records it holds, which would then leak through the rate), a
+    simulated node's shard size.
 
     Raises:
-        PrivacyPlanError: the shard is smaller than one batch.
+        PrivacyPlanError: N is smaller than one batch.
     """
     if shard_size < batch_size:
         raise PrivacyPlanError(
-            f"a shard of {shard_size} records cannot give batches of {batch_size}; "
-            "lower train.batch_size or federation.num_clients"
+            f"a sampling size of {shard_size} records cannot give batches of {batch_size}; "
+            "lower train.batch_size (or raise the node's sampling-size / lower federation.num_clients)"
         )
     return 1.0 / math.ceil(shard_size / batch_size)
 
@@ -60,12 +63,13 @@ def plan_client(
     """Noise for one client that takes part in every round, so its final epsilon <= target.
 
     Args:
-        shard_size: the client's training records.
-        batch_size: expected Poisson batch size.
+        shard_size: N, the record count the sampling rate is fixed from (a node's public
+            ``sampling-size``; see :func:`sample_rate_for`).
+        batch_size: expected Poisson batch size at N records.
         rounds: planned federated rounds.
         local_steps: DP-SGD steps per round.
         target_epsilon: epsilon to meet after all rounds.
-        delta: the DP delta; must be below 1/shard_size.
+        delta: the DP delta; must be below 1/N (N, not the records held: the check is a release too).
         accountant: ``rdp`` or ``prv``.
         noise_multiplier: use this fixed noise instead of planning one (the plan then
             reports the epsilon it reaches, which may exceed the target).
@@ -75,7 +79,7 @@ def plan_client(
     """
     if delta >= 1.0 / shard_size:
         raise PrivacyPlanError(
-            f"privacy.delta={delta} is not below 1/n for a shard of {shard_size} records; "
+            f"privacy.delta={delta} is not below 1/N for a sampling size of {shard_size} records; "
             f"use a delta under {1.0 / shard_size:.1e}"
         )
     rate = sample_rate_for(batch_size, shard_size)

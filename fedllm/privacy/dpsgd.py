@@ -11,9 +11,12 @@ Opacus clips, scales and accounts; the node's own randomness (:mod:`fedllm.priva
 decides the Poisson batches and draws the noise. Opacus's ``DPDataLoader`` is not used: it
 sizes its sampler as ``int(1 / sample_rate)``, which is ``k - 1`` for ``k`` = 93, 99, 105, ...
 batches (the accounted rate then disagrees with the planned one), and it samples on float32
-uniforms. Our loader has exactly ``ceil(n / b)`` batches, so Opacus's accountant records
-``1 / len(loader)``, the planner's rate, and its optimizer divides by its expected batch size
-``int(n / ceil(n / b))`` as it does for its own Poisson batches.
+uniforms. Our loader has exactly ``ceil(N / b)`` batches, so Opacus's accountant records
+``1 / len(loader)``, the planner's rate, and the optimizer divides by the expected batch size
+``int(N * q)`` as Opacus does for its own Poisson batches. N is the shard's own size unless the
+shard comes as a :class:`SamplingShard`: a node samples its records at the public record count of
+its node config (``sampling-size``), so the rate, the step count and the divisor are the same
+whatever number of records it holds (docs/threat-model.md, "Neighbouring relation").
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ class NodeNoiseDPOptimizer(DPOptimizer):
     ``make_private`` built.
     """
 
-    def __init__(self, built: DPOptimizer, noise: GaussianNoise):
+    def __init__(self, built: DPOptimizer, noise: GaussianNoise, expected_batch_size: int | None = None):
         """
         Args:
             built: the optimizer ``make_private`` returned (flat clipping, one process).
             noise: the node's noise source.
+            expected_batch_size: what the noised sum is divided by (default: Opacus's, from the
+                loader's dataset length; a node's comes from its sampling size instead).
 
         Raises:
             ConfigError: ``built`` is another Opacus optimizer (per-layer, ghost, distributed),
@@ -65,7 +70,7 @@ class NodeNoiseDPOptimizer(DPOptimizer):
             built.original_optimizer,
             noise_multiplier=built.noise_multiplier,
             max_grad_norm=built.max_grad_norm,
-            expected_batch_size=built.expected_batch_size,
+            expected_batch_size=built.expected_batch_size if expected_batch_size is None else expected_batch_size,
             loss_reduction=built.loss_reduction,
         )
         self.attach_step_hook(built.step_hook)  # the accountant: one step per (possibly empty) batch
@@ -170,18 +175,52 @@ def zero_nonfinite_rows(samples: list[torch.Tensor]) -> int:
     return int(bad.sum())
 
 
+class SamplingShard(Dataset):
+    """A shard to be Poisson-sampled at the rate a public record count fixes, not its own length.
+
+    The records are the shard's own (``len`` and indexing are its); ``sampling_size`` is the N
+    from which the loader's ``ceil(N / b)`` batches, the rate ``1 / ceil(N / b)`` and the expected
+    batch size are computed (:class:`~fedllm.privacy.randomness.PoissonBatchSampler`).
+    """
+
+    def __init__(self, records: Dataset, sampling_size: int):
+        """
+        Args:
+            records: the shard (any dataset with a length).
+            sampling_size: N, a positive record count chosen without looking at the records.
+
+        Raises:
+            ConfigError: ``sampling_size`` is not positive.
+        """
+        if sampling_size < 1:
+            raise ConfigError(f"a sampling size must be a positive record count, got {sampling_size}")
+        self.records, self.sampling_size = records, sampling_size
+
+    def __len__(self) -> int:
+        return len(self.records)  # type: ignore[arg-type]  # torch types Dataset without __len__
+
+    def __getitem__(self, index: int):
+        return self.records[index]
+
+
+def poisson_sampler(dataset: Dataset, batch_size: int, randomness: DPRandomness) -> PoissonBatchSampler:
+    """The Poisson batches for ``dataset``: at its :class:`SamplingShard` size if it has one, else its length."""
+    size = dataset.sampling_size if isinstance(dataset, SamplingShard) else None
+    # torch types Dataset without __len__; every shard a node trains on has one
+    return PoissonBatchSampler(len(dataset), batch_size, randomness.sampling, size)  # type: ignore[arg-type]
+
+
 def poisson_loader(dataset: Dataset, batch_size: int, collate: Callable, randomness: DPRandomness) -> DataLoader:
-    """A loader of ``ceil(n / b)`` Poisson batches drawn from the node's sampling stream.
+    """A loader of ``ceil(N / b)`` Poisson batches drawn from the node's sampling stream
+    (N: the :class:`SamplingShard` size, else the shard's length).
 
     Args:
         dataset: the client's shard.
-        batch_size: the expected batch size.
+        batch_size: the expected batch size at N records.
         collate: batch builder; it must accept an empty list (an empty Poisson batch).
         randomness: the round's streams (only ``sampling`` is used).
     """
-    # torch types Dataset without __len__; every shard a node trains on has one
-    sampler = PoissonBatchSampler(len(dataset), batch_size, randomness.sampling)  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(dataset, batch_sampler=poisson_sampler(dataset, batch_size, randomness), collate_fn=collate)
 
 
 def start_round(
@@ -203,7 +242,7 @@ def start_round(
     Args:
         model: the PEFT model in training mode; only adapters require grad.
         optimizer: a fresh optimizer over the adapter parameters.
-        dataset: the client's tokenized shard.
+        dataset: the client's tokenized shard (a :class:`SamplingShard` to sample at a public size).
         batch_size: the expected Poisson batch size.
         collate: batch builder (must accept an empty batch).
         noise_multiplier: Gaussian noise std relative to ``max_grad_norm``.
@@ -222,7 +261,8 @@ def start_round(
         warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
         engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = list(history)
-    loader = poisson_loader(dataset, batch_size, collate, randomness)
+    sampler = poisson_sampler(dataset, batch_size, randomness)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
     # poisson_sampling=False: Opacus keeps our loader (already Poisson) and accounts 1 / len(loader).
     # Under ``lora`` Opacus still builds the optimizer and the accountant's hook as for its own
     # modes (one source for the rate and the expected batch size); only its per-sample
@@ -241,5 +281,6 @@ def start_round(
         hooks.cleanup()
         hooks = LoraGradSampler(model)
     hooks.forbid_grad_accumulation()  # what Opacus sets for its own Poisson loader
-    dp_optimizer = NodeNoiseDPOptimizer(built, GaussianNoise(randomness.noise))
+    # Opacus's own divisor is int(len(dataset) * q): it would follow the records held, not N
+    dp_optimizer = NodeNoiseDPOptimizer(built, GaussianNoise(randomness.noise), sampler.expected_batch_size)
     return DPRound(engine=engine, hooks=hooks, optimizer=dp_optimizer, loader=loader)

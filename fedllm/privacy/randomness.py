@@ -111,30 +111,37 @@ def torch_generator(rng: np.random.Generator) -> torch.Generator:
 class PoissonBatchSampler(Sampler[list[int]]):
     """Poisson batches over ``num_records`` records for a ``DataLoader``'s ``batch_sampler``.
 
-    Every batch includes each record independently with probability exactly
-    ``1 / ceil(num_records / batch_size)`` (decided on float64 uniforms), the rate the planner
-    plans with and Opacus accounts (``1 / len(loader)``). One pass is ``ceil(n / b)`` batches;
-    a batch can be empty, and is still a DP step.
+    The rate and the number of batches follow from ``sampling_size`` (N, default: the records
+    themselves) and the batch size alone: one pass is ``ceil(N / b)`` batches, and every batch
+    includes each of the ``num_records`` records independently with probability exactly
+    ``q = 1 / ceil(N / b)`` (decided on float64 uniforms), the rate the planner plans with and
+    Opacus accounts (``1 / len(loader)``). A node samples at the public N of its node config
+    (``sampling-size``), so nothing but the batches' sizes depends on how many records it holds:
+    fewer records than ``b`` just give small batches. A batch can be empty, and is still a DP step.
     """
 
-    def __init__(self, num_records: int, batch_size: int, rng: np.random.Generator):
+    def __init__(self, num_records: int, batch_size: int, rng: np.random.Generator, sampling_size: int | None = None):
         """
         Args:
-            num_records: records in the shard.
-            batch_size: the expected batch size.
+            num_records: records in the shard (each is sampled at the rate; may be fewer than ``b``).
+            batch_size: the expected batch size at ``sampling_size`` records.
             rng: the sampling stream (:attr:`DPRandomness.sampling`).
+            sampling_size: the record count N the rate is fixed from (default: ``num_records``).
 
         Raises:
-            PrivacyPlanError: the shard is smaller than one batch (the planner refuses it too).
+            PrivacyPlanError: N is smaller than one batch (the planner refuses it too).
         """
-        if batch_size < 1 or num_records < batch_size:
+        size = num_records if sampling_size is None else sampling_size
+        if batch_size < 1 or size < batch_size or num_records < 0:
             raise PrivacyPlanError(
-                f"a shard of {num_records} records cannot give Poisson batches of {batch_size}; "
+                f"a sampling size of {size} records cannot give Poisson batches of {batch_size}; "
                 "lower train.batch_size or federation.num_clients"
             )
         self.num_records = num_records
-        self.num_batches = -(-num_records // batch_size)  # exact integer ceil, no float division
+        self.num_batches = -(-size // batch_size)  # exact integer ceil, no float division
         self.rate = 1.0 / self.num_batches
+        # what Opacus divides the clipped, noised sum by: its int(N * q) for N records at rate q
+        self.expected_batch_size = int(size * self.rate)
         self._rng = rng
 
     def __len__(self) -> int:

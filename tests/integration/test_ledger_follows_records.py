@@ -62,6 +62,7 @@ def _node(state: Path, data: Path, **extra) -> dict:
         "max-epsilon": CAP,
         "delta": 1e-5,
         "allowed-models": "tiny",  # the random test model, which a node allows only by name
+        "sampling-size": 120,  # the file's 120 records: a node whose N is its n
     }
     return {**config, **{k.replace("_", "-"): v for k, v in extra.items()}}
 

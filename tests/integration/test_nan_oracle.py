@@ -38,8 +38,8 @@ MODEL_PARAMS = [pytest.param("tiny"), pytest.param("embedded", marks=pytest.mark
 def _cfg(model: str = "tiny", **train):
     return tiny_config(
         model=MODELS[model],
-        # fp32 (the coordinator picks it); with D (25 records) each step samples the target with probability 1/2
-        train=TrainConfig(local_steps=8, batch_size=RECORDS, precision="fp32", **train),
+        # fp32 (the coordinator picks it); batch = the node's sampling size: every record in every step
+        train=TrainConfig(local_steps=2, batch_size=RECORDS, precision="fp32", **train),
         privacy=PrivacyConfig(noise_multiplier=50.0),
         federation=FederationConfig(num_clients=1, num_rounds=3),
     )
@@ -70,6 +70,7 @@ def _node(tmp_path: Path, with_target: bool, **extra) -> dict:
         "max-epsilon": 1000.0,
         "delta": 1e-5,
         "allowed-models": "tiny,embedded",
+        "sampling-size": RECORDS,  # sampling rate 1/ceil(N/batch) = 1 for D' and for D
         **extra,
     }
 
@@ -154,7 +155,7 @@ def test_a_node_with_raised_bounds_sends_a_finite_update_with_or_without_the_rec
         zeroed[with_target] = [
             r.getMessage() for r in caplog.records if "were zeroed before clipping" in r.getMessage()
         ]
-    assert len(zeroed[True]) == 1  # the target was sampled in some of the 8 steps (all but surely: 1 - 2**-8)
+    assert len(zeroed[True]) == 1 and "2 per-sample gradient(s)" in zeroed[True][0]  # one in each step
     assert zeroed[False] == []
 
 

@@ -66,6 +66,7 @@ def test_a_plaintext_ledger_with_a_recomputed_checksum_is_refused_with_a_key(tmp
 
 def test_a_deployed_node_reads_its_key_from_its_own_variable_or_file(tmp_path, monkeypatch):
     base = {"partition-id": 0, "state-dir": str(tmp_path), "data-path": "x.jsonl", "max-epsilon": 8, "delta": 1e-5}
+    base["sampling-size"] = 100
     assert policy_from_node_config(base).state_key() is None
     policy = policy_from_node_config({**base, "encrypt-state": "true"})
     monkeypatch.delenv("FEDLLM_NODE_KEY", raising=False)

@@ -124,6 +124,7 @@ def _deployed(tmp_path: Path, **extra) -> dict:
         "max-epsilon": 7.0,
         "delta": 1e-5,
         "allowed-models": "tiny",  # these tests' runs use the random test model
+        "sampling-size": 120,  # the file's 120 records: the plans and epsilons of a node whose N is its n
     }
     config.update({k.replace("_", "-"): v for k, v in extra.items()})
     return config
@@ -263,7 +264,7 @@ def _call(msg, node_config):
     return train(msg, node_context(node_config))
 
 
-@pytest.mark.parametrize("missing", ["state-dir", "data-path", "max-epsilon", "delta"])
+@pytest.mark.parametrize("missing", ["state-dir", "data-path", "max-epsilon", "delta", "sampling-size"])
 def test_a_deployed_node_needs_its_own_rules_in_its_node_config(tmp_path, missing):
     node = _deployed(tmp_path)
     del node[missing]

@@ -302,6 +302,7 @@ def _deployed(tmp_path: Path, **extra) -> dict:
         "max-epsilon": 4.0,
         "delta": 1e-5,
         "allowed-models": "tiny",  # these tests' runs use the random test model
+        "sampling-size": 120,  # the file's 120 records
     }
     return {**config, **{k.replace("_", "-"): v for k, v in extra.items()}}
 

@@ -84,6 +84,7 @@ def test_only_the_simulation_driver_can_plant_canaries_on_a_node(tmp_path):
         "data-path": str(tmp_path / "d.jsonl"),
         "max-epsilon": 8,
         "delta": 1e-5,
+        "sampling-size": 40,
         AUDIT_CANARIES: str(tmp_path / "c.json"),
     }
     with pytest.raises(ConfigError, match=AUDIT_CANARIES):

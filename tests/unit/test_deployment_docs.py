@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:typer")  # f
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
-NODE_RECORDS = 1000  # an institution's records: each node plans its noise from its own count
+NODE_RECORDS = 1000  # an institution's records, near which its public sampling-size is chosen
 
 
 def code_block(language: str, marker: str) -> str:
@@ -59,7 +59,8 @@ def default_run():
 
 def test_the_documented_node_trains_every_round_of_the_documented_run(launch, node_config):
     _, cfg = launch
-    outlook = node_outlook(cfg, node_config, NODE_RECORDS)
+    outlook = node_outlook(cfg, node_config)
+    assert outlook.policy.sampling_size == NODE_RECORDS  # a round figure near its dataset's size
     assert outlook.rounds == outlook.planned, (
         f"the README's node ({node_config}) trains {outlook.rounds} of {outlook.planned} rounds of the README's run "
         f"(target {cfg.privacy.target_epsilon} at delta {cfg.privacy.delta})"
@@ -80,7 +81,7 @@ def test_the_first_round_epsilon_the_readme_quotes_is_the_accountants(default_ru
     )[0]
     assert f"shows {first:.2f} after the first of {cfg.federation.num_rounds} rounds for {smallest:,} records" in README
     # and, as it says, the README's node (cap 4) refuses every round of that plan
-    assert node_outlook(run_config(""), node_config, smallest).rounds == 0
+    assert node_outlook(run_config(""), node_config).rounds == 0
 
 
 def test_the_run_config_file_carries_quoted_values_to_hydra(tmp_path, launch):

@@ -404,7 +404,8 @@ def test_no_secret_enters_an_image(compose):
 
 def test_the_documented_run_trains_on_every_node_for_all_its_rounds(compose, prepare_script):
     """The compose header's `flwr run` against the two nodes' own caps: a run planned past a
-    node's cap is refused by that node in every round (the node plans from its own records)."""
+    node's cap is refused by that node in every round (the node plans from its sampling-size,
+    which the compose file sets to the records `prepare.py` writes)."""
     [line] = [
         line.lstrip("# ")
         for line in (DOCKER / "compose.yaml").read_text().splitlines()
@@ -416,7 +417,8 @@ def test_the_documented_run_trains_on_every_node_for_all_its_rounds(compose, pre
     nodes = {name: s for name, s in compose["services"].items() if name.startswith("supernode")}
     partitions = []
     for name, service in nodes.items():
-        outlook = node_outlook(cfg, flag_value(argv(service), "--node-config"), records)
+        outlook = node_outlook(cfg, flag_value(argv(service), "--node-config"))
+        assert outlook.policy.sampling_size == records, name
         assert outlook.rounds == outlook.planned, (
             f"{name} trains {outlook.rounds} of {outlook.planned} rounds: the run's target "
             f"{cfg.privacy.target_epsilon} at delta {cfg.privacy.delta} exceeds its cap"

@@ -16,6 +16,7 @@ def _node_config(tmp_path, **extra: str) -> dict[str, str]:
         "data-path": str(tmp_path / "records.jsonl"),
         "max-epsilon": "8",
         "delta": "1e-5",
+        "sampling-size": "1000",
         **extra,
     }
 
@@ -43,6 +44,7 @@ def test_the_node_configs_choices_are_kept():
             "data-path": "r.csv",
             "max-epsilon": "8",
             "delta": "1e-5",
+            "sampling-size": "1000",
             "accountant": "rdp",
             "data-format": "csv",
             "overlong": "refuse",
@@ -66,5 +68,6 @@ def test_a_policy_built_directly_is_checked_too(tmp_path):
             delta=1e-5,
             dataset_id="d",
             data_path="r.jsonl",
+            sampling_size=1000,
             accountant="gdp",
         )  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from fedllm.data.formatting import make_collate, tokenize_records
 from fedllm.errors import ConfigError, PrivacyPlanError
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.privacy.calibration import sample_rate_for
-from fedllm.privacy.dpsgd import poisson_loader, start_round
+from fedllm.privacy.dpsgd import SamplingShard, poisson_loader, start_round
 from fedllm.privacy.randomness import GaussianNoise, PoissonBatchSampler, dp_randomness, node_dropout
 from fedllm.training.local import DPSpec, LocalSpec, train_local
 from tests.training_data import FMT, choice_ids, easy_records
@@ -298,6 +298,44 @@ def test_the_dp_step_adds_the_node_noise_scaled_by_the_expected_batch_size(bundl
     for param, old in zip(params, before, strict=True):
         expected = old - lr * twin.like(old, z * clip) / 16
         torch.testing.assert_close(param.detach(), expected)
+
+
+@pytest.mark.parametrize("n", [3, 64])  # fewer records than one batch, and more than N's batches hold
+def test_a_shard_sampled_at_a_public_size_runs_the_rate_and_divisor_of_that_size(bundle, shard, n):
+    # N = 100, b = 16: 7 batches, q = 1/7, expected batch int(100 / 7) = 14, whatever n is
+    data = SamplingShard(_Repeat(shard, n), 100)
+    randomness = dp_randomness(5)
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    session = start_round(
+        model=bundle.model,
+        optimizer=torch.optim.SGD(params, lr=0.1),
+        dataset=data,
+        batch_size=16,
+        collate=make_collate(bundle.pad_id, True),
+        noise_multiplier=DP.noise_multiplier,
+        max_grad_norm=DP.max_grad_norm,
+        history=[],
+        accountant="rdp",
+        grad_sample_mode="hooks",
+        randomness=randomness,
+    )
+    try:
+        assert len(session.loader) == 7 and session.optimizer.expected_batch_size == 14
+        batches = [b for _ in range(30) for b in session.loader.batch_sampler]
+        assert all(0 <= i < n for b in batches for i in b)  # only the shard's own records are drawn
+    finally:
+        session.close()
+    _, result = _train(bundle, data, adapter_state(bundle.model), seed=1, steps=2, batch_size=16)
+    assert result.history == [(DP.noise_multiplier, 1 / 7, 2)]  # what Opacus accounted: 1/len(loader)
+
+
+def test_a_sampling_size_below_one_batch_is_refused_whatever_the_shard_holds(shard):
+    rng = dp_randomness(0).sampling
+    with pytest.raises(PrivacyPlanError, match="sampling size of 15 records"):
+        PoissonBatchSampler(1000, 16, rng, sampling_size=15)
+    assert len(PoissonBatchSampler(0, 16, rng, sampling_size=16)) == 1  # no record: empty batches, one per pass
+    with pytest.raises(ConfigError, match="positive record count"):
+        SamplingShard(shard, 0)
 
 
 # ---- dropout (lora.dropout, set by the coordinator) from the node's own stream ----------------------------

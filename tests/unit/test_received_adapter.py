@@ -11,7 +11,14 @@ from fedllm.node.policy import DEFAULT_ALLOWED_MODELS, policy_from_node_config
 from fedllm.node.received import DEFAULT_MAX_ABS, DEFAULT_MAX_NORM, ReceivedAdapterError, check_received_adapter
 from fedllm.privacy.dpsgd import zero_nonfinite_rows
 
-NODE = {"partition-id": 0, "state-dir": "/tmp/x", "data-path": "d.jsonl", "max-epsilon": 8, "delta": 1e-5}
+NODE = {
+    "partition-id": 0,
+    "state-dir": "/tmp/x",
+    "data-path": "d.jsonl",
+    "max-epsilon": 8,
+    "delta": 1e-5,
+    "sampling-size": 100,
+}
 
 
 def _check(arrays, max_abs=10.0, max_norm=100.0):
