@@ -41,15 +41,33 @@ class CanaryShard(SizedDataset):
         return (*self.canary_items[offset], torch.tensor(self.canary_ids[offset]))
 
 
-def with_canary_column(collate):
-    """``collate`` for :class:`CanaryShard` items: the batch gains a ``canary`` index column."""
+def with_canary_column(collate, sampled_log: Path | None = None):
+    """``collate`` for :class:`CanaryShard` items: the batch gains a ``canary`` index column.
+
+    ``sampled_log``: a file to which the canary indices of every batch that holds any are appended
+    (one line per batch), so the audit can say how many canaries were ever sampled (its power).
+    """
 
     def collate_canaries(items) -> dict[str, torch.Tensor]:
         batch = collate([item[:3] for item in items])
         batch["canary"] = torch.tensor([int(item[3]) for item in items], dtype=torch.long)
+        drawn = [index for index in batch["canary"].tolist() if index != NOT_A_CANARY]
+        if sampled_log is not None and drawn:
+            with open(sampled_log, "a", encoding="utf-8") as handle:
+                handle.write(" ".join(map(str, drawn)) + "\n")
         return batch
 
     return collate_canaries
+
+
+def sampled_canaries(logs: list[Path]) -> set[int]:
+    """Every canary index the nodes' batches ever held (from their ``sampled_log`` files)."""
+    found: set[int] = set()
+    for path in logs:
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").split():
+                found.add(int(line))
+    return found
 
 
 class GradientCanaries:
@@ -133,11 +151,14 @@ def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name.replace(suffix, ""): p for name, p in model.named_parameters() if p.requires_grad}
 
 
+SAMPLED_SUFFIX = ".sampled"  # beside a node's canary file: the canaries its batches held
+
+
 class CanaryExtension:
     """A simulated node's canaries as the node's :class:`~fedllm.node.extension.ShardExtension`."""
 
-    def __init__(self, design: CanaryDesign):
-        self.design = design
+    def __init__(self, design: CanaryDesign, sampled_log: Path | None = None):
+        self.design, self.sampled_log = design, sampled_log
 
     def extend(self, shard: TokenizedDataset, tokenize: Callable[[list[Record]], TokenizedDataset]) -> CanaryShard:
         """The shard followed by this node's canaries."""
@@ -145,7 +166,7 @@ class CanaryExtension:
 
     def collate(self, collate: Callable) -> Callable:
         """``collate`` with the canary index column."""
-        return with_canary_column(collate)
+        return with_canary_column(collate, self.sampled_log)
 
     def override(self, model: torch.nn.Module) -> GradientCanaries | None:
         """Gradient canaries' designed per-sample gradients (None for record canaries)."""
@@ -154,4 +175,6 @@ class CanaryExtension:
 
 def node_extension(canary_file: str | None) -> CanaryExtension | None:
     """The extension a virtual node's ``audit-canaries`` file names (None: the node has none)."""
-    return CanaryExtension(load_node_canaries(canary_file)) if canary_file else None
+    if not canary_file:
+        return None
+    return CanaryExtension(load_node_canaries(canary_file), Path(f"{canary_file}{SAMPLED_SUFFIX}"))

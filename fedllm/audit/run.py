@@ -33,7 +33,7 @@ from fedllm.audit.adversaries import (
     reader_gradient_scores,
     reader_loss_scores,
 )
-from fedllm.audit.bound import audit_bound
+from fedllm.audit.bound import audit_bound, epsilon_lower_bound
 from fedllm.audit.canaries import CanaryDesign, Layout, design_canaries
 from fedllm.audit.client_canaries import (
     canary_client_app,
@@ -41,7 +41,7 @@ from fedllm.audit.client_canaries import (
     real_client_files,
     with_canary_clients,
 )
-from fedllm.audit.injection import adapter_parameters, canary_items
+from fedllm.audit.injection import SAMPLED_SUFFIX, adapter_parameters, canary_items, sampled_canaries
 from fedllm.config import AuditConfig, ExperimentConfig
 from fedllm.data.formatting import make_collate
 from fedllm.errors import ConfigError
@@ -111,6 +111,8 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     else:
         run_cfg, app = cfg, None
         files = {k: str(design.node_file(k, folder / f"canaries-client-{k}.json")) for k in range(real_clients)}
+        for path in files.values():  # a rerun in the same folder starts its count afresh
+            Path(f"{path}{SAMPLED_SUFFIX}").unlink(missing_ok=True)
         extra = lambda partition: {AUDIT_CANARIES: files[partition]}  # noqa: E731 - one key per node
     (folder / "design.json").write_text(design.to_json(), encoding="utf-8")
     prepare_run(run_cfg, run_dir)
@@ -124,7 +126,9 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     if client_level:
         scores[AGGREGATE_READER] = aggregate_scores(design, observed, design.layout.flatten(final))
     scores[READER] = _reader(cfg, design, bundle, initial, final)
+    sampled = None if client_level else sampled_canaries([Path(f"{p}{SAMPLED_SUFFIX}") for p in files.values()])
     audit = _results(cfg, settings, design, scores, summary, time.perf_counter() - started)
+    audit.update(_power(design, sampled, audit["delta"], settings.confidence))
     write_json(run_dir / AUDIT_JSON, audit)
     np.savez(
         folder / "scores.npz", allow_pickle=False, included=np.array([c.included for c in design.canaries]), **scores
@@ -295,6 +299,30 @@ def _results(
     }
 
 
+def _power(design: CanaryDesign, sampled: set[int] | None, delta: float, confidence: float) -> dict:
+    """The audit's power: how many included canaries any Poisson batch ever held, and the bound an
+    adversary who guessed exactly those, all correctly, would show (with as many canaries).
+
+    A canary never sampled left no trace in any release, so under DP-SGD's subsampling it is a coin
+    flip for every adversary: with few sampled, no attack can show a large epsilon, however leaky
+    the mechanism (FIELD_NOTES: ~18% are ever sampled at rate 1/77 over 15 steps). A bound well
+    below the accounted epsilon means little when the power is below it too. None for a
+    client-level audit (its canary clients take part in every round).
+    """
+    if sampled is None:
+        return {"canaries_sampled": None, "power": None}
+    included = {c.index for c in design.canaries if c.included}
+    count = len(included & sampled)
+    power = (
+        epsilon_lower_bound(
+            canaries=len(design.canaries), guesses=count, correct=count, delta=delta, confidence=confidence
+        )
+        if count
+        else 0.0
+    )
+    return {"canaries_sampled": count, "power": power}
+
+
 def with_audit(summary: RunSummary, audit: dict) -> RunSummary:
     """The run's summary with its ``audit`` entry: each adversary's lower bound and how it was measured."""
     return dataclasses.replace(
@@ -322,6 +350,11 @@ def format_audit(audit: dict) -> str:
         lines.append(
             f"{name:<14} {result['guesses']:>7} {result['correct']:>7} "
             f"{result['epsilon_lower_bound']:>15.3f} {result['ceiling']:>8.3f}"
+        )
+    if audit.get("power") is not None:
+        lines.append(
+            f"power {audit['power']:.3f}: {audit['canaries_sampled']} of the {audit['canaries_included']} included "
+            "canaries were ever sampled; no adversary can show much more than this bound with them"
         )
     lines.append(
         f"({audit['canaries']} canaries, {audit['canaries_included']} included; confidence "

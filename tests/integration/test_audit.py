@@ -16,7 +16,7 @@ import json
 
 import pytest
 
-from fedllm.audit.run import AUDIT_JSON, COORDINATOR, READER, run_audit
+from fedllm.audit.run import AUDIT_JSON, COORDINATOR, READER, format_audit, run_audit
 from fedllm.config import AuditConfig, PrivacyConfig, TrainConfig
 from tests.conftest import tiny_config
 
@@ -44,6 +44,9 @@ def audited(
     settings = AuditConfig(canaries=CANARIES, kind=kind, confidence=confidence, seed=7)
     audit = run_audit(cfg, settings, tmp_path / name)
     assert json.loads((tmp_path / name / AUDIT_JSON).read_text()) == audit
+    if audit["canaries_sampled"] is not None:  # sample-level: the canaries the batches ever held
+        assert 0 < audit["canaries_sampled"] <= audit["canaries_included"]
+        assert audit["power"] > 0
     return audit
 
 
@@ -82,6 +85,9 @@ def test_seeded_noise_is_caught_and_node_side_noise_is_not(tmp_path):
         tmp_path, "seeded", privacy=dataclasses.replace(planned, noise="seeded"), confidence=0.95, optimizer="sgd"
     )
     assert seeded["epsilon_accounted"] <= 0.5
+    # the audit could show far more than was accounted: a bound below the accounted epsilon would mean something
+    assert seeded["power"] > 4 * seeded["epsilon_accounted"], seeded
+    assert "power" in format_audit(seeded)
     assert bounds(seeded)[COORDINATOR] > 2 * seeded["epsilon_accounted"], seeded["adversaries"][COORDINATOR]
     secure = audited(tmp_path, "secure", privacy=planned, optimizer="sgd")
     for name, bound in bounds(secure).items():

@@ -197,3 +197,30 @@ def test_the_score_plot_draws_scores_that_differ_only_by_rounding(tmp_path):
     scores = {"coordinator": [128.0, 128.00000000000003] * 30 + [0.0] * 40, "output_reader": [2.0] * 100}
     path = plot_audit(tmp_path, scores, [True] * 60 + [False] * 40)
     assert path.stat().st_size > 0
+
+
+def test_the_canaries_a_node_samples_are_logged_and_counted(tmp_path):
+    from fedllm.audit.injection import NOT_A_CANARY, sampled_canaries
+
+    log = tmp_path / "canaries-client-0.json.sampled"
+    collate = with_canary_column(lambda items: {"rows": torch.tensor(len(items))}, log)
+    item = (torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    collate([(*item, torch.tensor(3)), (*item, torch.tensor(NOT_A_CANARY))])
+    collate([(*item, torch.tensor(NOT_A_CANARY))])  # a batch without canaries writes nothing
+    collate([(*item, torch.tensor(5)), (*item, torch.tensor(3))])
+    assert log.read_text().splitlines() == ["3", "5 3"]
+    assert sampled_canaries([log, tmp_path / "never-written.sampled"]) == {3, 5}
+
+
+def test_the_audits_power_is_the_bound_of_all_correct_guesses_on_the_sampled_canaries(bundle):
+    from fedllm.audit.bound import epsilon_lower_bound
+    from fedllm.audit.run import _power
+
+    design = _design(bundle, count=100)
+    included = [c.index for c in design.canaries if c.included]
+    assert _power(design, set(), 1e-5, 0.95) == {"canaries_sampled": 0, "power": 0.0}
+    excluded = {c.index for c in design.canaries if not c.included}
+    power = _power(design, set(included[:20]) | excluded, 1e-5, 0.95)  # excluded ones never count
+    assert power["canaries_sampled"] == 20
+    assert power["power"] == epsilon_lower_bound(canaries=100, guesses=20, correct=20, delta=1e-5, confidence=0.95)
+    assert _power(design, None, 1e-5, 0.95) == {"canaries_sampled": None, "power": None}
