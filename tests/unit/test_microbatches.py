@@ -166,3 +166,46 @@ def test_a_dp_step_counts_only_real_rows(bundle):
         load_adapter_state(bundle.model, start)
     assert result.examples_seen == 120  # rate 1: every record each step; 14-row micro-batches, dummies not counted
     assert result.history == [(1.0, 1.0, 3)]
+
+
+def test_the_dp_update_is_the_sum_of_each_real_records_own_clipped_gradient(bundle):
+    """Dummy rows add nothing and the divisor stays the expected batch: with no noise and plain
+    SGD, one step over 10 records (micro-batches of 4 rows: 2 dummy rows) moves the adapter by
+    ``-lr * sum_i clip(g_i) / 10``, each ``g_i`` computed from record ``i`` alone by autograd."""
+    data = tokenize_records(easy_records(10, 8), bundle.tokenizer, FMT)
+    model, clip, lr = bundle.model, 0.05, 10.0  # a large step: float rounding of the weights stays far below it
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = adapter_state(model)
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    collate = make_collate(bundle.pad_id, prompt_only=True)
+    for index in range(len(data)):
+        loss = micro_batch_losses(model, collate([data[index]]), _plain_spec(), choice_ids(bundle)).sum()
+        grads = torch.autograd.grad(loss, list(params.values()))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for name, grad in zip(params, grads, strict=True):
+            expected[name] -= lr * factor * grad / len(data)
+    spec = LocalSpec(
+        steps=1,
+        batch_size=len(data),  # rate 1: every record in the step
+        lr=lr,
+        weight_decay=0.0,
+        objective="choices",
+        bf16=False,
+        seed=0,
+        micro_batches=3,
+        optimizer="sgd",
+        max_length=FMT.max_length,
+    )
+    dp = DPSpec(noise_multiplier=0.0, max_grad_norm=clip, accountant="rdp", grad_sample_mode="lora")
+    try:
+        before = {n: p.detach().clone() for n, p in params.items()}
+        train_local(model, data, collate, spec, choice_ids(bundle), dp, [])
+        for name, param in params.items():
+            torch.testing.assert_close(param.detach() - before[name], expected[name], rtol=1e-4, atol=1e-7, msg=name)
+    finally:
+        load_adapter_state(model, start)
+
+
+def _plain_spec() -> LocalSpec:
+    return LocalSpec(steps=1, batch_size=1, lr=0.0, weight_decay=0.0, objective="choices", bf16=False)
