@@ -475,6 +475,7 @@ def _train(
         objective=cfg.train.objective,
         bf16=use_bf16(cfg.train.precision),
         micro_batches=cfg.train.micro_batches,
+        max_length=cfg.data.max_length,  # DP steps pad every record to it (data-independent compute)
         seed=seed,
         optimizer=cfg.train.optimizer,
     )

@@ -12,10 +12,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedllm.config import AccountantName, GradSampleMode, Objective, OptimizerName
+from fedllm.errors import ConfigError
 from fedllm.model.device import model_device, to_device
 from fedllm.privacy import dpsgd
 from fedllm.privacy.accounting import History
 from fedllm.privacy.randomness import dp_randomness, node_dropout, torch_generator
+from fedllm.training.microbatches import REAL, fixed_shape_chunks, rows_per_micro_batch
 from fedllm.training.objectives import per_example_loss
 from fedllm.training.precision import autocast
 
@@ -27,6 +29,11 @@ class LocalSpec:
     ``seed``: None (the default, what a node uses) draws the Poisson batches and the DP noise
     from fresh OS entropy on every call, which nobody can reproduce; an int reproduces them bit
     for bit, for research simulations only (no guarantee against anyone who knows it).
+
+    ``max_length``: the run's ``data.max_length``. Under DP-SGD (required there) every row is
+    padded to it and computed in micro-batches of ``ceil(batch_size / micro_batches)`` rows
+    (:mod:`fedllm.training.microbatches`), so a step's compute follows its Poisson batch size
+    only. Without DP (no privacy claim) batches are trimmed to their records instead.
     """
 
     steps: int
@@ -38,6 +45,7 @@ class LocalSpec:
     seed: int | None = None
     micro_batches: int = 1
     optimizer: OptimizerName = "adamw"  # or "sgd": plain SGD, the update then linear in the noisy gradients
+    max_length: int | None = None
 
 
 class GradientOverride(Protocol):
@@ -99,7 +107,15 @@ def train_local(
 
     Returns:
         The mean loss over steps, examples seen and the DP history after the round.
+
+    Raises:
+        ConfigError: DP-SGD without ``spec.max_length`` (its steps would follow the records' lengths).
     """
+    if dp is not None and spec.max_length is None:
+        raise ConfigError(
+            "DP-SGD pads every record to a width fixed before reading the data: set LocalSpec.max_length "
+            "(the run's data.max_length)"
+        )
     randomness = dp_randomness(spec.seed)  # fresh OS entropy unless seeded (research only)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(spec, params)
@@ -163,8 +179,11 @@ def _batches(loader: DataLoader) -> Iterator:
 
 def split_by_length(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
     """Split a left-padded batch into up to ``parts`` chunks of similar length, each trimmed
-    of the padding columns it does not need (Poisson batches mix short and long records;
-    computing them in length-sorted chunks wastes far less compute on padding)."""
+    of the padding columns it does not need (batches mix short and long records; computing
+    them in length-sorted chunks wastes far less compute on padding).
+
+    Non-private training only: the chunks' shapes follow the records' lengths, so the time a
+    step takes would reveal them (DP-SGD uses :func:`fedllm.training.microbatches.fixed_shape_chunks`)."""
     lengths = batch["attention_mask"].sum(dim=1)
     order = torch.argsort(lengths)
     chunks = []
@@ -187,11 +206,45 @@ def _run_steps(
             # an empty Poisson batch is still a DP step: noise is added and accounted
             session.empty_step()
             continue
-        losses.append(
-            _step(model, optimizer, split_by_length(batch, spec.micro_batches), spec, choice_ids, session, override)
-        )
+        losses.append(_step(model, optimizer, _chunks(batch, spec, session), spec, choice_ids, session, override))
         seen += size
     return losses, seen
+
+
+def _chunks(batch: dict[str, torch.Tensor], spec: LocalSpec, session) -> list[dict[str, torch.Tensor]]:
+    """DP: fixed-shape micro-batches (data-independent compute); otherwise length-sorted chunks."""
+    if session is None:
+        return split_by_length(batch, spec.micro_batches)
+    assert spec.max_length is not None  # checked by train_local
+    return fixed_shape_chunks(batch, rows_per_micro_batch(spec.batch_size, spec.micro_batches), spec.max_length)
+
+
+def micro_batch_losses(
+    model: torch.nn.Module,
+    chunk: dict[str, torch.Tensor],
+    spec: LocalSpec,
+    choice_ids: list[int],
+    override: GradientOverride | None = None,
+) -> torch.Tensor:
+    """Per-row losses of one micro-batch (on the model's device), as a step trains on them.
+
+    Args:
+        model: the PEFT model.
+        chunk: one micro-batch (a DP one has a ``real`` column: a dummy row's loss is zeroed).
+        spec: local hyper-parameters (objective, bf16 autocast).
+        choice_ids: token ids of the fixed answers.
+        override: an audit's designed gradients, whose rows' own losses are zeroed.
+
+    Returns:
+        One loss per row; under DP the mean of it is what a backward pass takes.
+    """
+    with autocast(spec.bf16, model_device(model).type):
+        per_example = per_example_loss(model, chunk, spec.objective, choice_ids)
+    if REAL in chunk:
+        per_example = per_example * chunk[REAL].to(per_example.dtype)
+    if override is not None:
+        per_example = per_example * override.keep(chunk).to(per_example.device)
+    return per_example
 
 
 def _step(
@@ -203,22 +256,21 @@ def _step(
     session: dpsgd.DPRound | None,
     override: GradientOverride | None = None,
 ) -> float:
-    """One optimizer step over a batch given as length-sorted chunks.
+    """One optimizer step over a batch given as chunks (fixed-shape under DP, length-sorted otherwise).
 
     Under DP every chunk's per-sample gradients are clipped and summed by Opacus
     (``signal_skip_step`` defers the update); noise is added once and the sum divided by
     the expected batch size, exactly as for the unsplit Poisson batch. Without DP the
-    chunk losses are weighted so the gradient is that of the whole batch's mean loss.
+    chunk losses are weighted so the gradient is that of the whole batch's mean loss. A dummy
+    row (``real`` 0) has its loss multiplied by zero: exactly zero per-sample gradient, and it
+    counts in neither the loss nor the batch.
     """
-    total = sum(len(c["input_ids"]) for c in chunks)
+    total = sum(_real_rows(c) for c in chunks)
     loss_sum = 0.0
     device = model_device(model)
     for index, chunk in enumerate(chunks):
         chunk = to_device(chunk, device)
-        with autocast(spec.bf16, device.type):
-            per_example = per_example_loss(model, chunk, spec.objective, choice_ids)
-        if override is not None:
-            per_example = per_example * override.keep(chunk).to(per_example.device)
+        per_example = micro_batch_losses(model, chunk, spec, choice_ids, override)
         last = index == len(chunks) - 1
         if session is not None:
             with warnings.catch_warnings():
@@ -241,3 +293,8 @@ def _step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / total
+
+
+def _real_rows(chunk: dict[str, torch.Tensor]) -> int:
+    """Rows of ``chunk`` that hold a record (a DP micro-batch's dummy rows do not count)."""
+    return int(chunk[REAL].sum()) if REAL in chunk else len(chunk["input_ids"])

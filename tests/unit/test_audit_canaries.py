@@ -111,7 +111,14 @@ def test_a_planted_gradient_canary_moves_the_adapter_along_its_direction(bundle,
     dataset = _shard(bundle, design)
     collate = with_canary_column(make_collate(bundle.pad_id, prompt_only=True))
     spec = LocalSpec(
-        steps=3, batch_size=len(dataset), lr=0.5, weight_decay=0.0, objective="choices", bf16=False, optimizer="sgd"
+        steps=3,
+        batch_size=len(dataset),
+        lr=0.5,
+        weight_decay=0.0,
+        objective="choices",
+        bf16=False,
+        optimizer="sgd",
+        max_length=FMT.max_length,
     )
     dp = (
         DPSpec(noise_multiplier=0.0, max_grad_norm=1.0, accountant="rdp", grad_sample_mode="hooks") if private else None
@@ -159,6 +166,7 @@ def test_the_coordinator_regenerates_seeded_noise_but_not_the_nodes_own(bundle):
             bf16=False,
             optimizer="sgd",
             seed=seed,
+            max_length=FMT.max_length,
         )
         before = design.layout.flatten(adapter_state(bundle.model))
         seen[seed] = train_local(

@@ -70,6 +70,30 @@ def test_bench_dp_step_tiny_mode(tmp_path):
     assert "| tiny | 4 | 16 | hooks |" in result.stdout and "| noise draw (node's Philox stream) |" in result.stdout
 
 
+def test_bench_compute_channel_tiny_mode(tmp_path):
+    out = tmp_path / "compute.json"
+    result = _script(
+        "bench_compute_channel.py",
+        "--rounds",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "model=tiny",
+        "train.local_steps=2",
+    )
+    data = json.loads(out.read_text())
+    assert set(data["modes"]) == {"trim", "max_length", "buckets", "deadline"}
+    for step in data["steps"]:  # every mode on the same batch: max_length's shape follows its size only
+        assert step["max_length_micro_batches"] == -(-step["size"] // data["rows_per_micro_batch"])
+        assert step["trim"] > 0 and step["max_length"] > 0 and step["buckets"] > 0
+    assert data["modes"]["trim"]["round_ratio"]["median"] == 1.0
+    for sums in data["round_seconds"]:  # the deadline holds the reply at least until it
+        assert sums["deadline"] == max(data["deadline_seconds"], sums["trim"])
+    assert "| max_length |" in result.stdout
+
+
 def test_bench_federation_tiny_mode(tmp_path):
     out = tmp_path / "fed.json"
     _script(

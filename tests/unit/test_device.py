@@ -65,7 +65,14 @@ def _dp_round(model_cfg: ModelConfig) -> tuple[dict, dict]:
     data = tokenize_records(easy_records(64, 5), bundle.tokenizer, FMT)
     before = adapter_state(bundle.model)
     spec = LocalSpec(
-        steps=2, batch_size=16, lr=1e-2, weight_decay=0.0, objective="choices", bf16=model_cfg.dtype == "bf16", seed=0
+        steps=2,
+        batch_size=16,
+        lr=1e-2,
+        weight_decay=0.0,
+        objective="choices",
+        bf16=model_cfg.dtype == "bf16",
+        seed=0,
+        max_length=FMT.max_length,
     )
     result = train_local(bundle.model, data, make_collate(bundle.pad_id, True), spec, choice_ids(bundle), DP, [])
     assert result.history and result.history[0][2] == 2  # both steps accounted

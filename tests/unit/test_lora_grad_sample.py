@@ -120,7 +120,15 @@ def test_a_seeded_dp_round_gives_the_same_adapter_under_either_mode(mode):
         bundle = _bundle(False)
         data = tokenize_records(easy_records(120, 7), bundle.tokenizer, FMT)
         spec = LocalSpec(
-            steps=3, batch_size=16, lr=1e-2, weight_decay=0.0, objective="choices", bf16=False, seed=5, micro_batches=2
+            steps=3,
+            batch_size=16,
+            lr=1e-2,
+            weight_decay=0.0,
+            objective="choices",
+            bf16=False,
+            seed=5,
+            micro_batches=2,
+            max_length=FMT.max_length,
         )
         dp = DPSpec(noise_multiplier=0.7, max_grad_norm=0.1, accountant="rdp", grad_sample_mode=which)
         result = train_local(bundle.model, data, make_collate(bundle.pad_id, True), spec, choice_ids(bundle), dp, [])

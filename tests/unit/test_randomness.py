@@ -42,7 +42,14 @@ def shard(bundle):
 
 def _spec(seed: int | None, steps: int = 3, batch_size: int = 16) -> LocalSpec:
     return LocalSpec(
-        steps=steps, batch_size=batch_size, lr=1e-2, weight_decay=0.0, objective="choices", bf16=False, seed=seed
+        steps=steps,
+        batch_size=batch_size,
+        lr=1e-2,
+        weight_decay=0.0,
+        objective="choices",
+        bf16=False,
+        seed=seed,
+        max_length=FMT.max_length,
     )
 
 

@@ -24,7 +24,14 @@ def bundle():
 
 def _spec(steps=5, seed=0, lr=1e-2, batch_size=16):
     return LocalSpec(
-        steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, objective="choices", bf16=False, seed=seed
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=0.0,
+        objective="choices",
+        bf16=False,
+        seed=seed,
+        max_length=FMT.max_length,
     )
 
 
@@ -139,6 +146,7 @@ def test_length_sorted_micro_batches_give_the_same_update(bundle, mode):
             bf16=False,
             seed=11,
             micro_batches=parts,
+            max_length=FMT.max_length,
         )
         outcome = train_local(bundle.model, data, collate, spec, choice_ids(bundle), dp, [])
         results[parts] = (adapter_state(bundle.model), outcome)
