@@ -225,7 +225,7 @@ def node_config(index: int, data: Path, state: Path, cap: str, sampling_size: in
             f"max-epsilon={float(cap or 8)}",
             "delta=1e-5",
             # the demo's default run is the smoke (the random tiny model), which no node allows unless it says so
-            "allowed-models=embedded,tiny",
+            'allowed-models="embedded,tiny"',
             f"sampling-size={sampling_size}",
         ]
     )

@@ -81,7 +81,7 @@ def _crafted(tmp_path: Path, cfg) -> tuple[dict[str, torch.Tensor], int]:
     with_target, _ = task.node_shard(cfg, 0, node["data-path"], "auto")
     without, _ = task.node_shard(cfg, 0, _node(tmp_path / "coordinator", with_target=False)["data-path"], "auto")
     bundle = task.model_bundle(cfg.model, cfg.lora, cfg.seed)
-    others = token_ids(without) | {bundle.pad_id}
+    others = token_ids(without) | {bundle.pad_id, 0}  # and the dummy rows of fixed-shape micro-batches (token 0)
     target = min(token_ids(with_target) - others)
     return nan_adapter(cfg, target, others), target
 
