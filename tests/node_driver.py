@@ -48,6 +48,23 @@ def train_message(cfg: ExperimentConfig, run_id: str, server_round: int, arrays:
     return Message(content=content, metadata=metadata)
 
 
+def query_message(cfg: ExperimentConfig, run_id: str = "run", first_round: int = 1) -> Message:
+    """The pre-flight query the server sends a node before ``first_round``."""
+    config = ConfigRecord({keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: run_id, keys.SERVER_ROUND: first_round})
+    metadata = Metadata(
+        run_id=1,
+        message_id="preflight",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=120.0,
+        message_type="query",
+    )
+    return Message(content=RecordDict({keys.CONFIG: config}), metadata=metadata)
+
+
 def node_context(node_config: dict) -> Context:
     """A fresh node context, as a (re)started SuperNode with ``node_config`` would have."""
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})

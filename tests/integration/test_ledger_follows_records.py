@@ -7,13 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import time
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 from fedllm.cli.node_status import node_status
 from fedllm.config import FederationConfig, PrivacyConfig
@@ -23,7 +21,7 @@ from fedllm.node.policy import policy_from_node_config
 from fedllm.planning import plan_for
 from fedllm.privacy.accounting import epsilon, extend_history
 from tests.conftest import tiny_config
-from tests.node_driver import node_context, run_round
+from tests.node_driver import node_context, query_message, run_round
 
 CAP = 8.0
 Row = dict[str, str]
@@ -80,19 +78,7 @@ def _rounds_epsilon(rounds: int, records: int = 120) -> float:
 
 def _preflight(node: dict) -> dict:
     """The node's answer to the server's pre-flight query for a run's rounds 1-2 (spends nothing)."""
-    config = ConfigRecord({keys.TASK_CONFIG: _cfg().to_json(), keys.RUN_ID: "run-b", keys.SERVER_ROUND: 1})
-    metadata = Metadata(
-        run_id=1,
-        message_id="preflight",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=120.0,
-        message_type="query",
-    )
-    reply = app(Message(content=RecordDict({keys.CONFIG: config}), metadata=metadata), node_context(node))
+    reply = app(query_message(_cfg(), "run-b"), node_context(node))
     return _metrics(reply)
 
 

@@ -10,12 +10,11 @@ import json
 import logging
 import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedllm import task
 from fedllm.cli.node_status import node_status
@@ -36,7 +35,7 @@ from fedllm.privacy.accounting import epsilon, extend_history
 from fedllm.privacy.node_ledger import LEDGER_FILE, NodeLedger, Release
 from fedllm.tracking.run_files import read_summary
 from tests.conftest import tiny_config
-from tests.node_driver import node_context
+from tests.node_driver import node_context, query_message
 
 PRIOR = Release(
     run_id="an-earlier-run", server_round=1, noise_multiplier=2.0, sample_rate=0.1, steps=10, fingerprint=""
@@ -308,25 +307,7 @@ def _deployed(tmp_path: Path, **extra) -> dict:
 
 
 def _query(cfg: ExperimentConfig, first_round: int = 1) -> Message:
-    content = RecordDict(
-        {
-            keys.CONFIG: ConfigRecord(
-                {keys.TASK_CONFIG: cfg.to_json(), keys.RUN_ID: "run", keys.SERVER_ROUND: first_round}
-            )
-        }
-    )
-    metadata = Metadata(
-        run_id=1,
-        message_id="preflight",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=120.0,
-        message_type="query",
-    )
-    return Message(content=content, metadata=metadata)
+    return query_message(cfg, "run", first_round)
 
 
 def _node_cfg(**privacy) -> ExperimentConfig:
