@@ -255,9 +255,10 @@ def _prepare(
     pre-flight); a refusal when the policy forbids the task or the data cannot serve it.
 
     The plan is computed from the node's public sampling size N, never from its record count n,
-    so a plan refusal (N below the batch, delta >= 1/N, a target out of reach) is the same for
-    every dataset; only a file that cannot be read, holds no record or breaks one of the node's
-    own data rules is refused for the data (``data``: a property of the file, an operator's error).
+    so a deployed node's plan refusal (N below the batch, delta >= 1/N, a target out of reach) is
+    decided before the data is opened and answered ``policy``, the same for every dataset; only a
+    file that cannot be read, holds no record or breaks one of the node's own data rules is refused
+    for the data (``data``: a property of the file, an operator's error).
     """
     node = policy.partition_id
     try:
@@ -268,13 +269,23 @@ def _prepare(
     if policy.audit_canaries and extension is None:  # a canary file but no hook to add them: never skip silently
         raise ConfigError(f"node config {AUDIT_CANARIES} is set, but the node was handed no canary extension")
     cfg = node_view(server_cfg, policy)
+    plan = None
+    if policy.sampling_size is not None and cfg.privacy.sample_level:
+        # a deployed node's plan follows public values only (N and the server's numbers): decided
+        # before the data is opened, so its refusal cannot depend on the records either
+        try:
+            plan = plan_for(cfg, policy.sampling_size)
+        except PrivacyPlanError as exc:
+            log.warning("client %d: refusing %s (policy): %s", node, what, escape_remote_text(exc))
+            return Refusal(node, POLICY, cap=policy.max_epsilon)
     try:
         own, content = task.node_shard(cfg, node, policy.data_path, policy.data_format)
         shard = own if extension is None else extension.extend(own, lambda rs: task.tokenize_for_node(cfg, rs))
         if len(shard) == 0:
             raise DataError("the node's data holds no record to train on")
         size = len(shard) if policy.sampling_size is None else policy.sampling_size  # None: simulated only
-        plan = plan_for(cfg, size) if cfg.privacy.sample_level else None
+        if plan is None and cfg.privacy.sample_level:  # a simulated node: its record count is its N
+            plan = plan_for(cfg, size)
     except (DataError, PrivacyPlanError) as exc:
         log.error("client %d: declining %s (data): %s", node, what, escape_remote_text(exc))
         return Refusal(node, DATA, cap=policy.max_epsilon)
