@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedllm-installed
 ARGS ?=
 PYTEST_ARGS ?=
+# one test worker per CPU; a file's tests (and the e2e runs they share) stay on one worker
+XDIST := -n auto --dist loadgroup
 
 .PHONY: install run test test-fast lint clean
 
@@ -27,10 +29,10 @@ run: install
 	$(VENV)/bin/fedllm simulate $(ARGS)
 
 test: install lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check fedllm tests scripts

@@ -30,18 +30,31 @@ RT_PROMPT = "Review: {prompt}\nSentiment:"
 
 
 # The slow tier: engines (Ray, the Deployment Engine), subprocess CLIs, notebooks and benchmark
-# scripts. `make test-fast` (pytest -m "not slow") runs everything else in about a minute.
+# scripts. `make test-fast` (pytest -m "not slow") runs everything else.
 SLOW_PATHS = ("tests/e2e/", "tests/unit/test_benchmarks.py")
+# `make test` and `make test-fast` spread the tests over one pytest-xdist worker per CPU
+# (`--dist loadgroup`). Each worker builds its own module and session fixtures, so a file's
+# tests stay on one worker, and the e2e files that share the session's smoke runs
+# (tests/e2e/conftest.py) stay together: no run is made twice.
+SHARED_E2E_RUNS = ("tests/e2e/test_simulation.py", "tests/e2e/test_tracking.py")
+
+
+def xdist_group(nodeid: str) -> str:
+    """The worker group of a test: its file, or one group for the files sharing the smoke runs."""
+    path = nodeid.split("::", 1)[0]
+    return "e2e-smoke-runs" if path in SHARED_E2E_RUNS else path
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the slow tier (:data:`SLOW_PATHS` and tests marked ``slow``); tests marked ``gpu``
-    need CUDA: skipped, with the reason, on CPU-only machines (and in CI)."""
+    """Mark the slow tier (:data:`SLOW_PATHS` and tests marked ``slow``) and each test's
+    pytest-xdist group (:func:`xdist_group`); tests marked ``gpu`` need CUDA: skipped, with the
+    reason, on CPU-only machines (and in CI)."""
     import torch
 
     for item in items:
         if any(part in item.nodeid for part in SLOW_PATHS):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item.nodeid)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")
