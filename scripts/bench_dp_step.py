@@ -11,9 +11,11 @@ Method (issue 17):
 - Time. For each seed (``--repeats`` seeds) one DP round is opened with fedllm's own
   ``dpsgd.start_round`` (seeded research streams, so every mode draws the same batches; the
   seeded and the OS-entropy noise run the same Philox code). Each step draws one Poisson
-  batch; fedllm's real step (``training.local._step``: length-sorted micro-batches,
-  per-sample clipping, the node's noise, AdamW) runs on it under DP and, on the very same
-  collated batch, without DP (Opacus's hooks removed for that step, a separate AdamW), in
+  batch; fedllm's real step (``training.local._step``: per-sample clipping, the node's noise,
+  AdamW, on fixed-shape micro-batches of ``ceil(batch / micro_batches)`` rows at the records'
+  width, dummy rows filling the last, as DP training cuts them) runs on it under DP and, on
+  the very same collated batch cut into length-sorted chunks as non-private training does,
+  without DP (Opacus's hooks removed for that step, a separate AdamW), in
   alternating order (DP first on even steps, non-DP first on odd ones) so drift and cache
   effects hit both alike. The statistic is the per-step ratio DP / non-DP: its median, its
   interquartile range and its min-max over every (seed, step) pair; empty batches are skipped.
@@ -58,7 +60,7 @@ from fedllm.privacy.lora_grad_sample import LoraGradSampler
 from fedllm.privacy.randomness import dp_randomness
 from fedllm.task import model_bundle
 from fedllm.training import local
-from fedllm.training.local import LocalSpec, split_by_length
+from fedllm.training.local import LocalSpec
 
 CHOICE_IDS = [17, 42]
 RECORDS = 512
@@ -113,7 +115,7 @@ def model_config(model_name: str) -> ModelConfig:
     return ModelConfig(source=model_name, **PLACEMENT)
 
 
-def local_spec(batch: int, micro_batches: int) -> LocalSpec:
+def local_spec(batch: int, micro_batches: int, seq: int) -> LocalSpec:
     bf16 = PLACEMENT["dtype"] == "bf16" or PLACEMENT["quantization"] != "none"
     return LocalSpec(
         steps=1,
@@ -123,6 +125,7 @@ def local_spec(batch: int, micro_batches: int) -> LocalSpec:
         objective="choices",
         bf16=bf16,
         micro_batches=micro_batches,
+        max_length=seq,
     )
 
 
@@ -233,7 +236,7 @@ def _workload(model_name: str, batch: int, seq: int, micro_batches: int):
     data = dataset(len(bundle.tokenizer), seq)
     collate = make_collate(bundle.pad_id, prompt_only=True)
     params = [p for p in bundle.model.parameters() if p.requires_grad]
-    return bundle.model, data, collate, local_spec(batch, micro_batches), params
+    return bundle.model, data, collate, local_spec(batch, micro_batches, seq), params
 
 
 def measure_config(
@@ -272,16 +275,21 @@ def measure_config(
                 if len(chunk_batch["input_ids"]) == 0:
                     empty += 1
                     continue
-                chunks = split_by_length(chunk_batch, micro_batches)
+                # each side cuts the batch as its training does: DP in fixed-shape micro-batches
+                # (every row at data.max_length, dummy rows to fill the last), non-DP trimmed
+                chunks = {
+                    which: local._chunks(chunk_batch, spec, session if which == "dp" else None)
+                    for which in ("dp", "none")
+                }
                 seconds = {}
                 for which in ("dp", "none") if step % 2 == 0 else ("none", "dp"):
                     (_hooks_on if which == "dp" else _hooks_off)(session.hooks)
                     TIMERS.active = which
                     started, cpu = time.perf_counter(), time.process_time()
                     if which == "dp":
-                        _dp_step(model, session, chunks, spec)
+                        _dp_step(model, session, chunks["dp"], spec)
                     else:
-                        local._step(model, plain, chunks, spec, CHOICE_IDS, None)
+                        local._step(model, plain, chunks["none"], spec, CHOICE_IDS, None)
                     seconds[which] = time.perf_counter() - started
                     seconds[f"{which}_cpu"] = time.process_time() - cpu
                     TIMERS.active = None
@@ -393,7 +401,7 @@ def probe(config: str, steps: int, micro_batches: int) -> dict:
         sizes.append(len(chosen["input_ids"]))
         if sizes[-1] == 0:
             continue
-        chunks = split_by_length(chosen, micro_batches)
+        chunks = local._chunks(chosen, spec, session)  # as each side's training cuts it
         if session is None:
             local._step(model, optimizer, chunks, spec, CHOICE_IDS, None)
         else:
