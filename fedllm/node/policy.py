@@ -72,6 +72,12 @@ MAX_ROUNDS = "max-rounds"
 MAX_LOCAL_STEPS = "max-local-steps"
 MAX_BATCH_SIZE = "max-batch-size"
 MAX_LENGTH = "max-length"
+# bounds on what the server may ask this node to build (issue 25): a random model of any size,
+# a LoRA of any rank or a prompt template of any length cost a node gigabytes and minutes per
+# message, pre-flight included, before anything else is checked
+MAX_MODEL_PARAMS = "max-model-params"
+MAX_LORA_RANK = "max-lora-rank"
+MAX_TEMPLATE_CHARS = "max-template-chars"
 # bounds on the global adapter the server sends (fedllm.node.received): entries and L2 norm
 MAX_ADAPTER_ABS = "max-adapter-abs"
 MAX_ADAPTER_NORM = "max-adapter-norm"
@@ -112,6 +118,9 @@ KNOWN_KEYS = (
     MAX_LOCAL_STEPS,
     MAX_BATCH_SIZE,
     MAX_LENGTH,
+    MAX_MODEL_PARAMS,
+    MAX_LORA_RANK,
+    MAX_TEMPLATE_CHARS,
     MAX_ADAPTER_ABS,
     MAX_ADAPTER_NORM,
     ANSWER_PREFLIGHT,
@@ -131,6 +140,12 @@ DEFAULT_ALLOWED_MODELS = ("embedded",)
 # 16 records of 96 tokens) yet small enough that planning the largest run allowed takes a node
 # minutes, not hours, and no memory it does not have for the accountant.
 DEFAULT_MAX_ROUNDS, DEFAULT_MAX_LOCAL_STEPS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_LENGTH = 1000, 1000, 1024, 4096
+# The random test model (``tiny``) may have at most this many parameters (the default one has 3.2
+# million, the packaged SmolLM2 135 million); a pretrained model's size is the operator's choice,
+# made by naming it in allowed-models. LoRA ranks in use are 4-64; templates are a line of text.
+DEFAULT_MAX_MODEL_PARAMS, DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_TEMPLATE_CHARS = 200_000_000, 256, 2000
+# the tiny model's vocabulary: it is built with the packaged tokenizer's (fedllm.model.base)
+TINY_VOCAB_SIZE = 49152
 
 # How the simulation driver hands each virtual node its config: a JSON file named by this
 # environment variable (set in the driver's process, inherited by Ray's workers; never sent).
@@ -188,6 +203,9 @@ class NodePolicy:
     max_local_steps: int = DEFAULT_MAX_LOCAL_STEPS
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_length: int = DEFAULT_MAX_LENGTH
+    max_model_params: int = DEFAULT_MAX_MODEL_PARAMS
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    max_template_chars: int = DEFAULT_MAX_TEMPLATE_CHARS
     max_adapter_abs: float = DEFAULT_MAX_ABS
     max_adapter_norm: float = DEFAULT_MAX_NORM
     answer_preflight: bool = True
@@ -217,6 +235,9 @@ class NodePolicy:
             (MAX_LOCAL_STEPS, self.max_local_steps),
             (MAX_BATCH_SIZE, self.max_batch_size),
             (MAX_LENGTH, self.max_length),
+            (MAX_MODEL_PARAMS, self.max_model_params),
+            (MAX_LORA_RANK, self.max_lora_rank),
+            (MAX_TEMPLATE_CHARS, self.max_template_chars),
         ):
             if bound < 1:
                 raise ConfigError(f"node config {key}: must be a positive whole number, got {bound}")
@@ -347,6 +368,9 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         max_local_steps=_integer(node_config, MAX_LOCAL_STEPS, DEFAULT_MAX_LOCAL_STEPS),
         max_batch_size=_integer(node_config, MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_SIZE),
         max_length=_integer(node_config, MAX_LENGTH, DEFAULT_MAX_LENGTH),
+        max_model_params=_integer(node_config, MAX_MODEL_PARAMS, DEFAULT_MAX_MODEL_PARAMS),
+        max_lora_rank=_integer(node_config, MAX_LORA_RANK, DEFAULT_MAX_LORA_RANK),
+        max_template_chars=_integer(node_config, MAX_TEMPLATE_CHARS, DEFAULT_MAX_TEMPLATE_CHARS),
         max_adapter_abs=_optional_number(node_config, MAX_ADAPTER_ABS, DEFAULT_MAX_ABS),
         max_adapter_norm=_optional_number(node_config, MAX_ADAPTER_NORM, DEFAULT_MAX_NORM),
         answer_preflight=_flag(node_config.get(ANSWER_PREFLIGHT, True), ANSWER_PREFLIGHT),
@@ -431,12 +455,36 @@ def _check_bounds(policy: NodePolicy, cfg: ExperimentConfig) -> None:
         ("train.local_steps", cfg.train.local_steps, MAX_LOCAL_STEPS, policy.max_local_steps),
         ("train.batch_size", cfg.train.batch_size, MAX_BATCH_SIZE, policy.max_batch_size),
         ("data.max_length", cfg.data.max_length, MAX_LENGTH, policy.max_length),
+        ("lora.r", cfg.lora.r, MAX_LORA_RANK, policy.max_lora_rank),
+        ("data.prompt_template's length", len(cfg.data.prompt_template), MAX_TEMPLATE_CHARS, policy.max_template_chars),
+        (
+            "data.response_template's length",
+            len(cfg.data.response_template),
+            MAX_TEMPLATE_CHARS,
+            policy.max_template_chars,
+        ),
+        ("model=tiny's parameter count", tiny_parameters(cfg), MAX_MODEL_PARAMS, policy.max_model_params),
     ):
         if asked > bound:
             raise PolicyViolation(
                 f"the server asked for {key}={asked}, above this node's bound {node_key}={bound} "
                 "(raise it in the node config to allow such runs)"
             )
+
+
+def tiny_parameters(cfg: ExperimentConfig) -> int:
+    """The parameter count of the random model ``cfg`` asks for (0 for any other model).
+
+    Computed from its four sizes before anything is built (a Llama with tied embeddings, as
+    :func:`fedllm.model.base.load_model` builds it): per layer four attention projections, three
+    MLP matrices and two norms; the shared embedding; the final norm.
+    """
+    model = cfg.model
+    if model.kind != "tiny":
+        return 0
+    hidden, inner = model.hidden_size, model.intermediate_size
+    per_layer = 4 * hidden * hidden + 3 * hidden * inner + 2 * hidden
+    return model.num_layers * per_layer + TINY_VOCAB_SIZE * hidden + hidden
 
 
 def bare_placeholders(template: str, field: str) -> bool:
@@ -487,6 +535,11 @@ def simulated_node_config(cfg: ExperimentConfig, partition_id: int) -> dict[str,
         MAX_LOCAL_STEPS: max(cfg.train.local_steps, DEFAULT_MAX_LOCAL_STEPS),
         MAX_BATCH_SIZE: max(cfg.train.batch_size, DEFAULT_MAX_BATCH_SIZE),
         MAX_LENGTH: max(cfg.data.max_length, DEFAULT_MAX_LENGTH),
+        MAX_MODEL_PARAMS: max(tiny_parameters(cfg), DEFAULT_MAX_MODEL_PARAMS),
+        MAX_LORA_RANK: max(cfg.lora.r, DEFAULT_MAX_LORA_RANK),
+        MAX_TEMPLATE_CHARS: max(
+            len(cfg.data.prompt_template), len(cfg.data.response_template), DEFAULT_MAX_TEMPLATE_CHARS
+        ),
         SIMULATED: True,
         NOISE: cfg.privacy.noise,
         # the researcher's storage key protects the virtual nodes' state too: the config names where

@@ -14,14 +14,14 @@ import torch
 
 from fedllm import task
 from fedllm.cli.node_status import node_status, node_status_cli
-from fedllm.config import DataConfig, FederationConfig, ModelConfig, PrivacyConfig, TrainConfig
+from fedllm.config import DataConfig, FederationConfig, LoraSettings, ModelConfig, PrivacyConfig, TrainConfig
 from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.audit import AUDIT_FILE
 from fedllm.federation.client_app import train
 from fedllm.node import guard
 from fedllm.node.guard import RoundRequest, _train
-from fedllm.node.policy import SIMULATED_NODES_ENV, policy_from_node_config, write_simulated_nodes
+from fedllm.node.policy import SIMULATED_NODES_ENV, policy_from_node_config, tiny_parameters, write_simulated_nodes
 from fedllm.planning import plan_for
 from fedllm.privacy.node_ledger import NodeLedger
 from fedllm.training.local import DPSpec
@@ -208,6 +208,16 @@ HUGE = 10**9
             dict(data=DataConfig(prompt_template=RT_PROMPT, choices=("positive", "negative"), max_length=HUGE)),
             "max-length=4096",
         ),
+        # what it would build (issue 25): each cost 3+ GiB or 44 s of CPU per message, pre-flight included
+        (
+            dict(model=ModelConfig(source="tiny", hidden_size=16384, intermediate_size=16384, num_layers=64)),
+            "max-model-params=200000000",
+        ),
+        (dict(lora=LoraSettings(r=200_000)), "max-lora-rank=256"),
+        (
+            dict(data=DataConfig(prompt_template="x" * 200_000 + RT_PROMPT, choices=("positive", "negative"))),
+            "max-template-chars=2000",
+        ),
     ],
 )
 def test_a_coordinator_cannot_make_a_node_plan_or_train_an_unbounded_task(
@@ -216,13 +226,14 @@ def test_a_coordinator_cannot_make_a_node_plan_or_train_an_unbounded_task(
     # a billion rounds would make the node plan a 5e9-step mechanism (the PRV accountant then runs
     # out of memory after minutes); the node refuses before it plans, loads data or opens its ledger
     cfg = tiny_config(**override)
-    sent = task.model_bundle(ModelConfig(source="tiny"), cfg.lora, cfg.seed).initial_adapter
+    sent = task.model_bundle(ModelConfig(source="tiny"), LoraSettings(), cfg.seed).initial_adapter
 
     def planned(*args, **kwargs):
-        raise AssertionError("the node planned a task beyond its bounds")
+        raise AssertionError("the node planned or built a task beyond its bounds")
 
     monkeypatch.setattr(guard, "plan_for", planned)
     monkeypatch.setattr(guard.task, "node_shard", planned)
+    monkeypatch.setattr(guard.task, "model_bundle", planned)
     reply = run_round(cfg, "run", 1, node_config=_deployed(tmp_path), arrays=sent)
     assert _refusal_category(reply) == "policy"
     assert not (tmp_path / "node-state" / "privacy_ledger.json").exists()
@@ -240,6 +251,15 @@ def test_an_operator_may_raise_or_lower_the_bounds(tmp_path):
         policy_from_node_config(_deployed(tmp_path, max_rounds="lots"))
     with pytest.raises(ConfigError, match="max-length: must be a positive whole number"):
         policy_from_node_config(_deployed(tmp_path, max_length=0))
+    with pytest.raises(ConfigError, match="max-lora-rank: must be a positive whole number"):
+        policy_from_node_config(_deployed(tmp_path, max_lora_rank=0))
+
+
+def test_the_tiny_models_parameter_count_is_known_before_it_is_built():
+    cfg = tiny_config()
+    built = task.model_bundle(cfg.model, cfg.lora, cfg.seed).model.get_base_model()
+    assert tiny_parameters(cfg) == sum(p.numel() for p in built.parameters() if not p.requires_grad)
+    assert tiny_parameters(tiny_config(model=ModelConfig(source="embedded"))) == 0
 
 
 def test_a_node_that_allows_it_trains_without_dp_and_says_so(tmp_path):
