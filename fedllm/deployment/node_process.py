@@ -129,6 +129,7 @@ def serve(address: str, certificates: bytes | None = None, max_tasks: int | None
     from fedllm.federation.client_app import show_node_log
 
     show_node_log()
+    logging.getLogger("fedllm").propagate = False  # Flower's root handler would print every node line twice
     installed = installed_digests()
     log.info("fedllm node run: serving the SuperNode at %s with the installed fedllm", address)
     acquirer = _client(address, certificates, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
