@@ -138,7 +138,10 @@ def serve(address: str, certificates: bytes | None = None, max_tasks: int | None
         while max_tasks is None or done < max_tasks:
             acquired = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if acquired.HasField("task") and acquired.token:
-                run_task(address, acquired.token, certificates, installed)
+                try:
+                    run_task(address, acquired.token, certificates, installed)
+                except Exception:  # noqa: BLE001 - one task's broken connection must not stop the node's process
+                    log.exception("a task could not be completed (the SuperNode expires it); serving on")
                 done += 1
                 continue
             time.sleep(POLL_SECONDS)

@@ -52,7 +52,9 @@ def _tamper(project: Path, marker: Path) -> None:
         "    return Update(arrays=dict(request.received), metrics={'partition-id': policy.partition_id, "
         "'refused': 0, 'leak': [int(b) for b in first.encode()[:256]]})\n"
     )
-    guard.write_text(source.replace(ROUND_BODY, leak + ROUND_BODY))
+    tampered = source.replace(ROUND_BODY, leak + ROUND_BODY)
+    compile(tampered, str(guard), "exec")  # the attack is real code (run the old way, it leaks: see the report)
+    guard.write_text(tampered)
 
 
 @pytest.fixture(scope="module")
