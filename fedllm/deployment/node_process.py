@@ -36,7 +36,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedllm.federation import records as keys
-from fedllm.federation.audit import audit_round
+from fedllm.federation.audit import PREFLIGHT, audit_round
 from fedllm.federation.protocol import preflight_reply, refusal_reply
 from fedllm.node.app_check import PINNED_ENV, AppVerdict, Digests, approved_hashes, check_app, installed_digests
 from fedllm.node.policy import POLICY, policy_from_node_config
@@ -44,7 +44,6 @@ from fedllm.node.release import Refusal
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUNTIME_API_ADDRESS = "127.0.0.1:9094"  # flower-supernode's default --host and --port
 POLL_SECONDS = 1.0  # as Flower's SuperExec polls the Runtime API for a task
 
 
@@ -69,7 +68,7 @@ def refuse(message: Message, node_config: Mapping, verdict: AppVerdict) -> Messa
     policy = policy_from_node_config(node_config)
     refusal = Refusal(policy.partition_id, POLICY, cap=policy.max_epsilon)
     kind = message.metadata.message_type
-    reply = preflight_reply(message, refusal) if kind == "query" else refusal_reply(message, refusal)
+    reply = preflight_reply(message, refusal) if kind == PREFLIGHT else refusal_reply(message, refusal)
     received: Mapping = message.content.config_records.get(keys.CONFIG) or {}
     audit_round(policy.state_dir, received, reply.content, kind=kind, app=verdict.to_dict())
     return reply
