@@ -14,12 +14,17 @@ What it does, as an operator would:
   3. one authentication key pair per node, registered with the SuperLink (`flwr supernode register`);
   4. each node's own data file (here: a slice of the embedded Rotten Tomatoes reviews) and its
      node config: data-path, state-dir, max-epsilon, sampling-size, partition-id;
-  5. one `flower-supernode` per node, connected to the gateway; with --unregistered, nodes whose
+  5. one `flower-supernode --isolation process` per node, connected to the gateway, and beside it the
+     node's own ClientApp process, `fedllm node run`: it runs the fedllm installed on the node and
+     refuses (policy) an app bundle whose fedllm code is neither that nor a hash the node approved
+     (--approve-app); --legacy-nodes starts them the old way instead (Flower runs the coordinator's
+     bundle, and the node warns so); with --unregistered, nodes whose
      key was never registered (the SuperLink must refuse them); with --outsider, someone holding
      only the CA certificate tries, through the nodes' address, to register a key, start a run
      and list runs (all must fail);
   6. `flwr run . demo` with the Hydra overrides as run config, and waits for the run to finish;
-     with --hostile-overrides, a second run whose settings every node must refuse.
+     with --hostile-overrides, a second run whose settings every node must refuse; with --extra-run
+     NAME=DIR, one more run of the app at DIR (e.g. an edited copy of this project) per option.
 It prints a JSON report: where the outputs are, which addresses each server listens on, how
 each unregistered node ended, what the outsider got, and the runs the SuperLink knows.
 """
@@ -76,6 +81,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--control-port", type=int, default=0, help="the SuperLink's own port on 127.0.0.1 (default: a free one)"
     )
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--legacy-nodes",
+        action="store_true",
+        help="start the SuperNodes the old way (--isolation subprocess: Flower runs the coordinator's app bundle)",
+    )
+    parser.add_argument(
+        "--approve-app",
+        type=Path,
+        action="append",
+        default=[],
+        help="a project directory whose fedllm code every node approves (its hash joins approved-app-hashes)",
+    )
+    parser.add_argument(
+        "--extra-run",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="after the runs, `flwr run DIR` (one round) with outputs in <workdir>/outputs-NAME",
+    )
+    parser.add_argument("--extra-overrides", default="", help="Hydra overrides added to every --extra-run")
+    parser.add_argument(
+        "--allow-nonprivate", action="store_true", help="nodes also train runs without DP-SGD (privacy=none)"
+    )
     return parser.parse_args(argv)
 
 
@@ -214,9 +242,12 @@ def outsider_attempts(workdir: Path, fleet: str, ca_cert: Path, env: dict, outpu
     return report
 
 
-def node_config(index: int, data: Path, state: Path, cap: str, sampling_size: int) -> str:
+def node_config(
+    index: int, data: Path, state: Path, cap: str, sampling_size: int, approved: tuple = (), nonprivate: bool = False
+) -> str:
     """A node's own rules: its data, its state, its cap and delta (the server can only lower them),
-    and the public record count its DP plan is fixed from (its file's size, a public demo number)."""
+    the public record count its DP plan is fixed from (its file's size, a public demo number), and
+    the app bundles besides its installed fedllm that its operator approved (``approved``: hashes)."""
     return " ".join(
         [
             f"partition-id={index}",
@@ -227,8 +258,17 @@ def node_config(index: int, data: Path, state: Path, cap: str, sampling_size: in
             # the demo's default run is the smoke (the random tiny model), which no node allows unless it says so
             'allowed-models="embedded,tiny"',
             f"sampling-size={sampling_size}",
+            *([f'approved-app-hashes="{",".join(approved)}"'] if approved else []),
+            *(["allow-nonprivate=true"] if nonprivate else []),
         ]
     )
+
+
+def app_hash_of(project: Path) -> str:
+    """The content hash of the fedllm code of a project directory, as `fedllm node hash` prints it."""
+    from fedllm.node.app_check import app_hash, installed_digests
+
+    return app_hash(installed_digests(project.resolve() / "fedllm"))
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -290,7 +330,21 @@ def run_demo(args: argparse.Namespace) -> dict:
         wait_for_port(control_port, superlink)
         wait_for_port(port, gateway)
 
-        def start_node(name: str, private: Path, config: str, *extra: str) -> subprocess.Popen:
+        def start_node(name: str, private: Path, config: str, *extra: str, app: bool = True) -> subprocess.Popen:
+            runtime = free_port()  # the SuperNode's Runtime (ClientAppIo) API, on loopback
+            if app and not args.legacy_nodes:  # the node's own ClientApp process: its installed fedllm only
+                procs.start(
+                    f"{name}-app",
+                    [
+                        sys.executable,
+                        "-m",
+                        "fedllm.cli.main",
+                        "node",
+                        "run",
+                        "--runtime-api-address",
+                        f"127.0.0.1:{runtime}",
+                    ],
+                )
             return procs.start(
                 name,
                 [
@@ -302,20 +356,31 @@ def run_demo(args: argparse.Namespace) -> dict:
                     "--auth-supernode-private-key",
                     str(private),
                     "--port",
-                    str(free_port()),
+                    str(runtime),
+                    "--isolation",
+                    "subprocess" if args.legacy_nodes else "process",
                     *extra,
                     "--node-config",
                     config,
                 ],
             )
 
+        approved = tuple(app_hash_of(project) for project in args.approve_app)
         for index in range(args.nodes):
             private, public = make_node_keys(workdir / "keys", f"node{index}")
             flwr(["supernode", "register", str(public), "demo"], env, timeout=60)
             start_node(
                 f"supernode{index}",
                 private,
-                node_config(index, data[index], workdir / f"node{index}" / "state", caps[index], args.records),
+                node_config(
+                    index,
+                    data[index],
+                    workdir / f"node{index}" / "state",
+                    caps[index],
+                    args.records,
+                    approved,
+                    args.allow_nonprivate,
+                ),
             )
         if args.broken_node:
             private, public = make_node_keys(workdir / "keys", "broken")
@@ -332,6 +397,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                     node_config(args.nodes + 1 + index, data[0], workdir / f"unregistered{index}", "", args.records),
                     "--max-retries",
                     "0",
+                    app=False,  # refused by the SuperLink before any message
                 )
             )
         report["listening"] = {"superlink": listening(superlink.pid), "fleet-gateway": listening(gateway.pid)}
@@ -350,6 +416,20 @@ def run_demo(args: argparse.Namespace) -> dict:
             result = flwr(["run", str(ROOT), "demo", "--run-config", hostile, "--stream"], env, timeout=args.timeout)
             (workdir / "flwr-run-hostile.log").write_text(result.stdout + result.stderr)
             report["hostile_output_dir"] = str(workdir / "outputs-hostile")
+        for extra in args.extra_run:
+            name, _, project = extra.partition("=")
+            outputs = workdir / f"outputs-{name}"
+            run_config = (
+                f'overrides="{args.overrides} {args.extra_overrides} federation.num_rounds=1 '
+                f'federation.num_clients={clients}" '
+                f'output-dir="{outputs}"'
+            )
+            result = flwr(["run", project, "demo", "--run-config", run_config, "--stream"], env, timeout=args.timeout)
+            (workdir / f"flwr-run-{name}.log").write_text(result.stdout + result.stderr)
+            report.setdefault("extra_runs", {})[name] = {
+                "output_dir": str(outputs),
+                "app_hash": app_hash_of(Path(project)),
+            }
         report["runs"] = json.loads(flwr(["ls", "demo", "--format", "json"], env, timeout=60).stdout).get("runs", [])
         report["nodes"] = json.loads(
             flwr(["supernode", "list", "demo", "--format", "json"], env, timeout=60).stdout

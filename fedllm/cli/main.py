@@ -21,6 +21,8 @@ commands:
   verify     check the checksums of a run directory (adapter, checkpoint, node ledgers)
   decrypt    write the plain file of an encrypted (sealed) adapter or checkpoint file
   node-status  a node's spent epsilon, cap and last rounds, from its own --node-config string
+  node       the node operator's process: `fedllm node run` (the SuperNode's ClientApp, installed
+             fedllm only) and `fedllm node hash [bundle.fab]` (the hash to approve a bundle)
   evaluate   score a finished run's adapter: held-out loss, perplexity, accuracy (or on your file)
   generate   answer a prompt with a finished run's adapter, in the run's prompt format
 
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedllm.cli.node_status import node_status_cli
 
         return node_status_cli(rest)
+    if command == "node":
+        from fedllm.cli.node import node_cli
+
+        return node_cli(rest)
     if command in ("evaluate", "generate"):
         from fedllm.cli import use
 

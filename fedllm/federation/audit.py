@@ -22,12 +22,16 @@ AUDIT_FILE = "audit.jsonl"
 ROUND, PREFLIGHT = "train", "query"  # the Flower message types a node answers
 
 
-def audit_round(state_dir: Path, received: Mapping, sent: RecordDict, kind: str = ROUND) -> dict:
+def audit_round(
+    state_dir: Path, received: Mapping, sent: RecordDict, kind: str = ROUND, app: Mapping | None = None
+) -> dict:
     """Log and append to ``<state dir>/audit.jsonl`` what the server asked and exactly what left
     the node: the round's config (the task config, its SHA-256 and its privacy section), every
     tensor sent (name, shape, dtype, bytes), every metric (the DP history included) and every
     config record (a refusal's category), for a security team. ``kind`` is the message answered:
-    a round (``train``) or the pre-flight (``query``, whose ``round`` is the first round it asked about)."""
+    a round (``train``) or the pre-flight (``query``, whose ``round`` is the first round it asked about).
+    ``app``: the node's verdict on the coordinator's app bundle when it refused it
+    (:class:`fedllm.node.app_check.AppVerdict`: the bundle's hash, the first differing file)."""
     task_json = str(received.get(keys.TASK_CONFIG, ""))
     try:
         task_config = json.loads(task_json) if task_json else {}
@@ -66,6 +70,8 @@ def audit_round(state_dir: Path, received: Mapping, sent: RecordDict, kind: str 
             "record_types": sorted(sent.keys()),
         },
     }
+    if app is not None:
+        entry["app"] = dict(app)
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with (Path(state_dir) / AUDIT_FILE).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, sort_keys=True) + "\n")

@@ -30,6 +30,7 @@ from fedllm.federation.flower_runtime import is_flower_virtual_node, virtual_nod
 from fedllm.federation.protocol import preflight_reply, refusal_reply, update_reply
 from fedllm.library_noise import quiet_libraries
 from fedllm.model.device import usable_cpus
+from fedllm.node.app_check import warn_if_not_pinned
 from fedllm.node.guard import PreflightRequest, RoundRequest, answer_preflight, answer_round
 from fedllm.node.policy import ERROR, SIMULATED_NODES_ENV, NodePolicy, node_policy
 from fedllm.node.release import Refusal
@@ -134,6 +135,7 @@ def _node(context: Context, cfg: ExperimentConfig) -> NodePolicy:
     policy = node_policy(context.node_config)
     if not policy.simulated:
         show_node_log()
+        warn_if_not_pinned()  # loaded by Flower from the coordinator's bundle, not by `fedllm node run`
     return policy
 
 

@@ -94,6 +94,8 @@ ENCRYPT_STATE = "encrypt-state"
 STATE_KEY_FILE = "state-key-file"
 STATE_KEY_ENV = "state-key-env"
 DEFAULT_STATE_KEY_ENV = "FEDLLM_NODE_KEY"
+# app bundles besides the installed fedllm that this node's operator reviewed (fedllm.node.app_check)
+APPROVED_APP_HASHES = "approved-app-hashes"
 KNOWN_KEYS = (
     PARTITION_ID,
     "num-partitions",
@@ -131,6 +133,7 @@ KNOWN_KEYS = (
     ENCRYPT_STATE,
     STATE_KEY_FILE,
     STATE_KEY_ENV,
+    APPROVED_APP_HASHES,
 )
 # the packaged SmolLM2 only: the random test model (``tiny``) has weights that follow from the
 # coordinator's seed, so a coordinator could craft adapters against it (issue 23); a node that wants

@@ -8,7 +8,7 @@ import pytest
 
 from fedllm.cli.main import main
 
-COMMANDS = ("simulate", "plan", "audit", "report", "evaluate", "generate", "verify", "decrypt", "node-status")
+COMMANDS = ("simulate", "plan", "audit", "report", "evaluate", "generate", "verify", "decrypt", "node-status", "node")
 
 
 def _run(argv: list[str]) -> int:

@@ -108,6 +108,8 @@ def test_the_documented_supernode_flags_are_flwr_142s():
     first = parser.parse_args(args[1:])
     second = parser.parse_args([*args[1:], "--port", "9095"])
     assert (first.host, first.port) == ("127.0.0.1", 9094) and second.port == 9095
+    assert first.isolation == "process"  # the node's own ClientApp process runs the installed fedllm (issue 24)
+    assert "fedllm node run --runtime-api-address 127.0.0.1:9094" in README
     assert "--host 127.0.0.1 --port 9094" in README and "--port 9095" in README
     with pytest.raises(SystemExit):  # the flag older guides show
         parser.parse_args([*args[1:], "--clientappio-api-address", "127.0.0.1:9095"])

@@ -248,11 +248,27 @@ def test_nodes_reach_only_the_gateway_and_the_control_api_only_this_host(compose
     for name in ("supernode-1", "supernode-2"):
         assert services[name]["networks"] == ["fleet"]
         assert flag_value(argv(services[name]), "--superlink") == "fleet-gateway:9092"
-        assert any(target == "/data" and ro for _, target, ro in mounts(services[name]))  # data read-only
+        app = services[f"node{name[-1]}-app"]  # the node's own ClientApp reads the data, read-only
+        assert any(target == "/data" and ro for _, target, ro in mounts(app))
+        assert app["network_mode"] == f"service:{name}" and "networks" not in app and not app.get("ports")
     gateway = argv(services["fleet-gateway"])
     assert services["fleet-gateway"]["entrypoint"][-1] == "fedllm.deployment.fleet_gateway"
     assert flag_value(gateway, "--superlink") == "superlink:9093"
     assert set(services["serverapp"]["networks"]) == {"control"}
+
+
+def test_each_node_runs_its_installed_fedllm_never_the_coordinators_bundle(compose):
+    """Issue 24: every SuperNode leaves its ClientApp to a process of its own (--isolation process),
+    `fedllm node run` on the SuperNode's loopback Runtime API, which loads the image's fedllm."""
+    services = compose["services"]
+    nodes = [name for name in services if name.startswith("supernode")]
+    assert nodes == ["supernode-1", "supernode-2"]
+    for name in nodes:
+        assert flag_value(argv(services[name]), "--isolation") == "process", name
+        app = services[f"node{name[-1]}-app"]
+        assert [*app["entrypoint"], *argv(app)][:3] == ["fedllm", "node", "run"]
+        assert flag_value(argv(app), "--runtime-api-address") == "127.0.0.1:9094"  # flower-supernode's default
+        assert not [t for _, t, _ in mounts(services[name]) if t in ("/data", "/state")], f"{name} reads no data"
 
 
 def test_the_superlink_runs_with_tls_node_auth_and_no_runtime_installs(compose):
