@@ -76,6 +76,7 @@ def test_without_dp_the_coordinator_finds_the_canaries(tmp_path):
     assert audit["adversaries"][READER]["epsilon_lower_bound"] > 1.0, audit["adversaries"][READER]
 
 
+@pytest.mark.slow  # slow tier: two whole audits
 def test_seeded_noise_is_caught_and_node_side_noise_is_not(tmp_path):
     """The regression test for the node boundary: with ``privacy.noise=seeded`` the coordinator,
     who sent the seed, regenerates each node's noise and subtracts it; the same run with the

@@ -62,6 +62,7 @@ def copied_package(tmp_path) -> Path:
     return copy
 
 
+@pytest.mark.slow  # slow tier: Flower builds a bundle of the whole repository
 def test_the_hash_is_the_same_from_a_flwr_build_bundle_and_from_the_installed_package():
     fab = build_fab_from_disk(ROOT)  # Flower's own file selection (fab-include, .gitignore)
     assert app_hash(read_bundle(fab).digests) == app_hash(installed_digests())

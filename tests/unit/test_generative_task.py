@@ -141,6 +141,7 @@ def test_the_fixed_answer_objective_on_free_form_data_says_what_to_set():
         compose_experiment(["data=rt_reviews", "train.objective=choices"], CONF)
 
 
+@pytest.mark.slow  # slow tier: tokenizes the whole corpus
 def test_the_preset_max_length_fits_every_record(bundle):
     data = compose_experiment(["data=rt_reviews"], CONF).data
     fmt = dataclasses.replace(task.prompt_format(data), overlong="refuse")

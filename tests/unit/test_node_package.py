@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # slow tier: a fresh interpreter imports torch, transformers and the node
 def test_the_node_boundary_imports_neither_flower_nor_the_audit():
     code = (
         "import sys, fedllm.node.guard, fedllm.node.release, fedllm.node.extension; "

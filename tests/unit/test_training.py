@@ -74,6 +74,7 @@ def test_dp_training_changes_only_the_adapters(bundle):
             assert torch.equal(param, frozen_before[name]), name
 
 
+@pytest.mark.slow  # slow tier: trains until the accuracy moves
 def test_a_dp_run_really_learns(bundle):
     """Guards against silently corrupted LoRA updates under Opacus (opacus issue #820)."""
     train = tokenize_records(easy_records(400, 2), bundle.tokenizer, FMT)
