@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,21 @@ def fedllm(args: list[str], cwd: Path, env: dict | None = None, check: bool = Tr
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+def run_demo(args: list[str], timeout: int) -> dict:
+    """Run ``scripts/demo_federation.py`` with ``args`` (this session's processes); its JSON report."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, str(root / "scripts" / "demo_federation.py"), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, SESSION_TAG[0]: SESSION_TAG[1], "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.split("\noutputs:")[0])
 
 
 def stray_processes() -> list[str]:

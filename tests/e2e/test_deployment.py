@@ -5,15 +5,12 @@ outsider holding only the CA certificate, `flwr run`. (The compose file: tests/u
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import SESSION_TAG, stray_processes
+from .conftest import run_demo, stray_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,10 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("demo")
-    result = subprocess.run(
+    report = run_demo(
         [
-            sys.executable,
-            str(ROOT / "scripts" / "demo_federation.py"),
             "--workdir",
             str(workdir),
             "--nodes",
@@ -44,14 +39,9 @@ def demo(tmp_path_factory) -> tuple[Path, dict]:
             "--hostile-overrides",
             "privacy.noise=seeded model.trust_remote_code=true",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=800,
-        env={**os.environ, SESSION_TAG[0]: SESSION_TAG[1], "PYTHONPATH": str(ROOT)},
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return workdir, json.loads(result.stdout.split("\noutputs:")[0])
+    return workdir, report
 
 
 def test_the_run_finishes_over_tls_with_an_adapter_and_a_ledger(demo):

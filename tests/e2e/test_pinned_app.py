@@ -13,15 +13,12 @@ tampered guard: the marker would exist and the record would be in the reply."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import SESSION_TAG, stray_processes
+from .conftest import run_demo, stray_processes
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +63,8 @@ def pinned(tmp_path_factory) -> tuple[Path, dict]:
     approved = _project_copy(base / "approved")
     with (approved / GUARD).open("a") as guard:
         guard.write("# reviewed by the node's operator\n")
-    result = subprocess.run(
+    report = run_demo(
         [
-            sys.executable,
-            str(ROOT / "scripts" / "demo_federation.py"),
             "--workdir",
             str(workdir),
             "--nodes",
@@ -92,14 +87,8 @@ def pinned(tmp_path_factory) -> tuple[Path, dict]:
             "--timeout",
             "400",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=900,
-        env={**os.environ, SESSION_TAG[0]: SESSION_TAG[1], "PYTHONPATH": str(ROOT)},
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(result.stdout.split("\noutputs:")[0])
     report["marker"] = str(marker)
     return workdir, report
 
