@@ -134,7 +134,7 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
         scores[AGGREGATE_READER] = aggregate_scores(design, observed, design.layout.flatten(final))
     scores[READER] = _reader(cfg, design, bundle, initial, final)
     if not client_level:  # a canary client's reply is the audit's own making: no side channel to read
-        scores.update(side_channel_scores(design, seen))
+        scores.update(side_channel_scores(design, seen, peers=sizes))
     sampled = None if client_level else sampled_canaries([Path(f"{p}{SAMPLED_SUFFIX}") for p in files.values()])
     audit = _results(cfg, settings, design, scores, summary, time.perf_counter() - started)
     audit.update(_power(design, sampled, audit["delta"], _test_confidence(audit)))
@@ -169,9 +169,10 @@ def _recorder(
         if not isinstance(server_round, int):  # the strategy's own message: always an int
             raise TypeError(f"{keys.SERVER_ROUND} is {server_round!r}, not a whole number")
         client = message.metadata.dst_node_id - FIRST_NODE_ID
-        seen.views[(server_round, client)] = view_of(reply, clock.seconds.pop(message.metadata.message_id, 0.0))
-        if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
-            return  # an error or a refusal: no adapter to look at
+        view = view_of(reply, clock.seconds.pop(message.metadata.message_id, 0.0))
+        seen.views[(server_round, client)] = view
+        if view.broken or keys.ARRAYS not in reply.content.array_records:
+            return  # an error, a refusal or a non-finite update: no values to score (the nonfinite adversary's)
         if server_round not in observed.sent:
             observed.sent[server_round] = layout.flatten(_numpy(message.content[keys.ARRAYS]))
         try:

@@ -184,16 +184,22 @@ def canary_weights(design: CanaryDesign) -> np.ndarray:
     return lengths / lengths.mean()
 
 
-def side_channel_scores(design: CanaryDesign, seen: RepliesSeen) -> dict[str, np.ndarray]:
+def side_channel_scores(
+    design: CanaryDesign, seen: RepliesSeen, peers: Mapping[int, object] | None = None
+) -> dict[str, np.ndarray]:
     """Every side-channel adversary's score of every canary (higher: more likely in).
 
     A canary's score is its node's signal summed over the rounds, shared among the canaries
-    dealt to that node; for the reply time, weighted by :func:`canary_weights`.
+    dealt to that node; for the reply time, weighted by :func:`canary_weights`. Each round's
+    signal compares a node with its peers: the nodes of the same public group (their public
+    sampling size N: the accounting fields, the sample rate and the batch sizes follow from it, so
+    nodes of different N differ with no canary at all); a node without peers shows nothing.
 
     Args:
         design: the canaries (their placement and text are public to the adversary; their
             inclusion is what it guesses).
         seen: the train replies the coordinator observed.
+        peers: ``client -> public group`` (None: every node is every other's peer).
 
     Returns:
         ``adversary name -> scores`` for :data:`SIDE_CHANNELS`.
@@ -204,8 +210,19 @@ def side_channel_scores(design: CanaryDesign, seen: RepliesSeen) -> dict[str, np
     for name, signal in SIGNALS.items():
         per_node: dict[int, float] = {}
         for server_round in seen.rounds():
-            for client, value in signal(seen.of_round(server_round)).items():
-                per_node[client] = per_node.get(client, 0.0) + value
+            views = seen.of_round(server_round)
+            for group in _groups(views, peers):
+                for client, value in signal({k: views[k] for k in group}).items():
+                    per_node[client] = per_node.get(client, 0.0) + value
         values = np.array([per_node.get(c.client, 0.0) / placed[c.client] for c in design.canaries])
         scores[name] = values * weights if name == REPLY_TIME else values
     return scores
+
+
+def _groups(views: Mapping[int, ReplyView], peers: Mapping[int, object] | None) -> list[list[int]]:
+    if peers is None:
+        return [list(views)]
+    groups: dict[object, list[int]] = {}
+    for client in views:
+        groups.setdefault(peers.get(client), []).append(client)
+    return list(groups.values())

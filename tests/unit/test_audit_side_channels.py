@@ -99,3 +99,15 @@ def test_a_node_signal_is_shared_among_its_canaries():
     seen = RepliesSeen({(1, 0): ReplyView(1.0, True, {}), (1, 1): ReplyView(1.0, False, {})})
     scores = side_channel_scores(d, seen)[NONFINITE]
     assert [scores[c.index] for c in d.canaries] == [1 / 3 if c.client == 0 else 0.0 for c in d.canaries]
+
+
+def test_nodes_are_compared_with_their_peers_only():
+    """Nodes of another public sampling size reply with other accounting fields and no canary
+    involved: compared only with their own group, they stand out no more than the rest."""
+    d = design(8, 8)
+    seen = RepliesSeen(
+        {(1, k): ReplyView(1.0, False, {"metrics.sample-rate": 0.5 if k < 4 else 0.25}) for k in range(8)}
+    )
+    assert side_channel_scores(d, seen)[METADATA].any()
+    grouped = side_channel_scores(d, seen, peers={k: k < 4 for k in range(8)})
+    assert not grouped[METADATA].any()
