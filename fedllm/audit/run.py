@@ -135,9 +135,10 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     scores[READER] = _reader(cfg, design, bundle, initial, final)
     if not client_level:  # a canary client's reply is the audit's own making: no side channel to read
         scores.update(side_channel_scores(design, seen, peers=sizes))
+        write_json(folder / "replies.json", seen.to_dict())  # what the side-channel adversaries read
     sampled = None if client_level else sampled_canaries([Path(f"{p}{SAMPLED_SUFFIX}") for p in files.values()])
     audit = _results(cfg, settings, design, scores, summary, time.perf_counter() - started)
-    audit.update(_power(design, sampled, audit["delta"], _test_confidence(audit)))
+    audit.update(_power(design, sampled, audit["delta"], settings.confidence))
     write_json(run_dir / AUDIT_JSON, audit)
     np.savez(
         folder / "scores.npz", allow_pickle=False, included=np.array([c.included for c in design.canaries]), **scores
@@ -337,15 +338,12 @@ def _results(
     }
 
 
-def _test_confidence(audit: dict) -> float:
-    """The confidence every adversary's every test ran at (the same grid for all of them)."""
-    return min(result["test_confidence"] for result in audit["adversaries"].values())
-
-
 def _power(design: CanaryDesign, sampled: set[int] | None, delta: float, confidence: float) -> dict:
     """The audit's power: how many included canaries any Poisson batch ever held, and the bound an
-    adversary who guessed exactly those, all correctly, would show (with as many canaries, at the
-    confidence each adversary's test ran at).
+    adversary who guessed exactly those, all correctly, would show (with as many canaries). It is
+    computed at the stated confidence with no correction for the guessing grid or the number of
+    adversaries, so no adversary's corrected bound can exceed it by more than luck on canaries
+    never sampled: an upper end of what this run could show.
 
     A canary never sampled left no trace in any release, so under DP-SGD's subsampling it is a coin
     flip for every adversary: with few sampled, no attack can show a large epsilon, however leaky

@@ -14,13 +14,13 @@ coordinator observes, per train reply:
 - **metadata** (:data:`METADATA`): every other field of the reply (every metric and config entry:
   accounting fields, refusal category, ``num-examples`` and metrics when declared public, anything
   a node adds) and the update's shape (tensors, elements, bytes), but not ``partition-id`` (the
-  coordinator assigned it). The signal sums, over the fields, the node's value in robust z-scores
+  coordinator assigned it). The signal sums, over the fields, the node's value in z-scores
   against the round's nodes and whether it sent the field at all (in the same units): a field only
   some nodes send, or one that grows with a record, puts those nodes on top. A field may as well
   shrink with a record (a sample rate ``1 / ceil(n / B)``), so this adversary guesses both ways
   (:data:`TWO_SIDED`: the reversed scores are tested too, and counted in the Bonferroni family);
 - **reply time** (:data:`REPLY_TIME`): the node's wall time from the message's delivery to its
-  reply, as the coordinator's engine measures it, in robust z-scores against the round's other
+  reply, as the coordinator's engine measures it, in z-scores against the round's other
   nodes (slower: more likely in). Each canary's share is weighted by its length relative to the
   mean (record canaries differ in length by design, 4 to 24 words; gradient canaries all weigh 1),
   so that compute following a record's length would put the long included canaries on top.
@@ -34,6 +34,7 @@ at all (the batch size itself is not covered by DP: ``docs/threat-model.md``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ class RepliesSeen:
     """Every train reply the coordinator saw, by ``(round, client)``."""
 
     views: dict[tuple[int, int], ReplyView] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``"round/client" -> {seconds, broken, features}``."""
+        return {f"{r}/{k}": dataclasses.asdict(v) for (r, k), v in sorted(self.views.items())}
 
     def rounds(self) -> list[int]:
         """The rounds with at least one reply, in order."""
@@ -131,16 +136,19 @@ def _add(features: dict[str, float], key: str, value: object) -> None:
         features[f"{key}.size"] = float(len(value)) if hasattr(value, "__len__") else 1.0
 
 
-def _robust_z(values: np.ndarray) -> np.ndarray:
-    """``(x - median) / scale``: scale the median absolute deviation, else the mean one, else 1
-    (all equal: every z is 0). Non-finite values (a NaN metric) count as the largest deviation."""
+def _z(values: np.ndarray) -> np.ndarray:
+    """``(x - mean) / std`` over a round's peers (all equal: every z is 0). The mean, not the
+    median, is the centre so that a value held by a majority and one held by a minority keep their
+    order in every group (a field sent by some nodes is above 0 there, below 0 where not sent).
+    A non-finite value (a NaN metric) counts as the largest deviation."""
     finite = np.isfinite(values)
     if not finite.any():
         return np.zeros_like(values)
-    center = float(np.median(values[finite]))
-    deviation = np.abs(values[finite] - center)
-    scale = float(np.median(deviation)) or float(np.mean(deviation)) or 1.0
-    z = np.where(finite, (np.where(finite, values, center) - center) / scale, 0.0)
+    clean = np.where(finite, values, 0.0)
+    center = float(np.mean(clean[finite]))
+    scale = float(np.std(clean[finite]))
+    # equal values can leave a rounding-sized std: that is no deviation
+    z = (clean - center) / scale if scale > 1e-9 * max(1.0, abs(center)) else np.zeros_like(values)
     return np.where(finite, z, float(np.max(np.abs(z), initial=0.0)) + 1.0)
 
 
@@ -150,7 +158,7 @@ def nonfinite_signal(views: Mapping[int, ReplyView]) -> dict[int, float]:
 
 
 def metadata_signal(views: Mapping[int, ReplyView]) -> dict[int, float]:
-    """The sum over fields of each node's robust z-score, of the field's value (0 where not sent)
+    """The sum over fields of each node's z-score, of the field's value (0 where not sent)
     and of whether it sent the field: a field sent, or larger, counts up."""
     clients = list(views)
     names = sorted({name for v in views.values() for name in v.features})
@@ -158,14 +166,14 @@ def metadata_signal(views: Mapping[int, ReplyView]) -> dict[int, float]:
     for name in names:
         sent = np.array([float(name in views[k].features) for k in clients])
         value = np.array([views[k].features.get(name, 0.0) for k in clients])
-        total += _robust_z(sent) + _robust_z(value)
+        total += _z(sent) + _z(value)
     return dict(zip(clients, total.tolist(), strict=True))
 
 
 def time_signal(views: Mapping[int, ReplyView]) -> dict[int, float]:
-    """Each node's reply time in robust z-scores against the round's nodes (slower: higher)."""
+    """Each node's reply time in z-scores against the round's nodes (slower: higher)."""
     clients = list(views)
-    z = _robust_z(np.array([views[k].seconds for k in clients], dtype=float))
+    z = _z(np.array([views[k].seconds for k in clients], dtype=float))
     return dict(zip(clients, z.tolist(), strict=True))
 
 
