@@ -2,10 +2,10 @@
 caught by the matching adversary, and the honest node stays at or below its accounted epsilon.
 
 A reply-level channel gives one observation per node and round, so these audits deal one canary to
-each of 32 nodes (one round of 4 DP steps at sample rate 1/2: an included canary is drawn at least
-once with probability 15/16). The leaky node is the real ClientApp wrapped in this test only: when
+each of 32 nodes (one round of 5 DP steps at sample rate 1/2: an included canary is drawn at least
+once with probability 31/32). The leaky node is the real ClientApp wrapped in this test only: when
 its batches drew a canary this round (the audit's own log of sampled canaries grew), it sends a
-NaN update, adds a metric the honest node never sends, and sleeps 12 s before answering. The
+NaN update, adds a metric the honest node never sends, and sleeps 20 s before answering. The
 accounted epsilon (about 0.3) is well below what 32 canaries can show (32 right guesses: 1.35 at
 95%, 1.1 at 99%, for five adversaries together), so the check can fail both ways. The honest audit
 runs at a confidence of 0.99 for all adversaries together, the leaky one at 0.95.
@@ -29,7 +29,7 @@ from fedllm.federation import records as keys
 from tests.conftest import tiny_config
 
 NODES = 32
-LEAK_SECONDS = 12.0  # well above this machine's jitter: under load a node's reply time varies by seconds
+LEAK_SECONDS = 20.0  # above this machine's jitter: under load a node's reply time varies by up to ~15 s
 
 
 class LeakyNode:
@@ -61,8 +61,11 @@ def side_channel_audit(tmp_path, monkeypatch, name: str, *, leaky: bool, confide
     if leaky:
         load = audit_run.load_object
         monkeypatch.setattr(audit_run, "load_object", lambda path: LeakyNode(load(path), tmp_path / name / "audit"))
+    base = tiny_config()
     cfg = tiny_config(
-        train=TrainConfig(local_steps=4, batch_size=8, eval_batch_size=50),
+        data=dataclasses.replace(base.data, max_length=48),
+        # batch 9: every node's N (16 or 17) gives sample rate 1/2; short records keep compute (and its jitter) small
+        train=TrainConfig(local_steps=5, batch_size=9, eval_batch_size=50),
         federation=FederationConfig(num_clients=NODES, num_rounds=1),
     )
     cfg = dataclasses.replace(
@@ -73,8 +76,14 @@ def side_channel_audit(tmp_path, monkeypatch, name: str, *, leaky: bool, confide
     return audit_run.run_audit(cfg, AuditConfig(canaries=NODES, confidence=confidence, seed=7), tmp_path / name)
 
 
+# a run of 32 nodes names up to 20 clients in one legend entry of its epsilon plot, too wide for
+# matplotlib's tight layout (a cosmetic warning of fedllm/tracking/plots.py, not of the audit)
+WIDE_LEGEND = "ignore:Tight layout not applied:UserWarning"
+
+
 @pytest.mark.slow
-def test_a_node_leaking_through_its_reply_is_caught_and_the_honest_node_is_not(tmp_path, monkeypatch):
+@pytest.mark.filterwarnings(WIDE_LEGEND)
+def test_a_node_leaking_through_its_reply_is_caught(tmp_path, monkeypatch):
     leaky = side_channel_audit(tmp_path, monkeypatch, "leaky", leaky=True, confidence=0.95)
     accounted = leaky["epsilon_accounted"]
     assert 0 < accounted <= 0.3
@@ -84,8 +93,11 @@ def test_a_node_leaking_through_its_reply_is_caught_and_the_honest_node_is_not(t
     assert leaky["epsilon_lower_bound_max"] > accounted
     assert leaky["best_adversary"] in (NONFINITE, METADATA, REPLY_TIME)
     assert "reply_time" in audit_run.format_audit(leaky)
-    monkeypatch.undo()
 
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(WIDE_LEGEND)
+def test_the_honest_node_stays_at_or_below_its_accounted_epsilon_on_every_channel(tmp_path, monkeypatch):
     honest = side_channel_audit(tmp_path, monkeypatch, "honest", leaky=False, confidence=0.99)
     accounted = honest["epsilon_accounted"]
     reply_time = honest["adversaries"][REPLY_TIME]
