@@ -129,4 +129,5 @@ def test_client_level_audit_with_canary_clients_stays_at_or_below_the_client_lev
 def test_client_level_audit_has_power_when_the_noise_is_negligible(tmp_path):
     audit = client_audit(tmp_path, "weak", noise=0.01, confidence=0.95)
     assert audit["epsilon_accounted"] > 100
-    assert bounds(audit)["aggregate_reader"] > 2.0 and bounds(audit)[READER] > 2.0, audit["adversaries"]
+    # 50 of 50 right is 1.96 at 95% over the 36 tests of three adversaries (2.16 over one adversary's 12)
+    assert bounds(audit)["aggregate_reader"] > 1.9 and bounds(audit)[READER] > 1.9, audit["adversaries"]
