@@ -25,6 +25,10 @@ COLUMNS = (
     "lr",
     "audit_coordinator",
     "audit_output_reader",
+    "audit_nonfinite",
+    "audit_metadata",
+    "audit_reply_time",
+    "audit_power",
     "zero_shot_accuracy",
     "final_accuracy",
     "rounds",
@@ -82,7 +86,8 @@ def report_rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
     for run in runs:
         s = run.summary
         finished = run.finished
-        audited = (run.audit or {}).get("epsilon_lower_bound", {})  # `fedllm audit`'s lower bounds, if it ran
+        audit = run.audit or {}
+        audited = audit.get("epsilon_lower_bound", {})  # `fedllm audit`'s lower bounds, if it ran
         rows.append(
             {
                 "run": str(run.path.relative_to(root)) if run.path != root else run.path.name,
@@ -96,6 +101,11 @@ def report_rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
                 "spent_epsilon": s.final_max_epsilon if finished else None,
                 "audit_coordinator": audited.get("coordinator") if finished else None,
                 "audit_output_reader": audited.get("output_reader") if finished else None,
+                # the side channels (issue 23 item 6) and the largest bound the sampled canaries allow
+                "audit_nonfinite": audited.get("nonfinite") if finished else None,
+                "audit_metadata": audited.get("metadata") if finished else None,
+                "audit_reply_time": audited.get("reply_time") if finished else None,
+                "audit_power": audit.get("power") if finished else None,
                 "zero_shot_accuracy": s.zero_shot_accuracy,
                 "final_accuracy": s.final_accuracy if finished else None,
                 "rounds": s.rounds_completed,

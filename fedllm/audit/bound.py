@@ -48,8 +48,8 @@ class Guesses:
 class AuditResult:
     """The reported audit: the best Bonferroni-corrected bound over a fixed grid of guess counts.
 
-    ``confidence`` is the overall (family-wise) confidence; every grid point was tested at
-    ``test_confidence = 1 - (1 - confidence) / hypotheses``. ``ceiling`` is the largest bound this
+    ``confidence`` is the overall (family-wise) confidence; every rule of every adversary was
+    tested at ``test_confidence = 1 - (1 - confidence) / hypotheses``. ``ceiling`` is the largest bound this
     number of guesses could have given at that corrected confidence (every guess right), so
     ``epsilon_lower_bound`` close to ``ceiling`` means the audit, not the run, is the limit.
     """
@@ -65,6 +65,7 @@ class AuditResult:
     ceiling: float
     hypotheses: int
     test_confidence: float
+    reversed: bool = False  # the guesses were made on the reversed scores (two-sided audits only)
 
     def to_dict(self) -> dict[str, float | int]:
         """Plain JSON-ready fields."""
@@ -176,6 +177,36 @@ def max_lower_bound(*, canaries: int, guesses: int, delta: float, confidence: fl
     return epsilon_lower_bound(canaries=canaries, guesses=guesses, correct=guesses, delta=delta, confidence=confidence)
 
 
+def guess_grid(canaries: int, guess_fractions: Sequence[float] = DEFAULT_GUESS_FRACTIONS) -> list[tuple[int, int]]:
+    """The fixed grid of guessing rules ``(k+, k-)``: ``r = round(f m)`` guesses for each fraction
+    ``f``, either split evenly (``k+ = r // 2`` in, ``k- = r - k+`` out) or all "in" (``k+ = r``),
+    duplicates dropped. It depends on ``m`` and ``guess_fractions`` only, never on the scores.
+
+    Raises:
+        ValueError: no canaries, or a guess fraction outside (0, 1].
+    """
+    if canaries < 1:
+        raise ValueError("no canaries")
+    grid: list[tuple[int, int]] = []
+    for f in guess_fractions:
+        if not 0 < f <= 1:
+            raise ValueError(f"guess fractions must be in (0, 1], got {f}")
+        r = min(canaries, max(1, round(f * canaries)))
+        # two rules per count: half "in" and half "out", or all "in" (a canary included but never
+        # sampled looks left out, so under DP-SGD's subsampling the lowest scores are the weaker guesses)
+        for split in ((r // 2, r - r // 2), (r, 0)):
+            if split not in grid:
+                grid.append(split)
+    return grid
+
+
+def rules_count(
+    canaries: int, *, two_sided: bool = False, guess_fractions: Sequence[float] = DEFAULT_GUESS_FRACTIONS
+) -> int:
+    """How many tests :func:`audit_bound` runs for one adversary (its share of a Bonferroni family)."""
+    return len(guess_grid(canaries, guess_fractions)) * (2 if two_sided else 1)
+
+
 def audit_bound(
     scores: Sequence[float],
     included: Sequence[bool],
@@ -183,52 +214,65 @@ def audit_bound(
     delta: float,
     confidence: float,
     guess_fractions: Sequence[float] = DEFAULT_GUESS_FRACTIONS,
+    two_sided: bool = False,
+    family: int | None = None,
 ) -> AuditResult:
-    """Audit one run: the best bound over a fixed grid of guess counts, Bonferroni-corrected.
+    """Audit one run: the best bound over a fixed grid of guessing rules, Bonferroni-corrected.
 
     Picking the number of guesses after looking at which count gives the largest bound on the same
-    canaries would overstate the bound. Instead the grid is fixed in advance (it depends only on
-    ``m`` and ``guess_fractions``): ``r = round(f m)`` guesses for each fraction ``f``, either split
-    evenly (``k+ = r // 2`` in, ``k- = r - k+`` out) or all "in" (``k+ = r``), duplicates dropped.
-    Each of the ``H`` distinct tests is run at confidence ``1 - (1 - confidence) / H``, so by the
-    union bound the largest of them is a valid lower bound at ``confidence``. Ties between equal
-    bounds go to the earlier grid point.
+    canaries would overstate the bound. Instead the grid is fixed in advance (:func:`guess_grid`).
+    Each of the ``H`` tests is run at confidence ``1 - (1 - confidence) / H``, so by the union
+    bound the largest of them is a valid lower bound at ``confidence``. Ties between equal bounds go
+    to the earlier rule.
+
+    Args:
+        scores: each canary's score (higher: more likely in).
+        included: the truth the guesses are checked against.
+        delta: the run's delta.
+        confidence: the family-wise confidence.
+        guess_fractions: the grid's guess counts as fractions of the canaries.
+        two_sided: also guess on the reversed scores (lower: more likely in), each rule then counted
+            twice in ``H``: for a channel whose direction is not known in advance.
+        family: ``H`` when several adversaries score the same canaries and the audit reports the
+            largest of their bounds: the sum of their :func:`rules_count` (default: this adversary's
+            own), so that maximum, too, holds at ``confidence``.
+
+    Raises:
+        ValueError: no canaries, a guess fraction outside (0, 1], a family smaller than this
+            adversary's rules, or delta or confidence out of range.
     """
     _check_privacy(delta, confidence)
     m = len(scores)
-    if m == 0:
-        raise ValueError("no canaries")
-    grid: list[tuple[int, int]] = []
-    for f in guess_fractions:
-        if not 0 < f <= 1:
-            raise ValueError(f"guess fractions must be in (0, 1], got {f}")
-        r = min(m, max(1, round(f * m)))
-        # two rules per count: half "in" and half "out", or all "in" (a canary included but never
-        # sampled looks left out, so under DP-SGD's subsampling the lowest scores are the weaker guesses)
-        for split in ((r // 2, r - r // 2), (r, 0)):
-            if split not in grid:
-                grid.append(split)
-    test_confidence = 1.0 - (1.0 - confidence) / len(grid)
+    grid = guess_grid(m, guess_fractions)
+    signs = (1.0, -1.0) if two_sided else (1.0,)
+    rules = len(grid) * len(signs)
+    hypotheses = rules if family is None else family
+    if hypotheses < rules:
+        raise ValueError(f"a family of {hypotheses} tests cannot hold this adversary's {rules}")
+    test_confidence = 1.0 - (1.0 - confidence) / hypotheses
     best: AuditResult | None = None
-    for k_plus, k_minus in grid:
-        g = guess_from_scores(scores, included, k_plus, k_minus)
-        eps = epsilon_lower_bound(
-            canaries=m, guesses=g.guesses, correct=g.correct, delta=delta, confidence=test_confidence
-        )
-        if best is None or eps > best.epsilon_lower_bound:
-            best = AuditResult(
-                epsilon_lower_bound=eps,
-                canaries=m,
-                guesses=g.guesses,
-                correct=g.correct,
-                k_plus=g.k_plus,
-                k_minus=g.k_minus,
-                confidence=confidence,
-                delta=delta,
-                ceiling=max_lower_bound(canaries=m, guesses=g.guesses, delta=delta, confidence=test_confidence),
-                hypotheses=len(grid),
-                test_confidence=test_confidence,
+    for sign in signs:
+        oriented = [sign * float(v) for v in scores]
+        for k_plus, k_minus in grid:
+            g = guess_from_scores(oriented, included, k_plus, k_minus)
+            eps = epsilon_lower_bound(
+                canaries=m, guesses=g.guesses, correct=g.correct, delta=delta, confidence=test_confidence
             )
+            if best is None or eps > best.epsilon_lower_bound:
+                best = AuditResult(
+                    epsilon_lower_bound=eps,
+                    canaries=m,
+                    guesses=g.guesses,
+                    correct=g.correct,
+                    k_plus=g.k_plus,
+                    k_minus=g.k_minus,
+                    confidence=confidence,
+                    delta=delta,
+                    ceiling=max_lower_bound(canaries=m, guesses=g.guesses, delta=delta, confidence=test_confidence),
+                    hypotheses=hypotheses,
+                    test_confidence=test_confidence,
+                    reversed=sign < 0,
+                )
     assert best is not None  # the grid is never empty: every fraction gives r >= 1
     return best
 

@@ -1,14 +1,15 @@
 """The audit's canaries: which exist, which are in the training data, where, and what they look like.
 
 Each of ``m`` canaries is included independently with probability 1/2 (the coin the one-run
-audit guesses) and, when included, placed in one client's data, chosen uniformly. Two kinds:
+audit guesses) and, when included, placed in one client's data: the canaries are dealt out to the
+clients in a random order, as evenly as they go (placement never depends on inclusion). Two kinds:
 
 - ``gradient``: a record whose per-sample gradient is replaced by a designed one, of norm
   exactly the clipping bound, on a random sparse support of the adapter with random signs
   (nearly orthogonal to every other canary, to the noise and to the real gradients). It is the
   strongest test of the DP-SGD mechanism itself (a record's gradient may be anything of norm
   at most C), and what the coordinator scores by inner product with each update.
-- ``record``: a record of random words with a random answer: an input-space canary, scored by
+- ``record``: a record of 4 to 24 random words with a random answer: an input-space canary, scored by
   its loss under the final adapter against the base model (and by the coordinator through its
   clipped gradient direction).
 
@@ -31,6 +32,7 @@ from fedllm.errors import ConfigError
 
 KINDS = ("gradient", "record")
 SUPPORT = 1024  # coordinates per gradient canary (all of them for a smaller adapter)
+MIN_WORDS, MAX_WORDS = 4, 24  # a record canary's prompt length, in words
 # syllables of the random words a record canary is made of (no real word, no real record)
 _SYLLABLES = ("ka", "zu", "mi", "ro", "te", "vi", "no", "sha", "bel", "dor", "fin", "gu", "lex", "pra", "qui", "wo")
 
@@ -112,6 +114,10 @@ class CanaryDesign:
         """The canaries in client ``client``'s data."""
         return [c for c in self.canaries if c.included and c.client == client]
 
+    def placed_on(self, client: int) -> list[Canary]:
+        """Every canary dealt to client ``client``, included or not (public to every adversary)."""
+        return [c for c in self.canaries if c.client == client]
+
     def to_json(self) -> str:
         """The whole design (the auditor's file: which canaries are in is the secret the audit guesses)."""
         return json.dumps(
@@ -161,7 +167,7 @@ def design_canaries(
     choices: tuple[str, ...] = (),
     seed: int | None = None,
 ) -> CanaryDesign:
-    """Draw ``count`` canaries: each in with probability 1/2, on a uniformly chosen client.
+    """Draw ``count`` canaries: each in with probability 1/2, dealt out evenly over the clients.
 
     Args:
         count: m, the number of canaries.
@@ -182,12 +188,17 @@ def design_canaries(
     secret = secrets.randbits(128) if seed is None else int(seed)
     rng = np.random.Generator(np.random.Philox(key=[secret & (2**64 - 1), 2**63]))
     included = rng.random(count) < 0.5
-    placed = rng.integers(0, clients, size=count)
+    # balanced: every client holds floor(m / K) or ceil(m / K) canaries, which ones by a random
+    # permutation. A reply-level side channel (time, metadata, an error) tells about a node's
+    # canaries together, so the fewer share a node the sharper it points at one canary
+    # (fedllm.audit.side_channels); placement is fixed before inclusion, so it tells nothing of it.
+    placed = rng.permutation(count) % clients
     canaries = []
     for index in range(count):
         prompt, response = ("", "")
         if kind == "record":
-            prompt = _words(rng, 12)
+            # lengths differ (4-24 words), so that compute following length would show in reply time
+            prompt = _words(rng, int(rng.integers(MIN_WORDS, MAX_WORDS + 1)))
             response = str(choices[rng.integers(len(choices))]) if choices else _words(rng, 6)
         canaries.append(
             Canary(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Message
+from flwr.app import Message, MessageType
 
 from fedllm import task
 from fedllm.audit.adversaries import (
@@ -33,7 +33,7 @@ from fedllm.audit.adversaries import (
     reader_gradient_scores,
     reader_loss_scores,
 )
-from fedllm.audit.bound import audit_bound, epsilon_lower_bound
+from fedllm.audit.bound import audit_bound, epsilon_lower_bound, rules_count
 from fedllm.audit.canaries import CanaryDesign, Layout, design_canaries
 from fedllm.audit.client_canaries import (
     canary_client_app,
@@ -42,6 +42,7 @@ from fedllm.audit.client_canaries import (
     with_canary_clients,
 )
 from fedllm.audit.injection import SAMPLED_SUFFIX, adapter_parameters, canary_items, sampled_canaries
+from fedllm.audit.side_channels import TWO_SIDED, RepliesSeen, ReplyClock, side_channel_scores, view_of
 from fedllm.config import AuditConfig, ExperimentConfig
 from fedllm.data.formatting import make_collate
 from fedllm.errors import ConfigError
@@ -52,7 +53,7 @@ from fedllm.federation.server_app import prepare_run
 from fedllm.federation.simulation import load_object
 from fedllm.model.adapters import adapter_state, load_adapter_state
 from fedllm.node.guard import research_seed
-from fedllm.node.policy import AUDIT_CANARIES
+from fedllm.node.policy import AUDIT_CANARIES, SAMPLING_SIZE
 from fedllm.planning import plan_for
 from fedllm.storage import load_key, write_json
 from fedllm.tracking.plots import plot_audit
@@ -103,22 +104,28 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     )
     folder = run_dir / "audit"
     folder.mkdir(parents=True, exist_ok=True)
+    app = load_object(cfg.federation.client_app)
     if client_level:
         place_on_canary_clients(design, real_clients)
         run_cfg = with_canary_clients(cfg, settings.canaries)
         extra = real_client_files(cfg, folder / "data")
-        app = canary_client_app(load_object(cfg.federation.client_app), real_clients, design)
+        app = canary_client_app(app, real_clients, design)
     else:
-        run_cfg, app = cfg, None
+        run_cfg = cfg
         files = {k: str(design.node_file(k, folder / f"canaries-client-{k}.json")) for k in range(real_clients)}
         for path in files.values():  # a rerun in the same folder starts its count afresh
             Path(f"{path}{SAMPLED_SUFFIX}").unlink(missing_ok=True)
-        extra = lambda partition: {AUDIT_CANARIES: files[partition]}  # noqa: E731 - one key per node
+        sizes = sampling_sizes(cfg, design)
+        extra = lambda k: {AUDIT_CANARIES: files[k], SAMPLING_SIZE: sizes[k]}  # noqa: E731 - keys per node
     (folder / "design.json").write_text(design.to_json(), encoding="utf-8")
     prepare_run(run_cfg, run_dir)
-    observed = Observed()
+    observed, seen, clock = Observed(), RepliesSeen(), ReplyClock(app)
     summary = run_inprocess(
-        run_cfg, run_dir, client_app=app, observer=_recorder(observed, design.layout), extra_node_config=extra
+        run_cfg,
+        run_dir,
+        client_app=clock,
+        observer=_recorder(observed, design.layout, seen, clock),
+        extra_node_config=extra,
     )
     with bundle.adapter(_final_adapter(run_dir, run_cfg, initial)) as model:
         final = adapter_state(model)  # as the model holds it (names and shapes checked on loading)
@@ -126,6 +133,9 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     if client_level:
         scores[AGGREGATE_READER] = aggregate_scores(design, observed, design.layout.flatten(final))
     scores[READER] = _reader(cfg, design, bundle, initial, final)
+    if not client_level:  # a canary client's reply is the audit's own making: no side channel to read
+        scores.update(side_channel_scores(design, seen, peers=sizes))
+        write_json(folder / "replies.json", seen.to_dict())  # what the side-channel adversaries read
     sampled = None if client_level else sampled_canaries([Path(f"{p}{SAMPLED_SUFFIX}") for p in files.values()])
     audit = _results(cfg, settings, design, scores, summary, time.perf_counter() - started)
     audit.update(_power(design, sampled, audit["delta"], settings.confidence))
@@ -139,16 +149,31 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
     return audit
 
 
-def _recorder(observed: Observed, layout: Layout) -> Callable[[Message, Message], None]:
-    """The coordinator's view: the adapter it sent each round and every adapter a node sent back."""
+def sampling_sizes(cfg: ExperimentConfig, design: CanaryDesign) -> dict[int, int]:
+    """Each simulated node's public sampling size N: its shard and every canary dealt to it,
+    included or not. A node's N is public (its sample rate and epsilon follow from it), so it must
+    not follow which canaries are in: N = n would tell the metadata adversary how many are."""
+    shards = task.split_for(cfg).shards
+    return {k: len(shards[k]) + len(design.placed_on(k)) for k in range(len(shards))}
+
+
+def _recorder(
+    observed: Observed, layout: Layout, seen: RepliesSeen, clock: ReplyClock
+) -> Callable[[Message, Message], None]:
+    """The coordinator's view: the adapter it sent each round, every adapter a node sent back, and
+    every train reply's side channels (its other fields and its time)."""
 
     def record(message: Message, reply: Message) -> None:
-        if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
-            return  # an error or a refusal: no adapter to look at
+        if message.metadata.message_type != MessageType.TRAIN:
+            return  # a pre-flight query: no round, no record used
         server_round = message.content.config_records[keys.CONFIG][keys.SERVER_ROUND]
         if not isinstance(server_round, int):  # the strategy's own message: always an int
             raise TypeError(f"{keys.SERVER_ROUND} is {server_round!r}, not a whole number")
         client = message.metadata.dst_node_id - FIRST_NODE_ID
+        view = view_of(reply, clock.seconds.pop(message.metadata.message_id, 0.0))
+        seen.views[(server_round, client)] = view
+        if view.broken or keys.ARRAYS not in reply.content.array_records:
+            return  # an error, a refusal or a non-finite update: no values to score (the nonfinite adversary's)
         if server_round not in observed.sent:
             observed.sent[server_round] = layout.flatten(_numpy(message.content[keys.ARRAYS]))
         try:
@@ -195,8 +220,7 @@ def _seeded_noise(cfg: ExperimentConfig, design: CanaryDesign, bundle) -> Seeded
         and train.weight_decay == 0
     ):
         return None
-    shards = task.split_for(cfg).shards
-    sizes = {k: len(shards[k]) + len(design.for_client(k)) for k in range(len(shards))}
+    sizes = sampling_sizes(cfg, design)
     order = [(name, tuple(p.shape)) for name, p in adapter_parameters(bundle.model).items()]
     return SeededNoise(
         seed_for=lambda r, k: research_seed(cfg, k, r),
@@ -275,10 +299,22 @@ def _results(
         if cfg.privacy.sample_level
         else None
     )
+    # every adversary scores the same canaries and the audit reports the largest bound: each is
+    # tested at the family-wise corrected confidence (bound.audit_bound), so that maximum holds
+    family = sum(rules_count(len(included), two_sided=name in TWO_SIDED) for name in scores)
     adversaries = {
-        name: audit_bound(values.tolist(), included, delta=delta, confidence=settings.confidence).to_dict()
+        name: audit_bound(
+            values.tolist(),
+            included,
+            delta=delta,
+            confidence=settings.confidence,
+            two_sided=name in TWO_SIDED,
+            family=family,
+        ).to_dict()
         for name, values in scores.items()
     }
+    bounded = [name for name in adversaries if not (client_level and name == COORDINATOR)]
+    best = max(bounded, key=lambda name: adversaries[name]["epsilon_lower_bound"])
     return {
         "epsilon_accounted": accounted,
         "delta": delta,
@@ -293,7 +329,10 @@ def _results(
         "epsilon_lower_bound": {name: result["epsilon_lower_bound"] for name, result in adversaries.items()},
         # the adversaries the accounted epsilon speaks about: client-level DP's noise is added by the
         # coordinator, who sees each update before it (docs/threat-model.md)
-        "bounded_by_accounting": [name for name in adversaries if not (client_level and name == COORDINATOR)],
+        "bounded_by_accounting": bounded,
+        # the audit's result: the largest bound of those adversaries (valid at `confidence` as a whole)
+        "epsilon_lower_bound_max": adversaries[best]["epsilon_lower_bound"],
+        "best_adversary": best,
         "what_it_means": WHAT_IT_MEANS,
         "seconds": round(seconds, 1),
     }
@@ -301,7 +340,10 @@ def _results(
 
 def _power(design: CanaryDesign, sampled: set[int] | None, delta: float, confidence: float) -> dict:
     """The audit's power: how many included canaries any Poisson batch ever held, and the bound an
-    adversary who guessed exactly those, all correctly, would show (with as many canaries).
+    adversary who guessed exactly those, all correctly, would show (with as many canaries). It is
+    computed at the stated confidence with no correction for the guessing grid or the number of
+    adversaries, so no adversary's corrected bound can exceed it by more than luck on canaries
+    never sampled: an upper end of what this run could show.
 
     A canary never sampled left no trace in any release, so under DP-SGD's subsampling it is a coin
     flip for every adversary: with few sampled, no attack can show a large epsilon, however leaky
@@ -329,6 +371,9 @@ def with_audit(summary: RunSummary, audit: dict) -> RunSummary:
         summary,
         audit={
             "epsilon_lower_bound": audit["epsilon_lower_bound"],
+            "epsilon_lower_bound_max": audit["epsilon_lower_bound_max"],
+            "best_adversary": audit["best_adversary"],
+            "power": audit["power"],
             "canaries": audit["canaries"],
             "confidence": audit["confidence"],
             "kind": audit["kind"],
@@ -351,6 +396,10 @@ def format_audit(audit: dict) -> str:
             f"{name:<14} {result['guesses']:>7} {result['correct']:>7} "
             f"{result['epsilon_lower_bound']:>15.3f} {result['ceiling']:>8.3f}"
         )
+    lines.append(
+        f"audit's lower bound {audit['epsilon_lower_bound_max']:.3f} ({audit['best_adversary']}: the largest over "
+        f"{', '.join(audit['bounded_by_accounting'])}, all tested together at confidence {audit['confidence']:g})"
+    )
     if audit.get("power") is not None:
         lines.append(
             f"power {audit['power']:.3f}: {audit['canaries_sampled']} of the {audit['canaries_included']} included "

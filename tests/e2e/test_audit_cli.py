@@ -30,10 +30,14 @@ def test_fedllm_audit_writes_its_outputs_and_the_report_shows_them(tmp_path):
         assert result_["epsilon_lower_bound"] <= audit["epsilon_accounted"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["audit"]["epsilon_lower_bound"] == audit["epsilon_lower_bound"]
+    assert set(audit["epsilon_lower_bound"]) == {"coordinator", "output_reader", "nonfinite", "metadata", "reply_time"}
+    assert audit["epsilon_lower_bound_max"] == max(audit["epsilon_lower_bound"].values())
+    assert "audit's lower bound" in console and "power" in console
     assert (run_dir / "audit_scores.png").stat().st_size > 0
     fedllm(["report", str(run_dir)], cwd=tmp_path)
     table = (run_dir / "report.md").read_text()
     assert "audit_coordinator" in table and "audit_output_reader" in table
+    assert "audit_reply_time" in table and "audit_power" in table
 
 
 def test_fedllm_audit_rejects_a_bad_audit_setting_in_one_line(tmp_path):

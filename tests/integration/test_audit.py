@@ -2,7 +2,7 @@
 
 The bound is a statistical statement, so every check is set where it can fail and where a
 false alarm is rarer than 1 in 1,000: the "at or below the accounted epsilon" checks use a
-confidence of 0.9995 per adversary (two adversaries: at most 0.001 together); the power checks
+confidence of 0.9995 for all adversaries together (the audit corrects for their number); the power checks
 fix the auditor's seed and have a wide margin. The one-run ceiling caps what any run can show
 (with 200 canaries about 3 at 95%), so the DP checks audit runs planned for epsilon 1 or 0.5,
 well under that ceiling: a broken mechanism would be caught. The seeded-noise regression test
@@ -20,7 +20,7 @@ from fedllm.audit.run import AUDIT_JSON, COORDINATOR, READER, format_audit, run_
 from fedllm.config import AuditConfig, PrivacyConfig, TrainConfig
 from tests.conftest import tiny_config
 
-STRICT = 0.9995  # per adversary: a false alarm in fewer than 1 in 1,000 audits
+STRICT = 0.9995  # all adversaries together: a false alarm in fewer than 1 in 1,000 audits
 CANARIES = 200
 
 
@@ -130,4 +130,5 @@ def test_client_level_audit_with_canary_clients_stays_at_or_below_the_client_lev
 def test_client_level_audit_has_power_when_the_noise_is_negligible(tmp_path):
     audit = client_audit(tmp_path, "weak", noise=0.01, confidence=0.95)
     assert audit["epsilon_accounted"] > 100
-    assert bounds(audit)["aggregate_reader"] > 2.0 and bounds(audit)[READER] > 2.0, audit["adversaries"]
+    # 50 of 50 right is 1.96 at 95% over the 36 tests of three adversaries (2.16 over one adversary's 12)
+    assert bounds(audit)["aggregate_reader"] > 1.9 and bounds(audit)[READER] > 1.9, audit["adversaries"]

@@ -16,6 +16,7 @@ from fedllm.audit.bound import (
     guess_from_scores,
     max_lower_bound,
     p_value,
+    rules_count,
 )
 
 
@@ -188,3 +189,23 @@ def test_rejects_invalid_inputs() -> None:
         epsilon_lower_bound(canaries=10, guesses=10, correct=5, delta=0.0, confidence=1.0)
     with pytest.raises(ValueError):
         max_lower_bound(canaries=10, guesses=10, delta=-1e-5, confidence=0.95)
+
+
+def test_two_sided_audit_catches_a_reversed_signal_and_pays_for_it_in_the_family() -> None:
+    rng = np.random.default_rng(3)
+    m = 400
+    included = rng.random(m) < 0.5
+    scores = -(included * 3.0 + rng.normal(size=m))  # lower: more likely in
+    one_sided = audit_bound(scores, included, delta=1e-5, confidence=0.95)
+    two_sided = audit_bound(scores, included, delta=1e-5, confidence=0.95, two_sided=True)
+    assert one_sided.epsilon_lower_bound == 0.0 and not one_sided.reversed
+    assert two_sided.reversed and two_sided.epsilon_lower_bound > 1.0
+    assert two_sided.hypotheses == 2 * one_sided.hypotheses == 2 * rules_count(m)
+    assert rules_count(m, two_sided=True) == two_sided.hypotheses
+    # the same guesses tested in a larger family (five adversaries) give a smaller bound, never a larger one
+    family = 5 * two_sided.hypotheses
+    wider = audit_bound(scores, included, delta=1e-5, confidence=0.95, two_sided=True, family=family)
+    assert wider.test_confidence == pytest.approx(1 - 0.05 / family)
+    assert wider.epsilon_lower_bound < two_sided.epsilon_lower_bound
+    with pytest.raises(ValueError, match="family"):
+        audit_bound(scores, included, delta=1e-5, confidence=0.95, two_sided=True, family=3)

@@ -9,7 +9,7 @@ import torch
 
 from fedllm import task
 from fedllm.audit.adversaries import SeededNoise
-from fedllm.audit.canaries import SUPPORT, Canary, Layout, design_canaries
+from fedllm.audit.canaries import MAX_WORDS, MIN_WORDS, SUPPORT, Canary, Layout, design_canaries
 from fedllm.audit.injection import CanaryShard, GradientCanaries, adapter_parameters, with_canary_column
 from fedllm.config import LoraSettings, ModelConfig
 from fedllm.data.formatting import PromptFormat, choice_token_ids, make_collate, tokenize_records
@@ -73,7 +73,10 @@ def test_gradient_canaries_have_norm_c_and_are_nearly_orthogonal(bundle):
 
 def test_record_canaries_are_random_words_with_a_task_answer(bundle):
     design = _design(bundle, 30, kind="record")
-    assert all(c.response in ("positive", "negative") and len(c.prompt.split()) == 12 for c in design.canaries)
+    assert all(
+        c.response in ("positive", "negative") and MIN_WORDS <= len(c.prompt.split()) <= MAX_WORDS
+        for c in design.canaries
+    )
     assert len({c.prompt for c in design.canaries}) == 30
 
 

@@ -251,3 +251,12 @@ def test_report_cli_shows_every_job_and_plots_only_finished_runs(tmp_path, capsy
     out = capsys.readouterr().out
     assert "| failed |" in out and "engine \\| crashed" in out and "1 of 3 runs failed or did not finish" in out
     assert (tmp_path / "privacy_utility.png").is_file()
+
+
+def test_the_report_shows_every_adversary_of_an_audit_and_its_power(tmp_path):
+    ok = {"status": "completed", "privacy_mode": "sample", "target_epsilon": 1.0, "final_max_epsilon": 0.99}
+    _job(tmp_path / "a", ok)
+    bounds = {"coordinator": 0.1, "output_reader": 0.0, "nonfinite": 0.0, "metadata": 0.2, "reply_time": 0.3}
+    (tmp_path / "a" / "audit.json").write_text(json.dumps({"epsilon_lower_bound": bounds, "power": 2.5}))
+    (row,) = report_rows(find_runs(tmp_path), tmp_path)
+    assert {name: row[f"audit_{name}"] for name in bounds} == bounds and row["audit_power"] == 2.5
