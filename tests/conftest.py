@@ -64,6 +64,8 @@ def xdist_group(nodeid: str) -> str:
     return "e2e-smoke-runs" if path in SHARED_E2E_RUNS else path
 
 
+# first: pytest-xdist's own hook reads the xdist_group markers to group the tests
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Mark the slow tier (:data:`SLOW_PATHS` and tests marked ``slow``) and each test's
     pytest-xdist group (:func:`xdist_group`); tests marked ``gpu`` need CUDA: skipped, with the

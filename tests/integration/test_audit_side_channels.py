@@ -5,7 +5,9 @@ A reply-level channel gives one observation per node and round, so these audits 
 each of 32 nodes (one round of 5 DP steps at sample rate 1/2: an included canary is drawn at least
 once with probability 31/32). The leaky node is the real ClientApp wrapped in this test only: when
 its batches drew a canary this round (the audit's own log of sampled canaries grew), it sends a
-NaN update, adds a metric the honest node never sends, and sleeps 20 s before answering. The
+NaN update, adds a metric the honest node never sends, and answers 20 s later as the coordinator's
+clock reads it (the delay is added to the clock the audit times replies with, so the test does not
+wait it out: what the adversary reads is the same as after a real sleep). The
 accounted epsilon (about 0.3) is well below what 32 canaries can show (32 right guesses: 1.35 at
 95%, 1.1 at 99%, for five adversaries together), so the check can fail both ways. The honest audit
 runs at a confidence of 0.99 for all adversaries together, the leaky one at 0.95.
@@ -16,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 
 import fedllm.audit.run as audit_run
+import fedllm.audit.side_channels as side_channels
 from fedllm.audit.bound import max_lower_bound
 from fedllm.audit.side_channels import METADATA, NONFINITE, REPLY_TIME
 from fedllm.config import AuditConfig, FederationConfig, PrivacyConfig, TrainConfig
@@ -32,11 +36,21 @@ NODES = 32
 LEAK_SECONDS = 20.0  # above this machine's jitter: under load a node's reply time varies by up to ~15 s
 
 
+class CoordinatorClock:
+    """``time.perf_counter`` as the audit's reply clock reads it, plus the delays a leaky node added."""
+
+    def __init__(self):
+        self.delayed = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.delayed
+
+
 class LeakyNode:
     """The real ClientApp, leaking through every side channel when a canary was drawn."""
 
-    def __init__(self, client_app, audit_folder: Path):
-        self.client_app, self.audit_folder = client_app, audit_folder
+    def __init__(self, client_app, audit_folder: Path, clock: CoordinatorClock):
+        self.client_app, self.audit_folder, self.clock = client_app, audit_folder, clock
 
     def drawn(self) -> int:
         # the nodes answer one after another in process: growth during a call is this node's
@@ -52,15 +66,18 @@ class LeakyNode:
             {name: Array(np.full_like(array.numpy(), np.nan)) for name, array in arrays.items()}
         )
         reply.content.metric_records[keys.METRICS]["debug-canary-drawn"] = 1
-        time.sleep(LEAK_SECONDS)
+        self.clock.delayed += LEAK_SECONDS  # the reply reaches the coordinator this much later
         return reply
 
 
 def side_channel_audit(tmp_path, monkeypatch, name: str, *, leaky: bool, confidence: float) -> dict:
     """Audit 32 nodes of the tiny federation, one canary each, with the honest or the leaky node."""
     if leaky:
-        load = audit_run.load_object
-        monkeypatch.setattr(audit_run, "load_object", lambda path: LeakyNode(load(path), tmp_path / name / "audit"))
+        load, clock = audit_run.load_object, CoordinatorClock()
+        monkeypatch.setattr(side_channels, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+        monkeypatch.setattr(
+            audit_run, "load_object", lambda path: LeakyNode(load(path), tmp_path / name / "audit", clock)
+        )
     base = tiny_config()
     cfg = tiny_config(
         data=dataclasses.replace(base.data, max_length=48),
