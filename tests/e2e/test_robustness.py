@@ -81,6 +81,7 @@ def test_no_client_text_reaches_anything_the_server_writes(tmp_path):
             "data.choices=[positive,negative]",
             "data.prompt_template='Review: {prompt}\\nSentiment:'",
             "data.test_size=50",
+            "data.max_length=48",  # these records are short: DP steps pad every record to it
             "tracking=wandb",
             f"hydra.run.dir={run_dir}",
         ],

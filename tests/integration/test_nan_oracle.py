@@ -4,6 +4,7 @@ not decide whether the node's answer is finite, refused or an error."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -36,8 +37,11 @@ MODEL_PARAMS = [pytest.param("tiny"), pytest.param("embedded", marks=pytest.mark
 
 
 def _cfg(model: str = "tiny", **train):
+    base = tiny_config()
     return tiny_config(
         model=MODELS[model],
+        # the records are a few words long: a narrower fixed width of the DP steps keeps this test quick
+        data=dataclasses.replace(base.data, max_length=32),
         # fp32 (the coordinator picks it); batch = the node's sampling size: every record in every step
         train=TrainConfig(local_steps=2, batch_size=RECORDS, precision="fp32", **train),
         privacy=PrivacyConfig(noise_multiplier=50.0),
