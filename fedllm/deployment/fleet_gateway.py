@@ -22,6 +22,7 @@ HTTP stack as the SuperLink (uvicorn, httpx), so it adds no new dependency.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
@@ -32,12 +33,16 @@ import uvicorn
 from flwr.superlink.routers.fleet.router import router
 from starlette.routing import Route
 
+from fedllm.deployment.edge import EdgeLimits, edge_protocol, raise_file_limit
+from fedllm.deployment.reply_quota import MAX_REPLY_BYTES, ReplyQuota, Ticket
+
 log = logging.getLogger(__name__)
 
 FLEET_PREFIX = "/v1/fleet/"
-# Flower sends arrays in chunks of at most 5 MiB; the bound (times --limit-concurrency) caps the
-# memory anyone who reaches the port can make the gateway hold before the SuperLink checks who
-# they are.
+PUSH_MESSAGES, PUSH_OBJECT = f"{FLEET_PREFIX}push-messages", f"{FLEET_PREFIX}push-object"
+# Flower sends arrays in chunks of at most 5 MiB; the bound (times EdgeLimits.max_in_flight) caps
+# the memory anyone who reaches the port can make the gateway hold before the SuperLink checks
+# who they are.
 MAX_BODY_BYTES = 32 * 2**20
 UPSTREAM_TIMEOUT = 120.0  # seconds; longer than any Fleet call Flower's node client waits for
 # Hop-by-hop headers (RFC 9110, section 7.6.1) belong to one connection: never forwarded.
@@ -95,6 +100,8 @@ class FleetGateway:
         max_body: int = MAX_BODY_BYTES,
         timeout: float = UPSTREAM_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        limits: EdgeLimits | None = None,
+        quota: ReplyQuota | None = None,
     ):
         """
         Args:
@@ -104,10 +111,15 @@ class FleetGateway:
             max_body: the largest request body accepted, in bytes (larger: 413).
             timeout: seconds to wait for the SuperLink.
             transport: httpx transport to the SuperLink (tests; default: a TLS connection).
+            limits: the requests served at once and the time a body may take (default: :class:`EdgeLimits`).
+            quota: the bytes one node's reply may push (default: :data:`MAX_REPLY_BYTES`).
         """
         self.base_url = f"https://{upstream}"
         self.paths = frozenset(paths) if paths is not None else fleet_paths()
         self.max_body, self.verify, self.timeout, self.transport = max_body, verify, timeout, transport
+        self.limits = limits or EdgeLimits()
+        self.quota = quota or ReplyQuota()
+        self.in_flight = 0
         self.client: httpx.AsyncClient | None = None
 
     def _new_client(self) -> httpx.AsyncClient:
@@ -146,28 +158,40 @@ class FleetGateway:
         if scope["method"] != "POST" or path not in self.paths:
             await _respond(send, 404, b"not found\n")
             return
+        # requests, not connections, are what is limited: an idle connection holds no slot
+        if self.in_flight >= self.limits.max_in_flight:
+            await _respond(send, 503, b"too many requests in flight\n")
+            return
+        self.in_flight += 1
         try:
-            body = await _read_body(receive, self.max_body)
+            await self._forward(path, scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _forward(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await asyncio.wait_for(_read_body(receive, self.max_body), self.limits.body_timeout)
         except _ClientGone:
             return  # nothing half-received is ever forwarded
+        except TimeoutError:
+            await _respond(send, 408, b"request body too slow\n")
+            return
         if body is None:
             await _respond(send, 413, b"request body too large\n")
             return
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k.decode("latin-1").lower() not in HOP_BY_HOP
-        ]
-        client = self.client or self._new_client()
-        try:
-            upstream = await client.post(path, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            log.warning("SuperLink unreachable for %s: %s", path, type(exc).__name__)
+        ticket = self.quota.take(body) if path == PUSH_OBJECT else Ticket(None)
+        if ticket is None:
+            log.warning("push-object refused: the reply would pass %d bytes", self.quota.max_bytes)
+            await _respond(send, 413, b"reply larger than this federation accepts\n")
+            return
+        upstream = await self._post(path, body, scope)
+        if upstream is None or upstream.status_code != 200:
+            self.quota.refund(ticket)
+        if upstream is None:
             await _respond(send, 502, b"superlink unavailable\n")
             return
-        finally:
-            if client is not self.client:
-                await client.aclose()
+        if path == PUSH_MESSAGES and upstream.status_code == 200:
+            self.quota.announce(body)  # accepted: the SuperLink authenticated the node
         # httpx has decoded any content-encoding into .content: drop the header with the body length
         kept = [
             (k.encode("latin-1"), v.encode("latin-1"))
@@ -175,6 +199,23 @@ class FleetGateway:
             if k.lower() not in HOP_BY_HOP | {"content-encoding"}
         ]
         await _respond(send, upstream.status_code, upstream.content, kept)
+
+    async def _post(self, path: str, body: bytes, scope: Scope) -> httpx.Response | None:
+        """The SuperLink's answer to ``body`` on ``path``, with the node's own headers; None if unreachable."""
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k.decode("latin-1").lower() not in HOP_BY_HOP
+        ]
+        client = self.client or self._new_client()
+        try:
+            return await client.post(path, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            log.warning("SuperLink unreachable for %s: %s", path, type(exc).__name__)
+            return None
+        finally:
+            if client is not self.client:
+                await client.aclose()
 
 
 class _ClientGone(Exception):
@@ -233,14 +274,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root-certificates", type=Path, required=True, help="the federation CA (ca.crt)")
     parser.add_argument("--ssl-certfile", type=Path, required=True, help="certificate nodes see (server.crt)")
     parser.add_argument("--ssl-keyfile", type=Path, required=True, help="its private key (server.key)")
-    parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20)
+    parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body")
+    parser.add_argument(
+        "--max-reply-mb",
+        type=float,
+        default=MAX_REPLY_BYTES / 2**20,
+        help="bytes one node's reply may push, all its objects together (at least the adapter's size)",
+    )
+    defaults = EdgeLimits()
     parser.add_argument(
         "--limit-concurrency",
         type=int,
-        default=128,
-        help="connections served at once; more get 503 (bounds memory: each holds a body)",
+        default=defaults.max_in_flight,
+        help="requests served at once; more get 503 (bounds memory: each holds a body). Idle connections do not count",
     )
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections, help="open connections")
+    parser.add_argument("--max-per-client", type=int, default=defaults.per_client, help="open connections per IP")
+    parser.add_argument(
+        "--head-timeout", type=float, default=defaults.head_timeout, help="seconds an idle connection stays open"
+    )
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout, help="seconds to send a body")
     return parser.parse_args(argv)
+
+
+def limits_from(args: argparse.Namespace) -> EdgeLimits:
+    """The edge limits the command line asks for.
+
+    Raises:
+        ValueError: a limit is not positive.
+    """
+    return EdgeLimits(
+        max_connections=args.max_connections,
+        per_client=args.max_per_client,
+        head_timeout=args.head_timeout,
+        body_timeout=args.body_timeout,
+        max_in_flight=args.limit_concurrency,
+    )
+
+
+def server_config(
+    gateway: FleetGateway, host: str, port: int, certfile: Path, keyfile: Path, log_level: str = "info"
+) -> uvicorn.Config:
+    """The uvicorn configuration that serves ``gateway`` over TLS with its edge limits."""
+    limits = gateway.limits
+    return uvicorn.Config(
+        gateway,
+        host=host,
+        port=port,
+        ssl_certfile=str(certfile),
+        ssl_keyfile=str(keyfile),
+        http=edge_protocol(limits),
+        ws="none",  # the Fleet API has no websockets: nothing to upgrade to
+        limit_concurrency=None,  # uvicorn's counts idle connections: the gateway limits requests itself
+        timeout_keep_alive=int(limits.head_timeout) or 1,
+        h11_max_incomplete_event_size=limits.max_head_bytes,
+        server_header=False,
+        date_header=False,
+        log_level=log_level,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,28 +339,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     host, port = split_address(args.listen)
     split_address(args.superlink)
+    limits = limits_from(args)
     gateway = FleetGateway(
-        args.superlink, upstream_context(args.root_certificates), max_body=int(args.max_body_mb * 2**20)
+        args.superlink,
+        upstream_context(args.root_certificates),
+        max_body=int(args.max_body_mb * 2**20),
+        limits=limits,
+        quota=ReplyQuota(max_bytes=int(args.max_reply_mb * 2**20)),
     )
+    raise_file_limit(limits.max_connections + 256)  # the rest: upstream connections, logs
     log.info(
-        "Fleet gateway on %s:%d -> SuperLink %s (%d Fleet paths; everything else: 404)",
+        "Fleet gateway on %s:%d -> SuperLink %s (%d Fleet paths; everything else: 404); %s",
         host,
         port,
         args.superlink,
         len(gateway.paths),
+        limits,
     )
-    uvicorn.run(
-        gateway,
-        host=host,
-        port=port,
-        ssl_certfile=str(args.ssl_certfile),
-        ssl_keyfile=str(args.ssl_keyfile),
-        limit_concurrency=args.limit_concurrency,
-        timeout_keep_alive=30,
-        server_header=False,
-        date_header=False,
-        log_level="info",
-    )
+    uvicorn.Server(server_config(gateway, host, port, args.ssl_certfile, args.ssl_keyfile)).run()
 
 
 if __name__ == "__main__":
