@@ -11,7 +11,6 @@ is sent anywhere.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from flwr.common.config import parse_config_args
 from fedllm.data.sources import load_records
 from fedllm.errors import DataError, FedLLMError
 from fedllm.federation import records as keys
-from fedllm.federation.audit import AUDIT_FILE, PREFLIGHT
+from fedllm.federation.audit import AUDIT_FILE, PREFLIGHT, read_entries
 from fedllm.federation.remote_text import escape_remote_text
 from fedllm.node.policy import ANSWER_PREFLIGHT, DECLINED, NodePolicy, policy_from_node_config
 from fedllm.privacy.node_ledger import NodeLedger, RecordGroup
@@ -86,14 +85,14 @@ def _preflight_answer(category: str | None, metrics: dict) -> str:
 
 
 def _recent_rounds(audit: Path, last: int) -> list[str]:
-    if not audit.exists():
+    if not audit.exists() and not audit.is_symlink():
         return ["no round answered yet (no audit log)"]
-    entries = [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = []
+    entries, unreadable = read_entries(audit)
+    out = [f"{unreadable} unreadable line(s) in {audit} skipped (torn by a crash, or edited)"] if unreadable else []
     for entry in entries[-last:]:
-        received, sent = entry.get("received", {}), entry.get("sent", {})
-        metrics = sent.get("metrics", {})
-        category = sent.get("config", {}).get(keys.STATUS, {}).get(keys.CATEGORY)
+        received, sent = _mapping(entry.get("received")), _mapping(entry.get("sent"))
+        metrics = _mapping(sent.get("metrics"))
+        category = _mapping(_mapping(sent.get("config")).get(keys.STATUS)).get(keys.CATEGORY)
         if entry.get("kind") == PREFLIGHT:  # a question answered, nothing released
             what = _preflight_answer(category, metrics)
             where = f"pre-flight before round {escape_remote_text(received.get('round'))}"
@@ -107,6 +106,11 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
         # the run id and round are what the coordinator sent: escaped, as in the node's log lines
         out.append(f"{entry.get('time')} run {escape_remote_text(received.get('run_id'))} {where}: {what}")
     return out
+
+
+def _mapping(value: object) -> dict:
+    """``value`` if it is a JSON object, else an empty one (an edited log is read, not trusted)."""
+    return value if isinstance(value, dict) else {}
 
 
 def node_status_cli(argv: list[str]) -> int:

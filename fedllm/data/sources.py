@@ -356,6 +356,18 @@ def _csv_header(path: Path, line: int, names: list[str]) -> list[str]:
     return names
 
 
+def _check_encodable(path: Path, line: int, field_name: str, value: str) -> None:
+    """A JSON escape such as ``"\\ud800"`` decodes to half a UTF-16 pair, which no tokenizer or
+    digest can encode: named here, with file and line, rather than failing later inside a round."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{path}:{line}: field {field_name!r} holds an unpaired surrogate {value[exc.start]!a} at "
+            f"character {exc.start}; fix the \\u escape (a character outside the BMP needs both halves)"
+        ) from exc
+
+
 def _to_record(path: Path, line: int, row: dict, prompt_field: str, response_field: str) -> Record:
     values = []
     for field_name in (prompt_field, response_field):
@@ -368,5 +380,6 @@ def _to_record(path: Path, line: int, row: dict, prompt_field: str, response_fie
         value = row[field_name]
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{path}:{line}: field {field_name!r} must be a non-empty string")
+        _check_encodable(path, line, field_name, value)
         values.append(value.strip())
     return Record(prompt=values[0], response=values[1], origin=f"{path}:{line}")

@@ -7,12 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from flwr.app import RecordDict
 
+from fedllm.errors import FedLLMError
 from fedllm.federation import records as keys
 from fedllm.federation.remote_text import escape_remote_text
 
@@ -35,7 +38,7 @@ def audit_round(
     task_json = str(received.get(keys.TASK_CONFIG, ""))
     try:
         task_config = json.loads(task_json) if task_json else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         task_config = {"unparsable": True}
     privacy = task_config.get("privacy", {}) if isinstance(task_config, dict) else {}
     arrays = sent.array_records.get(keys.ARRAYS)
@@ -72,9 +75,7 @@ def audit_round(
     }
     if app is not None:
         entry["app"] = dict(app)
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    with (Path(state_dir) / AUDIT_FILE).open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    append_entry(Path(state_dir) / AUDIT_FILE, entry)
     what = "pre-flight before round" if kind == PREFLIGHT else "round"
     log.info(
         "audit: %s %s of run %s: sent %d tensors (%d bytes), epsilon %s",
@@ -86,3 +87,56 @@ def audit_round(
         sent_metrics.get(keys.EPSILON, "n/a"),
     )
     return entry
+
+
+def append_entry(path: Path, entry: Mapping) -> None:
+    """Append ``entry`` as one JSON line to the audit log at ``path`` (created 0600).
+
+    The log is opened without following a symbolic link and must be a regular file: a link
+    planted in the state directory must not make the node append (coordinator-chosen text)
+    to a file elsewhere, and a FIFO must not block the round.
+
+    Raises:
+        FedLLMError: ``path`` is a symbolic link or not a regular file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if path.is_symlink():
+            raise FedLLMError(f"{path}: the audit log is a symbolic link; the node does not write through it") from exc
+        raise
+    with os.fdopen(fd, "a", encoding="utf-8") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FedLLMError(f"{path}: the audit log is not a regular file")
+        handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def read_entries(path: Path) -> tuple[list[dict], int]:
+    """The audit log's entries, and how many of its lines could not be read (a line torn by a
+    crash mid-write, or edited): those are skipped, never fatal.
+
+    Raises:
+        FedLLMError: ``path`` is a symbolic link or not a regular file.
+        OSError: the file cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if path.is_symlink():
+            raise FedLLMError(f"{path}: the audit log is a symbolic link; not read") from exc
+        raise
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FedLLMError(f"{path}: the audit log is not a regular file")
+        lines = [line for line in handle.read().splitlines() if line.strip()]
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries, len(lines) - len(entries)

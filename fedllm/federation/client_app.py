@@ -111,6 +111,8 @@ def _task(msg: Message, kind: str) -> tuple[ExperimentConfig, str, int]:
         return ExperimentConfig.from_json(str(config[keys.TASK_CONFIG])), str(config[keys.RUN_ID]), int(server_round)
     except (ConfigError, KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"the server's {kind} message is malformed: {exc}") from exc
+    except RecursionError as exc:  # a task config nested deeper than the JSON parser goes
+        raise ConfigError(f"the server's {kind} message is malformed: its task config is nested too deeply") from exc
 
 
 def _answered(policy: NodePolicy, what: str, decide: Callable[[], _Decided]) -> _Decided | Refusal:

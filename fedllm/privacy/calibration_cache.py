@@ -8,7 +8,8 @@ accountant and Opacus's version, so it is kept in one JSON file and reused.
 A cached noise is never trusted as it stands: the lookup recomputes the epsilon it gives with
 the real accountant (:meth:`Calibration.accepts`), and accepts it only where the search itself
 could have stopped (at most the target, and within the search's tolerance below it). An edited
-or stale entry is searched again and overwritten. A missing, unreadable or malformed file is an empty cache.
+or stale entry is searched again and overwritten. A missing, unreadable, oversized or malformed file
+(nested too deeply included) is an empty cache.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CACHE_FILE = "noise_calibrations.json"
 # come from outside: the file keeps the newest entries only (a run asks a handful), so that a coordinator
 # varying its requests cannot grow it, or the cost of reading and rewriting it, without end.
 MAX_ENTRIES = 256
+MAX_FILE_BYTES = MAX_ENTRIES * 1024  # an entry is ~150 bytes: a larger file is treated as empty
 
 
 def cache_file() -> Path:
@@ -94,8 +96,11 @@ def store(question: Calibration, noise: float) -> None:
 
 
 def _read() -> dict[str, object]:
+    path = cache_file()
     try:
-        entries = json.loads(cache_file().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        if path.stat().st_size > MAX_FILE_BYTES:  # not one this module wrote: never read it whole
+            return {}
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return {}
     return entries if isinstance(entries, dict) else {}
