@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fedllm import task
 from fedllm.config import ACCOUNTANTS, AccountantName, ExperimentConfig
+from fedllm.errors import PrivacyPlanError
 from fedllm.privacy.budget import effective_budget
 from fedllm.privacy.calibration import DPPlan, epsilon_by_round, plan_client, rounds_within_cap
 from fedllm.privacy.client_level import ZERO_OUT, clients_per_round, planned_epsilons
@@ -53,6 +54,7 @@ class PlanRow:
     epsilon_by_round: list[float]
     cap: float  # the node's effective cap (its own, where lower than the target)
     rounds_within_cap: int  # rounds it can join before the next would pass its cap
+    unreachable: tuple[str, ...] = ()  # compared accountants that cannot certify the target at any useful noise
 
 
 def build_plan(cfg: ExperimentConfig, accountants: tuple[AccountantName, ...] = ACCOUNTANTS) -> list[PlanRow]:
@@ -65,10 +67,8 @@ def build_plan(cfg: ExperimentConfig, accountants: tuple[AccountantName, ...] = 
     shards = task.split_for(cfg).shards
     rows = []
     for client, shard in enumerate(shards):
-        plans = {
-            name: plan_for(cfg, len(shard), name) for name in dict.fromkeys((*accountants, cfg.privacy.accountant))
-        }
-        chosen = plans[cfg.privacy.accountant]
+        chosen = plan_for(cfg, len(shard))  # the plan training runs: it alone must be feasible
+        plans, unreachable = _compared(cfg, len(shard), accountants, chosen)
         curve = epsilon_by_round(
             noise_multiplier=chosen.noise_multiplier,
             sample_rate=chosen.sample_rate,
@@ -103,9 +103,29 @@ def build_plan(cfg: ExperimentConfig, accountants: tuple[AccountantName, ...] = 
                 epsilon_by_round=curve,
                 cap=budget.max_epsilon,
                 rounds_within_cap=joinable,
+                unreachable=unreachable,
             )
         )
     return rows
+
+
+def _compared(
+    cfg: ExperimentConfig, shard_size: int, accountants: tuple[AccountantName, ...], chosen: DPPlan
+) -> tuple[dict[str, DPPlan], tuple[str, ...]]:
+    """The plan under each of ``accountants`` (the training one: ``chosen``), and those that cannot
+    reach the target: a looser accountant (RDP bottoms out near epsilon 0.1 on short schedules) must
+    not make a target that training's accountant meets look impossible."""
+    plans: dict[str, DPPlan] = {}
+    unreachable: list[str] = []
+    for name in dict.fromkeys((*accountants, cfg.privacy.accountant)):
+        if name == cfg.privacy.accountant:
+            plans[name] = chosen
+            continue
+        try:
+            plans[name] = plan_for(cfg, shard_size, name)
+        except PrivacyPlanError:
+            unreachable.append(name)
+    return plans, tuple(unreachable)
 
 
 def binding_row(rows: list[PlanRow]) -> PlanRow:
@@ -126,17 +146,19 @@ def format_plan(cfg: ExperimentConfig, rows: list[PlanRow]) -> str:
         The plan as text.
     """
     used = cfg.privacy.accountant
+    found = {name for row in rows for name in (*row.noise, *row.unreachable)}
+    columns = [name for name in ACCOUNTANTS if name in found] + sorted(found - set(ACCOUNTANTS))
     lines = [
         f"target epsilon {cfg.privacy.target_epsilon} at delta {cfg.privacy.delta}, "
         f"{cfg.federation.num_rounds} rounds x {cfg.train.local_steps} local steps, expected batch "
         f"{cfg.train.batch_size}, accountant used for training: {used}",
         "client  records  sample_rate  "
-        + "  ".join(f"noise({name})" for name in rows[0].noise)
+        + "  ".join(f"noise({name})" for name in columns)
         + f"    cap  rounds  epsilon({used}) after each round",
     ]
     for row in rows:
         curve = " ".join(f"{value:.3f}" for value in row.epsilon_by_round)
-        noise = "  ".join(f"{value:>10.4f}" for value in row.noise.values())
+        noise = "  ".join(f"{row.noise[name]:>10.4f}" if name in row.noise else f"{'none':>10}" for name in columns)
         lines.append(
             f"{row.client:>6}  {row.shard_size:>7}  {row.sample_rate:>11.5f}  {noise}  "
             f"{row.cap:>5g}  {row.rounds_within_cap:>6}  {curve}"
@@ -151,6 +173,11 @@ def format_plan(cfg: ExperimentConfig, rows: list[PlanRow]) -> str:
             )
     if len(binding.noise) > 1:
         lines.append(compare_accountants(binding, used, cfg.privacy.noise_multiplier))
+    for name in dict.fromkeys(name for row in rows for name in row.unreachable):
+        lines.append(
+            f"accountants: {name} cannot certify epsilon {cfg.privacy.target_epsilon:g} on this schedule at any "
+            f"useful noise (column 'none'); training uses {used}, which can"
+        )
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from dp_accounting.pld import PLDAccountant
 
 from fedllm.config import PrivacyConfig
 from fedllm.errors import LedgerError, PrivacyPlanError
-from fedllm.planning import PlanRow, format_plan
+from fedllm.planning import PlanRow, build_plan, format_plan
 from fedllm.privacy.accounting import epsilon, extend_history
 from fedllm.privacy.calibration import (
     epsilon_by_round,
@@ -313,3 +313,18 @@ def test_a_lower_cap_allows_fewer_rounds():
     assert rounds_within_cap(max_rounds=6, cap=curve[1], **kwargs) == 2
     assert rounds_within_cap(max_rounds=6, cap=curve[1] - 1e-9, **kwargs) == 1
     assert rounds_within_cap(max_rounds=6, cap=100.0, **kwargs) == 6
+
+
+def test_a_target_only_the_training_accountant_reaches_is_planned_not_refused(tiny_cfg):
+    # issue 29, item 4: `fedllm plan privacy.target_epsilon=0.1` said "no noise level reaches" because
+    # the RDP column (which bottoms out near 0.1) was planned too, while training's PRV reaches it
+
+    cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy, target_epsilon=0.1))
+    rows = build_plan(cfg)
+    assert all(row.unreachable == ("rdp",) and set(row.noise) == {"prv"} for row in rows)
+    assert max(row.epsilon_by_round[-1] for row in rows) <= 0.1
+    text = format_plan(cfg, rows)
+    assert "noise(rdp)  noise(prv)" in text and "      none" in text
+    assert text.splitlines()[-1].startswith("accountants: rdp cannot certify epsilon 0.1")
+    with pytest.raises(PrivacyPlanError, match="no noise level reaches epsilon 0.1"):  # under RDP alone: refused
+        build_plan(dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, accountant="rdp")))
