@@ -42,8 +42,7 @@ def node_status(policy: NodePolicy, last: int = 5) -> str:
         f"dataset     {policy.dataset_id}",
         f"releases    {len(ledger.releases)} DP-SGD rounds in {len(runs)} run(s)",
         f"records     {_records_line(content, ledger.groups())}",
-        f"epsilon     {spent:.4f} spent of cap {policy.max_epsilon:g} at delta {policy.delta:g} "
-        f"({policy.accountant}); {max(policy.max_epsilon - spent, 0.0):.4f} left",
+        f"epsilon     {_budget_line(spent, policy)}",
     ]
     lines += [f"            {line}" for line in _recent_rounds(policy.state_dir / AUDIT_FILE, last)]
     return "\n".join(lines)
@@ -100,12 +99,34 @@ def _recent_rounds(audit: Path, last: int) -> list[str]:
             what = (
                 f"refused ({category})"
                 if category
-                else f"sent {len(sent.get('tensors', []))} tensors, epsilon {metrics.get(keys.EPSILON, 'n/a')}"
+                else f"sent {_count(sent.get('tensors'))} tensors, epsilon {_epsilon(metrics.get(keys.EPSILON))}"
             )
             where = f"round {escape_remote_text(received.get('round'))}"
         # the run id and round are what the coordinator sent: escaped, as in the node's log lines
         out.append(f"{entry.get('time')} run {escape_remote_text(received.get('run_id'))} {where}: {what}")
     return out
+
+
+def _budget_line(spent: float, policy: NodePolicy) -> str:
+    """Spent against the cap; a cap lowered below what was already spent is said, not shown as 0 left."""
+    where = f"at delta {policy.delta:g} ({policy.accountant})"
+    if spent > policy.max_epsilon:
+        return (
+            f"{spent:.4f} spent {where}: ABOVE the cap {policy.max_epsilon:g} (lowered after it was spent); "
+            "this node refuses every round until max-epsilon is above what it spent"
+        )
+    return f"{spent:.4f} spent of cap {policy.max_epsilon:g} {where}; {policy.max_epsilon - spent:.4f} left"
+
+
+def _epsilon(value: object) -> str:
+    """A round's epsilon as the audit log holds it, to 4 decimals (the log keeps every digit)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4f}"
+    return "n/a"
+
+
+def _count(value: object) -> int:
+    return len(value) if isinstance(value, list) else 0
 
 
 def _mapping(value: object) -> dict:

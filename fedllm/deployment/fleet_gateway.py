@@ -25,6 +25,8 @@ import argparse
 import asyncio
 import logging
 import ssl
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
@@ -120,6 +122,7 @@ class FleetGateway:
         self.limits = limits or EdgeLimits()
         self.quota = quota or ReplyQuota()
         self.in_flight = 0
+        self.tally = StatusTally()
         self.client: httpx.AsyncClient | None = None
 
     def _new_client(self) -> httpx.AsyncClient:
@@ -151,6 +154,14 @@ class FleetGateway:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.tally.add(message["status"])
+            await send(message)
+
+        await self._route(scope, receive, counted)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         # scope["path"] is already percent-decoded; an exact match leaves no room for
         # "/v1/fleet/../control/..." or encoded variants, and the SuperLink receives this
         # exact string, never the client's raw path or query.
@@ -216,6 +227,37 @@ class FleetGateway:
         finally:
             if client is not self.client:
                 await client.aclose()
+
+
+class StatusTally:
+    """What the gateway answered, logged as one summary line a minute instead of a line per call:
+    nodes poll every few seconds, and a line per call buried the refusals (593 lines in 22 minutes)."""
+
+    def __init__(self, every: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.every, self.clock = every, clock
+        self.counts: Counter[int] = Counter()
+        self.since = clock()
+
+    def add(self, status: int) -> None:
+        """Count one answer; log the summary once ``every`` seconds have passed since the last."""
+        self.counts[status] += 1
+        if self.clock() - self.since >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Log the summary of the answers counted so far, if any, and start a new period."""
+        if self.counts:
+            refused = {status: n for status, n in sorted(self.counts.items()) if status >= 400}
+            forwarded = sum(n for status, n in self.counts.items() if status < 400)
+            log.log(
+                logging.WARNING if refused else logging.INFO,
+                "last %.0f s: %d calls answered by the SuperLink, refused %s",
+                self.clock() - self.since,
+                forwarded,
+                ", ".join(f"{n} x {status}" for status, n in refused.items()) or "none",
+            )
+        self.counts.clear()
+        self.since = self.clock()
 
 
 class _ClientGone(Exception):
@@ -330,6 +372,7 @@ def server_config(
         h11_max_incomplete_event_size=limits.max_head_bytes,
         server_header=False,
         date_header=False,
+        access_log=False,  # a line per poll: StatusTally logs a summary a minute instead
         log_level=log_level,
     )
 
@@ -360,8 +403,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # uvicorn logs each request (client address, path: percent-encoded, status); httpx would
-    # log each forwarded call a second time
+    # the gateway logs a summary of its answers a minute (StatusTally), uvicorn no line per
+    # request; httpx would log each forwarded call: WARNING and above only
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     main()

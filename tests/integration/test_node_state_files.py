@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,12 @@ def test_one_torn_line_does_not_stop_node_status(tmp_path):
     status = node_status(policy_from_node_config(node))
     assert "2 unreadable line(s)" in status
     assert "round 1: sent" in status
+
+
+def test_node_status_says_when_a_lowered_cap_is_below_what_was_spent(tmp_path):
+    # issue 29, item 10: "15.3925 spent of cap 12 ... 0.0000 left", and round epsilons with 16 digits
+    node = _node(tmp_path, _records(tmp_path / "d.jsonl"))
+    run_round(_cfg(tmp_path), "run", 1, node_config=node)
+    shown = node_status(policy_from_node_config({**node, "max-epsilon": 0.01}))
+    assert "ABOVE the cap 0.01 (lowered after it was spent)" in shown and "0.0000 left" not in shown
+    assert re.search(r"round 1: sent \d+ tensors, epsilon \d+\.\d{4}$", shown, re.MULTILINE), shown

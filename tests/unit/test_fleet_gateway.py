@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 
 import httpx
 import pytest
 
-from fedllm.deployment.fleet_gateway import FleetGateway, fleet_paths, parse_args, split_address
+from fedllm.deployment.fleet_gateway import FleetGateway, StatusTally, fleet_paths, parse_args, split_address
 
 # importing Flower's router imports typer, which warns about click (not our code)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:typer")
@@ -171,3 +172,19 @@ def test_addresses_and_arguments():
         ]
     )
     assert args.max_body_mb == 32
+
+
+def test_answers_are_logged_as_one_summary_a_minute_not_a_line_per_poll(gateway, caplog):
+    # issue 29, item 10: the gateway logged every poll (593 lines in 22 minutes)
+    now = [0.0]
+    gateway.tally = StatusTally(every=60, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="fedllm.deployment.fleet_gateway"):
+        for _ in range(30):
+            call(gateway, "POST", "/v1/fleet/send-node-heartbeat", content=b"")
+        call(gateway, "GET", "/v1/control/list-runs")
+        assert caplog.records == []
+        now[0] = 61.0
+        call(gateway, "POST", "/v1/fleet/pull-messages", content=b"")
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING  # something was refused
+    assert record.getMessage() == "last 61 s: 31 calls answered by the SuperLink, refused 1 x 404"
