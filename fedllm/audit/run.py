@@ -144,8 +144,15 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
         folder / "scores.npz", allow_pickle=False, included=np.array([c.included for c in design.canaries]), **scores
     )
     write_summary(run_dir, with_audit(summary, audit))
-    plot_audit(run_dir, scores, [c.included for c in design.canaries])
+    figure = plot_audit(
+        run_dir,
+        scores,
+        [c.included for c in design.canaries],
+        bounds=audit["epsilon_lower_bound"],
+        accounted=audit["epsilon_accounted"],
+    )
     log.info("privacy audit (%d canaries, %s):\n%s", settings.canaries, settings.kind, format_audit(audit))
+    log.info("audit written: %s, %s (canary scores: %s)", run_dir / AUDIT_JSON, figure, folder / "scores.npz")
     return audit
 
 

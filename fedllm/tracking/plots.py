@@ -108,9 +108,16 @@ def plot_run(run_dir: Path, rounds: list[RoundRecord], target: float | None) -> 
     return written + ([eps] if eps else [])
 
 
-def plot_audit(run_dir: Path, scores: dict[str, Any], included: list[bool]) -> Path:
+def plot_audit(
+    run_dir: Path,
+    scores: dict[str, Any],
+    included: list[bool],
+    bounds: dict[str, float] | None = None,
+    accounted: float | None = None,
+) -> Path:
     """Each audit adversary's canary scores, included against left out: the further apart the
-    two histograms, the more the adversary learns (``fedllm audit``)."""
+    two histograms, the more the adversary learns (``fedllm audit``). ``bounds``: each adversary's
+    empirical epsilon lower bound, shown in its title beside the ``accounted`` epsilon."""
     fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.6), squeeze=False)
     inside = [bool(flag) for flag in included]
     for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
@@ -120,7 +127,11 @@ def plot_audit(run_dir: Path, scores: dict[str, Any], included: list[bool]) -> P
         edges = _shared_bins(values, max(10, min(60, len(values) // 20)))
         ax.hist(outs, bins=edges, alpha=0.6, label=f"left out ({len(outs)})", color="tab:gray")
         ax.hist(ins, bins=edges, alpha=0.6, label=f"included ({len(ins)})", color="tab:red")
-        ax.set(xlabel="canary score", ylabel="canaries", title=name.replace("_", " "))
+        title = name.replace("_", " ")
+        if bounds is not None and name in bounds:
+            against = f" vs accounted {accounted:.3g}" if accounted is not None else ""
+            title += f"\nlower bound {bounds[name]:.3g}{against}"
+        ax.set(xlabel="canary score", ylabel="canaries", title=title)
         ax.legend(fontsize="small")
     return _save(fig, run_dir / AUDIT_PNG)
 

@@ -34,6 +34,8 @@ def test_fedllm_audit_writes_its_outputs_and_the_report_shows_them(tmp_path):
     assert audit["epsilon_lower_bound_max"] == max(audit["epsilon_lower_bound"].values())
     assert "audit's lower bound" in console and "power" in console
     assert (run_dir / "audit_scores.png").stat().st_size > 0
+    # issue 29, item 9: the console says where the audit went
+    assert f"audit written: {run_dir / 'audit.json'}, {run_dir / 'audit_scores.png'}" in console
     fedllm(["report", str(run_dir)], cwd=tmp_path)
     table = (run_dir / "report.md").read_text()
     assert "audit_coordinator" in table and "audit_output_reader" in table

@@ -210,6 +210,24 @@ def test_the_score_plot_draws_scores_that_differ_only_by_rounding(tmp_path):
     assert path.stat().st_size > 0
 
 
+def test_the_score_plot_titles_each_adversary_with_its_bound_and_the_accounted_epsilon(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from fedllm.tracking.plots import plot_audit
+
+    titles = []
+    original = matplotlib.axes.Axes.set
+
+    def spy(self, **kwargs):
+        titles.append(kwargs.get("title"))
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set", spy)
+    scores = {"coordinator": [1.0] * 60 + [0.0] * 40}
+    plot_audit(tmp_path, scores, [True] * 60 + [False] * 40, bounds={"coordinator": 0.412}, accounted=7.99)
+    assert titles == ["coordinator\nlower bound 0.412 vs accounted 7.99"]
+
+
 def test_the_canaries_a_node_samples_are_logged_and_counted(tmp_path):
     from fedllm.audit.injection import NOT_A_CANARY, sampled_canaries
 
