@@ -25,6 +25,7 @@ commands:
              fedllm only) and `fedllm node hash [bundle.fab]` (the hash to approve a bundle)
   evaluate   score a finished run's adapter: held-out loss, perplexity, accuracy (or on your file)
   generate   answer a prompt with a finished run's adapter, in the run's prompt format
+  flower-local  `status` or `stop` the local SuperLink that `flwr run .` leaves running
 
 simulate, plan and audit take Hydra overrides (KEY=VALUE, GROUP=OPTION); a rejected override is
 reported in one line and creates nothing.
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedllm.cli.node import node_cli
 
         return node_cli(rest)
+    if command == "flower-local":
+        from fedllm.cli.flower_local import flower_local_cli
+
+        return flower_local_cli(rest)
     if command in ("evaluate", "generate"):
         from fedllm.cli import use
 

@@ -8,7 +8,19 @@ import pytest
 
 from fedllm.cli.main import main
 
-COMMANDS = ("simulate", "plan", "audit", "report", "evaluate", "generate", "verify", "decrypt", "node-status", "node")
+COMMANDS = (
+    "simulate",
+    "plan",
+    "audit",
+    "report",
+    "evaluate",
+    "generate",
+    "verify",
+    "decrypt",
+    "node-status",
+    "node",
+    "flower-local",
+)
 
 
 def _run(argv: list[str]) -> int:
