@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 
 from fedllm.data.formatting import PromptFormat
 from fedllm.data.sources import Record
+from fedllm.evaluation.progress import Progress
 from fedllm.model.device import model_device
 from fedllm.training.precision import autocast
 
@@ -88,12 +89,14 @@ def generate(
     model.eval()
     device = model_device(model)
     texts = []
+    progress = Progress(f"generation (up to {max_new_tokens} tokens each)", len(prompts), "prompts")
     try:
         for prompt in prompts:
             ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long, device=device)
             with autocast(bf16, device.type):
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
             texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+            progress.advance()
     finally:
         model.train(was_training)
     return texts

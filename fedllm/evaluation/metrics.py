@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.formatting import IGNORE_INDEX, TokenizedDataset, make_collate
+from fedllm.evaluation.progress import Progress
 from fedllm.model.device import model_device, to_device
 from fedllm.training.objectives import last_logits, token_loss
 from fedllm.training.precision import autocast
@@ -103,6 +104,7 @@ def evaluate(
     collate = make_collate(pad_id, prompt_only=bool(choice_ids))
     losses, counts, correct = [], [], 0
     device = model_device(model)
+    progress = Progress("held-out evaluation", len(order), "records")
     for start in range(0, len(order), batch_size):
         batch = to_device(collate([dataset[i] for i in order[start : start + batch_size]]), device)
         with autocast(bf16, device.type):
@@ -114,6 +116,7 @@ def evaluate(
                 nll, count = answer_nll(model, batch)
                 losses.append(nll.cpu())
                 counts.append(count.cpu())
+        progress.advance(len(order[start : start + batch_size]))
     model.train(was_training)
     n = len(dataset)
     if choice_ids:
