@@ -68,6 +68,21 @@ def choice_token_ids(tokenizer, fmt: PromptFormat) -> list[int]:
     return ids
 
 
+def prompt_text(record: Record, fmt: PromptFormat, tokenizer) -> str:
+    """The model input before the answer: the prompt template around the prompt or, for a chat
+    record, its turns in the model's chat template up to the assistant's turn.
+
+    A tokenizer without a chat template gets the turns as ``role: content`` lines: a node's
+    answer must not depend on whether one record is a chat record (no error for it).
+    """
+    if not record.turns:
+        return fmt.prompt_template.format(prompt=record.prompt)
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": role, "content": content} for role, content in record.turns]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return record.prompt + "\nassistant:"
+
+
 def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> TokenizedDataset:
     """Tokenize records: prompt tokens (left-truncated to fit) followed by answer tokens and EOS.
 
@@ -79,7 +94,7 @@ def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> Tok
     items, truncated, masked = [], 0, 0
     for position, record in enumerate(records):
         where = record.origin or f"record {position}"
-        prompt = tokenizer(fmt.prompt_template.format(prompt=record.prompt))["input_ids"]
+        prompt = tokenizer(prompt_text(record, fmt, tokenizer), add_special_tokens=not record.turns)["input_ids"]
         answer = tokenizer(fmt.response_template.format(response=record.response), add_special_tokens=False)[
             "input_ids"
         ]

@@ -57,6 +57,10 @@ class Record:
     # "file:line" for records read from a user's file (never the text itself); not part of a
     # record's identity, so the same text from another file is the same record
     origin: str = field(default="", compare=False)
+    # a chat record's turns before its last (the answer): (role, content) pairs, rendered with the
+    # model's chat template. Not compared: ``prompt`` holds them all (see chat_record), so the
+    # identity, the digests and the duplicate check cover the whole conversation
+    turns: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 def load_rotten_tomatoes() -> list[Record]:
@@ -368,14 +372,54 @@ def _check_encodable(path: Path, line: int, field_name: str, value: str) -> None
         ) from exc
 
 
+MESSAGES_FIELD = "messages"  # a chat record: [{"role": ..., "content": ...}, ...], the last turn the answer
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_record(turns: list[tuple[str, str]], origin: str = "") -> Record:
+    """The record of a conversation whose last turn is the assistant's answer.
+
+    ``prompt`` spells every earlier turn out (``role: content`` lines), so two conversations are
+    the same record exactly when every turn is the same; the turns themselves are kept for the
+    model's chat template.
+    """
+    *before, (_, answer) = turns
+    prompt = "\n".join(f"{role}: {content}" for role, content in before)
+    return Record(prompt=prompt, response=answer, origin=origin, turns=tuple(before))
+
+
+def _to_chat_record(path: Path, line: int, messages: object) -> Record:
+    where = f"{path}:{line}: field {MESSAGES_FIELD!r}"
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise DataError(f"{where} must be a list of at least two turns (a user turn, then the assistant's answer)")
+    turns = []
+    for number, turn in enumerate(messages, start=1):
+        if not isinstance(turn, dict) or set(turn) - {"role", "content"} or "role" not in turn:
+            raise DataError(f"{where}: turn {number} must be an object with 'role' and 'content' only")
+        role, content = turn["role"], turn.get("content")
+        if role not in CHAT_ROLES:
+            raise DataError(f"{where}: turn {number} has role {str(role)[:20]!r}; roles are {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{where}: turn {number}'s content must be a non-empty string")
+        _check_encodable(path, line, f"{MESSAGES_FIELD}[{number - 1}].content", content)
+        turns.append((role, content.strip()))
+    if turns[-1][0] != "assistant":
+        raise DataError(f"{where}: the last turn must be the assistant's (the answer trained on)")
+    if not any(role == "user" for role, _ in turns[:-1]):
+        raise DataError(f"{where}: no user turn before the answer")
+    return chat_record(turns, origin=f"{path}:{line}")
+
+
 def _to_record(path: Path, line: int, row: dict, prompt_field: str, response_field: str) -> Record:
+    if prompt_field not in row and MESSAGES_FIELD in row:
+        return _to_chat_record(path, line, row[MESSAGES_FIELD])
     values = []
     for field_name in (prompt_field, response_field):
         if field_name not in row:
             found = ", ".join(sorted(map(str, row))) or "none"
             raise DataError(
                 f"{path}:{line}: missing field {field_name!r} (fields found: {found}); "
-                f"set data.prompt_field / data.response_field"
+                f"set data.prompt_field / data.response_field, or give chat records a {MESSAGES_FIELD!r} list"
             )
         value = row[field_name]
         if not isinstance(value, str) or not value.strip():

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import GenerationConfig
 
-from fedllm.data.formatting import PromptFormat
+from fedllm.data.formatting import PromptFormat, prompt_text
 from fedllm.data.sources import Record
 from fedllm.evaluation.progress import Progress
 from fedllm.model.device import model_device
@@ -53,7 +53,13 @@ def sample_records(records: list[Record], count: int) -> list[Record]:
 
 @torch.no_grad()
 def generate(
-    model: PeftModel, tokenizer, prompts: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, bf16: bool = False
+    model: PeftModel,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    bf16: bool = False,
+    special_tokens: list[bool] | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (full model inputs, templates already applied).
 
@@ -67,6 +73,8 @@ def generate(
         prompts: the inputs.
         max_new_tokens: the most tokens generated per prompt.
         bf16: autocast to bf16 (as ``train.precision`` resolves).
+        special_tokens: per prompt, whether the tokenizer adds its special tokens (default: all;
+            a prompt rendered by a chat template already holds them).
 
     Returns:
         The generated text of each prompt, special tokens removed, surrounding spaces stripped.
@@ -91,8 +99,10 @@ def generate(
     texts = []
     progress = Progress(f"generation (up to {max_new_tokens} tokens each)", len(prompts), "prompts")
     try:
-        for prompt in prompts:
-            ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long, device=device)
+        for prompt, special in zip(prompts, special_tokens or [True] * len(prompts), strict=True):
+            ids = torch.tensor(
+                [tokenizer(prompt, add_special_tokens=special)["input_ids"]], dtype=torch.long, device=device
+            )
             with autocast(bf16, device.type):
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
             texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
@@ -124,8 +134,9 @@ def generate_samples(
     Returns:
         One :class:`Sample` per record, in order.
     """
-    prompts = [fmt.prompt_template.format(prompt=r.prompt) for r in records]
-    texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, bf16=bf16)
+    prompts = [prompt_text(r, fmt, tokenizer) for r in records]
+    special = [not r.turns for r in records]  # a chat template writes its own special tokens
+    texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, bf16=bf16, special_tokens=special)
     return [
         Sample(prompt=r.prompt, generated=text, reference=r.response) for r, text in zip(records, texts, strict=True)
     ]
