@@ -412,9 +412,13 @@ class TrackingConfig:
     progress: bool = True
     wandb: bool = False
     wandb_project: str = "fedllm"
+    samples: int = 3  # free-form tasks: held-out prompts answered each round, base model beside the adapter
+    sample_tokens: int = 40  # the most tokens generated per sample
 
     def __post_init__(self) -> None:
         _check_types(self, "tracking")
+        _require(self.samples >= 0, "tracking.samples", "must be 0 (none) or more")
+        _require(self.sample_tokens >= 1, "tracking.sample_tokens", "must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -172,8 +172,12 @@ def tokenized_test(cfg: ExperimentConfig) -> TokenizedDataset:
     bundle = model_bundle(cfg.model, cfg.lora, cfg.seed)
     # the held-out records are drawn before the rest is partitioned, so they do not depend on how many
     # clients there are: a server that evaluates never needs the clients' shards (nor enough records for them)
-    test = data_split(cfg.data, 1, 1, cfg.seed).test
-    return tokenize_records(test, bundle.tokenizer, prompt_format(cfg.data))
+    return tokenize_records(test_records(cfg), bundle.tokenizer, prompt_format(cfg.data))
+
+
+def test_records(cfg: ExperimentConfig) -> list[Record]:
+    """The held-out test records, as read (before tokenization)."""
+    return data_split(cfg.data, 1, 1, cfg.seed).test
 
 
 def choice_ids_for(cfg: ExperimentConfig) -> list[int]:

@@ -37,6 +37,18 @@ class Sample:
         return {"prompt": self.prompt, "generated": self.generated, "reference": self.reference}
 
 
+def normalized_answer(text: str) -> str:
+    """An answer as exact match compares it: lower case, spaces collapsed, end punctuation dropped."""
+    return " ".join(text.lower().split()).strip(" .!?;:")
+
+
+def exact_match(samples: list[Sample]) -> float | None:
+    """The share of ``samples`` whose generation is the reference answer (:func:`normalized_answer`)."""
+    if not samples:
+        return None
+    return sum(normalized_answer(s.generated) == normalized_answer(s.reference) for s in samples) / len(samples)
+
+
 def sample_records(records: list[Record], count: int) -> list[Record]:
     """The first ``count`` held-out records with distinct prompts (a fixed choice: the held-out
     split is deterministic in the run's seed, so every run of a table gets the same prompts)."""

@@ -3,6 +3,7 @@ round's :class:`~fedllm.tracking.run_files.RoundRecord` in ``metrics.jsonl`` (an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -10,6 +11,7 @@ from flwr.app import ArrayRecord
 
 from fedllm import task
 from fedllm.config import ExperimentConfig
+from fedllm.evaluation.generation import Sample, exact_match, generate_samples, sample_records
 from fedllm.evaluation.metrics import EvalResult, evaluate
 from fedllm.federation.rounds import RoundReplies
 from fedllm.node.release import TrainReport
@@ -31,6 +33,10 @@ class RoundEvaluator:
         self.test_set = task.tokenized_test(cfg)
         self.choice_ids = task.choice_ids_for(cfg)
         self.bf16 = use_bf16(cfg.train.precision)
+        # free-form answers: a few fixed held-out prompts answered each round (accuracy says nothing there)
+        count = 0 if self.choice_ids else cfg.tracking.samples
+        self.sampled = sample_records(task.test_records(cfg), count) if count else []
+        self.base_answers: list[str] | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord, replies: RoundReplies) -> RoundRecord:
         """Evaluate ``arrays`` after ``server_round`` (0: before any training) and log the round.
@@ -43,24 +49,60 @@ class RoundEvaluator:
             result = evaluate(
                 model, self.test_set, self.bundle.pad_id, self.choice_ids, self.cfg.train.eval_batch_size, self.bf16
             )
+            samples = self._samples(model, server_round)
         eval_seconds = time.perf_counter() - started
         if server_round > 0 and not replies.updates:
             log.error(
                 "round %d: no client returned an update (see above); the global adapter is unchanged", server_round
             )
-        record = self.run_log.log_round(
-            round_record(
-                server_round,
-                result,
-                replies,
-                self.ledger,
-                sample_level=self.cfg.privacy.sample_level,
-                eval_seconds=eval_seconds,
-            )
+        record = round_record(
+            server_round,
+            result,
+            replies,
+            self.ledger,
+            sample_level=self.cfg.privacy.sample_level,
+            eval_seconds=eval_seconds,
         )
+        if samples:
+            record = dataclasses.replace(record, exact_match=exact_match(samples), samples=self._paired(samples))
+            _log_sample(server_round, record.samples[0])
+        record = self.run_log.log_round(record)
         if self.sink:
             self.sink.log_round(record)
         return record
+
+    def _samples(self, model, server_round: int) -> list[Sample]:
+        """The adapter's greedy answers to the fixed held-out prompts (none without them)."""
+        if not self.sampled:
+            return []
+        samples = generate_samples(
+            model,
+            self.bundle.tokenizer,
+            self.sampled,
+            task.prompt_format(self.cfg.data),
+            max_new_tokens=self.cfg.tracking.sample_tokens,
+            bf16=self.bf16,
+        )
+        if server_round == 0:  # the initial adapter leaves the base model as it is (LoRA's B is 0)
+            self.base_answers = [s.generated for s in samples]
+        return samples
+
+    def _paired(self, samples: list[Sample]) -> list[dict[str, str]]:
+        base = self.base_answers or [""] * len(samples)  # a resumed run did not see round 0
+        return [{**s.to_dict(), "base": answer} for s, answer in zip(samples, base, strict=True)]
+
+
+def _log_sample(server_round: int, sample: dict[str, str]) -> None:
+    """One sample on the console: what the base model and the adapter answer to the same prompt."""
+    shown = {k: " ".join(str(v).split())[:80] for k, v in sample.items()}
+    log.info(
+        "round %d sample: %r -> adapter %r (base %r, reference %r)",
+        server_round,
+        shown["prompt"],
+        shown["generated"],
+        shown.get("base", ""),
+        shown["reference"],
+    )
 
 
 def round_record(

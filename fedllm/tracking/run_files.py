@@ -64,6 +64,11 @@ class RoundRecord:
     slowest_client_seconds: float | None = None  # local training only: the rest of a round is framework and evaluation
     eval_seconds: float | None = None
     wall_seconds: float | None = None  # since the run's first round log was opened (resumes continue it)
+    # free-form tasks (tracking.samples): greedy answers to a few fixed held-out prompts, each with the
+    # reference and the base model's answer (round 0's: the initial adapter changes nothing), and the
+    # share of them that match the reference exactly
+    exact_match: float | None = None
+    samples: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this record."""

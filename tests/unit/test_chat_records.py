@@ -125,7 +125,7 @@ def _arithmetic_chats(count: int) -> list[list[dict]]:
 def test_a_dp_federation_trains_on_a_chat_file_and_reports_perplexity(tmp_path):
     from fedllm.cli.simulate import simulate
     from fedllm.config import DataConfig, FederationConfig, TrainConfig
-    from fedllm.tracking.run_files import read_summary
+    from fedllm.tracking.run_files import read_rounds, read_summary
 
     data = _chat_file(tmp_path, _arithmetic_chats(180))
     cfg = tiny_config(
@@ -136,3 +136,18 @@ def test_a_dp_federation_trains_on_a_chat_file_and_reports_perplexity(tmp_path):
     summary = simulate(cfg, tmp_path / "run")
     assert summary.status == "completed" and summary == read_summary(tmp_path / "run")
     assert summary.final_eval_loss is not None and summary.final_max_epsilon is not None
+    # issue 29: each round answers a few held-out prompts, the base model's answer beside the adapter's
+    rounds = read_rounds(tmp_path / "run")
+    assert [len(r.samples) for r in rounds] == [3, 3] and all(r.exact_match is not None for r in rounds)
+    assert [s["base"] for s in rounds[1].samples] == [s["generated"] for s in rounds[0].samples]
+    assert rounds[1].samples[0]["prompt"].startswith("system: You add numbers.\nuser: What is")
+
+
+def test_exact_match_compares_normalized_answers():
+    from fedllm.evaluation.generation import Sample, exact_match
+
+    samples = [
+        Sample(prompt="p", generated="  The answer is 7. ", reference="the answer is 7"),
+        Sample(prompt="p", generated="7", reference="The answer is 7."),
+    ]
+    assert exact_match(samples) == 0.5 and exact_match([]) is None
