@@ -1,4 +1,4 @@
-"""PNG plots of a run: epsilon per client by round; held-out accuracy and loss by round.
+"""PNG plots of a run: epsilon per client by round; held-out accuracy (or perplexity) and loss by round.
 
 Also the privacy-utility plot of a sweep. Uses matplotlib's non-interactive backend only.
 """
@@ -43,31 +43,49 @@ def plot_epsilon(rounds: list[RoundRecord], target: float | None, path: Path) ->
 
 
 def plot_eval(rounds: list[RoundRecord], path: Path) -> Path:
-    """Held-out accuracy (if the task has fixed answers) and loss by round; round 0 is zero-shot."""
+    """Held-out accuracy and loss by round for a task with fixed answers; held-out perplexity (the
+    headline number of free-form answers) and loss otherwise. Round 0 is zero-shot."""
     fig, loss_ax = plt.subplots(figsize=(6, 4))
     xs = [r.round for r in rounds]
     loss_ax.plot(xs, [_or_nan(r.eval_loss) for r in rounds], color="tab:red", marker="s", label="eval loss")
     loss_ax.set(xlabel="round", ylabel="held-out loss", title="Held-out evaluation of the global adapter")
     loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     accuracies = [r.eval_accuracy for r in rounds]
+    perplexities = [r.eval_perplexity for r in rounds]
     if any(a is not None for a in accuracies):
-        acc_ax = loss_ax.twinx()
-        acc_ax.plot(xs, [100 * _or_nan(a) for a in accuracies], color="tab:blue", marker="o", label="accuracy")
-        acc_ax.set_ylabel("held-out accuracy (%)")
-        acc_ax.legend(loc="lower right")
+        _second_axis(loss_ax, xs, [100 * _or_nan(a) for a in accuracies], "accuracy", "held-out accuracy (%)")
+    elif any(p is not None for p in perplexities):
+        _second_axis(loss_ax, xs, [_or_nan(p) for p in perplexities], "perplexity", "held-out perplexity")
     loss_ax.legend(loc="upper right")
     return _save(fig, path)
 
 
-def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
-    """Final accuracy against spent epsilon for a sweep: one line per model and data (``group``),
-    never joining runs of different models; non-private runs and zero-shot accuracy as
+def _second_axis(ax, xs: list[int], ys: list[float], label: str, ylabel: str) -> None:
+    other = ax.twinx()
+    other.plot(xs, ys, color="tab:blue", marker="o", label=label)
+    other.set_ylabel(ylabel)
+    other.legend(loc="lower right")
+
+
+UTILITY_LABELS = {
+    "accuracy": "final held-out accuracy (%)",
+    "perplexity": "final held-out perplexity (lower is better)",
+}
+
+
+def plot_privacy_utility(points: list[dict[str, Any]], path: Path, metric: str = "accuracy") -> Path:
+    """Final utility against spent epsilon for a sweep: one line per model and data (``group``),
+    never joining runs of different models; non-private runs and zero-shot utility as
     horizontal lines in the group's colour.
 
     Args:
-        points: one dict per finished run with ``epsilon`` (None without DP), ``accuracy``,
-            ``zero_shot`` and optionally ``group`` (e.g. "tiny / rotten_tomatoes").
+        points: one dict per finished run with ``epsilon`` (None without DP), ``metric``'s value,
+            ``zero_shot`` (the same metric before training) and optionally ``group``
+            (e.g. "tiny / rotten_tomatoes").
+        path: the PNG to write.
+        metric: ``accuracy`` (fixed answers; shown in %) or ``perplexity`` (free-form answers).
     """
+    scale = 100.0 if metric == "accuracy" else 1.0
     fig, ax = plt.subplots(figsize=(8, 4))
     groups: dict[Any, list[dict[str, Any]]] = {}
     for point in points:
@@ -77,12 +95,12 @@ def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
     for index, (group, members) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
         color = colors[index % len(colors)]
         prefix = f"{group}: " if several and group else ""
-        private = sorted((p["epsilon"], 100 * p["accuracy"]) for p in members if p["epsilon"] is not None)
+        private = sorted((p["epsilon"], scale * p[metric]) for p in members if p["epsilon"] is not None)
         if private:
             ax.plot(*zip(*private, strict=True), marker="o", color=color, label=f"{prefix}DP-SGD (sample level)")
         for number, baseline in enumerate(p for p in members if p["epsilon"] is None):
             ax.axhline(
-                100 * baseline["accuracy"],
+                scale * baseline[metric],
                 color=color if several else "gray",
                 linestyle="--",
                 label=f"{prefix}non-private" if number == 0 else None,
@@ -90,11 +108,11 @@ def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
         zero_shot = [p["zero_shot"] for p in members if p.get("zero_shot") is not None]
         if zero_shot:
             ax.axhline(
-                100 * zero_shot[0], color=color if several else "black", linestyle=":", label=f"{prefix}zero-shot"
+                scale * zero_shot[0], color=color if several else "black", linestyle=":", label=f"{prefix}zero-shot"
             )
     ax.set(
         xlabel="epsilon spent (max over clients)",
-        ylabel="final held-out accuracy (%)",
+        ylabel=UTILITY_LABELS[metric],
         title="Privacy-utility trade-off",
     )
     _legend_outside(ax)

@@ -59,3 +59,27 @@ def test_the_privacy_utility_legend_does_not_cover_the_points(drawn, tmp_path):
     (ax,) = drawn[0].axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["DP-SGD (sample level)", "non-private", "zero-shot"]
     assert ax.get_legend().get_bbox_to_anchor().bounds[0] > ax.get_window_extent().x1 - 1
+
+
+def test_a_free_form_run_plots_its_perplexity_not_only_its_loss(drawn, tmp_path):
+    # issue 29, item 1: a free-form run's evaluation plot showed loss, not perplexity, its headline number
+    rounds = [
+        RoundRecord(round=0, eval_loss=4.3, eval_perplexity=73.7),
+        RoundRecord(round=1, eval_loss=3.9, eval_perplexity=49.4),
+    ]
+    plots.plot_eval(rounds, tmp_path / "eval.png")
+    loss_ax, other = drawn[0].axes
+    assert other.get_ylabel() == "held-out perplexity"
+    assert list(other.get_lines()[0].get_ydata()) == [73.7, 49.4]
+
+
+def test_a_sweep_of_free_form_runs_plots_perplexity_against_epsilon(drawn, tmp_path):
+    points = [
+        {"epsilon": 1.0, "perplexity": 68.8, "zero_shot": 77.0},
+        {"epsilon": 8.0, "perplexity": 62.0, "zero_shot": 77.0},
+        {"epsilon": None, "perplexity": 50.3, "zero_shot": 77.0},
+    ]
+    plots.plot_privacy_utility(points, tmp_path / "pu.png", metric="perplexity")
+    (ax,) = drawn[0].axes
+    assert ax.get_ylabel() == "final held-out perplexity (lower is better)"
+    assert list(ax.get_lines()[0].get_ydata()) == [68.8, 62.0]
