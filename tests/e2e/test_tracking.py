@@ -112,6 +112,7 @@ def test_planning_notebook_runs_and_matches_fedllm_plan(tmp_path):
     book = _execute(NOTEBOOKS / "privacy_budget_planning.ipynb", {"FEDLLM_PLAN_OVERRIDES": "debug=smoke"})
     text, images = _text_and_images(book)
     assert images >= 4
+    assert "Warning" not in text  # issue 29, item 8: tqdm warned that ipywidgets was missing
     plan = fedllm(["plan", "debug=smoke"], cwd=tmp_path).stdout.strip()
     assert plan and plan in text
     client_level = fedllm(["plan", "debug=smoke", "privacy=client"], cwd=tmp_path).stdout.strip()
