@@ -100,12 +100,13 @@ def sort_replies(
     speak for another client later; only an accepted reply adds to it (a rejected claim must not
     lock the real client out). A valid update keeps only its adapter tensors and the FedAvg
     weight the server sets (:func:`fedavg_weights`), so Flower aggregates a fixed schema; outside
-    client-level DP it is first clipped to the median norm of the round's other updates
-    (:func:`~fedllm.federation.validation.clip_bounds`).
+    client-level DP it is first clipped so it moves the average no more than the median of the
+    round's other updates does (:func:`~fedllm.federation.validation.clip_bounds`).
 
-    A train reply rejected for its tensors still carries what the node spent: when its DP history
-    passes the same checks as an accepted one's, it goes to ``rejected_spending`` (the server
-    ledger records it, marked rejected).
+    A train reply rejected for its tensors (or another part of its format) still carries what
+    the node spent: when its accounting parses and passes the same checks as an accepted
+    update's, it goes to ``rejected_spending`` (the server ledger records it, marked rejected),
+    unless a reply accepted this round speaks for the same client.
 
     Updates far larger than the round's others are rejected (:func:`norm_outliers`), except
     under client-level DP (``policy.client_level``): there each update is clipped to ``C``
@@ -159,6 +160,11 @@ def sort_replies(
     # only replies accepted teach the server who a node is
     node_partitions.update(refused)
     node_partitions.update({reply.metadata.src_node_id: report.partition_id for reply, report in accepted})
+    spent: dict[int, tuple[TrainReport, str]] = {}
+    for report, reason in result.rejected_spending:  # never over an accepted reply's; the first per client
+        if report.partition_id not in seen:
+            spent.setdefault(report.partition_id, (report, reason))
+    result.rejected_spending = list(spent.values())
     # under client-level DP the strategy clips every update to C (see the module docstring)
     kept_norms = None if policy.client_level else [norms[i] for i in norms if i not in outliers]
     result.updates = _for_aggregation(accepted, policy.uniform_weights, sent, kept_norms, server_round)
@@ -206,7 +212,6 @@ def _keep_spending(
         _check_mechanism(report, policy.mechanism, ledger)
     except UpdateRejected:
         return
-    seen.add(report.partition_id)
     result.rejected_spending.append((report, escape_remote_text(reason)))
 
 

@@ -286,3 +286,13 @@ def test_refusals_are_still_recorded_with_their_history(monkeypatch):
     result = sort_replies([_message(0, content)], ledger, 1, arrays_record(SENT), _policy(), {})
     record_refusals(ledger, result.refusals, 1)
     assert ledger.epsilon(0) > 0 and ledger.clients[0].refusals[0]["round"] == 1
+
+
+def test_a_rejected_reply_for_a_client_neither_blocks_nor_overwrites_that_clients_accepted_one(monkeypatch):
+    act_as_server_process(monkeypatch)
+    nan = arrays_record({k: np.full_like(v, np.nan) for k, v in SENT.items()})
+    impostor = _update(9, arrays=nan, history=((1.0, RATE, 5),))
+    impostor.content[keys.METRICS][keys.PARTITION_ID] = 1  # first in, rejected for its tensors
+    result = sort_replies([impostor, _update(1), _update(2)], _ledger(), 1, arrays_record(SENT), _policy(), {})
+    assert [r.split(":")[0] for r in result.rejected] == ["node 9"]
+    assert sorted(r.partition_id for r in result.reports) == [1, 2] and result.rejected_spending == []
