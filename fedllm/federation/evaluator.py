@@ -45,7 +45,9 @@ class RoundEvaluator:
             )
         eval_seconds = time.perf_counter() - started
         if server_round > 0 and not replies.updates:
-            log.error("round %d: no update was aggregated (see above); the global adapter is unchanged", server_round)
+            log.error(
+                "round %d: no client returned an update (see above); the global adapter is unchanged", server_round
+            )
         record = self.run_log.log_round(
             round_record(
                 server_round,
