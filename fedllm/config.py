@@ -351,6 +351,9 @@ class FederationConfig:
     trim_fraction: float = 0.2
     update_norm_ratio: float = 10.0
     max_update_norm: float | None = None
+    # the fewest accepted updates a round aggregates: below 3 no median exists to bound one node's
+    # update by the others', so one node steers the average; a smaller number is the researcher's opt-in
+    min_updates: int = 3
     client_app: str = "fedllm.federation.client_app:app"
     # simulation engine: Flower's (Ray actors as nodes) or fedllm's in-process one (the same ServerApp
     # and ClientApp in this process, nodes one after another: no Ray start-up, for small machines)
@@ -390,6 +393,15 @@ class FederationConfig:
             self.min_train_clients <= self.num_clients,
             "federation.min_train_clients",
             f"must not exceed federation.num_clients ({self.num_clients})",
+        )
+        _require(self.min_updates > 0, "federation.min_updates", "must be a positive integer")
+        per_round = max(1, round(self.fraction_train * self.num_clients))
+        _require(
+            per_round >= self.min_updates,
+            "federation.min_updates",
+            f"is {self.min_updates}, but each round samples only {per_round} client(s): with fewer than "
+            f"{self.min_updates} updates no round is aggregated (below 3, one node steers the average); "
+            f"add clients, or accept it with federation.min_updates={per_round}",
         )
         _require(self.round_timeout > 0, "federation.round_timeout", "must be positive (seconds)")
         _require(self.num_clients > 0, "federation.num_clients", "must be a positive integer")

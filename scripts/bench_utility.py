@@ -142,7 +142,7 @@ def overrides_for(
     """The full override list of one preset's run (``task``: the task's own overrides)."""
     base = [*SHAPES[model][3], *task, f"federation.num_rounds={rounds}"]
     if preset.centralised:
-        base += ["federation.num_clients=1", f"train.local_steps={clients * steps}"]
+        base += ["federation.num_clients=1", "federation.min_updates=1", f"train.local_steps={clients * steps}"]
     else:
         base += [f"federation.num_clients={clients}", f"train.local_steps={steps}"]
     return [*base, *preset.overrides, *extra, "tracking.progress=false"]

@@ -2,7 +2,8 @@
 authentication, then `flwr run`. Every process it starts is stopped before it exits.
 
     python scripts/demo_federation.py --workdir /tmp/fedllm-demo [--nodes 2] [--unregistered 1]
-        [--outsider] [--overrides "debug=smoke federation.num_rounds=2"] [--caps 8,6] [--port 9400]
+        [--outsider] [--overrides "debug=smoke federation.num_rounds=2 federation.min_updates=2"]
+        [--caps 8,6] [--port 9400]
 
 What it does, as an operator would:
   1. a private CA and the SuperLink certificate (subjectAltName 127.0.0.1, localhost);
@@ -62,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="one more registered node whose data path does not exist (it declines)",
     )
-    parser.add_argument("--overrides", default="debug=smoke federation.num_rounds=2")
+    # 2 honest nodes by default: fewer than 3 updates a round, accepted knowingly (federation.min_updates)
+    parser.add_argument("--overrides", default="debug=smoke federation.num_rounds=2 federation.min_updates=2")
     parser.add_argument("--caps", default="", help="comma-separated max-epsilon per node (empty: 8 each)")
     parser.add_argument(
         "--hostile-overrides",

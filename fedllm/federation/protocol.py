@@ -224,6 +224,32 @@ def parse_reply(
     )
 
 
+def parse_spending(content: RecordDict, num_clients: int) -> TrainReport | None:
+    """The DP accounting of a train reply the server rejects (for its tensors, say): what the node
+    says it spent, when that part of the reply is well-formed, else None. The caller checks it as
+    it checks an accepted update's before the ledger records it.
+
+    Args:
+        content: the reply's records, untrusted.
+        num_clients: partition ids must be below this.
+    """
+    try:
+        metrics = _metrics(content, num_clients)
+        if metrics[keys.REFUSED] == 1:
+            return None
+        accounting = _accounting(metrics)
+    except UpdateRejected:
+        return None
+    if accounting is None:
+        return None
+    size = metrics.get(keys.NUM_EXAMPLES)
+    return TrainReport(
+        partition_id=int(metrics[keys.PARTITION_ID]),
+        accounting=accounting,
+        public=PublicStats(num_examples=None if size is None else int(size)),
+    )
+
+
 _PREFLIGHT_SCHEMA: Schema = {
     keys.PARTITION_ID: (int, 0, None),
     keys.REFUSED: (int, 0, 1),

@@ -134,6 +134,7 @@ def loop_settings(cfg: ExperimentConfig, run_id: str) -> LoopSettings:
         min_train_clients=fed.min_train_clients,
         timeout=fed.round_timeout,
         train_config=task_record(cfg, run_id),
+        min_updates=fed.min_updates,
         policy=ReplyPolicy(
             num_clients=fed.num_clients,
             update_norm_ratio=fed.update_norm_ratio,

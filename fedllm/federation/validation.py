@@ -4,7 +4,13 @@ An update must hold exactly the adapter tensors the server sent (names, shapes, 
 every value finite; anything else raises :class:`~fedllm.errors.UpdateRejected` with the
 reason (the metrics are parsed by :mod:`fedllm.federation.protocol`). An update far larger
 than the round's others (a scaled or poisoned update) is rejected by :func:`norm_outliers`,
-except under client-level DP, where clipping bounds every update instead.
+except under client-level DP, where clipping bounds every update instead; every update kept is
+then clipped (:func:`clip_bounds`) so that it moves the weighted average no further than the
+median of the round's other updates does.
+
+A DP history is untrusted too, and an accountant's work grows with it (Opacus's PRV accountant
+needs gigabytes for one entry of 10^7 steps): :func:`bounded_history` bounds every entry before
+any accountant sees it.
 """
 
 from __future__ import annotations
@@ -111,6 +117,49 @@ def norm_outliers(norms: Mapping[int, float], ratio: float, max_norm: float | No
     return rejected
 
 
+def clip_bounds(norms: list[float], weights: list[float]) -> list[float | None]:
+    """The norm each update is clipped to, so that no update moves the weighted average more than
+    the median of the *other* updates does: update ``i`` is clipped to
+    ``median(w_j * norm_j, j != i) / w_i`` (with equal weights, the median of the others' norms).
+    No update raises its own bound, and with an honest majority among the others the bound is an
+    honest one. None (no clip) for a lone update: no peer exists to measure it by.
+
+    Args:
+        norms: the update norms of the round's accepted updates, in order.
+        weights: their FedAvg weights, in the same order (all positive).
+
+    Returns:
+        One bound per update, in the same order.
+    """
+    if len(norms) < 2:
+        return [None] * len(norms)
+    pulls = [weight * norm for weight, norm in zip(weights, norms, strict=True)]
+    return [statistics.median(pulls[:i] + pulls[i + 1 :]) / weights[i] for i in range(len(norms))]
+
+
+MAX_MECHANISMS = 8  # entries of a node's lifetime history: its runs and re-plans, each a (noise, rate) change
+GENERIC_MAX_STEPS = 10**4  # without a plan to measure it by (no sample-level DP in this run)
+
+
+def bounded_history(history: list[tuple[float, float, int]], max_steps: int) -> None:
+    """Check that ``history`` is cheap to account: at most :data:`MAX_MECHANISMS` entries, each
+    at sample rate ``1/k`` for a whole ``k`` (a node's rate is its Poisson batches per pass), at
+    most ``max_steps`` steps in all. Costs nothing: no accountant runs.
+
+    Raises:
+        UpdateRejected: the history is longer or larger than any node of this run could hold.
+    """
+    if len(history) > MAX_MECHANISMS:
+        raise UpdateRejected(f"dp-history: {len(history)} mechanisms, more than {MAX_MECHANISMS} in a node's lifetime")
+    for _, rate, _ in history:
+        batches = round(1.0 / rate)
+        if batches < 1 or 1.0 / batches != rate:
+            raise UpdateRejected(f"dp-history: sample rate {rate!r} is not 1/k for a whole number of batches k")
+    total = sum(steps for _, _, steps in history)
+    if total > max_steps:
+        raise UpdateRejected(f"dp-history: {total} steps in all, more than the {max_steps} this run allows a node")
+
+
 @dataclass(frozen=True)
 class MechanismCheck:
     """What the run's plan lets a node's DP history say about the round it answers.
@@ -124,12 +173,28 @@ class MechanismCheck:
 
     cfg: ExperimentConfig  # the run whose plan the nodes follow
 
+    @property
+    def max_steps(self) -> int:
+        """The most steps a node's lifetime history may hold: :data:`MAX_MECHANISMS` runs of this
+        run's length (a node whose cap is the run's target can afford about one such run)."""
+        return MAX_MECHANISMS * self.cfg.federation.num_rounds * self.cfg.train.local_steps
+
+    def check_bounds(self, history: list[tuple[float, float, int]]) -> None:
+        """Every entry of ``history`` within what a node of this run could hold
+        (:func:`bounded_history`); for refusals and updates alike, before any accounting.
+
+        Raises:
+            UpdateRejected: it is not.
+        """
+        bounded_history(history, self.max_steps)
+
     def check(
         self, history: list[tuple[float, float, int]], previous_steps: int | None, public_size: int | None
     ) -> None:
         """Raises:
         UpdateRejected: the history does not describe this run's mechanism.
         """
+        self.check_bounds(history)
         noise, rate, steps = history[-1]
         batches = round(1.0 / rate)
         if batches < 1 or 1.0 / batches != rate:

@@ -29,6 +29,8 @@ class ClientLedger:
     cap: float | None = None
     can_continue: bool = True
     refusals: list[dict[str, Any]] = field(default_factory=list)
+    # rounds whose reply the server rejected after the node trained: its spending still counts
+    rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
 class PrivacyLedger:
@@ -62,11 +64,15 @@ class PrivacyLedger:
         delta: float | None = None,
         cap: float | None = None,
         can_continue: bool = True,
+        rejected: str | None = None,
     ) -> None:
-        """Replace a client's history with the one it reported after ``server_round``."""
+        """Replace a client's history with the one it reported after ``server_round``;
+        ``rejected``: why the server rejected that reply (the node trained, so it still spent)."""
         entry = self._entry(client)
         entry.history, entry.last_round = normalise_history(history), server_round
         entry.delta, entry.cap, entry.can_continue = delta, cap, can_continue
+        if rejected is not None:
+            entry.rejected.append({"round": server_round, "reason": rejected})
 
     def record_refusal(
         self,
@@ -120,6 +126,7 @@ class PrivacyLedger:
                 "last_round": entry.last_round,
                 "history": [list(h) for h in entry.history],
                 "refusals": entry.refusals,
+                "rejected": entry.rejected,
             }
         report = {
             "privacy_mode": self.mode,

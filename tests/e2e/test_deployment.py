@@ -34,7 +34,7 @@ def demo(tmp_path_factory) -> tuple[Path, dict]:
             "600",
             # settings only the nodes may decide, sent by the coordinator: ignored (state dir) ...
             "--overrides",
-            f"debug=smoke federation.num_rounds=2 privacy.state_dir={workdir / 'server-says'}",
+            f"debug=smoke federation.num_rounds=2 federation.min_updates=2 privacy.state_dir={workdir / 'server-says'}",
             # ... or refused (reproducible noise, remote code)
             "--hostile-overrides",
             "privacy.noise=seeded model.trust_remote_code=true",

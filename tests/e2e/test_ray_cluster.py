@@ -253,6 +253,7 @@ def test_a_second_run_joins_the_same_cluster_with_auto(cluster, tmp_path):
             "simulate",
             "debug=smoke",
             "federation.num_clients=2",
+            "federation.min_updates=2",
             "federation.num_rounds=1",
             "federation.ray_address=auto",
             f"privacy.state_dir={tmp_path / 'nodes'}",

@@ -45,7 +45,7 @@ def _cfg(model: str = "tiny", **train):
         # fp32 (the coordinator picks it); batch = the node's sampling size: every record in every step
         train=TrainConfig(local_steps=2, batch_size=RECORDS, precision="fp32", **train),
         privacy=PrivacyConfig(noise_multiplier=50.0),
-        federation=FederationConfig(num_clients=1, num_rounds=3),
+        federation=FederationConfig(num_clients=1, num_rounds=3, min_updates=1),
     )
 
 

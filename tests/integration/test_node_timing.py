@@ -62,7 +62,7 @@ def test_one_long_record_does_not_slow_the_nodes_reply(tmp_path):
             max_length=MAX_LENGTH,
         ),
         train=TrainConfig(local_steps=1, batch_size=RECORDS, precision="fp32"),
-        federation=FederationConfig(num_clients=1, num_rounds=1),
+        federation=FederationConfig(num_clients=1, num_rounds=1, min_updates=1),
         privacy=PrivacyConfig(target_epsilon=50.0),
     )
     _reply_seconds(cfg, _node(tmp_path, False, -1))  # warm-up: model, tokenizer, calibration cache

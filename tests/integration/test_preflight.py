@@ -82,7 +82,8 @@ def _independent_outlook(cfg: ExperimentConfig, history, cap: float) -> tuple[in
 
 
 def test_a_capped_node_is_reported_before_round_1_without_touching_its_ledger(tmp_path, caplog):
-    cfg = _cfg(tmp_path)
+    # client 2 refuses every round and client 1 from part-way: down to 1 update a round, knowingly
+    cfg = _cfg(tmp_path, min_updates=1)
     cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, client_caps=(ClientCap(1, 7.0),)))
     ledger = _spent_before(cfg, tmp_path, 1)
     before = ledger.path.read_bytes()
@@ -139,7 +140,7 @@ def _hostile_app(bad: dict):
 
 
 def test_a_malformed_answer_is_rejected_and_counted_and_the_run_goes_on(tmp_path):
-    cfg = _cfg(tmp_path, num_rounds=1)
+    cfg = _cfg(tmp_path, num_rounds=1, min_updates=1)  # one honest node answers: its update alone, knowingly
     prepare_run(cfg, tmp_path / "run")
     summary = run_inprocess(
         cfg, tmp_path / "run", client_app=_hostile_app({keys.EPSILON: float("nan")}), unreachable=[2]

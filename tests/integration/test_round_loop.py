@@ -43,7 +43,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, **kwargs) -> tuple[RunSummary, li
 
 def test_bad_replies_are_rejected_and_a_crash_is_counted_while_the_round_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDLLM_TEST_ATTACKS", "0:nan,1:crash")
-    summary, rounds = _run(_cfg(tmp_path, num_clients=4), tmp_path / "run", client_app=attack_app)
+    # 2 honest updates in round 1: accepted knowingly (federation.min_updates=2)
+    summary, rounds = _run(_cfg(tmp_path, num_clients=4, min_updates=2), tmp_path / "run", client_app=attack_app)
     assert [r.rejected_updates for r in rounds] == [0, 1, 1]
     assert "NaN or infinite" in rounds[1].rejections[0]
     assert len(rounds[1].failed) == 1 and "simulated node crash" in rounds[1].failed[0]
@@ -52,7 +53,7 @@ def test_bad_replies_are_rejected_and_a_crash_is_counted_while_the_round_goes_on
 
 
 def test_a_node_that_never_answers_is_a_failure_not_a_stall(tmp_path):
-    summary, rounds = _run(_cfg(tmp_path), tmp_path / "run", unreachable=[2])
+    summary, rounds = _run(_cfg(tmp_path, min_updates=2), tmp_path / "run", unreachable=[2])
     assert [len(r.failed) for r in rounds] == [0, 1, 1]
     assert "no reply" in rounds[1].failed[0]
     assert [r.num_clients for r in rounds] == [0, 2, 2]

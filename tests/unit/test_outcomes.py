@@ -30,7 +30,7 @@ from tests.conftest import tiny_config
 def _cfg(tmp_path: Path, **federation) -> ExperimentConfig:
     cfg = tiny_config(
         train=TrainConfig(local_steps=1, eval_batch_size=50),
-        federation=FederationConfig(**{"num_clients": 2, "num_rounds": 2, **federation}),
+        federation=FederationConfig(**{"num_clients": 2, "num_rounds": 2, "min_updates": 2, **federation}),
     )
     return dataclasses.replace(
         cfg,
@@ -70,11 +70,12 @@ def test_completed_and_stopped_runs_say_so(tmp_path):
     prepare_run(cfg, run_dir)
     assert run_inprocess(cfg, run_dir).status == "completed"
     assert "failure" not in json.loads((run_dir / "summary.json").read_text())
-    # a node capped below one round refuses; with min_train_clients=2 the run stops after round 1
+    # a node capped between one round (epsilon 7.06) and two (8.0) trains round 1 and can do no more; with
+    # min_train_clients=2 the run stops after round 1 (which aggregated both updates)
     capped = dataclasses.replace(
         _cfg(tmp_path / "b", min_train_clients=2),
         privacy=dataclasses.replace(
-            cfg.privacy, state_dir=str(tmp_path / "b" / "nodes"), client_caps=(ClientCap(1, 1.0),)
+            cfg.privacy, state_dir=str(tmp_path / "b" / "nodes"), client_caps=(ClientCap(1, 7.5),)
         ),
     )
     prepare_run(capped, tmp_path / "stopped")

@@ -53,7 +53,7 @@ def test_auto_is_resolved_as_ray_does_and_checked_too(monkeypatch):
 
 def test_simulate_on_an_unreachable_cluster_fails_cleanly_and_leaves_nothing_set(tmp_path):
     address = f"127.0.0.1:{_closed_port()}"
-    cfg = tiny_config(federation=FederationConfig(num_clients=2, num_rounds=1, ray_address=address))
+    cfg = tiny_config(federation=FederationConfig(num_clients=2, num_rounds=1, min_updates=2, ray_address=address))
     cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, state_dir=str(tmp_path / "nodes")))
     with pytest.raises(ClusterError, match=f"^federation[.]ray_address={address}: no Ray cluster answers"):
         with simulation.ray_session(ray, cfg, tmp_path / "run"):  # run_simulation's Ray, without the engine
