@@ -15,6 +15,7 @@ folder pointing at a model folder with an ``auto_map`` would run that folder's c
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,10 @@ from fedllm.data.sources import load_records
 from fedllm.errors import FedLLMError, IntegrityError
 from fedllm.evaluation.metrics import EvalResult, evaluate
 from fedllm.model.adapter_files import read_adapter_weights
+from fedllm.tracking.run_manifest import MANIFEST_FILE, verify_run_manifest
 from fedllm.training.precision import use_bf16
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
@@ -112,6 +116,7 @@ def load_finished_run(run_dir: Path, key: bytes | None, consent: LoadConsent | N
             f"{run_dir} is not a finished run: it needs {CONFIG_FILE} and {ADAPTER_DIR}/ "
             "(a failed run saves no adapter)"
         )
+    _check_manifest(run_dir, key)
     cfg = ExperimentConfig.from_json(config_file.read_text(encoding="utf-8"))
     # checked before anything is loaded: the tokenizer's load reads the base folder too
     cfg = dataclasses.replace(cfg, model=consented_model(cfg.model, consent or LoadConsent(), config_file))
@@ -126,6 +131,19 @@ def load_finished_run(run_dir: Path, key: bytes | None, consent: LoadConsent | N
             f"{adapter}: does not fit the run's model (missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
         )
     return FinishedRun(path=run_dir, config=cfg, bundle=bundle)
+
+
+def _check_manifest(run_dir: Path, key: bytes | None) -> None:
+    """The run's config (and summary, metrics, ledger) as its manifest recorded them; a folder
+    without one (written before issue 25) is used with a warning.
+
+    Raises:
+        IntegrityError: the manifest fails, or a file it covers was altered.
+    """
+    if (run_dir / MANIFEST_FILE).exists():
+        verify_run_manifest(run_dir, key)
+    else:
+        log.warning("%s: no %s: its config.json is not verified (run `fedllm verify`)", run_dir, MANIFEST_FILE)
 
 
 def records_for(run: FinishedRun, data_file: Path | None) -> TokenizedDataset:

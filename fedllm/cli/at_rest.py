@@ -1,8 +1,9 @@
 """``fedllm verify RUN_DIR`` and ``fedllm decrypt FILE [OUT]``: check and open saved run state.
 
-``verify`` checks every protected file of a run directory (final adapter, checkpoint, each
-simulated node's ledger and reply cache) and says which file fails; with the key it checks
-their MACs and encryption, without one only their checksums (corruption, not tampering).
+``verify`` checks every protected file of a run directory (the run manifest, which covers its
+config, summary, metrics, privacy ledger and audit; the final adapter; checkpoint; each simulated
+node's ledger and reply cache) and says which file fails; with the key it checks their MACs and
+encryption, without one only their checksums (corruption, not tampering).
 ``decrypt`` turns a sealed file (an encrypted adapter) back into the plain file, with the key
 from ``$FEDLLM_ENCRYPTION_KEY`` or ``--key-file``; the content is authenticated by the key
 before anything is written.
@@ -41,8 +42,16 @@ def verify_run(run_dir: Path, key: bytes | None) -> list[str]:
     """
     from fedllm.federation.checkpoint import Checkpointer
     from fedllm.model.adapter_files import verify_adapter
+    from fedllm.tracking.run_manifest import COVERED, MANIFEST_FILE, verify_run_manifest
 
     checked = []
+    # a folder with any of the run's own files claims to be a run: then its manifest must vouch for it
+    # (an adapter or checkpoint alone is checked by its own manifest)
+    claims = [name for name in COVERED if "/" not in name]
+    if (run_dir / MANIFEST_FILE).exists() or any((run_dir / name).exists() for name in claims):
+        files = verify_run_manifest(run_dir, key)
+        label = f"{MANIFEST_FILE} ({', '.join(files)})"
+        checked.append(label if key is not None else f"{label} (not encrypted: checksum only)")
     if (run_dir / "adapter").is_dir():
         verify_adapter(run_dir / "adapter", key)
         checked.append("adapter")
@@ -93,7 +102,8 @@ def verify_cli(argv: list[str]) -> int:
     """``fedllm verify RUN_DIR [--key-file F]``."""
     parser = argparse.ArgumentParser(
         prog="fedllm verify",
-        description="Check every protected file of a run directory (final adapter, checkpoint, each simulated "
+        description="Check every protected file of a run directory (its manifest, covering config, summary, "
+        "metrics, privacy ledger and audit; final adapter; checkpoint; each simulated "
         "node's ledger and reply cache) and say which one fails. With the key (--key-file or "
         "$FEDLLM_ENCRYPTION_KEY) encrypted files are authenticated; without it only checksums are "
         "checked (corruption, not tampering).",
