@@ -45,6 +45,12 @@ def verify_run(run_dir: Path, key: bytes | None) -> list[str]:
     from fedllm.tracking.run_manifest import COVERED, MANIFEST_FILE, verify_run_manifest
 
     checked = []
+    if (run_dir / "adapter").is_dir():
+        verify_adapter(run_dir / "adapter", key)
+        checked.append("adapter")
+    if (run_dir / "checkpoint").is_dir():
+        Checkpointer(run_dir / "checkpoint", key).load()
+        checked.append("checkpoint")
     # a folder with any of the run's own files claims to be a run: then its manifest must vouch for it
     # (an adapter or checkpoint alone is checked by its own manifest)
     claims = [name for name in COVERED if "/" not in name]
@@ -52,13 +58,8 @@ def verify_run(run_dir: Path, key: bytes | None) -> list[str]:
         files = verify_run_manifest(run_dir, key)
         label = f"{MANIFEST_FILE} ({', '.join(files)})"
         checked.append(label if key is not None else f"{label} (not encrypted: checksum only)")
-    if (run_dir / "adapter").is_dir():
-        verify_adapter(run_dir / "adapter", key)
-        checked.append("adapter")
-    if (run_dir / "checkpoint").is_dir():
-        Checkpointer(run_dir / "checkpoint", key).load()
-        checked.append("checkpoint")
     checked += _verify_nodes(run_dir, key)
+    checked += _verify_anchors(run_dir)
     if not checked:
         raise FedLLMError(f"{run_dir}: nothing to verify (not a run directory?)")
     return checked
@@ -86,6 +87,20 @@ def _verify_nodes(run_dir: Path, key: bytes | None) -> list[str]:
             unseal(raw, key if encrypted else None, role=ROLE_NODE_REPLY, name=REPLY_FILE, what=str(path))
         label = str(path.relative_to(run_dir))
         checked.append(label if encrypted else f"{label} (not encrypted: checksum only)")
+    return checked
+
+
+def _verify_anchors(run_dir: Path) -> list[str]:
+    """Each simulated node's ledger against its anchor (``nodes/client-N.ledger-anchor``, beside its
+    state directory): a deleted ledger, or an older copy put back, fails here as it fails on the node."""
+    from fedllm.privacy.ledger_anchor import LedgerAnchor
+    from fedllm.privacy.node_ledger import LEDGER_FILE
+
+    checked = []
+    for anchor in sorted(run_dir.glob("nodes/*.ledger-anchor")):
+        ledger = anchor.with_name(anchor.name.removesuffix(".ledger-anchor")) / LEDGER_FILE
+        LedgerAnchor(anchor, ledger).check(ledger.read_bytes() if ledger.exists() else None, repair=False)
+        checked.append(f"{anchor.relative_to(run_dir)} (the ledger is its latest version)")
     return checked
 
 

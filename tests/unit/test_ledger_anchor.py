@@ -134,3 +134,18 @@ def test_the_node_config_names_the_anchor_or_defaults_outside_the_state_dir(tmp_
     assert named.anchor_path() == tmp_path / "a.jsonl"
     simulated = policy_from_node_config({**deployed, "simulated": True}, simulated=True)
     assert simulated.anchor_path() == tmp_path / "state.ledger-anchor"  # beside its state, on the researcher's storage
+
+
+def test_verify_checks_each_simulated_nodes_ledger_against_its_anchor(tmp_path):
+    from fedllm.cli.at_rest import verify_run
+
+    state, anchor = tmp_path / "nodes" / "client-0", tmp_path / "nodes" / "client-0.ledger-anchor"
+    for server_round in (1, 2):
+        with NodeLedger(state, "data", CONTENT, anchor=anchor).locked() as book:
+            book.record(_release(server_round))
+        if server_round == 1:
+            older = (state / LEDGER_FILE).read_bytes()
+    assert "nodes/client-0.ledger-anchor (the ledger is its latest version)" in verify_run(tmp_path, None)
+    (state / LEDGER_FILE).write_bytes(older)
+    with pytest.raises(LedgerError, match="older copy"):
+        verify_run(tmp_path, None)
