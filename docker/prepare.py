@@ -26,7 +26,7 @@ NODES = ("node1", "node2")
 
 
 def prepare(folder: Path, records: int = 500, hosts: list[str] | None = None, overwrite: bool = False) -> None:
-    """Write ``certs/``, ``keys/`` and ``node-data/`` under ``folder``.
+    """Write ``certs/``, ``keys/``, ``node-data/`` and ``node-anchors/`` under ``folder``.
 
     Args:
         folder: the docker folder (or any folder laid out like it).
@@ -41,6 +41,10 @@ def prepare(folder: Path, records: int = 500, hosts: list[str] | None = None, ov
     for name in NODES:
         make_node_keys(folder / "keys", name, overwrite=overwrite)
     write_node_files([folder / "node-data" / name / "data.jsonl" for name in NODES], records)
+    # each node's ledger anchor: a host folder, so that no `docker compose down` (with or without -v)
+    # takes it with the state volume; compose's `keys` service hands each to the node's user
+    for name in NODES:
+        (folder / "node-anchors" / name).mkdir(parents=True, exist_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as exc:
         print(f"prepare: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {args.folder}/certs, {args.folder}/keys (private keys 0600), {args.folder}/node-data")
+    print(
+        f"wrote {args.folder}/certs, {args.folder}/keys (private keys 0600), {args.folder}/node-data, "
+        f"{args.folder}/node-anchors (the nodes' ledger anchors: keep them)"
+    )
     return 0
 
 

@@ -76,6 +76,7 @@ ROLE_FINAL_ADAPTER = "final-adapter"
 ROLE_ADAPTER_MANIFEST = "adapter-manifest"
 ROLE_NODE_REPLY = "node-reply"
 ROLE_NODE_LEDGER = "node-ledger"
+ROLE_RUN_MANIFEST = "run-manifest"
 
 _NEEDS_KEY = "set storage.encrypt=true (on a node: its encryption key) with the key that wrote it"
 

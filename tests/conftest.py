@@ -89,6 +89,13 @@ def _flower_home(tmp_path_factory):
     os.environ.setdefault("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _node_anchor_home(tmp_path_factory):
+    """Deployed nodes' default ledger anchors (fedllm.privacy.ledger_anchor) go under $XDG_STATE_HOME:
+    the session's own folder, never the user's ~/.local/state (subprocesses inherit it)."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+
+
 def tiny_config(**overrides) -> ExperimentConfig:
     """The smoke configuration (tiny random Llama, Rotten Tomatoes subset, 3 clients)."""
     sections = {

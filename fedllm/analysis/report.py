@@ -2,15 +2,21 @@
 spent epsilon, accuracy, rounds, time), grouped by model and data.
 
 Failed and unfinished runs are rows with their status and reason, never privacy-utility points.
+Each row says whether the run folder's ``manifest.json`` vouches for its files (``integrity``,
+:mod:`fedllm.tracking.run_manifest`): the figures of a run that is unverified or fails verification
+(its results, epsilons and audit bounds) are not shown as the run's, and it is never plotted; an
+edited ``summary.json`` cannot put its epsilon in a report (issue 25, item 3).
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedllm.analysis.runs import Run, failure_of
+from fedllm.tracking.run_manifest import RunIntegrity, run_integrity
 
 # the first four as they always were (scripts and tests read them); rows are sorted by model and data
 COLUMNS = (
@@ -19,6 +25,7 @@ COLUMNS = (
     "target_epsilon",
     "spent_epsilon",
     "status",
+    "integrity",
     "model",
     "data",
     "noise_multiplier",
@@ -78,20 +85,39 @@ def noise_label(run: Run) -> float | str | None:
     return used[0] if len(used) == 1 else f"{used[0]:g}-{used[-1]:g}"
 
 
-def report_rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
+Integrities = Mapping[Path, RunIntegrity]
+
+
+def integrities(runs: list[Run], key: bytes | None) -> dict[Path, RunIntegrity]:
+    """Each run's :class:`RunIntegrity`, checked with the storage ``key`` (or by checksum without one)."""
+    return {run.path: run_integrity(run.path, key) for run in runs}
+
+
+def report_rows(runs: list[Run], root: Path, checked: Integrities | None = None) -> list[dict[str, Any]]:
     """One row per run, grouped by model and data (then privacy, target epsilon, path); ``run``
     is the path relative to ``root``. A failed or unfinished run keeps its status and reason
-    (``note``) and shows no results."""
+    (``note``) and shows no results; nor does a run whose files are unverified or fail verification
+    (``integrity``; ``note`` says why).
+
+    Args:
+        runs: the runs to tabulate.
+        root: the folder the runs were found under.
+        checked: each run's integrity (:func:`integrities`); default: checked here without a key.
+    """
+    checked = integrities(runs, None) if checked is None else checked
     rows = []
     for run in runs:
         s = run.summary
-        finished = run.finished
+        integrity = checked[run.path]
+        # results are shown only for a finished run whose manifest vouches for its files
+        finished = run.finished and integrity.trusted
         audit = run.audit or {}
         audited = audit.get("epsilon_lower_bound", {})  # `fedllm audit`'s lower bounds, if it ran
         rows.append(
             {
                 "run": str(run.path.relative_to(root)) if run.path != root else run.path.name,
                 "status": run.status,
+                "integrity": integrity.state,
                 "model": model_label(run.config),
                 "data": data_label(run.config),
                 "privacy": s.privacy_mode or (run.config.get("privacy") or {}).get("mode"),
@@ -106,15 +132,24 @@ def report_rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
                 "audit_metadata": audited.get("metadata") if finished else None,
                 "audit_reply_time": audited.get("reply_time") if finished else None,
                 "audit_power": audit.get("power") if finished else None,
-                "zero_shot_accuracy": s.zero_shot_accuracy,
+                "zero_shot_accuracy": s.zero_shot_accuracy if integrity.trusted else None,
                 "final_accuracy": s.final_accuracy if finished else None,
                 "rounds": s.rounds_completed,
                 "clients": s.num_clients,
                 "wall_seconds": s.wall_seconds,
-                "note": failure_of(run),
+                "note": _note(run, integrity),
             }
         )
     return sorted(rows, key=_group_key)
+
+
+def _note(run: Run, integrity: RunIntegrity) -> str | None:
+    """Why a run failed or stopped, led by why its figures are not shown when they are not."""
+    why = failure_of(run)
+    if integrity.trusted or run.status == "unfinished":  # an unfinished run has nothing to vouch for yet
+        return why
+    hidden = f"{integrity.state}: {integrity.detail}; its results and epsilons are not shown"
+    return f"{hidden}; {why}" if why else hidden
 
 
 def _configured_target(config: dict[str, Any]) -> float | None:
@@ -169,9 +204,11 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def privacy_utility_points(runs: list[Run]) -> list[dict[str, Any]]:
+def privacy_utility_points(runs: list[Run], checked: Integrities | None = None) -> list[dict[str, Any]]:
     """(spent epsilon, final accuracy) per finished run, with its model and data (``group``)
-    for the privacy-utility plot; failed and unfinished runs are never points."""
+    for the privacy-utility plot; failed and unfinished runs are never points, nor are runs whose
+    files are unverified or fail verification (``checked``: default, checked here without a key)."""
+    checked = integrities(runs, None) if checked is None else checked
     return [
         {
             "epsilon": r.summary.final_max_epsilon,
@@ -180,5 +217,5 @@ def privacy_utility_points(runs: list[Run]) -> list[dict[str, Any]]:
             "group": " / ".join(x for x in (model_label(r.config), data_label(r.config)) if x) or None,
         }
         for r in runs
-        if r.finished and r.summary.final_accuracy is not None
+        if r.finished and checked[r.path].trusted and r.summary.final_accuracy is not None
     ]

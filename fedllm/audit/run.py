@@ -49,6 +49,7 @@ from fedllm.errors import ConfigError
 from fedllm.federation import records as keys
 from fedllm.federation.checkpoint import Checkpointer
 from fedllm.federation.inprocess import FIRST_NODE_ID, run_inprocess
+from fedllm.federation.outputs import run_storage_key
 from fedllm.federation.server_app import prepare_run
 from fedllm.federation.simulation import load_object
 from fedllm.model.adapters import adapter_state, load_adapter_state
@@ -58,6 +59,7 @@ from fedllm.planning import plan_for
 from fedllm.storage import load_key, write_json
 from fedllm.tracking.plots import plot_audit
 from fedllm.tracking.run_files import RunSummary, write_summary
+from fedllm.tracking.run_manifest import write_run_manifest
 from fedllm.training.objectives import per_example_loss
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,7 @@ def run_audit(cfg: ExperimentConfig, settings: AuditConfig, run_dir: Path) -> di
         bounds=audit["epsilon_lower_bound"],
         accounted=audit["epsilon_accounted"],
     )
+    write_run_manifest(run_dir, run_storage_key(run_cfg))  # the summary and audit.json changed: vouch again
     log.info("privacy audit (%d canaries, %s):\n%s", settings.canaries, settings.kind, format_audit(audit))
     log.info("audit written: %s, %s (canary scores: %s)", run_dir / AUDIT_JSON, figure, folder / "scores.npz")
     return audit

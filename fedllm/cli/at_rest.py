@@ -1,8 +1,9 @@
 """``fedllm verify RUN_DIR`` and ``fedllm decrypt FILE [OUT]``: check and open saved run state.
 
-``verify`` checks every protected file of a run directory (final adapter, checkpoint, each
-simulated node's ledger and reply cache) and says which file fails; with the key it checks
-their MACs and encryption, without one only their checksums (corruption, not tampering).
+``verify`` checks every protected file of a run directory (the run manifest, which covers its
+config, summary, metrics, privacy ledger and audit; the final adapter; checkpoint; each simulated
+node's ledger and reply cache) and says which file fails; with the key it checks their MACs and
+encryption, without one only their checksums (corruption, not tampering).
 ``decrypt`` turns a sealed file (an encrypted adapter) back into the plain file, with the key
 from ``$FEDLLM_ENCRYPTION_KEY`` or ``--key-file``; the content is authenticated by the key
 before anything is written.
@@ -41,6 +42,7 @@ def verify_run(run_dir: Path, key: bytes | None) -> list[str]:
     """
     from fedllm.federation.checkpoint import Checkpointer
     from fedllm.model.adapter_files import verify_adapter
+    from fedllm.tracking.run_manifest import COVERED, MANIFEST_FILE, verify_run_manifest
 
     checked = []
     if (run_dir / "adapter").is_dir():
@@ -49,7 +51,15 @@ def verify_run(run_dir: Path, key: bytes | None) -> list[str]:
     if (run_dir / "checkpoint").is_dir():
         Checkpointer(run_dir / "checkpoint", key).load()
         checked.append("checkpoint")
+    # a folder with any of the run's own files claims to be a run: then its manifest must vouch for it
+    # (an adapter or checkpoint alone is checked by its own manifest)
+    claims = [name for name in COVERED if "/" not in name]
+    if (run_dir / MANIFEST_FILE).exists() or any((run_dir / name).exists() for name in claims):
+        files = verify_run_manifest(run_dir, key)
+        label = f"{MANIFEST_FILE} ({', '.join(files)})"
+        checked.append(label if key is not None else f"{label} (not encrypted: checksum only)")
     checked += _verify_nodes(run_dir, key)
+    checked += _verify_anchors(run_dir)
     if not checked:
         raise FedLLMError(f"{run_dir}: nothing to verify (not a run directory?)")
     return checked
@@ -80,6 +90,20 @@ def _verify_nodes(run_dir: Path, key: bytes | None) -> list[str]:
     return checked
 
 
+def _verify_anchors(run_dir: Path) -> list[str]:
+    """Each simulated node's ledger against its anchor (``nodes/client-N.ledger-anchor``, beside its
+    state directory): a deleted ledger, or an older copy put back, fails here as it fails on the node."""
+    from fedllm.privacy.ledger_anchor import LedgerAnchor
+    from fedllm.privacy.node_ledger import LEDGER_FILE
+
+    checked = []
+    for anchor in sorted(run_dir.glob("nodes/*.ledger-anchor")):
+        ledger = anchor.with_name(anchor.name.removesuffix(".ledger-anchor")) / LEDGER_FILE
+        LedgerAnchor(anchor, ledger).check(ledger.read_bytes() if ledger.exists() else None, repair=False)
+        checked.append(f"{anchor.relative_to(run_dir)} (the ledger is its latest version)")
+    return checked
+
+
 def storage_key(key_file: str | None, need: bool, command: str) -> bytes | None:
     """The key from ``--key-file`` or the storage config's environment variable; None when
     neither is set and the command can do without one."""
@@ -93,7 +117,8 @@ def verify_cli(argv: list[str]) -> int:
     """``fedllm verify RUN_DIR [--key-file F]``."""
     parser = argparse.ArgumentParser(
         prog="fedllm verify",
-        description="Check every protected file of a run directory (final adapter, checkpoint, each simulated "
+        description="Check every protected file of a run directory (its manifest, covering config, summary, "
+        "metrics, privacy ledger and audit; final adapter; checkpoint; each simulated "
         "node's ledger and reply cache) and say which one fails. With the key (--key-file or "
         "$FEDLLM_ENCRYPTION_KEY) encrypted files are authenticated; without it only checksums are "
         "checked (corruption, not tampering).",

@@ -34,7 +34,9 @@ def node_status(policy: NodePolicy, last: int = 5) -> str:
     file) is shown by name: the releases filed under its dataset id and those naming no records.
     """
     content = _content(policy)
-    ledger = NodeLedger(policy.state_dir, policy.dataset_id, content, key=policy.state_key())
+    ledger = NodeLedger(
+        policy.state_dir, policy.dataset_id, content, key=policy.state_key(), anchor=policy.anchor_path()
+    )
     spent = ledger.epsilon(delta=policy.delta, accountant=policy.accountant)
     runs = sorted({r.run_id for r in ledger.releases})
     lines = [

@@ -31,7 +31,7 @@ from fedllm.config import (
     hydra_error,
     with_state_dir,
 )
-from fedllm.errors import DataError, FedLLMError
+from fedllm.errors import ConfigError, DataError, FedLLMError
 from fedllm.tracking.end_of_run import end_of_run_block
 from fedllm.tracking.run_files import SUMMARY_FILE, RunSummary, read_summary, write_summary
 
@@ -249,7 +249,7 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> RunSummary:
     except Exception as exc:
         summary = record_failure(run_dir, cfg, failure_text(exc), time.perf_counter() - started)
         raise FedLLMError(f"the run failed: {summary.failure}; see {run_dir / SUMMARY_FILE}") from exc
-    summary = written_summary(run_dir, time.perf_counter() - started)
+    summary = written_summary(run_dir, time.perf_counter() - started, cfg)
     if summary.status == "failed":
         raise FedLLMError(f"the run failed: {summary.failure}; see {run_dir / SUMMARY_FILE}")
     log.info("%s", end_of_run_block(summary, run_dir, time.perf_counter() - started))
@@ -263,7 +263,7 @@ def simulate(cfg, run_dir: Path, resume: bool = False) -> RunSummary:
     return summary
 
 
-def written_summary(run_dir: Path, seconds: float) -> RunSummary:
+def written_summary(run_dir: Path, seconds: float, cfg: ExperimentConfig | None = None) -> RunSummary:
     """The summary the ServerApp wrote; a failed one when the engine returned without writing it
     (``seconds``: the time this command ran)."""
     try:
@@ -275,6 +275,7 @@ def written_summary(run_dir: Path, seconds: float) -> RunSummary:
             failure="the engine returned without a summary.json (see the log above)",
         )
         write_summary(run_dir, summary)
+        seal_run_folder(run_dir, cfg)
         return summary
 
 
@@ -296,7 +297,22 @@ def record_failure(run_dir: Path, cfg, failure: str, seconds: float) -> RunSumma
         summary = dataclasses.replace(summary, status="failed", failure=failure)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_summary(run_dir, summary)
+    seal_run_folder(run_dir, cfg)
     return summary
+
+
+def seal_run_folder(run_dir: Path, cfg: ExperimentConfig | None) -> None:
+    """Rewrite the run folder's ``manifest.json`` after this command changed its summary (with
+    the run's storage key; without a valid one, none is written and ``fedllm verify`` says so)."""
+    from fedllm.federation.outputs import run_storage_key  # torch: loaded only when a summary was rewritten
+    from fedllm.tracking.run_manifest import write_run_manifest
+
+    if cfg is None:
+        return
+    try:
+        write_run_manifest(run_dir, run_storage_key(cfg))
+    except (ConfigError, OSError) as exc:
+        log.warning("%s: no run manifest written (%s)", run_dir, exc)
 
 
 COMMAND_HELP = {

@@ -4,6 +4,10 @@ Both rebuild the run's base model from its ``config.json``, load the final adapt
 ``adapter/`` (checked against its manifest; decrypted with the storage key when sealed) and
 never train. ``evaluate`` scores the held-out split the server evaluated on (or your own file
 in the run's prompt format); ``generate`` answers a prompt in the run's prompt format.
+
+A run folder is data, never code: a base model loaded from a path or hub id loads only when
+``--base-model`` names the one the run's ``config.json`` names, and a base's own Python runs only
+with ``--trust-remote-code`` (fedllm's built-in bases need neither).
 """
 
 from __future__ import annotations
@@ -24,15 +28,29 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"fedllm {command}", description=description)
     parser.add_argument("run_dir", type=Path, help="a finished run folder, e.g. outputs/<date>/<time>")
     parser.add_argument("--key-file", default=None, help=KEY_HELP)
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="load the base model the run names (its model.name_or_path, written exactly as in config.json); "
+        "needed for any base but fedllm's built-in ones: a run folder alone never chooses what is loaded",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the base model's own Python code to run, when the run used model.trust_remote_code=true "
+        "(read that code first: a run folder alone never turns this on)",
+    )
     return parser
 
 
 def _finished_run(args: argparse.Namespace, command: str):
     """The run of ``args.run_dir`` with its adapter loaded, or None after a one-line error."""
-    from fedllm.finished_run import load_finished_run
+    from fedllm.finished_run import LoadConsent, load_finished_run
 
+    consent = LoadConsent(base_model=args.base_model, trust_remote_code=args.trust_remote_code)
     try:
-        return load_finished_run(args.run_dir, storage_key(args.key_file, need=False, command=command))
+        return load_finished_run(args.run_dir, storage_key(args.key_file, need=False, command=command), consent)
     except (FedLLMError, OSError) as exc:
         print(f"fedllm {command}: {exc}", file=sys.stderr)
         return None

@@ -1,5 +1,6 @@
-"""What a run leaves behind: the final adapter, the privacy ledger, ``summary.json`` and the plots,
-and the rules that decide the run's status (completed, stopped or failed, and why)."""
+"""What a run leaves behind: the final adapter, the privacy ledger, ``summary.json``, the plots and
+the run folder's ``manifest.json`` (written last: it vouches for the others), and the rules that
+decide the run's status (completed, stopped or failed, and why)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from fedllm.model.adapters import load_adapter_state
 from fedllm.model.base import base_reference
 from fedllm.model.model_card import model_card
 from fedllm.privacy.ledger import PrivacyLedger
-from fedllm.storage import write_json
+from fedllm.storage import load_key, write_json
 from fedllm.tracking.plots import plot_run
 from fedllm.tracking.run_files import Guarantee, RoundRecord, RunSummary, write_summary
 from fedllm.tracking.run_log import RunLog
+from fedllm.tracking.run_manifest import write_run_manifest
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,17 @@ def write_outputs(
     write_json(run_dir / LEDGER_FILE, ledger.to_report())
     write_summary(run_dir, summary)
     plot_run(run_dir, run_log.rounds, summary.target_epsilon)
+    write_run_manifest(run_dir, key)
     return summary
+
+
+def run_storage_key(cfg: ExperimentConfig) -> bytes | None:
+    """The storage key ``cfg`` encrypts and authenticates the run's files with (None: checksums only).
+
+    Raises:
+        ConfigError: ``storage.encrypt`` is on and no valid key is where it says.
+    """
+    return load_key(cfg.storage.key_file, cfg.storage.key_env) if cfg.storage.encrypt else None
 
 
 def write_failure(
@@ -77,6 +89,7 @@ def write_failure(
         write_json(run_dir / LEDGER_FILE, ledger.to_report())
         summary = run_summary(cfg, state, ledger, run_log, started=started, failure=failure, preflight=preflight)
         write_summary(run_dir, summary)
+        write_run_manifest(run_dir, run_storage_key(cfg))
         return summary
     except Exception:  # noqa: BLE001 - the original failure is what the caller must see
         log.exception("could not write summary.json for the failed run")

@@ -312,7 +312,7 @@ def _mechanism(policy: NodePolicy, cfg: ExperimentConfig, plan: DPPlan) -> tuple
 def _ledger(policy: NodePolicy, content: ShardContent, key: bytes | None) -> NodeLedger:
     """This node's ledger as it bears on the records of ``content`` (``key``: the node's own storage
     key, from encrypt-state, or None)."""
-    return NodeLedger(policy.state_dir, policy.dataset_id, content, key=key)
+    return NodeLedger(policy.state_dir, policy.dataset_id, content, key=key, anchor=policy.anchor_path())
 
 
 def node_view(cfg: ExperimentConfig, policy: NodePolicy) -> ExperimentConfig:

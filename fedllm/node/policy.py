@@ -45,6 +45,7 @@ from fedllm.data.sources import (
 )
 from fedllm.errors import ConfigError
 from fedllm.node.received import DEFAULT_MAX_ABS, DEFAULT_MAX_NORM
+from fedllm.privacy.ledger_anchor import default_anchor
 from fedllm.storage import load_key
 
 # node_config keys an operator may set (``flower-supernode --node-config``)
@@ -94,6 +95,9 @@ ENCRYPT_STATE = "encrypt-state"
 STATE_KEY_FILE = "state-key-file"
 STATE_KEY_ENV = "state-key-env"
 DEFAULT_STATE_KEY_ENV = "FEDLLM_NODE_KEY"
+# the ledger's append-only anchor, outside the state directory: a deleted or rolled-back ledger is
+# refused (fedllm.privacy.ledger_anchor); default: under $XDG_STATE_HOME (~/.local/state)/fedllm
+LEDGER_ANCHOR = "ledger-anchor"
 # app bundles besides the installed fedllm that this node's operator reviewed (fedllm.node.app_check)
 APPROVED_APP_HASHES = "approved-app-hashes"
 KNOWN_KEYS = (
@@ -134,6 +138,7 @@ KNOWN_KEYS = (
     STATE_KEY_FILE,
     STATE_KEY_ENV,
     APPROVED_APP_HASHES,
+    LEDGER_ANCHOR,
 )
 # the packaged SmolLM2 only: the random test model (``tiny``) has weights that follow from the
 # coordinator's seed, so a coordinator could craft adapters against it (issue 23); a node that wants
@@ -222,6 +227,7 @@ class NodePolicy:
     encrypt_state: bool = False
     state_key_file: str | None = None
     state_key_env: str = DEFAULT_STATE_KEY_ENV
+    ledger_anchor: Path | None = None  # None: default_anchor(state_dir)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
@@ -258,6 +264,17 @@ class NodePolicy:
             raise ConfigError(f"node config {NOISE}=seeded: a deployed node always draws its noise from OS entropy")
         if self.audit_canaries and not self.simulated:
             raise ConfigError(f"node config {AUDIT_CANARIES}: only `fedllm audit`'s virtual nodes train on canaries")
+
+    def anchor_path(self) -> Path:
+        """The ledger's anchor: ``ledger-anchor``; by default, for a deployed node, one under
+        ``$XDG_STATE_HOME`` (:func:`~fedllm.privacy.ledger_anchor.default_anchor`), and for a simulated
+        node ``<state dir>.ledger-anchor`` beside its state directory: where the researcher keeps the
+        state (shared storage for a Ray cluster), so every machine that runs the node finds it."""
+        if self.ledger_anchor is not None:
+            return self.ledger_anchor
+        if self.simulated:
+            return self.state_dir.with_name(f"{self.state_dir.name}.ledger-anchor")
+        return default_anchor(self.state_dir)
 
     def state_key(self) -> bytes | None:
         """The key that encrypts this node's ledger and reply cache (None: not encrypted).
@@ -384,6 +401,7 @@ def policy_from_node_config(node_config: Mapping, *, simulated: bool = False) ->
         encrypt_state=_flag(node_config.get(ENCRYPT_STATE, False), ENCRYPT_STATE),
         state_key_file=str(node_config.get(STATE_KEY_FILE) or "") or None,
         state_key_env=str(node_config.get(STATE_KEY_ENV) or DEFAULT_STATE_KEY_ENV),
+        ledger_anchor=Path(str(node_config[LEDGER_ANCHOR])).expanduser() if node_config.get(LEDGER_ANCHOR) else None,
     )
 
 

@@ -95,6 +95,21 @@ def load_ledger(path: Path, storage_key: bytes | None) -> LedgerState:
         return LedgerState()
     try:
         raw = path.read_bytes()
+    except OSError as exc:
+        raise LedgerError(f"{path}: the privacy ledger cannot be read ({exc}); {NEVER_RESET}") from exc
+    return parse_ledger(raw, path, storage_key)
+
+
+def parse_ledger(raw: bytes | None, path: Path, storage_key: bytes | None) -> LedgerState:
+    """The ledger whose file bytes are ``raw`` (None: no file, an empty ledger), as :func:`load_ledger`
+    reads it; for callers that check the very bytes they parse (the ledger's anchor).
+
+    Raises:
+        LedgerError: as :func:`load_ledger`.
+    """
+    if raw is None:
+        return LedgerState()
+    try:
         payload = load_json_file(raw, storage_key, role=ROLE_NODE_LEDGER, name=LEDGER_FILE, what=str(path))
         version = payload.get("format")
         if version == 1:

@@ -26,6 +26,11 @@ cannot both spend the last of its budget. Writes are atomic (temp file, fsync, r
 file carries a checksum verified on load, and a file that cannot be read is an error, never
 a silent reset.
 
+A ledger cannot be lost or rolled back unnoticed (issue 25, item 7): given an anchor
+(:mod:`fedllm.privacy.ledger_anchor`, outside the state directory), every version the node
+writes is recorded there first, and a ledger that is missing or not the latest version is
+refused, never read as empty.
+
 Older formats load and lose nothing. A release that names no record set (every release of a
 format-2 file, keyed by dataset id with a whole-file fingerprint only, and the format-1 histories
 kept in the ``legacy`` section) is charged to every record of every dataset this state directory
@@ -50,6 +55,7 @@ from typing import Any
 from fedllm.config import AccountantName
 from fedllm.errors import ConfigError, LedgerError
 from fedllm.privacy.accounting import History, epsilon, extend_history
+from fedllm.privacy.ledger_anchor import LedgerAnchor
 from fedllm.privacy.ledger_file import (
     FORMAT_VERSION,
     LEDGER_FILE,
@@ -57,7 +63,7 @@ from fedllm.privacy.ledger_file import (
     LedgerState,
     Release,
     dump_ledger,
-    load_ledger,
+    parse_ledger,
 )
 from fedllm.privacy.record_keys import (
     ShardContent,
@@ -144,7 +150,13 @@ class NodeLedger:
     """
 
     def __init__(
-        self, state_dir: Path, dataset_id: str, content: ShardContent | None = None, *, key: bytes | None = None
+        self,
+        state_dir: Path,
+        dataset_id: str,
+        content: ShardContent | None = None,
+        *,
+        key: bytes | None = None,
+        anchor: Path | None = None,
     ):
         """Read the ledger in ``state_dir`` as it bears on ``content`` (no lock taken).
 
@@ -156,11 +168,15 @@ class NodeLedger:
             key: the node's storage key: the ledger (and its salt) are then AES-256-GCM encrypted
                 and bound to their role and name, and a plaintext ledger is refused. Without one
                 they are JSON with a checksum, which detects corruption, not tampering.
+            anchor: the ledger's anchor file, outside ``state_dir`` (a node's policy always gives
+                one: :meth:`~fedllm.node.policy.NodePolicy.anchor_path`). None: not anchored, for
+                read-only inspection of a state directory.
 
         Raises:
-            ConfigError: ``dataset_id`` is empty.
+            ConfigError: ``dataset_id`` is empty, or ``anchor`` is inside ``state_dir``.
             LedgerError: the ledger or its salt exists but cannot be read, fails its checksum,
-                or the salt is not the one the ledger was written with.
+                or the salt is not the one the ledger was written with; or the ledger is missing
+                or older than its anchor records.
         """
         if not isinstance(dataset_id, str) or not dataset_id:
             raise ConfigError(f"a node's dataset id must be a non-empty string, got {dataset_id!r}")
@@ -169,12 +185,23 @@ class NodeLedger:
         self.dataset_id = dataset_id
         self.content = content
         self.key = key
+        self.anchor = None if anchor is None else LedgerAnchor(anchor, self.path)
         self._lock_fd: int | None = None
         self._named: tuple[bytes, frozenset[str]] | None = None  # (salt, the presented records' names under it)
         self._read()
 
-    def _read(self) -> None:
-        self._state = load_ledger(self.path, self.key)
+    def _read(self, locked: bool = False) -> None:
+        raw = self._raw()
+        if self.anchor is not None:
+            try:
+                self.anchor.check(raw, repair=locked)
+            except LedgerError:
+                if locked:
+                    raise
+                # unlocked, a run recording now may have replaced the ledger between the two reads
+                raw = self._raw()
+                self.anchor.check(raw, repair=False)
+        self._state = parse_ledger(raw, self.path, self.key)
         self._salt = load_salt(self.state_dir, self.key)
         if self._state.salt_check and (self._salt is None or salt_check(self._salt) != self._state.salt_check):
             found = "is missing" if self._salt is None else "is not the one the ledger was written with"
@@ -183,6 +210,15 @@ class NodeLedger:
                 f"the privacy ledger {NEVER_RESET}"
             )
         self._names = self._names_under(self._salt)
+
+    def _raw(self) -> bytes | None:
+        """The ledger file's bytes (None: no file)."""
+        if not self.path.exists():
+            return None
+        try:
+            return self.path.read_bytes()
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: the privacy ledger cannot be read ({exc}); {NEVER_RESET}") from exc
 
     def _names_under(self, salt: bytes | None) -> frozenset[str] | None:
         """The presented records' names under ``salt`` (None without content or salt), computed once per salt."""
@@ -226,7 +262,7 @@ class NodeLedger:
         fd = _acquire(self.state_dir / LOCK_FILE, timeout)
         try:
             # another run may have recorded since this view was read: check against the file as it is now
-            self._read()
+            self._read(locked=True)
             self._lock_fd = fd
             yield self
         finally:
@@ -318,9 +354,14 @@ class NodeLedger:
         try:
             if state.v1_raw is not None and not (self.state_dir / V1_BACKUP_FILE).exists():
                 atomic_write_bytes(self.state_dir / V1_BACKUP_FILE, state.v1_raw)
-            atomic_write_bytes(
-                self.path, dump_json_file(dump_ledger(new), self.key, role=ROLE_NODE_LEDGER, name=LEDGER_FILE)
-            )
+            data = dump_json_file(dump_ledger(new), self.key, role=ROLE_NODE_LEDGER, name=LEDGER_FILE)
+            # announce, write, commit: a crash between any two leaves a ledger the anchor accepts, and
+            # no release left the node before its version was committed (fedllm.privacy.ledger_anchor)
+            if self.anchor is not None:
+                self.anchor.announce(data)
+            atomic_write_bytes(self.path, data)
+            if self.anchor is not None:
+                self.anchor.commit(data)
         except OSError as exc:
             raise LedgerError(
                 f"{self.path}: cannot write the privacy ledger ({exc}); the release is not "

@@ -10,6 +10,7 @@ from fedllm.analysis.report import report_rows, to_markdown
 from fedllm.analysis.runs import find_runs, load_run
 from fedllm.errors import DataError
 from fedllm.tracking.run_files import RunSummary
+from fedllm.tracking.run_manifest import write_run_manifest
 
 
 def _write_run(path, rounds_text=None, summary=None):
@@ -20,6 +21,7 @@ def _write_run(path, rounds_text=None, summary=None):
     (path / "metrics.jsonl").write_text(
         rounds_text if rounds_text is not None else json.dumps({"round": 0, "epsilon": None}) + "\n"
     )
+    write_run_manifest(path, None)  # as fedllm writes a run: its manifest last
 
 
 def test_malformed_metrics_line_names_file_and_line(tmp_path):

@@ -320,7 +320,7 @@ def test_every_folder_a_container_writes_is_its_images_and_its_users(compose):
             # lacks becomes a root-owned mount point the service's user cannot write
             assert target in image.created, f"{name}: {target} is mounted writable but the image has no such folder"
             assert image.owner(target) == user, f"{name}: {target} belongs to {image.owner(target)}, runs as {user}"
-    assert checked == 4  # superlink state, ServerApp outputs, two node states
+    assert checked == 6  # superlink state, ServerApp outputs, two node states, two ledger anchors
     # the ServerApp's default output folder (outputs/deployment/..., relative to its working
     # directory) is inside its outputs volume
     serverapp = compose["services"]["serverapp"]
@@ -443,3 +443,18 @@ def test_the_documented_run_trains_on_every_node_for_all_its_rounds(compose, pre
     assert sorted(partitions) == list(range(cfg.federation.num_clients))
     writable = [target for _, target, ro in mounts(compose["services"]["serverapp"]) if not ro]
     assert any(PurePosixPath(run["output-dir"]).is_relative_to(target) for target in writable)
+
+
+def test_every_node_anchors_its_ledger_in_a_host_folder_and_down_v_is_never_advised(compose):
+    """Issue 25, item 7: `down -v` deletes the state volumes; the anchors must outlive them."""
+    for node in ("1", "2"):
+        config = flag_value(argv(compose["services"][f"supernode-{node}"]), "--node-config") or ""
+        anchor = dict(shlex.split(item)[0].split("=", 1) for item in shlex.split(config, posix=False))["ledger-anchor"]
+        app_mounts = {target: source for source, target, _ in mounts(compose["services"][f"node{node}-app"])}
+        folder = str(Path(anchor).parent)
+        assert app_mounts[folder].startswith("./"), f"node {node}: the anchor is not on a host folder"
+        assert app_mounts["/state"] != app_mounts[folder]
+    text = (DOCKER / "compose.yaml").read_text()
+    advice = [line for line in text.splitlines() if "down -v" in line]
+    assert advice and all("never" in line or "deletes" in line for line in advice)  # a warning, never a suggestion
+    assert "`docker compose down -v` deletes those copies" not in text and "deletes the named volumes" in text

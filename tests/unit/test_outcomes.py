@@ -24,6 +24,7 @@ from fedllm.federation.inprocess import InProcessGrid, run_inprocess, server_ide
 from fedllm.federation.outputs import run_outcome
 from fedllm.federation.server_app import prepare_run
 from fedllm.tracking.run_files import RoundRecord, read_rounds, read_summary
+from fedllm.tracking.run_manifest import verify_run_manifest, write_run_manifest
 from tests.conftest import tiny_config
 
 
@@ -50,6 +51,7 @@ def test_a_run_in_which_no_client_trained_is_failed_with_the_reason(tmp_path):
     summary = run_inprocess(cfg, run_dir, client_app=always_fails)
     assert summary == read_summary(run_dir)
     assert summary.status == "failed" and summary.rounds_completed == 2
+    assert "summary.json" in verify_run_manifest(run_dir, None)  # a failed run's files are vouched for too
     assert summary.failure and summary.failure.startswith("no client update in any of the 2 round(s) run: 4 failed")
     assert "out of memory" in summary.failure
 
@@ -70,6 +72,13 @@ def test_completed_and_stopped_runs_say_so(tmp_path):
     prepare_run(cfg, run_dir)
     assert run_inprocess(cfg, run_dir).status == "completed"
     assert "failure" not in json.loads((run_dir / "summary.json").read_text())
+    assert verify_run_manifest(run_dir, None) == [
+        "adapter/checksums.json",
+        "config.json",
+        "metrics.jsonl",
+        "privacy_ledger.json",
+        "summary.json",
+    ]
     # a node capped between one round (epsilon 7.06) and two (8.0) trains round 1 and can do no more; with
     # min_train_clients=2 the run stops after round 1 (which aggregated both updates)
     capped = dataclasses.replace(
@@ -183,6 +192,7 @@ def _job(path: Path, summary: dict | None, model: str = "tiny", lr: float = 0.01
     (path / "summary.json").write_text(json.dumps(summary))
     (path / "metrics.jsonl").write_text(json.dumps({"round": 0}) + "\n")
     (path / "privacy_ledger.json").write_text(json.dumps({"clients": {"0": {"noise_multiplier": 0.9}}}))
+    write_run_manifest(path, None)  # as fedllm writes a run: its manifest last
 
 
 def test_the_report_lists_failed_and_unfinished_runs_as_such_and_never_plots_them(tmp_path):
@@ -259,5 +269,6 @@ def test_the_report_shows_every_adversary_of_an_audit_and_its_power(tmp_path):
     _job(tmp_path / "a", ok)
     bounds = {"coordinator": 0.1, "output_reader": 0.0, "nonfinite": 0.0, "metadata": 0.2, "reply_time": 0.3}
     (tmp_path / "a" / "audit.json").write_text(json.dumps({"epsilon_lower_bound": bounds, "power": 2.5}))
+    write_run_manifest(tmp_path / "a", None)  # `fedllm audit` vouches for what it added
     (row,) = report_rows(find_runs(tmp_path), tmp_path)
     assert {name: row[f"audit_{name}"] for name in bounds} == bounds and row["audit_power"] == 2.5
