@@ -38,6 +38,9 @@ COLUMNS = (
     "audit_power",
     "zero_shot_accuracy",
     "final_accuracy",
+    "zero_shot_perplexity",
+    "final_perplexity",
+    "final_exact_match",
     "rounds",
     "clients",
     "wall_seconds",
@@ -134,6 +137,10 @@ def report_rows(runs: list[Run], root: Path, checked: Integrities | None = None)
                 "audit_power": audit.get("power") if finished else None,
                 "zero_shot_accuracy": s.zero_shot_accuracy if integrity.trusted else None,
                 "final_accuracy": s.final_accuracy if finished else None,
+                # free-form answers: perplexity is the headline, exact match of the round's samples beside it
+                "zero_shot_perplexity": s.zero_shot_eval_perplexity if integrity.trusted else None,
+                "final_perplexity": s.final_eval_perplexity if finished else None,
+                "final_exact_match": run.rounds[-1].exact_match if finished and run.rounds else None,
                 "rounds": s.rounds_completed,
                 "clients": s.num_clients,
                 "wall_seconds": s.wall_seconds,
@@ -205,17 +212,49 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def privacy_utility_points(runs: list[Run], checked: Integrities | None = None) -> list[dict[str, Any]]:
-    """(spent epsilon, final accuracy) per finished run, with its model and data (``group``)
-    for the privacy-utility plot; failed and unfinished runs are never points, nor are runs whose
-    files are unverified or fail verification (``checked``: default, checked here without a key)."""
+    """(spent epsilon, final utility) per finished run, with its model and data (``group``) for
+    the privacy-utility plot: ``metric`` is ``accuracy`` for fixed answers and ``perplexity`` for
+    free-form ones (each point holds its value under that name, and ``zero_shot``). Runs of one
+    model and data with different client or round counts are different groups (different
+    lines). Failed and unfinished runs are never points, nor are runs whose files are unverified
+    or fail verification (``checked``: default, checked here without a key)."""
     checked = integrities(runs, None) if checked is None else checked
-    return [
-        {
-            "epsilon": r.summary.final_max_epsilon,
-            "accuracy": r.summary.final_accuracy,
-            "zero_shot": r.summary.zero_shot_accuracy,
-            "group": " / ".join(x for x in (model_label(r.config), data_label(r.config)) if x) or None,
-        }
-        for r in runs
-        if r.finished and checked[r.path].trusted and r.summary.final_accuracy is not None
-    ]
+    shown = [r for r in runs if r.finished and checked[r.path].trusted and _utility(r) is not None]
+    shapes: dict[str, set[tuple]] = {}
+    for run in shown:
+        shapes.setdefault(_group(run), set()).add(_shape(run))
+    points = []
+    for run in shown:
+        metric, value, zero_shot = _utility(run) or ("", None, None)
+        group = _group(run)
+        if len(shapes[group]) > 1:  # one line per shape: a 2-round run is not a point on a 3-round curve
+            clients, rounds = _shape(run)
+            group = f"{group} / {clients} clients x {rounds} rounds"
+        points.append(
+            {
+                "epsilon": run.summary.final_max_epsilon,
+                "metric": metric,
+                metric: value,
+                "zero_shot": zero_shot,
+                "group": group or None,
+            }
+        )
+    return points
+
+
+def _utility(run: Run) -> tuple[str, float, float | None] | None:
+    s = run.summary
+    if s.final_accuracy is not None:
+        return "accuracy", s.final_accuracy, s.zero_shot_accuracy
+    if s.final_eval_perplexity is not None:
+        return "perplexity", s.final_eval_perplexity, s.zero_shot_eval_perplexity
+    return None
+
+
+def _group(run: Run) -> str:
+    return " / ".join(x for x in (model_label(run.config), data_label(run.config)) if x)
+
+
+def _shape(run: Run) -> tuple[Any, Any]:
+    federation = run.config.get("federation") or {}
+    return federation.get("num_clients"), federation.get("num_rounds")

@@ -52,10 +52,13 @@ def report_cli(argv: list[str]) -> int:
     (root / "report.md").write_text(markdown, encoding="utf-8")
     written = [write_csv(rows, root / "report.csv"), root / "report.md"]
     points = privacy_utility_points(runs, checked)
-    if len(points) > 1:
-        from fedllm.tracking.plots import PRIVACY_UTILITY_PNG, plot_privacy_utility  # matplotlib: only to plot
+    # fixed answers: privacy_utility.png (accuracy); free-form: privacy_utility_perplexity.png
+    for metric, name in (("accuracy", "privacy_utility.png"), ("perplexity", "privacy_utility_perplexity.png")):
+        chosen = [p for p in points if p["metric"] == metric]
+        if len(chosen) > 1:
+            from fedllm.tracking.plots import plot_privacy_utility  # matplotlib: only to plot
 
-        written.append(plot_privacy_utility(points, root / PRIVACY_UTILITY_PNG))
+            written.append(plot_privacy_utility(chosen, root / name, metric=metric))
     incomplete = [run for run in runs if not run.finished]
     if incomplete:
         print(f"{len(incomplete)} of {len(runs)} runs failed or did not finish (status column); they are not plotted")

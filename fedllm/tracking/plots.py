@@ -19,7 +19,7 @@ from fedllm.tracking.run_files import RoundRecord, epsilon_curves  # noqa: E402
 
 EPSILON_PNG = "epsilon_per_client.png"
 EVAL_PNG = "eval_accuracy_loss.png"
-PRIVACY_UTILITY_PNG = "privacy_utility.png"
+PRIVACY_UTILITY_PNG = "privacy_utility.png"  # fixed answers (accuracy); free-form runs: privacy_utility_perplexity.png
 AUDIT_PNG = "audit_scores.png"
 
 

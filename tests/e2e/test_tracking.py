@@ -129,6 +129,16 @@ def test_run_analysis_notebook_reads_a_sweep(smoke_sweep):
     assert "baseline: no DP" in text
 
 
+def test_run_analysis_notebook_reads_a_free_form_sweep(tmp_path):
+    # issue 29, item 1: it crashed on free-form runs (KeyError: ['epsilon']) and plotted accuracy only
+    from tests.free_form_runs import write_free_form_sweep
+
+    book = _execute(NOTEBOOKS / "run_analysis.ipynb", {"FEDLLM_RUN_DIR": str(write_free_form_sweep(tmp_path))})
+    text, images = _text_and_images(book)
+    assert "perplexity" in text and "62.0" in text and "final_perplexity" in text
+    assert images >= 4  # epsilon per run (3 with DP), loss and perplexity, the privacy-utility plot
+
+
 def test_run_analysis_notebook_shows_an_audit(tmp_path):
     from fedllm.audit.run import run_audit
     from fedllm.config import AuditConfig
