@@ -71,6 +71,9 @@ def evaluate_cli(argv: list[str]) -> int:
         "(same field names and prompt format as the run)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--compare-base", action="store_true", help="also score the base model without the adapter, on the same records"
+    )
     args = parser.parse_args(argv)
     from fedllm.finished_run import evaluate_run, records_for
 
@@ -78,23 +81,33 @@ def evaluate_cli(argv: list[str]) -> int:
     if run is None:
         return 1
     try:
-        result = evaluate_run(run, records_for(run, args.data))
+        records = records_for(run, args.data)
+        figures: dict[str, float | int | str] = {**_figures(evaluate_run(run, records))}
+        if args.compare_base:
+            with run.bundle.model.disable_adapter():
+                figures |= {f"base_{name}": value for name, value in _figures(evaluate_run(run, records)).items()}
     except (FedLLMError, OSError) as exc:
         print(f"fedllm evaluate: {exc}", file=sys.stderr)
         return 1
-    figures = {
-        "examples": result.examples,
-        "eval_loss": result.loss,
-        "eval_perplexity": result.perplexity,
-        "eval_accuracy": result.accuracy,
-        "data": str(args.data) if args.data else "held-out split",
-    }
+    figures["data"] = str(args.data) if args.data else "held-out split"
     if args.json:
         print(json.dumps(figures, sort_keys=True))
     else:
         for name, value in figures.items():
-            print(f"{name:16} {value:.4f}" if isinstance(value, float) else f"{name:16} {value}")
+            print(f"{name:21} {value:.4f}" if isinstance(value, float) else f"{name:21} {value}")
     return 0
+
+
+def _figures(result) -> dict[str, float | int]:
+    """An evaluation as ``fedllm evaluate`` prints it: accuracy only where the task has fixed answers."""
+    figures: dict[str, float | int] = {
+        "examples": result.examples,
+        "eval_loss": result.loss,
+        "eval_perplexity": result.perplexity,
+    }
+    if result.accuracy is not None:
+        figures["eval_accuracy"] = result.accuracy
+    return figures
 
 
 def generate_cli(argv: list[str]) -> int:
@@ -105,8 +118,11 @@ def generate_cli(argv: list[str]) -> int:
         "put into the run's prompt template (data.prompt_template), as during training.",
     )
     parser.add_argument("prompts", nargs="+", help="one or more prompts (the {prompt} part of the template)")
-    parser.add_argument("--max-new-tokens", type=int, default=40, help="the most tokens generated per prompt")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=40, help="the most tokens generated per prompt (default: 40)"
+    )
     parser.add_argument("--raw", action="store_true", help="send the prompts as they are, without the template")
+    parser.add_argument("--compare-base", action="store_true", help="also answer with the base model, no adapter")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -118,13 +134,25 @@ def generate_cli(argv: list[str]) -> int:
         return 1
     template = "{prompt}" if args.raw else run.config.data.prompt_template
     inputs = [template.format(prompt=prompt) for prompt in args.prompts]
-    texts = generate(
-        run.bundle.model,
-        run.bundle.tokenizer,
-        inputs,
-        max_new_tokens=args.max_new_tokens,
-        bf16=use_bf16(run.config.train.precision),
+    print(
+        f"fedllm generate: up to {args.max_new_tokens} tokens for each of {len(inputs)} prompt(s)"
+        + (", then the same without the adapter" if args.compare_base else "")
+        + " (on a CPU, seconds to minutes per prompt)",
+        file=sys.stderr,
     )
-    for prompt, text in zip(args.prompts, texts, strict=True):
-        print(f"> {prompt}\n{text}\n" if len(args.prompts) > 1 else text)
+
+    def answers() -> list[str]:
+        bf16 = use_bf16(run.config.train.precision)
+        return generate(run.bundle.model, run.bundle.tokenizer, inputs, max_new_tokens=args.max_new_tokens, bf16=bf16)
+
+    texts = answers()
+    base = None
+    if args.compare_base:
+        with run.bundle.model.disable_adapter():
+            base = answers()
+    for index, (prompt, text) in enumerate(zip(args.prompts, texts, strict=True)):
+        if base is not None:
+            print(f"> {prompt}\nadapter: {text}\nbase:    {base[index]}\n")
+        else:
+            print(f"> {prompt}\n{text}\n" if len(args.prompts) > 1 else text)
     return 0

@@ -160,3 +160,29 @@ def test_generate_answers_in_the_runs_prompt_format(trained, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["generate", str(run_dir), "x", "--max-new-tokens", "0"])
     assert refused.value.code == 2
+
+
+def test_evaluate_and_generate_compare_the_adapter_with_the_base_model(trained, capsys):
+    # issue 29: no base-model comparison; `eval_accuracy None` printed for a free-form task
+    run_dir, _, expected = trained
+    assert main(["evaluate", str(run_dir), "--json", "--compare-base"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["eval_loss"] == pytest.approx(expected.loss, abs=1e-6)
+    assert "eval_accuracy" in printed and printed["base_eval_loss"] != pytest.approx(expected.loss, abs=1e-3)
+    # the base model is what the initial adapter computes (LoRA's B starts at 0)
+    finished = load_finished_run(run_dir, None)
+    load_adapter_state(finished.bundle.model, finished.bundle.initial_adapter)
+    base = evaluate_run(finished, task.tokenized_test(tiny_config()))
+    assert printed["base_eval_loss"] == pytest.approx(base.loss, abs=1e-5)
+    assert main(["generate", str(run_dir), "a fine film", "--max-new-tokens", "3", "--compare-base"]) == 0
+    captured = capsys.readouterr()
+    assert "\nadapter: " in captured.out and "\nbase:    " in captured.out
+    assert "up to 3 tokens for each of 1 prompt(s), then the same without the adapter" in captured.err
+
+
+def test_evaluate_prints_no_accuracy_for_free_form_answers():
+    from fedllm.cli.use import _figures
+    from fedllm.evaluation.metrics import EvalResult
+
+    assert "eval_accuracy" not in _figures(EvalResult(loss=4.0, accuracy=None, examples=20))
+    assert _figures(EvalResult(loss=0.4, accuracy=0.8, examples=20))["eval_accuracy"] == 0.8
