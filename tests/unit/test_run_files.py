@@ -46,6 +46,8 @@ ROUND_KEYS = {
     "slowest_client_seconds",
     "eval_seconds",
     "wall_seconds",
+    "exact_match",
+    "samples",
 }
 SUMMARY_KEYS = {
     "status",
