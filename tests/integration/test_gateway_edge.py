@@ -53,6 +53,7 @@ def close_all(socks):
         sock.close()
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_honest_heartbeats_get_through_while_hundreds_of_idle_connections_are_held(tls):
     # the finding: 130 idle connections made every heartbeat a 503; here 300 from 30 addresses
     with gateway_at(tls, EdgeLimits()) as (_, port, book):
@@ -65,6 +66,7 @@ def test_honest_heartbeats_get_through_while_hundreds_of_idle_connections_are_he
             close_all(idle)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_an_idle_connection_is_closed_after_the_head_timeout_even_if_it_trickles_bytes(tls):
     with gateway_at(tls, EdgeLimits(head_timeout=1.0)) as (_, port, book):
         silent, trickling = hold_idle_connections("127.0.0.1", port, str(tls.ca_cert), attacker_addresses(1), 2)
@@ -85,6 +87,7 @@ def test_an_idle_connection_is_closed_after_the_head_timeout_even_if_it_trickles
             close_all([silent, trickling])
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_one_address_holds_at_most_its_share_of_connections(tls):
     with gateway_at(tls, EdgeLimits(per_client=5)) as (_, port, book):
         held = hold_idle_connections("127.0.0.1", port, str(tls.ca_cert), attacker_addresses(1), 8)

@@ -156,6 +156,7 @@ Change = Callable[[Path, Path], tuple[Path, dict]]
     ],
     ids=["rename-and-append", "rename-and-reorder", "copy-and-fix-a-typo", "fix-in-place-then-move", "csv-export"],
 )
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_no_change_to_the_file_gives_its_unchanged_records_a_fresh_budget(spent, tmp_path, change: Change, new_records):
     root, before = spent
     shutil.copytree(root / "state", tmp_path / "state")

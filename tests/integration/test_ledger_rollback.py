@@ -15,6 +15,7 @@ from tests.conftest import tiny_config
 from tests.node_driver import run_round
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 @pytest.mark.parametrize("loss", ["restored", "deleted"])
 def test_a_node_whose_ledger_was_rolled_back_or_deleted_trains_no_more(tmp_path, loss, caplog):
     # the plan spends the whole budget (target 8) over the run's 2 rounds

@@ -142,6 +142,7 @@ def test_a_non_finite_or_out_of_bounds_adapter_is_refused(tmp_path, bad):
     assert reply.content[keys.STATUS][keys.CATEGORY] == "policy"
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 @pytest.mark.parametrize("model", MODEL_PARAMS)
 def test_a_node_with_raised_bounds_sends_a_finite_update_with_or_without_the_record(tmp_path, caplog, model):
     """Past the bounds, the target record's NaN gradient is zeroed before clipping: D and D' both

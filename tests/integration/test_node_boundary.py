@@ -79,6 +79,7 @@ def _public_seeds(cfg, partition_id: int, server_round: int) -> list[int]:
     return [derived, derived + 1, cfg.seed, partition_id, server_round, *range(4)]
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_coordinator_cannot_replay_a_nodes_noise(tmp_path):
     cfg = _cfg(tmp_path)
     update = _arrays(run_round(cfg, "run", 1, partition_id=1))
@@ -91,6 +92,7 @@ def test_the_coordinator_cannot_replay_a_nodes_noise(tmp_path):
     assert not _same(update, _arrays(again))
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_seeded_noise_is_replayed_bit_for_bit_as_its_warning_says(tmp_path):
     cfg = _cfg(tmp_path, noise="seeded")
     update = _arrays(run_round(cfg, "run", 1, partition_id=1))
@@ -136,6 +138,7 @@ def _refusal_category(reply) -> str:
     return reply.content[keys.STATUS][keys.CATEGORY]
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_deployed_node_keeps_its_own_state_dir_data_and_cap(tmp_path):
     cfg = _cfg(tmp_path)
     cfg = dataclasses.replace(
@@ -164,6 +167,7 @@ def test_a_server_target_above_the_nodes_cap_does_not_raise_it(tmp_path):
     assert reply.content[keys.METRICS][keys.EPSILON_CAP] == 7.0 and reply.content[keys.METRICS][keys.EPSILON] == 0
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_appending_records_keeps_the_nodes_spent_epsilon(tmp_path):
     cfg = _cfg(tmp_path)
     node = _deployed(tmp_path, max_epsilon=8.0)  # the plan's two rounds fit exactly
@@ -240,6 +244,7 @@ def test_a_coordinator_cannot_make_a_node_plan_or_train_an_unbounded_task(
     assert bound in caplog.text  # the operator learns which bound, and how to raise it
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_an_operator_may_raise_or_lower_the_bounds(tmp_path):
     cfg = tiny_config(federation=FederationConfig(num_clients=3, num_rounds=2), train=TrainConfig(local_steps=3))
     sent = task.model_bundle(ModelConfig(source="tiny"), cfg.lora, cfg.seed).initial_adapter
@@ -331,6 +336,7 @@ def test_two_runs_racing_on_one_node_never_spend_past_its_cap(tmp_path):
     assert len(ledger.releases) == 1 and ledger.epsilon(delta=1e-5, accountant="prv") <= 7.0
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_simulated_node_takes_its_rules_from_the_driver_not_from_the_message(tmp_path, monkeypatch):
     researcher = _cfg(tmp_path / "researcher")  # what `fedllm simulate` was started with
     monkeypatch.setenv(SIMULATED_NODES_ENV, "")  # restored after the test
@@ -389,6 +395,7 @@ def test_only_the_simulation_driver_may_mark_a_node_simulated_or_seeded(tmp_path
         _call_round(_cfg(tmp_path), {**_deployed(tmp_path), key: value})
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_renaming_the_data_file_keeps_the_spent_epsilon_of_the_same_records(tmp_path):
     cfg = _cfg(tmp_path)
     node = _deployed(tmp_path, max_epsilon=8.0)
@@ -416,6 +423,7 @@ def test_the_task_format_cannot_probe_whether_a_record_exists(tmp_path):
     assert set(replies[0].content[keys.METRICS]) == set(replies[1].content[keys.METRICS])
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_operator_sees_what_the_node_spent_and_sent(tmp_path, capsys):
     node = _deployed(tmp_path)
     run_round(_cfg(tmp_path), "run-a", 1, node_config=node)

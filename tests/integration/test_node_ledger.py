@@ -46,6 +46,7 @@ def test_a_repeated_round_resends_the_released_update_at_no_privacy_cost(tmp_pat
     assert len(_ledger(cfg).releases) == 1
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_second_run_on_the_same_data_continues_from_the_node_ledger(tmp_path):
     cfg = _cfg(tmp_path)
     for server_round in (1, 2):
@@ -84,6 +85,7 @@ def _die_after(monkeypatch, owner, name: str) -> None:
     monkeypatch.setattr(owner, name, write_then_die)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 @pytest.mark.parametrize("step", ["save", "record"])
 def test_a_node_dying_between_its_two_writes_ends_with_the_epsilon_of_an_uninterrupted_one(tmp_path, monkeypatch, step):
     # the reply cache and the ledger are two files: whichever the node dies after, its restart
@@ -103,6 +105,7 @@ def test_a_node_dying_between_its_two_writes_ends_with_the_epsilon_of_an_uninter
     assert _ledger(cfg).history() == _ledger(reference).history()
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_reply_saved_but_never_recorded_is_never_sent_unaccounted(tmp_path, monkeypatch):
     # round 2 released; the server sends round 2 again with another global adapter, and the node
     # dies after saving that second reply but before recording it. Asked once more, the node

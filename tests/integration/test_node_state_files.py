@@ -95,6 +95,7 @@ def test_an_oversized_calibration_cache_is_not_read(cache_dir):
     assert calibration_cache._read() == {}
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_node_with_a_deeply_nested_calibration_cache_still_trains(cache_dir, tmp_path):
     cache_dir.write_text("{" * 200_000, encoding="utf-8")
     reply = run_round(_cfg(tmp_path), "run", 1, node_config=_node(tmp_path, _records(tmp_path / "d.jsonl")))

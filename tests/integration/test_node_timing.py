@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from fedllm.config import DataConfig, FederationConfig, PrivacyConfig, TrainConfig
 from fedllm.federation import records as keys
 from tests.conftest import RT_PROMPT, tiny_config
@@ -49,6 +51,7 @@ def _reply_seconds(cfg, node: dict) -> tuple[float, float]:
     return seconds
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_one_long_record_does_not_slow_the_nodes_reply(tmp_path):
     # every record in every step (batch = n): the long one is always drawn, and each step's
     # Poisson batch has the same size with or without it, so only the records' lengths differ

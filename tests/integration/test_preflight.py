@@ -81,6 +81,7 @@ def _independent_outlook(cfg: ExperimentConfig, history, cap: float) -> tuple[in
     return cfg.federation.num_rounds, now, after
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_capped_node_is_reported_before_round_1_without_touching_its_ledger(tmp_path, caplog):
     # client 2 refuses every round and client 1 from part-way: down to 1 update a round, knowingly
     cfg = _cfg(tmp_path, min_updates=1)
@@ -139,6 +140,7 @@ def _hostile_app(bad: dict):
     return hostile
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_malformed_answer_is_rejected_and_counted_and_the_run_goes_on(tmp_path):
     cfg = _cfg(tmp_path, num_rounds=1, min_updates=1)  # one honest node answers: its update alone, knowingly
     prepare_run(cfg, tmp_path / "run")
@@ -315,6 +317,7 @@ def _node_cfg(**privacy) -> ExperimentConfig:
     return tiny_config(privacy=PrivacyConfig(**privacy), federation=FederationConfig(num_clients=3, num_rounds=5))
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_operator_sees_the_answer_on_the_nodes_console_and_in_its_audit_log(tmp_path, capsys):
     node = _deployed(tmp_path)  # cap 4 under a plan that needs 8
     reply = app(_query(_node_cfg()), node_context(node))

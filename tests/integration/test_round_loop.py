@@ -41,6 +41,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, **kwargs) -> tuple[RunSummary, li
     return summary, read_rounds(run_dir)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_bad_replies_are_rejected_and_a_crash_is_counted_while_the_round_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDLLM_TEST_ATTACKS", "0:nan,1:crash")
     # 2 honest updates in round 1: accepted knowingly (federation.min_updates=2)
@@ -52,6 +53,7 @@ def test_bad_replies_are_rejected_and_a_crash_is_counted_while_the_round_goes_on
     assert summary.rounds_completed == 2
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_node_that_never_answers_is_a_failure_not_a_stall(tmp_path):
     summary, rounds = _run(_cfg(tmp_path, min_updates=2), tmp_path / "run", unreachable=[2])
     assert [len(r.failed) for r in rounds] == [0, 1, 1]
@@ -60,6 +62,7 @@ def test_a_node_that_never_answers_is_a_failure_not_a_stall(tmp_path):
     assert set(summary.client_epsilons or {}) == {"0", "1"}
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_capped_node_refuses_and_the_run_stops_when_too_few_can_train(tmp_path):
     cfg = _cfg(tmp_path, min_train_clients=3)
     cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, client_caps=(ClientCap(1, 4.0),)))
@@ -73,6 +76,7 @@ class _ServerCrash(Exception):
     """The server dies mid-round."""
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_resume_continues_without_a_second_release_of_a_finished_round(tmp_path):
     run_dir, cfg = tmp_path / "run", _cfg(tmp_path)
 
@@ -91,6 +95,7 @@ def test_resume_continues_without_a_second_release_of_a_finished_round(tmp_path)
     assert summary.final_max_epsilon is not None and summary.final_max_epsilon <= cfg.privacy.target_epsilon
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_fedllm_simulate_runs_on_the_in_process_engine(tmp_path):
     from fedllm.cli.simulate import simulate
 

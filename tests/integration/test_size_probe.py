@@ -86,6 +86,7 @@ BATCHES = [1, 99, 100, 101, 119, 120, 121]
 DELTAS = [1 / 121, 1 / 119.5, 1 / 118, 1 / 101, 1 / 100, 1 / 99]
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_size_probe_gets_the_same_answers_from_d_and_from_d_minus_one_record(tmp_path):
     probes = [(f"batch-{b}", _probe_cfg(batch_size=b)) for b in BATCHES]
     probes += [(f"delta-{i}", _probe_cfg(delta=d)) for i, d in enumerate(DELTAS)]
@@ -104,6 +105,7 @@ def test_a_size_probe_gets_the_same_answers_from_d_and_from_d_minus_one_record(t
         assert answers[name]["metrics"][keys.REFUSED] == 0, name
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_public_size_is_the_sampling_size_not_the_record_count(tmp_path):
     cfg = _probe_cfg()
     sent = [_reply(cfg, _node(tmp_path, n, "public", public_size="true"))["metrics"] for n in (RECORDS, RECORDS - 1)]
@@ -119,6 +121,7 @@ def _pld_epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
     return accountant.get_epsilon(delta)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 @pytest.mark.parametrize("records", [60, 130])  # fewer and more records than the node's N = 100
 def test_the_accounted_epsilon_is_dp_accountings_at_the_rate_the_sampling_size_fixes(tmp_path, records):
     cfg = tiny_config(

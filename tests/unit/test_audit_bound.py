@@ -125,6 +125,7 @@ def _randomized_response_audit(rng: np.random.Generator, eps: float, m: int) -> 
     return audit_bound(scores, included, delta=0.0, confidence=0.95)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_simulated_randomized_response_audit_is_valid_and_informative() -> None:
     rng = np.random.default_rng(20230513)
     bounds = np.array([_randomized_response_audit(rng, 1.0, 1000).epsilon_lower_bound for _ in range(200)])

@@ -42,6 +42,7 @@ def _entries() -> dict:
     return json.loads(calibration_cache.cache_file().read_text())
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_second_process_reuses_the_search_and_gets_the_same_noise(fresh, honest):
     first = calibration.calibrate_noise(**MECHANISM)
     assert first == honest

@@ -352,6 +352,7 @@ def _sampled_rdp_epsilon(z: float, population: int, per_round: int, rounds: int,
 
 
 # every client every round; sampled, where the sampled bound wins from round 5; sampled, winning at once
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 @pytest.mark.parametrize("z, population, per_round, rounds", [(1.0, 3, 3, 3), (1.0, 10, 1, 5), (2.0, 100, 10, 4)])
 def test_the_client_level_plan_is_the_accountants_epsilon_round_by_round(z, population, per_round, rounds):
     curve = planned_epsilons(noise_multiplier=z, delta=DELTA, population=population, per_round=per_round, rounds=rounds)
@@ -373,6 +374,7 @@ def test_fedllm_plan_plans_client_level_dp_and_says_when_there_is_nothing_to_pla
     assert "no differential privacy in this run, so nothing to plan" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_client_level_plan_is_what_the_run_then_reports(tmp_path):
     cfg = tiny_config(federation=FederationConfig(num_clients=3, num_rounds=2), train=TrainConfig(local_steps=1))
     cfg = dataclasses.replace(

@@ -37,6 +37,7 @@ def reference(gen):
     return gen.build_reference(ROOT / "conf")
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_committed_reference_is_what_conf_says_now(gen, reference):
     committed = (ROOT / "docs" / "config.md").read_text()
     assert committed == gen.render(reference), (

@@ -57,6 +57,7 @@ def default_run():
     return cfg, min(len(shard) for shard in split_for(cfg).shards)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_documented_node_trains_every_round_of_the_documented_run(launch, node_config):
     _, cfg = launch
     outlook = node_outlook(cfg, node_config)
@@ -68,6 +69,7 @@ def test_the_documented_node_trains_every_round_of_the_documented_run(launch, no
     assert outlook.policy.partition_id < cfg.federation.num_clients
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_first_round_epsilon_the_readme_quotes_is_the_accountants(default_run, node_config):
     cfg, smallest = default_run
     plan = plan_for(cfg, smallest)

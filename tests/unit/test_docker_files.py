@@ -418,6 +418,7 @@ def test_no_secret_enters_an_image(compose):
         assert not [n for n in names if SECRET_NAME.search(n)], name
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_documented_run_trains_on_every_node_for_all_its_rounds(compose, prepare_script):
     """The compose header's `flwr run` against the two nodes' own caps: a run planned past a
     node's cap is refused by that node in every round (the node plans from its sampling-size,

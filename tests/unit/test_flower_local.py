@@ -49,6 +49,7 @@ def superlinks(tmp_path):
         process.wait()
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_only_the_managed_superlink_and_what_it_started_are_stopped(superlinks):
     log_file, (managed, deployment) = superlinks
     found = find_managed(log_file)
@@ -61,6 +62,7 @@ def test_only_the_managed_superlink_and_what_it_started_are_stopped(superlinks):
     assert deployment.poll() is None  # the other SuperLink runs on
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_command_reports_and_stops(superlinks, monkeypatch, capsys):
     log_file, (managed, deployment) = superlinks
     monkeypatch.setenv("FLWR_HOME", str(log_file.parent.parent))

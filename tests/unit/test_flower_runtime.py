@@ -75,6 +75,7 @@ def test_only_flowers_client_actor_counts_as_a_virtual_node(monkeypatch, ray, ex
     assert not is_flower_virtual_node({**FLOWER_KEYS, "state-dir": "/var/lib/fedllm"})
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_virtual_node_runs_the_experiments_policy_with_its_ledger_where_the_run_keeps_it(monkeypatch, tmp_path):
     monkeypatch.setattr(flower_runtime, "in_flower_client_actor", lambda: True)
     cfg = tiny_config()

@@ -274,6 +274,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_reviews_table_runs_every_row_on_the_generative_task(bench):
     args = bench.parse_args(["--task", "reviews"])
     names = args.presets.split(",")

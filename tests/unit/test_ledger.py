@@ -26,6 +26,7 @@ DEFAULT_RATE, DEFAULT_STEPS = 1 / 74, 15
 DEFAULT_NOISE = {"rdp": 0.46112060546875, "prv": 0.419464111328125}
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_default_plan_noise_is_pinned(uncached_calibration):
     plan = plan_client(
         shard_size=1181, batch_size=16, rounds=3, local_steps=5, target_epsilon=8.0, delta=1e-5, accountant="rdp"
@@ -44,6 +45,7 @@ def test_default_schedule_rdp_matches_dp_accounting_to_0_1_percent():
     assert ours == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-3)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_default_schedule_prv_matches_dp_accounting_pld_to_0_5_percent():
     # Opacus's PRV accountant and dp-accounting's privacy-loss-distribution accountant are
     # two independent numerical computations of the same (tight) epsilon
@@ -135,6 +137,7 @@ def test_a_round_past_the_cap_is_refused_with_the_numbers():
     accountant=st.sampled_from(["rdp"]),
     prior=st.integers(0, 100),
 )
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_no_schedule_ends_a_node_above_its_cap(noise, rate, steps, rounds, cap, delta, accountant, prior):
     history = extend_history([], noise_multiplier=noise, sample_rate=rate, steps=prior)  # an earlier run
     budget = Budget(cap, delta)

@@ -91,6 +91,7 @@ def test_embedded_smollm2_is_dequantised_once_into_the_user_cache():
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == 460_800
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_initial_adapter_depends_only_on_the_seed():
     # every process (server, each simulated node) and every run of a seed starts from the same
     # adapter, whatever else has used the global random generator before

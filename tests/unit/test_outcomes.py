@@ -45,6 +45,7 @@ def always_fails(message, context):
     raise RuntimeError("node cannot start: out of memory")
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_run_in_which_no_client_trained_is_failed_with_the_reason(tmp_path):
     cfg, run_dir = _cfg(tmp_path), tmp_path / "run"
     prepare_run(cfg, run_dir)
@@ -56,6 +57,7 @@ def test_a_run_in_which_no_client_trained_is_failed_with_the_reason(tmp_path):
     assert "out of memory" in summary.failure
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_node_that_never_answered_says_how_long_was_waited(tmp_path):
     # the in-process engine returns at once for an unreachable node, as Flower's did when Ray had
     # failed: the message must not claim the hour-long timeout passed
@@ -67,6 +69,7 @@ def test_a_node_that_never_answered_says_how_long_was_waited(tmp_path):
     assert summary.status == "failed" and summary.failure and "no reply within 3600" not in summary.failure
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_completed_and_stopped_runs_say_so(tmp_path):
     cfg, run_dir = _cfg(tmp_path, num_rounds=1), tmp_path / "run"
     prepare_run(cfg, run_dir)
@@ -102,6 +105,7 @@ def test_outcome_rules():
     assert run_outcome([zero_shot, trained], None, failure="engine") == ("failed", "engine")
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_simulate_fails_with_the_reason_when_no_client_trained(tmp_path, monkeypatch):
     from fedllm.cli.simulate import simulate
 

@@ -67,6 +67,7 @@ def test_the_default_accountant_is_prv():
     assert PrivacyConfig().accountant == "prv"
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_default_plan_under_prv_is_pinned(uncached_calibration):
     plan = plan_client(
         shard_size=1181,
@@ -96,6 +97,7 @@ def test_default_plan_under_prv_is_pinned(uncached_calibration):
         ([(1.5, 0.04, 2250)], 6.7791320762541165),
     ],
 )
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_prv_matches_google_dp_accounting_pld_to_0_5_percent(history, pinned):
     # Opacus's PRV accountant (Gopi et al. 2021) and dp-accounting's PLD accountant are two
     # independent numerical computations of the same tight epsilon, each an upper bound on it
@@ -107,6 +109,7 @@ def test_prv_matches_google_dp_accounting_pld_to_0_5_percent(history, pinned):
     assert theirs * (1 - 1e-3) <= ours <= theirs * 1.005
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_prv_is_the_tightest_accountant_for_the_default_schedule():
     at_rdp_noise = [(NOISE_FOR_8["rdp"], DEFAULT_RATE, DEFAULT_STEPS)]
     rdp_eps = epsilon(at_rdp_noise, delta=DEFAULT_DELTA, accountant="rdp")
@@ -228,6 +231,7 @@ def test_planned_noise_meets_the_target_tightly(target):
     assert reached == pytest.approx(plan.planned_epsilon)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_impossible_plans_fail_fast_with_what_to_change():
     with pytest.raises(PrivacyPlanError, match="lower train.batch_size"):
         plan_client(

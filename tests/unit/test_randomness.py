@@ -84,6 +84,7 @@ def _candidate_seeds() -> list[int]:
     return sorted({0, 1, 2, 42, 1234, 2**31 - 1} | derived)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_unseeded_rounds_cannot_be_replayed_by_a_coordinator_who_knows_every_input(bundle, shard):
     start = adapter_state(bundle.model)
     _reset_global_rngs()  # whatever global RNG state the coordinator's config could set on the node

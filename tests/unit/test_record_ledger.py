@@ -134,6 +134,7 @@ def _crossing_ledger(tmp_path: Path, records: dict[str, tuple[str, str]]) -> Non
         book.record(_release("old-run", 1, *U))
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_a_datasets_epsilon_is_its_worst_records_composed_history(tmp_path, monkeypatch):
     records = {m: (f"record {m}", "positive") for m in "abcd"}
     _crossing_ledger(tmp_path, records)

@@ -118,6 +118,7 @@ def test_the_sample_does_not_depend_on_the_order_the_grid_lists_nodes():
     assert randomness.sample(NODES, 5, 3) == randomness.sample(NODES[::-1], 5, 3)
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 def test_the_sample_is_uniform_over_subsets():
     randomness = ServerRandomness(seed=SEED)
     counts = Counter(tuple(sorted(randomness.sample([1, 2, 3, 4], 2, r))) for r in range(6000))

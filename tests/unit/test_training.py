@@ -42,6 +42,7 @@ def _hook_count(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+@pytest.mark.slow  # seconds each: kept out of the fast tier (make test runs it)
 @pytest.mark.parametrize("mode", ["lora", "hooks"])
 def test_dp_rounds_compose_to_one_shot_epsilon_and_leave_no_hooks(bundle, mode):
     data = tokenize_records(easy_records(200, 0), bundle.tokenizer, FMT)
