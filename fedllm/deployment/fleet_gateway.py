@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from fedllm.deployment.edge import EdgeLimits, edge_protocol, raise_file_limit
 from fedllm.deployment.reply_quota import MAX_REPLY_BYTES, ReplyQuota, Ticket
+from fedllm.federation.remote_text import escape_remote_text
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class FleetGateway:
                 self.client = self._new_client()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                self.tally.flush()  # the last minute's answers, which no later call would log
                 if self.client is not None:
                     await self.client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -156,7 +158,7 @@ class FleetGateway:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def counted(message: dict) -> None:
             if message["type"] == "http.response.start":
-                self.tally.add(message["status"])
+                self.tally.add(message["status"], scope["path"])
             await send(message)
 
         await self._route(scope, receive, counted)
@@ -230,34 +232,48 @@ class FleetGateway:
 
 
 class StatusTally:
-    """What the gateway answered, logged as one summary line a minute instead of a line per call:
-    nodes poll every few seconds, and a line per call buried the refusals (593 lines in 22 minutes)."""
+    """What the gateway answered, logged as one summary line a minute (and at shutdown) instead of
+    a line per call: nodes poll every few seconds, and a line per call buried the refusals (593
+    lines in 22 minutes). Successful calls are counted by Fleet call, errors by status with a few
+    of their paths (escaped: a path is whatever the caller sent)."""
 
     def __init__(self, every: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.every, self.clock = every, clock
-        self.counts: Counter[int] = Counter()
+        self.counts: Counter[tuple[int, str]] = Counter()
         self.since = clock()
 
-    def add(self, status: int) -> None:
+    def add(self, status: int, path: str) -> None:
         """Count one answer; log the summary once ``every`` seconds have passed since the last."""
-        self.counts[status] += 1
+        self.counts[(status, path)] += 1
         if self.clock() - self.since >= self.every:
             self.flush()
 
     def flush(self) -> None:
         """Log the summary of the answers counted so far, if any, and start a new period."""
         if self.counts:
-            refused = {status: n for status, n in sorted(self.counts.items()) if status >= 400}
-            forwarded = sum(n for status, n in self.counts.items() if status < 400)
+            ok: Counter[str] = Counter()
+            errors: dict[int, Counter[str]] = {}
+            for (status, path), n in self.counts.items():
+                if status < 400:
+                    ok[path.removeprefix(FLEET_PREFIX)] += n
+                else:
+                    errors.setdefault(status, Counter())[path] += n
             log.log(
-                logging.WARNING if refused else logging.INFO,
-                "last %.0f s: %d calls answered by the SuperLink, refused %s",
+                logging.WARNING if errors else logging.INFO,
+                "last %.0f s: %d calls answered (%s); errors: %s",
                 self.clock() - self.since,
-                forwarded,
-                ", ".join(f"{n} x {status}" for status, n in refused.items()) or "none",
+                sum(ok.values()),
+                ", ".join(f"{name} {n}" for name, n in sorted(ok.items())) or "none",
+                "; ".join(_errors(status, paths) for status, paths in sorted(errors.items())) or "none",
             )
         self.counts.clear()
         self.since = self.clock()
+
+
+def _errors(status: int, paths: Counter[str]) -> str:
+    shown = ", ".join(escape_remote_text(path)[:80] for path, _ in paths.most_common(3))
+    more = f" and {len(paths) - 3} more paths" if len(paths) > 3 else ""
+    return f"{status} x {sum(paths.values())} ({shown}{more})"
 
 
 class _ClientGone(Exception):

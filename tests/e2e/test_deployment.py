@@ -5,6 +5,7 @@ outsider holding only the CA certificate, `flwr run`. (The compose file: tests/u
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ def demo(tmp_path_factory) -> tuple[Path, dict]:
             "600",
             # settings only the nodes may decide, sent by the coordinator: ignored (state dir) ...
             "--overrides",
-            f"debug=smoke federation.num_rounds=2 federation.min_updates=2 privacy.state_dir={workdir / 'server-says'}",
+            # one node is capped to one round: the run goes on with one update a round, knowingly
+            f"debug=smoke federation.num_rounds=2 federation.min_updates=1 privacy.state_dir={workdir / 'server-says'}",
             # ... or refused (reproducible noise, remote code)
             "--hostile-overrides",
             "privacy.noise=seeded model.trust_remote_code=true",
@@ -90,8 +92,10 @@ def test_the_nodes_trained_through_the_gateway(demo):
         args = json.loads((workdir / f"{node}.argv.json").read_text())
         assert args[args.index("--superlink") + 1] == report["fleet"]
     gateway_log = (workdir / "fleet-gateway.log").read_text()
-    assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in gateway_log
-    assert "/v1/control/" in gateway_log and '/v1/control/register-node HTTP/1.1" 404' in gateway_log
+    # one summary a minute and at shutdown (not a line per poll): the nodes' replies went through it,
+    # the outsider's Control API calls were refused
+    assert re.search(r"calls answered \([^)]*push-messages \d+", gateway_log), gateway_log[-2000:]
+    assert re.search(r"404 x \d+ \([^)]*/v1/control/register-node", gateway_log), gateway_log[-2000:]
 
 
 def test_a_node_with_a_wrong_data_path_declines_and_the_run_goes_on(demo):

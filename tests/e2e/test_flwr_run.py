@@ -105,7 +105,8 @@ def test_flwr_run_trains_the_virtual_nodes_of_the_local_simulation_federation(tm
     assert config["federation"]["num_clients"] == 2  # the federation's size, said in the log
     assert "running 2 clients (federation.num_clients=2)" in output
     # the virtual nodes' ledgers and audit logs are the run's, as under `fedllm simulate`
-    assert sorted(p.name for p in (run_dir / "nodes").iterdir()) == ["client-0", "client-1"]
+    # each node's state folder, and beside it its ledger anchor (outside the state folder by design)
+    assert sorted(p.name for p in (run_dir / "nodes").iterdir() if p.is_dir()) == ["client-0", "client-1"]
     for client in ("client-0", "client-1"):
         assert any((run_dir / "nodes" / client).glob("*.json*"))
     # nothing was installed: no runtime environment next to the installed app

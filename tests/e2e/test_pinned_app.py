@@ -77,7 +77,7 @@ def pinned(tmp_path_factory) -> tuple[Path, dict]:
             "privacy=none",
             "--allow-nonprivate",
             "--overrides",
-            "debug=smoke federation.num_rounds=1 train.local_steps=2",
+            "debug=smoke federation.num_rounds=1 train.local_steps=2 federation.min_updates=1",  # one node
             "--approve-app",
             str(approved),
             "--extra-run",

@@ -37,6 +37,7 @@ def test_node_caps_refuse_rounds_and_the_run_stops_when_too_few_can_train(tmp_pa
             "privacy=both",
             "federation.num_rounds=3",
             "federation.min_train_clients=2",
+            "federation.min_updates=1",  # the capped clients refuse: rounds of 1-2 updates, knowingly
             "privacy.client_delta=1e-2",
             "privacy.client_caps=[{client: 1, max_epsilon: 6.5}, {client: 2, max_epsilon: 7, delta: 1e-6}]",
             f"hydra.run.dir={run_dir}",

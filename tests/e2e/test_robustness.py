@@ -28,6 +28,7 @@ def _run(tmp_path: Path, name: str, attacks: dict[int, str]) -> Path:
             "privacy=none",
             "privacy.noise=seeded",
             f"federation.num_clients={CLIENTS}",
+            "federation.min_updates=2",  # round 1 keeps only its 2 honest updates (the attacks are rejected)
             "federation.client_app=tests.e2e.attack_app:app",
             f"hydra.run.dir={run_dir}",
         ],

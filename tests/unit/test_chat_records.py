@@ -124,7 +124,7 @@ def _arithmetic_chats(count: int) -> list[list[dict]]:
 @pytest.mark.slow  # a whole in-process federation
 def test_a_dp_federation_trains_on_a_chat_file_and_reports_perplexity(tmp_path):
     from fedllm.cli.simulate import simulate
-    from fedllm.config import DataConfig, FederationConfig, TrainConfig
+    from fedllm.config import DataConfig, FederationConfig, PrivacyConfig, TrainConfig
     from fedllm.tracking.run_files import read_rounds, read_summary
 
     data = _chat_file(tmp_path, _arithmetic_chats(180))
@@ -132,6 +132,7 @@ def test_a_dp_federation_trains_on_a_chat_file_and_reports_perplexity(tmp_path):
         data=DataConfig(name="jsonl", path=str(data), test_size=20, max_length=64, response_template="{response}"),
         federation=FederationConfig(num_clients=3, num_rounds=1, engine="inprocess"),
         train=TrainConfig(objective="token", local_steps=2, batch_size=8),
+        privacy=PrivacyConfig(state_dir=str(tmp_path / "nodes")),  # not the shared ~/.fedllm default
     )
     summary = simulate(cfg, tmp_path / "run")
     assert summary.status == "completed" and summary == read_summary(tmp_path / "run")

@@ -187,4 +187,7 @@ def test_answers_are_logged_as_one_summary_a_minute_not_a_line_per_poll(gateway,
         call(gateway, "POST", "/v1/fleet/pull-messages", content=b"")
     (record,) = caplog.records
     assert record.levelno == logging.WARNING  # something was refused
-    assert record.getMessage() == "last 61 s: 31 calls answered by the SuperLink, refused 1 x 404"
+    assert record.getMessage() == (
+        "last 61 s: 31 calls answered (pull-messages 1, send-node-heartbeat 30); "
+        "errors: 404 x 1 (/v1/control/list-runs)"
+    )
