@@ -152,3 +152,56 @@ def test_exact_match_compares_normalized_answers():
         Sample(prompt="p", generated="7", reference="The answer is 7."),
     ]
     assert exact_match(samples) == 0.5 and exact_match([]) is None
+
+
+def _deployed_chat_node(tmp_path: Path, name: str, chats) -> dict:
+    from fedllm.federation import records as keys
+
+    folder = tmp_path / name
+    folder.mkdir()
+    return {
+        keys.NODE_PARTITION_ID: 0,
+        "state-dir": str(folder / "state"),
+        "data-path": str(_chat_file(folder, chats)),
+        "max-epsilon": 1e6,  # the cap never binds: only the data differs
+        "delta": 1e-5,
+        "sampling-size": 100,  # public N: fixes the rate whatever the file holds
+        "allowed-models": "tiny",
+    }
+
+
+@pytest.mark.slow  # two DP rounds on a node
+def test_a_chat_node_answers_a_hostile_coordinator_alike_for_d_and_d_minus_one_conversation(tmp_path):
+    """The coordinator chooses the adapter (large random values) and the format; one conversation
+    more or less, or one long conversation in place of a short one, changes nothing it reads
+    besides the noised tensors: same metrics, refusal status, tensor names and shapes."""
+    import torch
+
+    from fedllm.config import DataConfig, FederationConfig, PrivacyConfig, TrainConfig
+    from fedllm.federation import records as keys
+    from tests.node_driver import run_round
+
+    chats = _arithmetic_chats(120)
+    long_one = [dict(turn) for turn in chats[-1]]
+    long_one[1]["content"] = "What is " + " + ".join(["7"] * 400) + "?"  # far past max_length: truncated
+    cfg = tiny_config(
+        data=DataConfig(name="jsonl", path="ignored-by-a-deployed-node", max_length=48, response_template="{response}"),
+        train=TrainConfig(objective="token", local_steps=2, batch_size=8),
+        privacy=PrivacyConfig(noise_multiplier=1.0),
+        federation=FederationConfig(num_clients=3, num_rounds=1),
+    )
+    torch.manual_seed(5)
+    crafted = {
+        k: 10.0 * torch.randn_like(v)  # large, within the node's bound on received entries (100)
+        for k, v in task.model_bundle(cfg.model, cfg.lora, cfg.seed).initial_adapter.items()
+    }
+    seen = []
+    for name, data in (("d", chats), ("d-minus-one", chats[:-1]), ("d-long", [*chats[:-1], long_one])):
+        reply = run_round(cfg, "probe", 1, node_config=_deployed_chat_node(tmp_path, name, data), arrays=crafted)
+        status = dict(reply.content[keys.STATUS]) if keys.STATUS in reply.content.config_records else {}
+        tensors = {k: tuple(v.shape) for k, v in reply.content[keys.ARRAYS].items()}
+        metrics = {k: v for k, v in dict(reply.content[keys.METRICS]).items() if k != keys.TRAIN_SECONDS}
+        seen.append((metrics, status, tensors))
+        assert all(torch.isfinite(t).all() for t in reply.content[keys.ARRAYS].to_torch_state_dict().values())
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0][0][keys.REFUSED] == 0  # a round trained, not a refusal
