@@ -100,16 +100,8 @@ def append_entry(path: Path, entry: Mapping) -> None:
         FedLLMError: ``path`` is a symbolic link or not a regular file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        if path.is_symlink():
-            raise FedLLMError(f"{path}: the audit log is a symbolic link; the node does not write through it") from exc
-        raise
+    fd = _open_log(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "does not write through it")
     with os.fdopen(fd, "a", encoding="utf-8") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise FedLLMError(f"{path}: the audit log is not a regular file")
         handle.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
@@ -121,15 +113,8 @@ def read_entries(path: Path) -> tuple[list[dict], int]:
         FedLLMError: ``path`` is a symbolic link or not a regular file.
         OSError: the file cannot be read.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        if path.is_symlink():
-            raise FedLLMError(f"{path}: the audit log is a symbolic link; not read") from exc
-        raise
+    fd = _open_log(path, os.O_RDONLY, "does not read it")
     with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise FedLLMError(f"{path}: the audit log is not a regular file")
         lines = [line for line in handle.read().splitlines() if line.strip()]
     entries = []
     for line in lines:
@@ -140,3 +125,23 @@ def read_entries(path: Path) -> tuple[list[dict], int]:
         if isinstance(entry, dict):
             entries.append(entry)
     return entries, len(lines) - len(entries)
+
+
+def _open_log(path: Path, flags: int, refusal: str) -> int:
+    """A descriptor of the audit log at ``path``, never through a symbolic link, never blocking
+    (a FIFO), and only for a regular file (``refusal``: what the node does not do with a link).
+
+    Raises:
+        FedLLMError: ``path`` is a symbolic link or not a regular file.
+        OSError: the file cannot be opened.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if path.is_symlink():
+            raise FedLLMError(f"{path}: the audit log is a symbolic link; the node {refusal}") from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FedLLMError(f"{path}: the audit log is not a regular file")
+    return fd
