@@ -83,6 +83,12 @@ def prompt_text(record: Record, fmt: PromptFormat, tokenizer) -> str:
     return record.prompt + "\nassistant:"
 
 
+def adds_special_tokens(record: Record) -> bool:
+    """Whether the tokenizer adds its special tokens to :func:`prompt_text`'s text: not for a chat
+    record, whose chat template writes its own."""
+    return not record.turns
+
+
 def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> TokenizedDataset:
     """Tokenize records: prompt tokens (left-truncated to fit) followed by answer tokens and EOS.
 
@@ -94,7 +100,8 @@ def tokenize_records(records: list[Record], tokenizer, fmt: PromptFormat) -> Tok
     items, truncated, masked = [], 0, 0
     for position, record in enumerate(records):
         where = record.origin or f"record {position}"
-        prompt = tokenizer(prompt_text(record, fmt, tokenizer), add_special_tokens=not record.turns)["input_ids"]
+        text = prompt_text(record, fmt, tokenizer)
+        prompt = tokenizer(text, add_special_tokens=adds_special_tokens(record))["input_ids"]
         answer = tokenizer(fmt.response_template.format(response=record.response), add_special_tokens=False)[
             "input_ids"
         ]

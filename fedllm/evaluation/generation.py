@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import GenerationConfig
 
-from fedllm.data.formatting import PromptFormat, prompt_text
+from fedllm.data.formatting import PromptFormat, adds_special_tokens, prompt_text
 from fedllm.data.sources import Record
 from fedllm.evaluation.progress import Progress
 from fedllm.model.device import model_device
@@ -147,7 +147,7 @@ def generate_samples(
         One :class:`Sample` per record, in order.
     """
     prompts = [prompt_text(r, fmt, tokenizer) for r in records]
-    special = [not r.turns for r in records]  # a chat template writes its own special tokens
+    special = [adds_special_tokens(r) for r in records]
     texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, bf16=bf16, special_tokens=special)
     return [
         Sample(prompt=r.prompt, generated=text, reference=r.response) for r, text in zip(records, texts, strict=True)
