@@ -81,6 +81,11 @@ ROLE_RUN_MANIFEST = "run-manifest"
 _NEEDS_KEY = "set storage.encrypt=true (on a node: its encryption key) with the key that wrote it"
 
 
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes (what the adapter's and a run's manifests record)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _subkey(key: bytes, purpose: str) -> bytes:
     """A key for one purpose only, derived from the configured key (HKDF-SHA256)."""
     return HKDF(

@@ -12,7 +12,6 @@ weights file PEFT loads, byte for byte what ``save_pretrained`` would have writt
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -26,6 +25,7 @@ from fedllm.storage import (
     ROLE_ADAPTER_MANIFEST,
     ROLE_FINAL_ADAPTER,
     atomic_write_bytes,
+    file_sha256,
     protect_json,
     seal,
     unseal,
@@ -127,7 +127,7 @@ def write_manifest(folder: Path, key: bytes | None) -> None:
     """Record the SHA-256 of every file of the adapter folder in ``checksums.json`` (with a
     key: authenticated by an HMAC)."""
     folder = Path(folder)
-    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    sums = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
     write_json(
         folder / CHECKSUMS_FILE, protect_json({"sha256": sums}, key, role=ROLE_ADAPTER_MANIFEST, name=CHECKSUMS_FILE)
     )
@@ -156,7 +156,7 @@ def verify_adapter(folder: Path, key: bytes | None) -> None:
         raise IntegrityError(f"{manifest_path}: no file list; the manifest is corrupted")
     for name, expected in sums.items():
         path = folder / name
-        if Path(name).name != name or not path.is_file() or _sha256(path) != expected:
+        if Path(name).name != name or not path.is_file() or file_sha256(path) != expected:
             raise IntegrityError(f"{path}: missing or altered since it was saved (checksum mismatch)")
     for path in sorted(folder.iterdir()):
         if path.name in sums or path.name == CHECKSUMS_FILE:
@@ -192,7 +192,3 @@ def _check_decrypted_copy(folder: Path, key: bytes | None) -> None:
     content = unseal(sealed.read_bytes(), key, role=ROLE_FINAL_ADAPTER, name=SEALED_WEIGHTS, what=str(sealed))
     if plain.read_bytes() != content:
         raise IntegrityError(f"{plain}: differs from the sealed weights it should be decrypted from; remove it")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -14,14 +14,13 @@ simulate command's failure record, ``fedllm audit``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from fedllm.errors import IntegrityError
-from fedllm.storage import ROLE_RUN_MANIFEST, protect_json, verify_json, write_json
+from fedllm.storage import ROLE_RUN_MANIFEST, file_sha256, protect_json, verify_json, write_json
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = 1
@@ -51,7 +50,7 @@ def write_run_manifest(run_dir: Path, key: bytes | None) -> Path:
         The manifest's path.
     """
     run_dir = Path(run_dir)
-    sums = {name: _sha256(run_dir / name) for name in COVERED if (run_dir / name).is_file()}
+    sums = {name: file_sha256(run_dir / name) for name in COVERED if (run_dir / name).is_file()}
     payload = protect_json({"format": FORMAT, "sha256": sums}, key, role=ROLE_RUN_MANIFEST, name=MANIFEST_FILE)
     write_json(run_dir / MANIFEST_FILE, payload)
     return run_dir / MANIFEST_FILE
@@ -90,7 +89,7 @@ def verify_run_manifest(run_dir: Path, key: bytes | None) -> list[str]:
         if name not in sums:
             raise IntegrityError(f"{path}: does not cover {name}; the run's results cannot be verified")
     for name, expected in sums.items():
-        if not (run_dir / name).is_file() or _sha256(run_dir / name) != expected:
+        if not (run_dir / name).is_file() or file_sha256(run_dir / name) != expected:
             raise IntegrityError(f"{run_dir / name}: missing or altered since the run wrote it (not what {path} says)")
     added = [name for name in COVERED if name not in sums and (run_dir / name).exists()]
     if added:
@@ -131,7 +130,3 @@ def run_integrity(run_dir: Path, key: bytes | None) -> RunIntegrity:
     except IntegrityError as exc:
         return RunIntegrity("FAILS verification", str(exc))
     return RunIntegrity("authenticated" if key is not None else "checksum only")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
